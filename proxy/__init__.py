@@ -1,0 +1,11 @@
+"""kube-oidc-gate: log in to Kubernetes with an OIDC identity provider.
+
+One authentication engine (issuer keys, JWT validation, claim mapping with the
+same meaning as kube-apiserver's) behind two front ends: a TokenReview webhook
+for API servers that can call one, and an impersonating reverse proxy for those
+that cannot.
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]

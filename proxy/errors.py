@@ -1,0 +1,214 @@
+"""One exception tree for the whole service.
+
+Every refusal kube-oidc-gate makes is one of these classes, so callers catch the
+base and tests assert the leaf. Each token error carries a stable ``reason``
+code: it is the metric label, the log field, the webhook's ``status.error``
+prefix and the key of README's troubleshooting table, so a person can go from
+a counter in Grafana to the fix without reading code.
+
+Messages are lowercase, start with the component (``token:``, ``jwks:``,
+``claims:``, ``config:``), quote the claim or field, and say expected vs got
+where that is harmless. They never contain a token: the token text is never
+passed to a constructor here.
+
+    ProxyError
+    ├── ConfigError                 start-up: flags or AuthenticationConfiguration
+    ├── KeySetError                 the issuer's discovery document or JWKS
+    │   └── DiscoveryError
+    ├── TokenError                  a presented token is refused (reason code)
+    │   ├── MalformedToken          not a compact JWS we will read
+    │   ├── AlgorithmNotAllowed     alg outside the allowlist, or key/alg mismatch
+    │   ├── UnknownKeyId            no key for the token's kid, even after refetch
+    │   ├── KeysUnavailable         the issuer's keys were never loaded (retry)
+    │   ├── SignatureInvalid
+    │   ├── TokenExpired
+    │   ├── TokenNotYetValid        nbf / iat in the future
+    │   ├── IssuerMismatch
+    │   ├── AudienceMismatch
+    │   ├── MissingClaim
+    │   ├── InvalidClaim            present but of the wrong type or value
+    │   ├── ClaimRuleFailed         claimValidationRules / required claims
+    │   └── UserRuleFailed          userValidationRules
+    ├── ExpressionError             a CEL expression failed to evaluate
+    └── UpstreamError               the proxied API server failed
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AlgorithmNotAllowed",
+    "AudienceMismatch",
+    "ClaimRuleFailed",
+    "ConfigError",
+    "DiscoveryError",
+    "ExpressionError",
+    "InvalidClaim",
+    "IssuerMismatch",
+    "KeySetError",
+    "KeysUnavailable",
+    "MalformedToken",
+    "MissingClaim",
+    "ProxyError",
+    "SignatureInvalid",
+    "TokenError",
+    "TokenExpired",
+    "TokenNotYetValid",
+    "UnknownKeyId",
+    "UpstreamError",
+    "UserRuleFailed",
+]
+
+
+class ProxyError(Exception):
+    """Root of every error kube-oidc-gate raises on purpose."""
+
+
+class ConfigError(ProxyError):
+    """The configuration cannot be used; start-up stops with exit code 2.
+
+    ``problems`` lists every problem found, each naming its field path, so an
+    operator fixes the file in one pass instead of one error per restart.
+    """
+
+    def __init__(self, problems: list[str] | str) -> None:
+        self.problems: tuple[str, ...] = (
+            (problems,) if isinstance(problems, str) else tuple(problems)
+        )
+        if len(self.problems) == 1:
+            text = self.problems[0]
+        else:
+            text = f"{len(self.problems)} problems:\n" + "\n".join(
+                f"  - {p}" for p in self.problems
+            )
+        super().__init__(text)
+
+
+class KeySetError(ProxyError):
+    """Fetching or parsing an issuer's discovery document or key set failed."""
+
+
+class DiscoveryError(KeySetError):
+    """The discovery document is unusable (most often: its ``issuer`` differs)."""
+
+
+class TokenError(ProxyError):
+    """A presented token is refused; ``reason`` is its stable code.
+
+    ``temporary`` marks refusals that say nothing about the token itself (the
+    keys are not loaded yet): the webhook answers 503 for those so the API
+    server retries, and the result cache does not remember them.
+    """
+
+    reason: str = "invalid"
+    temporary: bool = False
+
+    def __init__(self, message: str, *, issuer: str | None = None) -> None:
+        super().__init__(message)
+        self.issuer = issuer
+
+
+class MalformedToken(TokenError):
+    """Not a compact JWS with a JSON header and a JSON-object payload."""
+
+    reason = "malformed"
+
+
+class AlgorithmNotAllowed(TokenError):
+    """The ``alg`` is not allowed, or does not fit the key's type."""
+
+    reason = "alg_not_allowed"
+
+
+class UnknownKeyId(TokenError):
+    """No published key matches the token's ``kid``, even after a refetch."""
+
+    reason = "unknown_kid"
+
+    def __init__(self, message: str, *, kid: str | None, issuer: str | None = None):
+        super().__init__(message, issuer=issuer)
+        self.kid = kid
+
+
+class KeysUnavailable(TokenError):
+    """The issuer's keys have never been loaded; the answer may change soon."""
+
+    reason = "keys_unavailable"
+    temporary = True
+
+
+class SignatureInvalid(TokenError):
+    """The signature does not verify with the key the ``kid`` names."""
+
+    reason = "bad_signature"
+
+
+class TokenExpired(TokenError):
+    """``exp`` is in the past (beyond the leeway)."""
+
+    reason = "expired"
+
+
+class TokenNotYetValid(TokenError):
+    """``nbf`` or ``iat`` is in the future (beyond the leeway)."""
+
+    reason = "not_yet_valid"
+
+
+class IssuerMismatch(TokenError):
+    """The verified ``iss`` is not the configured issuer URL."""
+
+    reason = "issuer_mismatch"
+
+
+class AudienceMismatch(TokenError):
+    """No ``aud`` value is among the configured audiences."""
+
+    reason = "audience_mismatch"
+
+
+class MissingClaim(TokenError):
+    """A claim the configuration needs is absent."""
+
+    reason = "claim_missing"
+
+    def __init__(self, message: str, *, claim: str, issuer: str | None = None):
+        super().__init__(message, issuer=issuer)
+        self.claim = claim
+
+
+class InvalidClaim(TokenError):
+    """A claim is present but has the wrong type or a refused value."""
+
+    reason = "claim_invalid"
+
+    def __init__(self, message: str, *, claim: str, issuer: str | None = None):
+        super().__init__(message, issuer=issuer)
+        self.claim = claim
+
+
+class ClaimRuleFailed(TokenError):
+    """A required claim or a ``claimValidationRules`` entry failed."""
+
+    reason = "rule_failed"
+
+
+class UserRuleFailed(TokenError):
+    """A ``userValidationRules`` entry failed for the mapped user."""
+
+    reason = "user_rule_failed"
+
+
+class ExpressionError(ProxyError):
+    """A compiled CEL expression failed at evaluation time (no such key, bad type).
+
+    The claim mapping turns this into a token error that names the field path
+    of the expression, so the operator knows which line of the file to read.
+    """
+
+
+class UpstreamError(ProxyError):
+    """The API server behind the proxy failed, timed out or was unreachable."""
+
+    def __init__(self, message: str, *, status: int = 502) -> None:
+        super().__init__(message)
+        self.status = status

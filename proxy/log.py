@@ -1,0 +1,99 @@
+"""Logging: one JSON line per event, a request id, and the only token fingerprint.
+
+Modules log a constant event name plus fields (``extra={...}``); this module
+renders them. ``fingerprint`` is the one way a token may be referred to in a
+log: the first 12 hex digits of its sha256, enough to correlate two lines about
+the same token, useless to replay it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import json
+import logging
+import sys
+import time
+from typing import Any, Final
+
+__all__ = [
+    "REQUEST_ID",
+    "JSONFormatter",
+    "TextFormatter",
+    "configure_logging",
+    "fingerprint",
+    "issuer_hash",
+]
+
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "kube_oidc_gate_request_id", default=""
+)
+
+#: Attributes every LogRecord has; anything else came from ``extra=`` and is a field.
+_RESERVED: Final = frozenset(
+    vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys()
+    | {"message", "asctime", "taskName"}
+)
+
+
+def fingerprint(token: str | bytes) -> str:
+    """A short, non-reversible reference to a token for logs and error details."""
+    data = token.encode() if isinstance(token, str) else token
+    return hashlib.sha256(data).hexdigest()[:12]
+
+
+def issuer_hash(issuer: str) -> str:
+    """The label value for an issuer: as kube-apiserver does, a hash, not the URL."""
+    return "sha256:" + hashlib.sha256(issuer.encode()).hexdigest()[:16]
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in vars(record).items() if k not in _RESERVED}
+
+
+class JSONFormatter(logging.Formatter):
+    """Render a record as one JSON object per line (time, level, logger, event)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Serialise the record; unserialisable field values become ``str``."""
+        out: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
+        rid = REQUEST_ID.get()
+        if rid:
+            out["request_id"] = rid
+        out.update(_fields(record))
+        if record.exc_info and record.exc_info[0] is not None:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str, separators=(",", ":"))
+
+
+class TextFormatter(logging.Formatter):
+    """Human-readable lines for a terminal: ``LEVEL logger event k=v ...``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Render the event followed by its fields as ``key=value`` pairs."""
+        fields = " ".join(f"{k}={v}" for k, v in _fields(record).items())
+        line = f"{record.levelname:<7} {record.name}: {record.getMessage()}"
+        if fields:
+            line += " " + fields
+        if record.exc_info and record.exc_info[0] is not None:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def configure_logging(*, level: str = "info", fmt: str = "json") -> None:
+    """Send every ``proxy.*`` (and aiohttp) log record to stderr in ``fmt``."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # aiohttp's own access log would duplicate ours and carries raw paths.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

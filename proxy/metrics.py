@@ -1,0 +1,125 @@
+"""Prometheus metrics, owned by one ``Metrics`` object per app (no global registry).
+
+Label values come from closed sets (result, reason code, HTTP code) or from
+``issuer_hash``; never a user name, a token or a raw URL. A fresh registry per
+``Metrics`` keeps tests independent and lets two apps live in one process.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+__all__ = ["CONTENT_TYPE", "Metrics"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+
+class Metrics:
+    """Every metric the service exports, registered in its own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.authentications = Counter(
+            "kube_oidc_gate_authentications",
+            "Authentication attempts by result (ok, not_mine, rejected, error) "
+            "and reason code.",
+            ["result", "reason"],
+            registry=r,
+        )
+        self.validation_latency = Histogram(
+            "kube_oidc_gate_validation_duration_seconds",
+            "Time to validate a token that was not in the result cache.",
+            ["result"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.cache_requests = Counter(
+            "kube_oidc_gate_token_cache_requests",
+            "Result cache look-ups by outcome (hit, miss).",
+            ["outcome"],
+            registry=r,
+        )
+        self.cache_size = Gauge(
+            "kube_oidc_gate_token_cache_entries",
+            "Entries in the result cache.",
+            registry=r,
+        )
+        self.jwks_fetches = Counter(
+            "kube_oidc_gate_jwks_fetches",
+            "Discovery and JWKS fetches by issuer hash and result.",
+            ["issuer_hash", "result"],
+            registry=r,
+        )
+        self.jwks_last_success = Gauge(
+            "kube_oidc_gate_jwks_last_success_timestamp_seconds",
+            "Unix time of the last successful key set fetch, per issuer hash.",
+            ["issuer_hash"],
+            registry=r,
+        )
+        self.jwks_keys = Gauge(
+            "kube_oidc_gate_jwks_keys",
+            "Usable signing keys held, per issuer hash.",
+            ["issuer_hash"],
+            registry=r,
+        )
+        self.issuer_ready = Gauge(
+            "kube_oidc_gate_issuer_ready",
+            "1 when the issuer's keys are loaded, 0 otherwise.",
+            ["issuer_hash"],
+            registry=r,
+        )
+        self.http_requests = Counter(
+            "kube_oidc_gate_http_requests",
+            "HTTP requests served, by handler and status code.",
+            ["handler", "code"],
+            registry=r,
+        )
+        self.http_duration = Histogram(
+            "kube_oidc_gate_http_request_duration_seconds",
+            "Time to answer an HTTP request (until headers for streams).",
+            ["handler"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_requests = Counter(
+            "kube_oidc_gate_upstream_requests",
+            "Requests proxied to the API server, by status code or error class.",
+            ["code"],
+            registry=r,
+        )
+        self.inflight_streams = Gauge(
+            "kube_oidc_gate_inflight_streams",
+            "Long-running proxied requests (watches, logs, exec, port-forward).",
+            ["kind"],
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        """The registry in Prometheus text exposition format."""
+        return generate_latest(self.registry)
