@@ -95,3 +95,10 @@ def claims_for(
     }
     out.update(extra)
     return out
+
+
+def sign_bytes(key: SigningKey, payload: bytes, *, headers: dict[str, Any] | None = None) -> str:
+    """Sign arbitrary payload bytes (for claims PyJWT refuses to encode)."""
+    hdr: dict[str, Any] = {"kid": key.kid}
+    hdr.update(headers or {})
+    return jwt.api_jws.encode(payload, key.private_key, algorithm=key.alg, headers=hdr)

@@ -1,0 +1,183 @@
+"""The one façade both front ends use: token → user, "not mine", or a typed error.
+
+Three outcomes and no others (house rule 2):
+
+- a ``UserInfo``: the token is valid for one of the configured issuers;
+- ``None``: "not mine": the token's (unverified) ``iss`` names no configured
+  issuer, so another authenticator may take it; no error, nothing cached;
+- a ``TokenError``: the token claims to be from one of our issuers (or is not a
+  JWT at all) and fails; its ``reason`` is counted and logged.
+
+Routing by the unverified ``iss`` is safe because it only chooses which issuer's
+keys and rules to apply: a forged ``iss`` just selects keys that will not verify
+the signature, and the verified ``iss`` is compared again after the signature.
+
+The result cache sits in front of everything. Metrics are recorded here so both
+front ends count the same way: ``authentications{result,reason}`` per call and
+the validation latency only for cache misses (a hit says nothing about cost).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.cache import ResultCache
+from proxy.claims import map_claims
+from proxy.config import AuthConfig, JWTAuthenticatorConfig
+from proxy.errors import TokenError
+from proxy.kube import UserInfo
+from proxy.log import fingerprint
+from proxy.metrics import Metrics
+from proxy.tokens import KeyResolver, ParsedToken, peek, verify
+
+__all__ = ["Authenticator", "Verdict"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Verdict:
+    """Everything ``check-token`` shows a person about one token."""
+
+    header: Mapping[str, Any] | None = None
+    claims: Mapping[str, Any] | None = None
+    issuer: str | None = None
+    user: UserInfo | None = None
+    error: TokenError | None = None
+    not_mine: str | None = None
+
+
+class Authenticator:
+    """Validate tokens for every configured issuer, with a result cache in front."""
+
+    def __init__(
+        self,
+        config: AuthConfig,
+        keys: Mapping[str, KeyResolver],
+        *,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._config = config
+        self._by_issuer: dict[str, JWTAuthenticatorConfig] = {
+            a.issuer.url: a for a in config.authenticators
+        }
+        missing = [url for url in self._by_issuer if url not in keys]
+        if missing:
+            raise ValueError(f"authn: no key resolver for issuers {missing}")
+        self._keys = keys
+        self._metrics = metrics
+        self._clock = clock
+        self.cache = ResultCache(config.cache, clock=clock, monotonic=monotonic)
+
+    @property
+    def issuers(self) -> tuple[str, ...]:
+        """The configured issuer URLs, in configuration order."""
+        return tuple(self._by_issuer)
+
+    def _record(self, result: str, reason: str) -> None:
+        if self._metrics is not None:
+            self._metrics.authentications.labels(result, reason).inc()
+
+    async def _validate(self, parsed: ParsedToken) -> tuple[str, UserInfo, float] | None:
+        auth = self._by_issuer.get(parsed.unverified_issuer or "")
+        if auth is None:
+            return None
+        claims = await verify(
+            parsed,
+            auth.issuer,
+            self._keys[auth.issuer.url],
+            now=self._clock(),
+            leeway=self._config.leeway,
+        )
+        user = map_claims(auth, claims)
+        return auth.issuer.url, user, float(claims["exp"])
+
+    async def authenticate(self, token: str) -> UserInfo | None:
+        """The user ``token`` maps to, ``None`` if not ours; raise ``TokenError``."""
+        cache = self.cache
+        key = cache.key(token)
+        hit = cache.get(key)
+        metrics = self._metrics
+        if hit is not None:
+            if metrics is not None:
+                metrics.cache_requests.labels("hit").inc()
+            if hit.user is not None:
+                self._record("ok", "ok")
+                return hit.user
+            assert hit.error is not None
+            self._record("rejected", hit.error.reason)
+            raise hit.error.with_traceback(None)
+        if metrics is not None:
+            metrics.cache_requests.labels("miss").inc()
+        started = time.perf_counter()
+        try:
+            parsed = peek(token, max_bytes=self._config.max_token_bytes)
+            outcome = await self._validate(parsed)
+        except TokenError as err:
+            self._observe(started, "temporary" if err.temporary else "rejected")
+            self._record("error" if err.temporary else "rejected", err.reason)
+            log.debug(
+                "token refused",
+                extra={
+                    "reason": err.reason,
+                    "issuer": err.issuer,
+                    "token": fingerprint(token),
+                    "detail": str(err),
+                },
+            )
+            cache.put_error(key, err)
+            raise
+        if outcome is None:
+            self._record("not_mine", "not_mine")
+            return None
+        issuer, user, exp = outcome
+        self._observe(started, "ok")
+        self._record("ok", "ok")
+        cache.put_user(key, user, issuer=issuer, exp=exp)
+        if metrics is not None:
+            metrics.cache_size.set(len(cache))
+        return user
+
+    def _observe(self, started: float, result: str) -> None:
+        if self._metrics is not None:
+            self._metrics.validation_latency.labels(result).observe(
+                time.perf_counter() - started
+            )
+
+    async def explain(self, token: str) -> Verdict:
+        """Validate without the cache and say everything learnt, for a person."""
+        try:
+            parsed = peek(token, max_bytes=self._config.max_token_bytes)
+        except TokenError as err:
+            return Verdict(error=err)
+        iss = parsed.unverified_issuer
+        header, claims = parsed.header, parsed.claims
+        if iss not in self._by_issuer:
+            configured = ", ".join(f'"{u}"' for u in self._by_issuer)
+            shown = f'"{iss}"' if iss is not None else "no string iss claim"
+            return Verdict(
+                header=header,
+                claims=claims,
+                not_mine=(
+                    f"token: issuer mismatch: the token's iss is {shown}, but the "
+                    f"configured issuer(s) are [{configured}]; the iss claim must equal "
+                    "--oidc-issuer-url / issuer.url exactly (scheme, host, path, no "
+                    "trailing slash difference)"
+                ),
+            )
+        try:
+            outcome = await self._validate(parsed)
+        except TokenError as err:
+            return Verdict(header=header, claims=claims, issuer=iss, error=err)
+        assert outcome is not None
+        return Verdict(header=header, claims=claims, issuer=iss, user=outcome[1])
+
+    def not_ready(self) -> list[str]:
+        """Issuers whose keys have never been loaded (for ``/readyz``)."""
+        return [url for url, keys in self._keys.items() if not keys.ready]

@@ -1,0 +1,109 @@
+"""The result cache: a token's verdict, keyed by a keyed hash, never by the token.
+
+kubectl reuses one token for up to an hour, and a controller's watch re-presents
+it on every reconnect, so nearly every request repeats a verdict we already
+reached. The key is BLAKE2b keyed with a random per-process secret: it cannot be
+reversed to a token and cannot be precomputed from a stolen token list.
+
+Bounds: at most ``max_entries`` entries (least recently used go first); an
+accepted token's entry never outlives its ``exp`` nor ``success_ttl``; a
+refusal is kept ``failure_ttl`` so a replayed bad token costs one hash. Refusals
+marked ``temporary`` (keys not loaded yet) are not kept: the next try may pass.
+
+Expiry runs on the monotonic clock (immune to wall-clock jumps); ``exp`` is
+converted once, when the entry is stored, and re-checked against the wall clock
+on every hit so a token is never accepted after its ``exp``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cachetools import TLRUCache
+
+from proxy.config import CacheSettings
+from proxy.errors import TokenError
+from proxy.kube import UserInfo
+
+__all__ = ["CachedResult", "ResultCache"]
+
+
+@dataclass(frozen=True, slots=True)
+class CachedResult:
+    """A remembered verdict: a user (with its issuer and ``exp``) or a refusal."""
+
+    expires_mono: float
+    user: UserInfo | None = None
+    issuer: str = ""
+    exp: float = 0.0
+    error: TokenError | None = None
+
+
+def _ttu(_key: bytes, value: CachedResult, _now: float) -> float:
+    return value.expires_mono
+
+
+class ResultCache:
+    """Bounded, expiring map from token hash to ``CachedResult``."""
+
+    def __init__(
+        self,
+        settings: CacheSettings,
+        *,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._settings = settings
+        self._clock = clock
+        self._monotonic = monotonic
+        self._secret = os.urandom(32)
+        self._cache: TLRUCache[bytes, CachedResult] = TLRUCache(
+            maxsize=settings.max_entries, ttu=_ttu, timer=monotonic
+        )
+
+    def key(self, token: str | bytes) -> bytes:
+        """The cache key of a token: a keyed 16-byte BLAKE2b digest."""
+        data = token.encode() if isinstance(token, str) else token
+        return hashlib.blake2b(data, digest_size=16, key=self._secret).digest()
+
+    def get(self, key: bytes) -> CachedResult | None:
+        """The verdict for ``key`` if one is kept and still valid."""
+        if self._settings.max_entries <= 0:
+            return None
+        hit = self._cache.get(key)
+        if hit is not None and hit.user is not None and self._clock() >= hit.exp:
+            self._cache.pop(key, None)
+            return None
+        return hit
+
+    def put_user(self, key: bytes, user: UserInfo, *, issuer: str, exp: float) -> None:
+        """Remember an accepted token until ``min(exp, now + success_ttl)``."""
+        if self._settings.max_entries <= 0:
+            return
+        remaining = min(exp - self._clock(), self._settings.success_ttl)
+        if remaining <= 0:
+            return
+        self._cache[key] = CachedResult(
+            expires_mono=self._monotonic() + remaining, user=user, issuer=issuer, exp=exp
+        )
+
+    def put_error(self, key: bytes, error: TokenError) -> None:
+        """Remember a refusal briefly; temporary refusals are not remembered."""
+        if self._settings.max_entries <= 0 or error.temporary:
+            return
+        if self._settings.failure_ttl <= 0:
+            return
+        self._cache[key] = CachedResult(
+            expires_mono=self._monotonic() + self._settings.failure_ttl, error=error
+        )
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def clear(self) -> None:
+        """Forget every verdict (used when the configuration changes)."""
+        self._cache.clear()

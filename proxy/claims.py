@@ -1,0 +1,265 @@
+"""Verified claims → Kubernetes user, exactly as kube-apiserver maps them.
+
+Pure: no I/O, no clock. The rules, in kube-apiserver's order:
+
+- username from a claim (plus prefix) or a CEL expression; an empty username is
+  refused. When the claim is ``email`` and ``email_verified`` is present, it must
+  be ``true``: an unverified address would let anyone who can type an address at
+  the IdP become that user.
+- groups from a claim that may be a string or a list of strings (``""``, ``[]``
+  and ``null`` mean none), each with the prefix; or a CEL expression.
+- uid from a claim or expression; extra from CEL ``valueExpression``s (empty
+  strings dropped, a key with no values omitted). A ``jti`` becomes the
+  ``authentication.kubernetes.io/credential-id`` extra ``JTI=<jti>``, as
+  kube-apiserver does, so audit logs can tie requests to one token.
+- then required claims / ``claimValidationRules`` (string equality, or CEL that
+  must return ``true``) and finally ``userValidationRules`` over the mapped user.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, Final
+
+from proxy.config import (
+    ClaimMappings,
+    ClaimOrExpression,
+    ClaimValidationRule,
+    JWTAuthenticatorConfig,
+    PrefixedClaimOrExpression,
+    UserValidationRule,
+)
+from proxy.errors import (
+    ClaimRuleFailed,
+    ExpressionError,
+    InvalidClaim,
+    MissingClaim,
+    UserRuleFailed,
+)
+from proxy.kube import UserInfo
+
+__all__ = ["CREDENTIAL_ID_EXTRA", "map_claims"]
+
+CREDENTIAL_ID_EXTRA: Final = "authentication.kubernetes.io/credential-id"
+
+_SHOWN: Final = 64
+
+
+def _show(value: object) -> str:
+    """A claim value, shortened, for an error message (claims are not secrets)."""
+    text = repr(value)
+    return text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
+
+
+def _evaluate(expr: Any, activation: Mapping[str, object], issuer: str) -> object:
+    try:
+        return expr.evaluate(activation)
+    except ExpressionError as err:
+        raise InvalidClaim(
+            f"claims: {expr.field_path}: {err}", claim=expr.field_path, issuer=issuer
+        ) from err
+
+
+def _username(m: PrefixedClaimOrExpression, claims: Mapping[str, Any], issuer: str) -> str:
+    if m.expression is not None:
+        value = _evaluate(m.expression, {"claims": claims}, issuer)
+        where = m.expression.field_path
+        if not isinstance(value, str):
+            raise InvalidClaim(
+                f"claims: {where} must return a string, got {type(value).__name__}",
+                claim="username",
+                issuer=issuer,
+            )
+        if not value:
+            raise InvalidClaim(f"claims: {where} returned an empty username", claim="username")
+        return value
+    claim = m.claim or "sub"
+    if claim not in claims:
+        raise MissingClaim(
+            f'claims: username claim "{claim}" is not present in the token',
+            claim=claim,
+            issuer=issuer,
+        )
+    value = claims[claim]
+    if not isinstance(value, str):
+        raise InvalidClaim(
+            f'claims: username claim "{claim}" must be a string, got {type(value).__name__}',
+            claim=claim,
+            issuer=issuer,
+        )
+    if not value:
+        raise InvalidClaim(f'claims: username claim "{claim}" is empty', claim=claim)
+    if claim == "email" and "email_verified" in claims:
+        verified = claims["email_verified"]
+        if not isinstance(verified, bool):
+            raise InvalidClaim(
+                'claims: "email_verified" must be a boolean, got '
+                f"{type(verified).__name__}",
+                claim="email_verified",
+                issuer=issuer,
+            )
+        if not verified:
+            raise InvalidClaim(
+                'claims: "email" is used as the username but "email_verified" is false',
+                claim="email_verified",
+                issuer=issuer,
+            )
+    return (m.prefix or "") + value
+
+
+def _string_list(value: object, what: str, claim: str, issuer: str) -> list[str]:
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise InvalidClaim(
+        f"claims: {what} must be a string or a list of strings, got {_show(value)}",
+        claim=claim,
+        issuer=issuer,
+    )
+
+
+def _groups(
+    m: PrefixedClaimOrExpression | None, claims: Mapping[str, Any], issuer: str
+) -> tuple[str, ...]:
+    if m is None:
+        return ()
+    if m.expression is not None:
+        value = _evaluate(m.expression, {"claims": claims}, issuer)
+        where = m.expression.field_path
+        return tuple(_string_list(value, where, "groups", issuer))
+    assert m.claim is not None
+    groups = _string_list(claims.get(m.claim), f'groups claim "{m.claim}"', m.claim, issuer)
+    prefix = m.prefix or ""
+    return tuple(prefix + g for g in groups)
+
+
+def _uid(m: ClaimOrExpression | None, claims: Mapping[str, Any], issuer: str) -> str:
+    if m is None:
+        return ""
+    if m.expression is not None:
+        value = _evaluate(m.expression, {"claims": claims}, issuer)
+        where = m.expression.field_path
+    else:
+        assert m.claim is not None
+        where = f'uid claim "{m.claim}"'
+        if m.claim not in claims:
+            raise MissingClaim(
+                f"claims: {where} is not present in the token", claim=m.claim, issuer=issuer
+            )
+        value = claims[m.claim]
+    if not isinstance(value, str):
+        raise InvalidClaim(
+            f"claims: {where} must be a string, got {type(value).__name__}",
+            claim="uid",
+            issuer=issuer,
+        )
+    return value
+
+
+def _extra(
+    mappings: ClaimMappings, claims: Mapping[str, Any], issuer: str
+) -> MappingProxyType[str, tuple[str, ...]]:
+    out: dict[str, tuple[str, ...]] = {}
+    for entry in mappings.extra:
+        value = _evaluate(entry.value_expression, {"claims": claims}, issuer)
+        values = [
+            v
+            for v in _string_list(value, entry.value_expression.field_path, entry.key, issuer)
+            if v
+        ]
+        if values:
+            out[entry.key] = tuple(values)
+    jti = claims.get("jti")
+    if isinstance(jti, str) and jti and CREDENTIAL_ID_EXTRA not in out:
+        out[CREDENTIAL_ID_EXTRA] = (f"JTI={jti}",)
+    return MappingProxyType(out)
+
+
+def _claim_rule(rule: ClaimValidationRule, claims: Mapping[str, Any], issuer: str) -> None:
+    if rule.expression is not None:
+        result = _evaluate(rule.expression, {"claims": claims}, issuer)
+        if result is True:
+            return
+        if not isinstance(result, bool):
+            raise InvalidClaim(
+                f"claims: {rule.expression.field_path} must return a boolean, got "
+                f"{type(result).__name__}",
+                claim=rule.expression.field_path,
+                issuer=issuer,
+            )
+        why = rule.message or f"expression {rule.expression.source!r} returned false"
+        raise ClaimRuleFailed(
+            f"claims: claim validation rule {rule.expression.field_path} failed: {why}",
+            issuer=issuer,
+        )
+    assert rule.claim is not None
+    if rule.claim not in claims:
+        raise MissingClaim(
+            f'claims: required claim "{rule.claim}" is not present in the token',
+            claim=rule.claim,
+            issuer=issuer,
+        )
+    value = claims[rule.claim]
+    if not isinstance(value, str):
+        raise ClaimRuleFailed(
+            f'claims: required claim "{rule.claim}" must be a string, '
+            f"got {type(value).__name__}",
+            issuer=issuer,
+        )
+    if value != rule.required_value:
+        raise ClaimRuleFailed(
+            f'claims: required claim "{rule.claim}": expected {rule.required_value!r}, '
+            f"got {_show(value)}",
+            issuer=issuer,
+        )
+
+
+def _user_rule(rule: UserValidationRule, user: UserInfo, issuer: str) -> None:
+    activation = {
+        "user": {
+            "username": user.username,
+            "uid": user.uid,
+            "groups": list(user.groups),
+            "extra": {k: list(v) for k, v in user.extra.items()},
+        }
+    }
+    try:
+        result = rule.expression.evaluate(activation)
+    except ExpressionError as err:
+        raise UserRuleFailed(
+            f"claims: {rule.expression.field_path}: {err}", issuer=issuer
+        ) from err
+    if result is True:
+        return
+    if not isinstance(result, bool):
+        raise UserRuleFailed(
+            f"claims: {rule.expression.field_path} must return a boolean, got "
+            f"{type(result).__name__}",
+            issuer=issuer,
+        )
+    why = rule.message or f"expression {rule.expression.source!r} returned false"
+    raise UserRuleFailed(
+        f"claims: user validation rule {rule.expression.field_path} failed: {why}",
+        issuer=issuer,
+    )
+
+
+def map_claims(config: JWTAuthenticatorConfig, claims: Mapping[str, Any]) -> UserInfo:
+    """Map verified ``claims`` to a ``UserInfo`` or raise a ``TokenError`` naming why."""
+    issuer = config.issuer.url
+    m = config.claim_mappings
+    user = UserInfo(
+        username=_username(m.username, claims, issuer),
+        groups=_groups(m.groups, claims, issuer),
+        uid=_uid(m.uid, claims, issuer),
+        extra=_extra(m, claims, issuer),
+    )
+    for rule in config.claim_validation_rules:
+        _claim_rule(rule, claims, issuer)
+    for urule in config.user_validation_rules:
+        _user_rule(urule, user, issuer)
+    return user

@@ -1,0 +1,107 @@
+"""The result cache: bounded, keyed by a hash, never past a token's exp."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy import errors
+from proxy.cache import ResultCache
+from proxy.config import CacheSettings
+from proxy.kube import UserInfo
+
+ALICE = UserInfo(username="alice", groups=("dev",))
+
+
+class Clocks:
+    def __init__(self) -> None:
+        self.wall = 1_000_000.0
+        self.mono = 50.0
+
+    def advance(self, seconds: float) -> None:
+        self.wall += seconds
+        self.mono += seconds
+
+
+def make(settings: CacheSettings | None = None) -> tuple[ResultCache, Clocks]:
+    clocks = Clocks()
+    cache = ResultCache(
+        settings or CacheSettings(max_entries=100, success_ttl=300, failure_ttl=10),
+        clock=lambda: clocks.wall,
+        monotonic=lambda: clocks.mono,
+    )
+    return cache, clocks
+
+
+def test_key_is_a_short_keyed_digest_not_the_token() -> None:
+    cache, _ = make()
+    other, _ = make()
+    token = "eyJhbGciOiJSUzI1NiJ9.payload.signature"
+    key = cache.key(token)
+    assert len(key) == 16
+    assert token.encode() not in key
+    assert key == cache.key(token)
+    assert key != other.key(token), "a per-process secret keys the hash"
+
+
+@pytest.mark.parametrize(
+    ("exp_in", "step", "hit"),
+    [
+        (120, 119.0, True),
+        (120, 120.0, False),
+        (120, 121.0, False),
+        (10_000, 299.0, True),
+        (10_000, 300.5, False),
+    ],
+    ids=["before-exp", "at-exp", "after-exp", "within-success-ttl", "after-success-ttl"],
+)
+def test_accepted_entry_never_outlives_exp_or_ttl(exp_in: float, step: float, hit: bool) -> None:
+    cache, clocks = make()
+    key = cache.key("t")
+    cache.put_user(key, ALICE, issuer="https://i", exp=clocks.wall + exp_in)
+    clocks.advance(step)
+    got = cache.get(key)
+    assert (got is not None and got.user == ALICE) is hit
+
+
+def test_wall_clock_jump_cannot_extend_an_expired_token() -> None:
+    cache, clocks = make()
+    key = cache.key("t")
+    cache.put_user(key, ALICE, issuer="https://i", exp=clocks.wall + 100)
+    clocks.wall += 200  # wall clock jumps, monotonic does not
+    assert cache.get(key) is None
+
+
+def test_already_expired_token_is_not_stored() -> None:
+    cache, clocks = make()
+    cache.put_user(cache.key("t"), ALICE, issuer="https://i", exp=clocks.wall - 1)
+    assert len(cache) == 0
+
+
+def test_failures_kept_briefly_and_temporary_ones_not_at_all() -> None:
+    cache, clocks = make()
+    bad, later = cache.key("bad"), cache.key("later")
+    cache.put_error(bad, errors.SignatureInvalid("token: signature does not verify"))
+    cache.put_error(later, errors.KeysUnavailable("jwks: not loaded"))
+    hit = cache.get(bad)
+    assert hit is not None
+    assert isinstance(hit.error, errors.SignatureInvalid)
+    assert cache.get(later) is None
+    clocks.advance(10.5)
+    assert cache.get(bad) is None
+
+
+def test_size_is_bounded() -> None:
+    cache, clocks = make(CacheSettings(max_entries=50, success_ttl=300, failure_ttl=10))
+    for i in range(500):
+        cache.put_user(cache.key(f"t{i}"), ALICE, issuer="https://i", exp=clocks.wall + 600)
+    assert len(cache) == 50
+    assert cache.get(cache.key("t499")) is not None
+    assert cache.get(cache.key("t0")) is None
+
+
+def test_zero_size_disables_caching() -> None:
+    cache, clocks = make(CacheSettings(max_entries=0))
+    key = cache.key("t")
+    cache.put_user(key, ALICE, issuer="https://i", exp=clocks.wall + 600)
+    cache.put_error(key, errors.SignatureInvalid("x"))
+    assert cache.get(key) is None
