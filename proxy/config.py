@@ -8,18 +8,66 @@ username prefix, ``-`` for no prefix, required claims) are resolved here, the wa
 kube-apiserver resolves them in its option code rather than in the library.
 
 Every default lives in this module.
+
+Loaders
+-------
+``add_auth_arguments`` / ``auth_config_from_args`` read the flags;
+``load_authentication_config`` / ``parse_authentication_config`` read the file.
+The file is decoded strictly (an unknown or duplicated field is an error, as
+in kube-apiserver, which decodes this file with its strict codec) and
+validated with kube-apiserver's rules and wording, so an error message can be
+searched for in Kubernetes' documentation. Every problem is collected and
+reported at once, each as ``config: <source>: <field path>: <kind>: <detail>``.
+
+Deliberate differences from kube-apiserver, all of them refusals or
+relaxations that cannot change what a valid configuration means:
+
+- plain ``http`` issuer and discovery URLs are accepted when the host is a
+  loopback address (127.0.0.0/8, ::1, ``localhost``): tests and ``--dev`` run
+  an issuer on the same machine, and a loopback connection cannot be
+  intercepted by the network;
+- an issuer URL must have a host;
+- ``anonymous.enabled: true`` is refused: this service only ever answers with
+  an identity proven by a token, so there is no anonymous user to hand out;
+- ``issuer.egressSelectorType`` is accepted and ignored: it picks one of
+  kube-apiserver's konnectivity tunnels, which do not exist here; this process
+  reaches the issuer over its own network, like any other pod;
+- ``apiserver.config.k8s.io/v1alpha1`` is accepted beside ``v1beta1`` and
+  ``v1``, as kube-apiserver 1.34 still accepts it: the three share every field
+  read here, and refusing it would only break files copied from older clusters;
+- the file must name at least one ``jwt`` authenticator (kube-apiserver allows
+  none, for anonymous-only setups, which we refuse anyway);
+- ``--oidc-groups-prefix`` without ``--oidc-groups-claim`` is an error rather
+  than silently ignored, and conflicting ``--oidc-required-claim`` values for
+  one claim are an error rather than "the last one wins".
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+import argparse
+import difflib
+import ipaddress
+import json
+import math
+import re
+import ssl
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from proxy.cel import CompiledExpression
+import yaml
+from cryptography import x509
+
+from proxy.cel import CompiledExpression, compile_expression
+from proxy.errors import ConfigError
 
 __all__ = [
     "ALLOWED_SIGNING_ALGS",
     "DEFAULT_SIGNING_ALGS",
+    "FILE_SIGNING_ALGS",
+    "MAX_AUTHENTICATORS",
+    "SUPPORTED_API_VERSIONS",
     "AuthConfig",
     "CacheSettings",
     "ClaimMappings",
@@ -31,6 +79,11 @@ __all__ = [
     "KeySetSettings",
     "PrefixedClaimOrExpression",
     "UserValidationRule",
+    "add_auth_arguments",
+    "apply_tuning_args",
+    "auth_config_from_args",
+    "load_authentication_config",
+    "parse_authentication_config",
 ]
 
 #: Asymmetric algorithms only: a symmetric ``alg`` would turn the issuer's *public*
@@ -59,7 +112,16 @@ DEFAULT_SIGNING_ALGS: tuple[str, ...] = ("RS256",)
 #: algorithm it supports there, and so do we.
 FILE_SIGNING_ALGS: tuple[str, ...] = tuple(sorted(ALLOWED_SIGNING_ALGS))
 
+#: Most ``jwt`` authenticators one file may hold (kube-apiserver's limit).
 MAX_AUTHENTICATORS = 64
+
+#: ``apiVersion`` values of an ``AuthenticationConfiguration`` we read; they
+#: share every field (see the module docstring for why v1alpha1 is here).
+SUPPORTED_API_VERSIONS: tuple[str, ...] = (
+    "apiserver.config.k8s.io/v1",
+    "apiserver.config.k8s.io/v1beta1",
+    "apiserver.config.k8s.io/v1alpha1",
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -190,3 +252,1272 @@ class AuthConfig:
     max_token_bytes: int = 16 * 1024
     #: ``flags`` or ``file``: which form the configuration came in.
     form: Literal["flags", "file"] = "flags"
+
+
+# --------------------------------------------------------------------------
+# Shared checks (flags and file)
+# --------------------------------------------------------------------------
+
+_LOOPBACK_NAMES = frozenset({"localhost"})
+
+
+def _is_loopback_host(host: str) -> bool:
+    if host in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _url_problems(url: str) -> list[str]:
+    """What is wrong with an issuer or discovery URL (kube-apiserver's rules).
+
+    Plain ``http`` passes only for a loopback host, for tests and ``--dev``.
+    """
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        _ = parts.port  # raises ValueError on a port that is not a number
+    except ValueError as err:
+        return [str(err)]
+    problems: list[str] = []
+    if parts.scheme == "http":
+        if not (host and _is_loopback_host(host)):
+            problems.append(
+                "URL scheme must be https (plain http is allowed only for a "
+                "loopback host: 127.0.0.0/8, ::1, localhost)"
+            )
+    elif parts.scheme != "https":
+        problems.append("URL scheme must be https")
+    if not host:
+        problems.append("URL must contain a host")
+    if parts.username is not None or parts.password is not None:
+        problems.append("URL must not contain a username or password")
+    if parts.query:
+        problems.append("URL must not contain a query")
+    if parts.fragment:
+        problems.append("URL must not contain a fragment")
+    return problems
+
+
+def _pem_problem(pem: str) -> str | None:
+    """Why ``pem`` is not a usable CA bundle, or None.
+
+    The bundle is loaded the way the issuer connection will load it (an
+    ``ssl`` trust store), so a bundle accepted here cannot fail later; the
+    certificates are also parsed so the message can say which part is wrong.
+    Blocks other than CERTIFICATE are skipped, as kube-apiserver skips them.
+    """
+    if "-----BEGIN CERTIFICATE-----" not in pem:
+        return "no PEM CERTIFICATE block found"
+    try:
+        x509.load_pem_x509_certificates(pem.encode("utf-8"))
+    except ValueError as err:
+        return f"a CERTIFICATE block does not parse: {err}"
+    try:
+        ssl.create_default_context(cadata=pem)
+    except (ssl.SSLError, ValueError) as err:
+        return f"not usable as a TLS trust store: {err}"
+    return None
+
+
+# --------------------------------------------------------------------------
+# Form 1: the legacy --oidc-* flags, and the engine's tunables
+# --------------------------------------------------------------------------
+
+#: Flag -> argparse dest, for every flag that selects the legacy form.
+_OIDC_FLAGS: tuple[tuple[str, str], ...] = (
+    ("--oidc-issuer-url", "oidc_issuer_url"),
+    ("--oidc-client-id", "oidc_client_id"),
+    ("--oidc-username-claim", "oidc_username_claim"),
+    ("--oidc-username-prefix", "oidc_username_prefix"),
+    ("--oidc-groups-claim", "oidc_groups_claim"),
+    ("--oidc-groups-prefix", "oidc_groups_prefix"),
+    ("--oidc-required-claim", "oidc_required_claim"),
+    ("--oidc-ca-file", "oidc_ca_file"),
+    ("--oidc-signing-algs", "oidc_signing_algs"),
+)
+
+_DEFAULT_USERNAME_CLAIM = "sub"
+_DEFAULT_KEYSET = KeySetSettings()
+_DEFAULT_CACHE = CacheSettings()
+_DEFAULT_LEEWAY = AuthConfig(authenticators=()).leeway
+
+
+def add_auth_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the authentication flags: kube-apiserver's names, defaults and meaning.
+
+    The ``--oidc-*`` flags default to None here and are defaulted in
+    ``auth_config_from_args``, so that "given" can be told from "defaulted":
+    the two configuration forms are mutually exclusive.
+    """
+    group = parser.add_argument_group(
+        "authentication",
+        "Either --authentication-config FILE or the --oidc-* flags (one issuer), "
+        "with the same meaning as kube-apiserver's flags of the same names.",
+    )
+    group.add_argument(
+        "--authentication-config",
+        metavar="FILE",
+        help=(
+            "An AuthenticationConfiguration file (YAML or JSON, apiVersion "
+            "apiserver.config.k8s.io/v1, v1beta1 or v1alpha1), as given to "
+            "kube-apiserver's flag of the same name: up to 64 issuers, CEL claim "
+            "mappings and validation rules. Mutually exclusive with every "
+            "--oidc-* flag. anonymous.enabled: true is refused."
+        ),
+    )
+    group.add_argument(
+        "--oidc-issuer-url",
+        metavar="URL",
+        help=(
+            "The URL of the OpenID issuer; only the https scheme is accepted "
+            "(plain http only for a loopback host, for tests). It must equal the "
+            "'iss' claim of the tokens and the 'issuer' of the discovery document "
+            "at URL/.well-known/openid-configuration. Requires --oidc-client-id."
+        ),
+    )
+    group.add_argument(
+        "--oidc-client-id",
+        metavar="ID",
+        help=(
+            "The client ID for the OpenID Connect client; tokens must carry it in "
+            "their 'aud' claim. Requires --oidc-issuer-url."
+        ),
+    )
+    group.add_argument(
+        "--oidc-username-claim",
+        metavar="CLAIM",
+        help=(
+            "The token claim to use as the user name (default "
+            f"'{_DEFAULT_USERNAME_CLAIM}'). Claims other than the default are not "
+            "guaranteed to be unique and immutable; with 'email', a present "
+            "'email_verified' claim must be true."
+        ),
+    )
+    group.add_argument(
+        "--oidc-username-prefix",
+        metavar="PREFIX",
+        help=(
+            "Prefix prepended to user names to prevent clashes with existing names "
+            "(such as system: users); 'oidc:' makes names like 'oidc:jane'. If "
+            "unset or empty and --oidc-username-claim is not 'email', the prefix is "
+            "'<issuer-url>#' (the value of --oidc-issuer-url followed by '#'); if "
+            "unset and the claim is 'email', there is no prefix. The value '-' "
+            "disables prefixing."
+        ),
+    )
+    group.add_argument(
+        "--oidc-groups-claim",
+        metavar="CLAIM",
+        help=(
+            "The token claim holding the user's groups: a string or an array of "
+            "strings. Unset: no groups come from the token."
+        ),
+    )
+    group.add_argument(
+        "--oidc-groups-prefix",
+        metavar="PREFIX",
+        help=(
+            "Prefix prepended to every group to prevent clashes with existing "
+            "names (such as system: groups). Default: none. Requires "
+            "--oidc-groups-claim."
+        ),
+    )
+    group.add_argument(
+        "--oidc-required-claim",
+        metavar="KEY=VALUE",
+        action="append",
+        help=(
+            "A claim the token must carry with exactly this string value. Repeat "
+            "the flag, or give several pairs separated by commas (a=b,c=d), for "
+            "several claims; a value containing a comma needs the file form."
+        ),
+    )
+    group.add_argument(
+        "--oidc-ca-file",
+        metavar="FILE",
+        help=(
+            "PEM file of the CA(s) that sign the issuer's TLS certificate. Unset: "
+            "the system's trusted CAs."
+        ),
+    )
+    group.add_argument(
+        "--oidc-signing-algs",
+        metavar="ALG[,ALG...]",
+        action="append",
+        help=(
+            "Comma-separated JOSE algorithms accepted in token signatures (default "
+            f"{','.join(DEFAULT_SIGNING_ALGS)}); allowed: "
+            f"{', '.join(sorted(ALLOWED_SIGNING_ALGS))}. HS256/384/512 and 'none' "
+            "are refused: a symmetric algorithm would make the issuer's public key "
+            "a signing secret, and 'none' means no signature at all."
+        ),
+    )
+
+    tuning = parser.add_argument_group(
+        "token validation tuning",
+        "Bounds of the authentication engine; they apply to both forms above.",
+    )
+    tuning.add_argument(
+        "--jwks-unknown-kid-cooldown",
+        metavar="SECONDS",
+        type=float,
+        default=_DEFAULT_KEYSET.unknown_kid_cooldown,
+        help=(
+            "Least time between two key set refetches forced by a token whose 'kid' "
+            "is unknown, per issuer (default %(default)s). Lowering it lets anyone "
+            "who can send a token make us call the issuer more often."
+        ),
+    )
+    tuning.add_argument(
+        "--jwks-fetch-timeout",
+        metavar="SECONDS",
+        type=float,
+        default=_DEFAULT_KEYSET.fetch_timeout,
+        help="Timeout of one discovery or key set request (default %(default)s).",
+    )
+    tuning.add_argument(
+        "--token-cache-size",
+        metavar="N",
+        type=int,
+        default=_DEFAULT_CACHE.max_entries,
+        help=(
+            "Most authentication results kept, keyed by a hash of the token "
+            "(default %(default)s)."
+        ),
+    )
+    tuning.add_argument(
+        "--token-cache-success-ttl",
+        metavar="SECONDS",
+        type=float,
+        default=_DEFAULT_CACHE.success_ttl,
+        help=(
+            "Longest time an accepted token's result is reused (never beyond the "
+            "token's 'exp'); 0 disables (default %(default)s). A token's claims, "
+            "and so the user's groups, are not re-read during this time."
+        ),
+    )
+    tuning.add_argument(
+        "--token-cache-failure-ttl",
+        metavar="SECONDS",
+        type=float,
+        default=_DEFAULT_CACHE.failure_ttl,
+        help=(
+            "How long a refused token is remembered as refused, so replaying it "
+            "is cheap; 0 disables (default %(default)s)."
+        ),
+    )
+    tuning.add_argument(
+        "--clock-skew",
+        metavar="SECONDS",
+        type=float,
+        default=_DEFAULT_LEEWAY,
+        help=(
+            "Leeway allowed for the 'exp', 'nbf' and 'iat' claims, for clocks that "
+            "differ between the issuer and us (default %(default)s)."
+        ),
+    )
+
+
+def _flags_given(ns: argparse.Namespace) -> list[str]:
+    return [flag for flag, dest in _OIDC_FLAGS if getattr(ns, dest, None) is not None]
+
+
+def auth_config_from_args(
+    ns: argparse.Namespace, *, allow_empty: bool = False
+) -> AuthConfig | None:
+    """Build the authentication configuration from parsed flags.
+
+    Exactly one form must be given: the file or the ``--oidc-*`` flags. With
+    ``allow_empty`` (``--dev`` supplies its own issuer), giving neither returns
+    None; the tunables are still validated, and ``apply_tuning_args`` applies
+    them to the configuration the caller builds. Every problem found is raised
+    in one ``ConfigError``.
+    """
+    problems: list[str] = []
+    keyset, cache, leeway = _tuning_from_args(ns, problems)
+    file: str | None = getattr(ns, "authentication_config", None)
+    given = _flags_given(ns)
+
+    if file is not None and given:
+        others = f" (also given: {', '.join(given[1:])})" if len(given) > 1 else ""
+        problems.insert(
+            0,
+            f"config: --authentication-config and {given[0]} are mutually "
+            "exclusive: the file replaces every --oidc-* flag; move the flag's "
+            f"setting into the file{others}",
+        )
+        raise ConfigError(problems)
+
+    if file is None and not given:
+        if problems:
+            raise ConfigError(problems)
+        if allow_empty:
+            return None
+        raise ConfigError(
+            "config: no authentication configured: give --authentication-config "
+            "FILE, or --oidc-issuer-url with --oidc-client-id"
+        )
+
+    config: AuthConfig | None = None
+    if file is not None:
+        try:
+            config = load_authentication_config(file)
+        except ConfigError as err:
+            problems.extend(err.problems)
+    else:
+        authenticator = _legacy_authenticator(ns, problems)
+        if authenticator is not None:
+            config = AuthConfig(authenticators=(authenticator,), form="flags")
+
+    if problems:
+        raise ConfigError(problems)
+    assert config is not None
+    return replace(config, keyset=keyset, cache=cache, leeway=leeway)
+
+
+def apply_tuning_args(config: AuthConfig, ns: argparse.Namespace) -> AuthConfig:
+    """Return ``config`` with the tunables given on the command line.
+
+    For callers that build the authenticators themselves (``--dev``).
+    """
+    problems: list[str] = []
+    keyset, cache, leeway = _tuning_from_args(ns, problems)
+    if problems:
+        raise ConfigError(problems)
+    return replace(config, keyset=keyset, cache=cache, leeway=leeway)
+
+
+def _number(
+    ns: argparse.Namespace,
+    dest: str,
+    default: float,
+    problems: list[str],
+    *,
+    allow_zero: bool,
+) -> float:
+    value = getattr(ns, dest, None)
+    if value is None:
+        return default
+    flag = "--" + dest.replace("_", "-")
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if ok:
+        number = float(value)
+        ok = math.isfinite(number) and (number >= 0 if allow_zero else number > 0)
+    if not ok:
+        bound = "0 or more" if allow_zero else "greater than 0"
+        problems.append(
+            f"config: {flag}: must be a finite number {bound} (got {value!r})"
+        )
+        return default
+    return number
+
+
+def _tuning_from_args(
+    ns: argparse.Namespace, problems: list[str]
+) -> tuple[KeySetSettings, CacheSettings, float]:
+    cooldown = _number(
+        ns,
+        "jwks_unknown_kid_cooldown",
+        _DEFAULT_KEYSET.unknown_kid_cooldown,
+        problems,
+        allow_zero=False,
+    )
+    timeout = _number(
+        ns,
+        "jwks_fetch_timeout",
+        _DEFAULT_KEYSET.fetch_timeout,
+        problems,
+        allow_zero=False,
+    )
+    success = _number(
+        ns,
+        "token_cache_success_ttl",
+        _DEFAULT_CACHE.success_ttl,
+        problems,
+        allow_zero=True,
+    )
+    failure = _number(
+        ns,
+        "token_cache_failure_ttl",
+        _DEFAULT_CACHE.failure_ttl,
+        problems,
+        allow_zero=True,
+    )
+    leeway = _number(ns, "clock_skew", _DEFAULT_LEEWAY, problems, allow_zero=True)
+    size = getattr(ns, "token_cache_size", None)
+    if size is None:
+        size = _DEFAULT_CACHE.max_entries
+    elif not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        problems.append(
+            "config: --token-cache-size: must be an integer of 1 or more "
+            f"(got {size!r})"
+        )
+        size = _DEFAULT_CACHE.max_entries
+    keyset = replace(
+        _DEFAULT_KEYSET, unknown_kid_cooldown=cooldown, fetch_timeout=timeout
+    )
+    cache = replace(
+        _DEFAULT_CACHE, max_entries=size, success_ttl=success, failure_ttl=failure
+    )
+    return keyset, cache, leeway
+
+
+def _legacy_authenticator(
+    ns: argparse.Namespace, problems: list[str]
+) -> JWTAuthenticatorConfig | None:
+    """Resolve the ``--oidc-*`` flags the way kube-apiserver's option code does."""
+    start = len(problems)
+    issuer_url: str | None = getattr(ns, "oidc_issuer_url", None) or None
+    client_id: str | None = getattr(ns, "oidc_client_id", None) or None
+
+    if issuer_url is None or client_id is None:
+        if issuer_url is not None:
+            problems.append(
+                "config: --oidc-issuer-url and --oidc-client-id must be given "
+                "together: --oidc-client-id is missing"
+            )
+        elif client_id is not None:
+            problems.append(
+                "config: --oidc-issuer-url and --oidc-client-id must be given "
+                "together: --oidc-issuer-url is missing"
+            )
+        else:
+            given = ", ".join(_flags_given(ns))
+            problems.append(
+                f"config: {given}: need --oidc-issuer-url and --oidc-client-id"
+            )
+    else:
+        problems.extend(
+            f"config: --oidc-issuer-url: {json.dumps(issuer_url)}: {p}"
+            for p in _url_problems(issuer_url)
+        )
+
+    username_claim: str | None = getattr(ns, "oidc_username_claim", None)
+    if username_claim is None:
+        username_claim = _DEFAULT_USERNAME_CLAIM
+    elif not username_claim:
+        problems.append("config: --oidc-username-claim: must not be empty")
+    username_prefix = _legacy_username_prefix(
+        getattr(ns, "oidc_username_prefix", None), username_claim, issuer_url or ""
+    )
+
+    groups: PrefixedClaimOrExpression | None = None
+    groups_claim: str | None = getattr(ns, "oidc_groups_claim", None) or None
+    groups_prefix: str | None = getattr(ns, "oidc_groups_prefix", None)
+    if groups_claim is not None:
+        groups = PrefixedClaimOrExpression(
+            claim=groups_claim, prefix=groups_prefix or ""
+        )
+    elif groups_prefix:
+        problems.append(
+            "config: --oidc-groups-prefix needs --oidc-groups-claim: without a "
+            "groups claim there are no groups to prefix"
+        )
+
+    rules = _required_claims(getattr(ns, "oidc_required_claim", None) or [], problems)
+    algs = _signing_algs(getattr(ns, "oidc_signing_algs", None), problems)
+    ca_pem = _read_ca_file(getattr(ns, "oidc_ca_file", None), problems)
+
+    if len(problems) > start or issuer_url is None or client_id is None:
+        return None
+    return JWTAuthenticatorConfig(
+        issuer=IssuerConfig(
+            url=issuer_url,
+            certificate_authority=ca_pem,
+            audiences=(client_id,),
+            audience_match_policy="MatchAny",
+            signing_algs=algs,
+        ),
+        claim_mappings=ClaimMappings(
+            username=PrefixedClaimOrExpression(
+                claim=username_claim, prefix=username_prefix
+            ),
+            groups=groups,
+        ),
+        claim_validation_rules=rules,
+        source="--oidc-*",
+    )
+
+
+def _legacy_username_prefix(prefix: str | None, claim: str, issuer_url: str) -> str:
+    """kube-apiserver's defaulting: ``-`` is none; unset/empty is ``<issuer>#``.
+
+    The ``email`` claim is exempt from the default because e-mail addresses
+    are already global names. An empty value counts as unset because
+    kube-apiserver cannot tell the two apart.
+    """
+    if prefix == "-":
+        return ""
+    if prefix:
+        return prefix
+    if claim == "email":
+        return ""
+    return f"{issuer_url}#"
+
+
+def _required_claims(
+    values: Sequence[str], problems: list[str]
+) -> tuple[ClaimValidationRule, ...]:
+    """``KEY=VALUE`` pairs, repeated or comma-separated (kube's mapStringString)."""
+    required: dict[str, str] = {}
+    for value in values:
+        for pair in value.split(","):
+            key, sep, claim_value = pair.partition("=")
+            key, claim_value = key.strip(), claim_value.strip()
+            if not sep or not key:
+                problems.append(
+                    f"config: --oidc-required-claim: {json.dumps(pair)}: malformed "
+                    "pair, expected KEY=VALUE"
+                )
+                continue
+            if key in required and required[key] != claim_value:
+                problems.append(
+                    f"config: --oidc-required-claim: claim {json.dumps(key)} is "
+                    f"required twice with different values ({json.dumps(required[key])}"
+                    f" and {json.dumps(claim_value)})"
+                )
+                continue
+            required[key] = claim_value
+    return tuple(
+        ClaimValidationRule(claim=key, required_value=claim_value)
+        for key, claim_value in required.items()
+    )
+
+
+def _signing_algs(values: Sequence[str] | None, problems: list[str]) -> tuple[str, ...]:
+    if values is None:
+        return DEFAULT_SIGNING_ALGS
+    algs: list[str] = []
+    for value in values:
+        for raw in value.split(","):
+            alg = raw.strip()
+            if not alg or alg in algs:
+                continue
+            if alg.upper().startswith("HS"):
+                problems.append(
+                    f"config: --oidc-signing-algs: {json.dumps(alg)} is refused: a "
+                    "symmetric algorithm would make the issuer's public key a "
+                    "signing secret (anyone could forge tokens with it)"
+                )
+            elif alg.lower() == "none":
+                problems.append(
+                    'config: --oidc-signing-algs: "none" is refused: unsigned '
+                    "tokens prove nothing"
+                )
+            elif alg not in ALLOWED_SIGNING_ALGS:
+                problems.append(
+                    f"config: --oidc-signing-algs: {json.dumps(alg)} is not "
+                    f"allowed; allowed: {', '.join(sorted(ALLOWED_SIGNING_ALGS))}"
+                )
+            else:
+                algs.append(alg)
+    if not algs and not any(
+        p.startswith("config: --oidc-signing-algs") for p in problems
+    ):
+        problems.append("config: --oidc-signing-algs: no algorithm given")
+    return tuple(algs)
+
+
+def _read_ca_file(path: str | None, problems: list[str]) -> str | None:
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        problems.append(
+            f"config: --oidc-ca-file {json.dumps(path)}: cannot read: "
+            f"{err.strerror or err}"
+        )
+        return None
+    try:
+        pem = data.decode("utf-8")
+    except UnicodeDecodeError:
+        problems.append(
+            f"config: --oidc-ca-file {json.dumps(path)}: not a PEM file "
+            "(not UTF-8 text)"
+        )
+        return None
+    problem = _pem_problem(pem)
+    if problem is not None:
+        problems.append(
+            f"config: --oidc-ca-file {json.dumps(path)}: not a valid PEM CA bundle: "
+            f"{problem}"
+        )
+        return None
+    return pem
+
+
+# --------------------------------------------------------------------------
+# Form 2: an AuthenticationConfiguration file
+# --------------------------------------------------------------------------
+
+_KIND = "AuthenticationConfiguration"
+
+# The fields each object of the file may have (strict decoding).
+_TOP_FIELDS = ("apiVersion", "kind", "jwt", "anonymous")
+_ANONYMOUS_FIELDS = ("enabled", "conditions")
+_CONDITION_FIELDS = ("path",)
+_JWT_FIELDS = ("issuer", "claimValidationRules", "claimMappings", "userValidationRules")
+_ISSUER_FIELDS = (
+    "url",
+    "discoveryURL",
+    "certificateAuthority",
+    "audiences",
+    "audienceMatchPolicy",
+    "egressSelectorType",
+)
+_CLAIM_RULE_FIELDS = ("claim", "requiredValue", "expression", "message")
+_MAPPINGS_FIELDS = ("username", "groups", "uid", "extra")
+_PREFIXED_FIELDS = ("claim", "prefix", "expression")
+_CLAIM_OR_EXPR_FIELDS = ("claim", "expression")
+_EXTRA_FIELDS = ("key", "valueExpression")
+_USER_RULE_FIELDS = ("expression", "message")
+
+_EGRESS_SELECTOR_TYPES = ("controlplane", "cluster")
+_RESERVED_EXTRA_DOMAINS = ("kubernetes.io", "k8s.io")
+_DNS1123_SUBDOMAIN = re.compile(
+    r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+)
+_HTTP_PATH = re.compile(r"[A-Za-z0-9/\-._~%!$&'()*+,;=:]+")
+_EMAIL_RULE = (
+    "claims.email_verified must be used in claimMappings.username.expression or "
+    "claimMappings.extra[*].valueExpression or claimValidationRules[*].expression "
+    "when claims.email is used in claimMappings.username.expression"
+)
+
+
+def load_authentication_config(path: str) -> AuthConfig:
+    """Read, decode strictly and validate an ``AuthenticationConfiguration`` file."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise ConfigError(
+            f"config: --authentication-config {json.dumps(path)}: cannot read: "
+            f"{err.strerror or err}"
+        ) from err
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"config: --authentication-config {json.dumps(path)}: not UTF-8 text"
+        ) from err
+    return parse_authentication_config(text, source=path)
+
+
+def parse_authentication_config(text: str, *, source: str) -> AuthConfig:
+    """Decode and validate the text of an ``AuthenticationConfiguration``.
+
+    ``source`` (the file name) starts every problem. Raises ``ConfigError``
+    listing every problem found, each at its field path.
+    """
+    document = _decode(text, source)
+    reader = _FileReader(source)
+    authenticators = reader.document(document)
+    if reader.problems:
+        raise ConfigError(reader.problems)
+    return AuthConfig(authenticators=authenticators, form="file")
+
+
+class _DuplicateKeyError(ValueError):
+    pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """A YAML safe loader that refuses a key given twice in one mapping.
+
+    kube-apiserver's strict decoding refuses duplicated fields; silently
+    keeping the last one could hide half of an edit.
+    """
+
+
+def _construct_strict_mapping(
+    loader: _StrictLoader, node: yaml.MappingNode
+) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _value_node in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            duplicate = key in seen
+            seen.add(key)
+        except TypeError:
+            continue  # unhashable key: construct_mapping reports it
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"duplicate field {json.dumps(str(key))}",
+                key_node.start_mark,
+            )
+    return loader.construct_mapping(node, deep=True)
+
+
+_StrictLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_strict_mapping
+)
+
+
+def _json_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKeyError(f"duplicate field {json.dumps(key)}")
+        out[key] = value
+    return out
+
+
+def _decode(text: str, source: str) -> object:
+    """JSON when the text starts with ``{`` (as kube's decoder decides), else YAML."""
+    text = text.removeprefix("\ufeff")
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text, object_pairs_hook=_json_pairs)
+        except _DuplicateKeyError as err:
+            raise ConfigError(f"config: {source}: {err}") from err
+        except json.JSONDecodeError:
+            pass  # a YAML flow mapping also starts with "{"
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as err:
+        detail = " ".join(str(err).replace('in "<unicode string>", ', "").split())
+        raise ConfigError(
+            f"config: {source}: not valid YAML or JSON: {detail}"
+        ) from err
+
+
+def _child(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _show(value: object) -> str:
+    """A value in a problem, quoted the way kube's field errors quote it."""
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _type_name(value: object) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+class _FileReader:
+    """Walks the decoded document once: checks types, fields and rules, and builds.
+
+    Problems are collected, never raised, so the operator sees all of them.
+    Builders return None when the part they build has a problem; the values
+    are only returned to the caller when no problem was found.
+    """
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.problems: list[str] = []
+
+    # -- problem wording (kube's field.Error kinds) -------------------------
+
+    def _add(self, path: str, text: str) -> None:
+        self.problems.append(f"config: {self.source}: {path}: {text}")
+
+    def required(self, path: str, detail: str = "") -> None:
+        self._add(path, f"Required value: {detail}" if detail else "Required value")
+
+    def invalid(self, path: str, value: object, detail: str) -> None:
+        self._add(path, f"Invalid value: {_show(value)}: {detail}")
+
+    def duplicate(self, path: str, value: object) -> None:
+        self._add(path, f"Duplicate value: {_show(value)}")
+
+    def unsupported(self, path: str, value: object, supported: Sequence[str]) -> None:
+        allowed = ", ".join(_show(s) for s in supported)
+        self._add(
+            path, f"Unsupported value: {_show(value)}: supported values: {allowed}"
+        )
+
+    def forbidden(self, path: str, detail: str) -> None:
+        self._add(path, f"Forbidden: {detail}")
+
+    # -- typed access --------------------------------------------------------
+
+    def obj(self, value: object, path: str, fields: Sequence[str]) -> Mapping[str, Any]:
+        """A mapping with only known fields; null and absent read as empty."""
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self._add(path, f"Invalid type: expected object, got {_type_name(value)}")
+            return {}
+        for key in value:
+            if key not in fields:
+                name = str(key)
+                close = difflib.get_close_matches(name, fields, n=1)
+                hint = f" (did you mean {json.dumps(close[0])}?)" if close else ""
+                self._add(_child(path, name), f"Unknown field{hint}")
+        return {k: v for k, v in value.items() if k in fields}
+
+    def string(self, m: Mapping[str, Any], key: str, path: str) -> str | None:
+        """A string field; None when absent or null (Go would read "")."""
+        value = m.get(key)
+        if value is None or isinstance(value, str):
+            return value
+        self._add(
+            _child(path, key), f"Invalid type: expected string, got {_type_name(value)}"
+        )
+        return None
+
+    def items(self, m: Mapping[str, Any], key: str, path: str) -> list[Any]:
+        value = m.get(key)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            self._add(
+                _child(path, key),
+                f"Invalid type: expected array, got {_type_name(value)}",
+            )
+            return []
+        return value
+
+    def compile(
+        self, source: str, *, variables: tuple[str, ...], field_path: str
+    ) -> CompiledExpression | None:
+        """Compile with ``proxy.cel``; its problems join ours, under our source."""
+        try:
+            return compile_expression(
+                source, variables=variables, field_path=field_path
+            )
+        except ConfigError as err:
+            for problem in err.problems:
+                self.problems.append(
+                    f"config: {self.source}: {problem.removeprefix('config: ')}"
+                )
+            return None
+
+    # -- the document --------------------------------------------------------
+
+    def document(self, document: object) -> tuple[JWTAuthenticatorConfig, ...]:
+        if not isinstance(document, dict):
+            got = "an empty document" if document is None else _type_name(document)
+            self.problems.append(
+                f"config: {self.source}: expected an {_KIND} object, got {got}"
+            )
+            return ()
+        api_version, kind = document.get("apiVersion"), document.get("kind")
+        if api_version is None:
+            self.required("apiVersion", f"one of {', '.join(SUPPORTED_API_VERSIONS)}")
+        elif api_version not in SUPPORTED_API_VERSIONS:
+            self.unsupported("apiVersion", api_version, SUPPORTED_API_VERSIONS)
+        if kind is None:
+            self.required("kind", _KIND)
+        elif kind != _KIND:
+            self.unsupported("kind", kind, (_KIND,))
+        if self.problems:
+            return ()  # another kind of document: its fields would only add noise
+
+        top = self.obj(document, "", _TOP_FIELDS)
+        self.anonymous(top.get("anonymous"))
+        entries = self.items(top, "jwt", "")
+        if not entries:
+            if "jwt" not in top or isinstance(top.get("jwt"), list | type(None)):
+                self.required(
+                    "jwt",
+                    "at least one jwt authenticator is required: kube-oidc-gate "
+                    "authenticates nothing else",
+                )
+            return ()
+        if len(entries) > MAX_AUTHENTICATORS:
+            self._add(
+                "jwt",
+                f"Too many: {len(entries)}: must have at most "
+                f"{MAX_AUTHENTICATORS} items",
+            )
+            return ()
+
+        built: list[JWTAuthenticatorConfig | None] = []
+        seen_urls: set[str] = set()
+        seen_discovery: set[str] = set()
+        for i, entry in enumerate(entries):
+            path = f"jwt[{i}]"
+            built.append(self.jwt(entry, path))
+            issuer = entry.get("issuer") if isinstance(entry, dict) else None
+            if not isinstance(issuer, dict):
+                continue
+            url, discovery = issuer.get("url"), issuer.get("discoveryURL")
+            if isinstance(url, str) and url:
+                if url in seen_urls:
+                    self.duplicate(f"{path}.issuer.url", url)
+                seen_urls.add(url)
+            if isinstance(discovery, str) and discovery:
+                if discovery in seen_discovery:
+                    self.duplicate(f"{path}.issuer.discoveryURL", discovery)
+                seen_discovery.add(discovery)
+        if self.problems:
+            return ()
+        out = tuple(a for a in built if a is not None)
+        assert len(out) == len(built)
+        return out
+
+    def anonymous(self, raw: object) -> None:
+        m = self.obj(raw, "anonymous", _ANONYMOUS_FIELDS)
+        enabled = m.get("enabled")
+        if enabled is not None and not isinstance(enabled, bool):
+            self._add(
+                "anonymous.enabled",
+                f"Invalid type: expected boolean, got {_type_name(enabled)}",
+            )
+        elif enabled:
+            self.forbidden(
+                "anonymous.enabled",
+                "kube-oidc-gate never authenticates anonymous requests: a request "
+                "without a valid token is refused; remove this or set it to false",
+            )
+        conditions = self.items(m, "conditions", "anonymous")
+        for j, condition in enumerate(conditions):
+            c = self.obj(condition, f"anonymous.conditions[{j}]", _CONDITION_FIELDS)
+            self.string(c, "path", f"anonymous.conditions[{j}]")
+        if conditions and not enabled:
+            self.invalid(
+                "anonymous.conditions",
+                conditions,
+                "enabled should be set to true when conditions are defined",
+            )
+
+    def jwt(self, raw: object, path: str) -> JWTAuthenticatorConfig | None:
+        m = self.obj(raw, path, _JWT_FIELDS)
+        start = len(self.problems)
+        issuer = self.issuer(m.get("issuer"), f"{path}.issuer")
+        rules = self.claim_rules(m, path)
+        mappings = self.claim_mappings(
+            m.get("claimMappings"), f"{path}.claimMappings", rules
+        )
+        user_rules = self.user_rules(m, path)
+        if len(self.problems) > start or issuer is None or mappings is None:
+            return None
+        return JWTAuthenticatorConfig(
+            issuer=issuer,
+            claim_mappings=mappings,
+            claim_validation_rules=rules,
+            user_validation_rules=user_rules,
+            source=path,
+        )
+
+    def issuer(self, raw: object, path: str) -> IssuerConfig | None:
+        m = self.obj(raw, path, _ISSUER_FIELDS)
+        start = len(self.problems)
+
+        url = self.string(m, "url", path) or ""
+        if not url:
+            if "url" not in m or m.get("url") in (None, ""):
+                self.required(f"{path}.url")
+        else:
+            for detail in _url_problems(url):
+                self.invalid(f"{path}.url", url, detail)
+
+        discovery = self.string(m, "discoveryURL", path) or ""
+        if discovery:
+            if url and url.rstrip("/") == discovery.rstrip("/"):
+                self.invalid(
+                    f"{path}.discoveryURL",
+                    discovery,
+                    "discoveryURL must be different from URL",
+                )
+            for detail in _url_problems(discovery):
+                self.invalid(f"{path}.discoveryURL", discovery, detail)
+
+        audiences: list[str] = []
+        raw_audiences = self.items(m, "audiences", path)
+        if not raw_audiences and not (
+            "audiences" in m and not isinstance(m["audiences"], list | type(None))
+        ):
+            self.required(
+                f"{path}.audiences", f"at least one {path}.audiences is required"
+            )
+        for j, audience in enumerate(raw_audiences):
+            apath = f"{path}.audiences[{j}]"
+            if audience is not None and not isinstance(audience, str):
+                self._add(
+                    apath, f"Invalid type: expected string, got {_type_name(audience)}"
+                )
+                continue
+            text = audience or ""
+            if not text:
+                self.required(apath, "audience can't be empty")
+            if text in audiences:
+                self.duplicate(apath, text)
+            audiences.append(text)
+
+        policy = self.string(m, "audienceMatchPolicy", path) or ""
+        if len(raw_audiences) > 1 and policy != "MatchAny":
+            self.invalid(
+                f"{path}.audienceMatchPolicy",
+                policy,
+                "audienceMatchPolicy must be MatchAny for multiple audiences",
+            )
+        elif len(raw_audiences) == 1 and policy not in ("", "MatchAny"):
+            self.invalid(
+                f"{path}.audienceMatchPolicy",
+                policy,
+                "audienceMatchPolicy must be empty or MatchAny for single audience",
+            )
+
+        ca = self.string(m, "certificateAuthority", path) or ""
+        if ca:
+            problem = _pem_problem(ca)
+            if problem is not None:
+                self.invalid(f"{path}.certificateAuthority", "<omitted>", problem)
+
+        egress = self.string(m, "egressSelectorType", path) or ""
+        if egress and egress not in _EGRESS_SELECTOR_TYPES:
+            self.unsupported(
+                f"{path}.egressSelectorType", egress, _EGRESS_SELECTOR_TYPES
+            )
+
+        if len(self.problems) > start:
+            return None
+        return IssuerConfig(
+            url=url,
+            discovery_url=discovery or None,
+            certificate_authority=ca or None,
+            audiences=tuple(audiences),
+            audience_match_policy="MatchAny" if policy else "",
+            signing_algs=FILE_SIGNING_ALGS,
+        )
+
+    def claim_rules(
+        self, m: Mapping[str, Any], path: str
+    ) -> tuple[ClaimValidationRule, ...]:
+        rules: list[ClaimValidationRule] = []
+        seen_claims: set[str] = set()
+        seen_expressions: set[str] = set()
+        for j, raw in enumerate(self.items(m, "claimValidationRules", path)):
+            rpath = f"{path}.claimValidationRules[{j}]"
+            r = self.obj(raw, rpath, _CLAIM_RULE_FIELDS)
+            claim = self.string(r, "claim", rpath) or ""
+            required_value = self.string(r, "requiredValue", rpath) or ""
+            expression = self.string(r, "expression", rpath) or ""
+            message = self.string(r, "message", rpath) or ""
+            if claim and expression:
+                self.invalid(rpath, claim, "claim and expression can't both be set")
+            elif not claim and not expression:
+                self.required(rpath, "claim or expression is required")
+            elif claim:
+                if message:
+                    self.invalid(
+                        f"{rpath}.message",
+                        message,
+                        "may not be specified when claim is set",
+                    )
+                if claim in seen_claims:
+                    self.duplicate(f"{rpath}.claim", claim)
+                seen_claims.add(claim)
+                rules.append(
+                    ClaimValidationRule(claim=claim, required_value=required_value)
+                )
+            else:
+                if required_value:
+                    self.invalid(
+                        f"{rpath}.requiredValue",
+                        required_value,
+                        "may not be specified when expression is set",
+                    )
+                if expression in seen_expressions:
+                    self.duplicate(f"{rpath}.expression", expression)
+                    continue
+                seen_expressions.add(expression)
+                compiled = self.compile(
+                    expression, variables=("claims",), field_path=f"{rpath}.expression"
+                )
+                if compiled is not None:
+                    rules.append(
+                        ClaimValidationRule(expression=compiled, message=message)
+                    )
+        return tuple(rules)
+
+    def prefixed(
+        self, raw: object, path: str, *, required: bool
+    ) -> PrefixedClaimOrExpression | None:
+        m = self.obj(raw, path, _PREFIXED_FIELDS)
+        claim = self.string(m, "claim", path) or ""
+        prefix = self.string(m, "prefix", path)
+        expression = self.string(m, "expression", path) or ""
+        if claim and expression:
+            self.invalid(path, "", "claim and expression can't both be set")
+        elif expression:
+            if prefix is not None:
+                self.invalid(
+                    f"{path}.prefix",
+                    prefix,
+                    "may not be specified when expression is set",
+                )
+            compiled = self.compile(
+                expression, variables=("claims",), field_path=f"{path}.expression"
+            )
+            if compiled is not None and prefix is None:
+                return PrefixedClaimOrExpression(expression=compiled)
+        elif claim:
+            if prefix is None:
+                self.required(
+                    f"{path}.prefix",
+                    "prefix is required when claim is set. It can be set to an empty "
+                    "string to disable prefixing",
+                )
+            else:
+                return PrefixedClaimOrExpression(claim=claim, prefix=prefix)
+        elif required:
+            self.required(path, "claim or expression is required")
+        return None
+
+    def claim_mappings(
+        self, raw: object, path: str, rules: Sequence[ClaimValidationRule]
+    ) -> ClaimMappings | None:
+        m = self.obj(raw, path, _MAPPINGS_FIELDS)
+        start = len(self.problems)
+        username = self.prefixed(m.get("username"), f"{path}.username", required=True)
+        groups = self.prefixed(m.get("groups"), f"{path}.groups", required=False)
+
+        uid: ClaimOrExpression | None = None
+        u = self.obj(m.get("uid"), f"{path}.uid", _CLAIM_OR_EXPR_FIELDS)
+        uid_claim = self.string(u, "claim", f"{path}.uid") or ""
+        uid_expression = self.string(u, "expression", f"{path}.uid") or ""
+        if uid_claim and uid_expression:
+            self.invalid(f"{path}.uid", "", "claim and expression can't both be set")
+        elif uid_expression:
+            compiled = self.compile(
+                uid_expression,
+                variables=("claims",),
+                field_path=f"{path}.uid.expression",
+            )
+            if compiled is not None:
+                uid = ClaimOrExpression(expression=compiled)
+        elif uid_claim:
+            uid = ClaimOrExpression(claim=uid_claim)
+
+        extra = self.extra_mappings(m, path)
+        self.email_rule(path, username, extra, rules)
+
+        if len(self.problems) > start or username is None:
+            return None
+        return ClaimMappings(username=username, groups=groups, uid=uid, extra=extra)
+
+    def extra_mappings(
+        self, m: Mapping[str, Any], path: str
+    ) -> tuple[ExtraMapping, ...]:
+        out: list[ExtraMapping] = []
+        seen: set[str] = set()
+        for j, raw in enumerate(self.items(m, "extra", path)):
+            epath = f"{path}.extra[{j}]"
+            e = self.obj(raw, epath, _EXTRA_FIELDS)
+            key = self.string(e, "key", epath) or ""
+            self.extra_key(key, f"{epath}.key")
+            if key in seen:
+                self.duplicate(f"{epath}.key", key)
+                continue
+            seen.add(key)
+            value_expression = self.string(e, "valueExpression", epath) or ""
+            if not value_expression:
+                self.required(f"{epath}.valueExpression")
+                continue
+            compiled = self.compile(
+                value_expression,
+                variables=("claims",),
+                field_path=f"{epath}.valueExpression",
+            )
+            if compiled is not None:
+                out.append(ExtraMapping(key=key, value_expression=compiled))
+        return tuple(out)
+
+    def extra_key(self, key: str, path: str) -> None:
+        """A domain-prefixed path, lowercase, outside Kubernetes' own domains."""
+        if not key:
+            self.required(path)
+            return
+        domain, sep, rest = key.partition("/")
+        if not sep or not domain or not rest:
+            self.invalid(
+                path, key, 'must be a domain-prefixed path (such as "acme.io/foo")'
+            )
+        else:
+            if len(domain) > 253:
+                self.invalid(path, domain, "must be no more than 253 characters")
+            if not _DNS1123_SUBDOMAIN.fullmatch(domain):
+                self.invalid(
+                    path,
+                    domain,
+                    "a lowercase RFC 1123 subdomain must consist of lower case "
+                    "alphanumeric characters, '-' or '.', and must start and end "
+                    "with an alphanumeric character",
+                )
+            if not _HTTP_PATH.fullmatch(rest):
+                self.invalid(path, rest, "Invalid path: must be an RFC 3986 path")
+        if key != key.lower():
+            self.invalid(path, key, "must be lowercase")
+        if any(
+            domain == d or domain.endswith("." + d) for d in _RESERVED_EXTRA_DOMAINS
+        ):
+            self.invalid(
+                path,
+                key,
+                "k8s.io, kubernetes.io and their subdomains are reserved for "
+                "Kubernetes use",
+            )
+
+    def email_rule(
+        self,
+        path: str,
+        username: PrefixedClaimOrExpression | None,
+        extra: Sequence[ExtraMapping],
+        rules: Sequence[ClaimValidationRule],
+    ) -> None:
+        """An e-mail is only an identity once verified (kube-apiserver's rule).
+
+        With ``username.claim: email`` the claims mapping checks
+        ``email_verified`` at run time; with an expression that cannot be
+        done, so the file must show it checks ``email_verified`` itself.
+        """
+        if username is None or username.expression is None:
+            return
+        email, verified = ("claims", "email"), ("claims", "email_verified")
+        if email not in username.expression.selected_fields:
+            return
+        others = [x.value_expression for x in extra] + [
+            r.expression for r in rules if r.expression is not None
+        ]
+        if any(verified in e.selected_fields for e in [username.expression, *others]):
+            return
+        self.invalid(
+            f"{path}.username.expression", username.expression.source, _EMAIL_RULE
+        )
+
+    def user_rules(
+        self, m: Mapping[str, Any], path: str
+    ) -> tuple[UserValidationRule, ...]:
+        rules: list[UserValidationRule] = []
+        seen: set[str] = set()
+        for j, raw in enumerate(self.items(m, "userValidationRules", path)):
+            rpath = f"{path}.userValidationRules[{j}]"
+            r = self.obj(raw, rpath, _USER_RULE_FIELDS)
+            expression = self.string(r, "expression", rpath) or ""
+            message = self.string(r, "message", rpath) or ""
+            if not expression:
+                self.required(f"{rpath}.expression")
+                continue
+            if expression in seen:
+                self.duplicate(f"{rpath}.expression", expression)
+                continue
+            seen.add(expression)
+            compiled = self.compile(
+                expression, variables=("user",), field_path=f"{rpath}.expression"
+            )
+            if compiled is not None:
+                rules.append(UserValidationRule(expression=compiled, message=message))
+        return tuple(rules)
