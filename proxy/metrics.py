@@ -7,12 +7,15 @@ Label values come from closed sets (result, reason code, HTTP code) or from
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
 )
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
@@ -69,6 +72,7 @@ class Metrics:
             "kube_oidc_gate_token_cache_entries",
             "Entries in the result cache.",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.jwks_fetches = Counter(
             "kube_oidc_gate_jwks_fetches",
@@ -81,18 +85,21 @@ class Metrics:
             "Unix time of the last successful key set fetch, per issuer hash.",
             ["issuer_hash"],
             registry=r,
+            multiprocess_mode="max",
         )
         self.jwks_keys = Gauge(
             "kube_oidc_gate_jwks_keys",
             "Usable signing keys held, per issuer hash.",
             ["issuer_hash"],
             registry=r,
+            multiprocess_mode="max",
         )
         self.issuer_ready = Gauge(
             "kube_oidc_gate_issuer_ready",
             "1 when the issuer's keys are loaded, 0 otherwise.",
             ["issuer_hash"],
             registry=r,
+            multiprocess_mode="livemin",
         )
         self.http_requests = Counter(
             "kube_oidc_gate_http_requests",
@@ -118,8 +125,19 @@ class Metrics:
             "Long-running proxied requests (watches, logs, exec, port-forward).",
             ["kind"],
             registry=r,
+            multiprocess_mode="livesum",
         )
 
     def render(self) -> bytes:
-        """The registry in Prometheus text exposition format."""
+        """The registry in Prometheus text exposition format.
+
+        With ``--workers N`` the CLI sets ``PROMETHEUS_MULTIPROC_DIR`` before
+        this library is imported; every worker then writes its samples there
+        and any worker's ``/metrics`` answers with the sum over all of them, so
+        a scrape that lands on either process sees the whole pod.
+        """
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            combined = CollectorRegistry()
+            multiprocess.MultiProcessCollector(combined)
+            return generate_latest(combined)
         return generate_latest(self.registry)

@@ -1,0 +1,260 @@
+"""Composition: the engine, the front-end apps, the probe app, and serving them.
+
+``start_engine`` builds what both modes share (one ``ClientSession``, the issuer
+key sets and their refreshers, the authenticator); ``webhook_app`` and
+``proxy_app`` put a front end on it; ``probe_app`` is the separate plain-HTTP
+listener for ``/healthz``, ``/readyz`` and ``/metrics`` (it never sees a token,
+so it needs no TLS, and kubelet probes can reach it without certificates).
+
+``serve`` runs the listeners until SIGTERM/SIGINT and then shuts down the way
+kube-apiserver does: stop accepting, let in-flight requests finish within the
+grace period, close, exit 0. With ``--workers N`` the CLI forks N processes that
+each call ``serve`` with ``reuse_port`` (SO_REUSEPORT): the kernel spreads
+connections, and each process has its own caches and key sets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import ssl
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from proxy.authn import Authenticator
+from proxy.config import AuthConfig
+from proxy.keyset import KeySets
+from proxy.log import REQUEST_ID
+from proxy.metrics import CONTENT_TYPE, Metrics
+from proxy.webhook import WebhookSettings, add_webhook_routes
+
+__all__ = [
+    "Engine",
+    "ServeSettings",
+    "probe_app",
+    "serve",
+    "start_engine",
+    "webhook_app",
+]
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServeSettings:
+    """Where and how the listeners run (the CLI's serving flags)."""
+
+    bind_address: str = "0.0.0.0"  # noqa: S104 - a server listens on all interfaces by default
+    secure_port: int = 8443
+    probe_host: str = "0.0.0.0"  # noqa: S104
+    probe_port: int = 8080
+    #: Time in-flight requests get to finish after SIGTERM.
+    shutdown_grace_period: float = 30.0
+    reuse_port: bool = False
+
+
+@dataclass(slots=True)
+class Engine:
+    """What both modes share; ``close`` releases it in the right order."""
+
+    authenticator: Authenticator
+    keysets: KeySets
+    session: aiohttp.ClientSession
+    metrics: Metrics
+    owns_session: bool = True
+
+    async def close(self) -> None:
+        """Stop the refreshers, then close the HTTP client."""
+        await self.keysets.close()
+        if self.owns_session:
+            await self.session.close()
+
+
+async def start_engine(
+    config: AuthConfig,
+    *,
+    metrics: Metrics,
+    session: aiohttp.ClientSession | None = None,
+) -> Engine:
+    """Build the engine and start fetching keys (returns at once; never fails on I/O)."""
+    owns = session is None
+    if session is None:
+        session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=config.keyset.fetch_timeout),
+            headers={"User-Agent": "kube-oidc-gate"},
+        )
+    keysets = KeySets(
+        [a.issuer for a in config.authenticators],
+        config.keyset,
+        session=session,
+        metrics=metrics,
+    )
+    authenticator = Authenticator(
+        config, {url: keysets.get(url) for url in {a.issuer.url for a in config.authenticators}},
+        metrics=metrics,
+    )
+    await keysets.start()
+    return Engine(
+        authenticator=authenticator,
+        keysets=keysets,
+        session=session,
+        metrics=metrics,
+        owns_session=owns,
+    )
+
+
+def _json_status(code: int, reason: str, message: str) -> web.Response:
+    return web.json_response(
+        {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": message,
+            "reason": reason,
+            "code": code,
+        },
+        status=code,
+    )
+
+
+@web.middleware
+async def _request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bind a request id and turn an unexpected exception into a 500, never a pass."""
+    rid = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
+    token = REQUEST_ID.set(rid)
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unhandled error (likely a bug)", extra={"path": request.path})
+        return _json_status(500, "InternalError", "internal error")
+    finally:
+        REQUEST_ID.reset(token)
+
+
+def webhook_app(engine: Engine, settings: WebhookSettings) -> web.Application:
+    """The TokenReview webhook application (``POST /authenticate``)."""
+    app = web.Application(
+        middlewares=[_request_context], client_max_size=settings.max_body_bytes
+    )
+    add_webhook_routes(
+        app, authenticator=engine.authenticator, settings=settings, metrics=engine.metrics
+    )
+    return app
+
+
+def probe_app(
+    engine: Engine,
+    *,
+    extra_checks: Callable[[], list[str]] | None = None,
+) -> web.Application:
+    """``/healthz`` (alive), ``/readyz`` (keys loaded; names what is not), ``/metrics``."""
+    started = time.time()
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(_: web.Request) -> web.Response:
+        problems = [f"issuer {url}: keys not loaded" for url in engine.keysets.not_ready()]
+        for key_set in engine.keysets:
+            if key_set.last_error and key_set.ready:
+                log.debug("serving stale keys", extra={"issuer": key_set.url})
+        if extra_checks is not None:
+            problems.extend(extra_checks())
+        if problems:
+            text = "not ready:\n" + "".join(f"- {p}\n" for p in problems)
+            return web.Response(status=503, text=text)
+        return web.Response(text=f"ok (up {int(time.time() - started)}s)\n")
+
+    async def metrics(_: web.Request) -> web.Response:
+        engine.metrics.cache_size.set(len(engine.authenticator.cache))
+        return web.Response(body=engine.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/livez", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+async def serve(
+    main: web.Application,
+    probes: web.Application,
+    settings: ServeSettings,
+    ssl_context: ssl.SSLContext,
+    *,
+    on_ready: Callable[[int, int], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT (or ``stop``), then drain and return.
+
+    ``on_ready(secure_port, probe_port)`` is called once both listeners accept,
+    with the ports actually bound (useful with port 0).
+    """
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    main_runner = web.AppRunner(
+        main,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=settings.shutdown_grace_period,
+    )
+    probe_runner = web.AppRunner(probes, access_log=None, handle_signals=False)
+    await main_runner.setup()
+    await probe_runner.setup()
+    try:
+        site = web.TCPSite(
+            main_runner,
+            settings.bind_address,
+            settings.secure_port,
+            ssl_context=ssl_context,
+            reuse_port=settings.reuse_port or None,
+            backlog=1024,
+        )
+        await site.start()
+        probe_site = web.TCPSite(
+            probe_runner,
+            settings.probe_host,
+            settings.probe_port,
+            reuse_port=settings.reuse_port or None,
+        )
+        await probe_site.start()
+        ports = (_bound_port(main_runner), _bound_port(probe_runner))
+        log.info(
+            "serving",
+            extra={"secure_port": ports[0], "probe_port": ports[1], "bind": settings.bind_address},
+        )
+        if on_ready is not None:
+            on_ready(*ports)
+        await stop.wait()
+        log.info("shutting down", extra={"grace_period_s": settings.shutdown_grace_period})
+    finally:
+        await main_runner.cleanup()
+        await probe_runner.cleanup()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+
+
+def _bound_port(runner: web.AppRunner) -> int:
+    for addr in runner.addresses:
+        if isinstance(addr, tuple) and len(addr) >= 2:
+            return int(addr[1])
+    return 0

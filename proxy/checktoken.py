@@ -1,0 +1,138 @@
+"""``kube-oidc-gate check-token``: tell a person exactly why a token passes or fails.
+
+It runs the very engine the webhook and the proxy run (same configuration,
+same checks, same messages), without the result cache, and prints what it
+learnt: the decoded header and claims (the token itself is never printed), the
+times in words, and then the mapped user as JSON (exit 0) or the refusal with
+its reason code and a hint drawn from the troubleshooting table (exit 1).
+
+``--offline --jwks-file F`` checks against a local JWK Set and makes no network
+request at all, for air-gapped debugging or a key set copied from the IdP.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from collections.abc import Mapping
+from typing import Final, TextIO
+
+import aiohttp
+
+from proxy.authn import Authenticator, Verdict
+from proxy.config import AuthConfig
+from proxy.jwk import load_jwks_file
+from proxy.keyset import KeySets, StaticKeySet
+from proxy.tokens import KeyResolver
+
+__all__ = ["HINTS", "check_token", "render"]
+
+#: Reason code → what usually causes it and where to look. README's
+#: troubleshooting table says the same; keep them in step.
+HINTS: Final[Mapping[str, str]] = {
+    "malformed": "this is not a compact JWS (header.payload.signature); pass the "
+    "id_token itself, not an access token of another format or a whole JSON response",
+    "alg_not_allowed": "the issuer signs with an algorithm not in --oidc-signing-algs "
+    "(default RS256), or the key named by kid is of another type",
+    "unknown_kid": "no published key has this kid: the token is from another issuer or "
+    "authorization server, or was signed with a key the issuer has withdrawn",
+    "keys_unavailable": "the issuer's discovery document or JWKS could not be fetched; "
+    "see the fetch error above (network, CA, or issuer URL)",
+    "bad_signature": "the signature does not verify: the token was altered or signed "
+    "by a different key that reuses the kid",
+    "expired": "get a fresh token (kubectl oidc-login get-token; or clear "
+    "~/.kube/cache/oidc-login if an old token is stuck in the cache)",
+    "not_yet_valid": "the clocks disagree: check NTP on this machine and the IdP",
+    "issuer_mismatch": "the iss claim must equal --oidc-issuer-url / issuer.url exactly; "
+    "with Okta, set the authorization server's issuer (custom domain or not) to match",
+    "audience_mismatch": "the aud claim must contain --oidc-client-id / one of "
+    "issuer.audiences; Okta ID tokens carry the client id, access tokens of a custom "
+    "authorization server carry its audience (api://default)",
+    "claim_missing": "the token lacks a claim the configuration needs (the username "
+    "claim, or a required claim); Okta adds groups and email only when configured to",
+    "claim_invalid": "a claim has the wrong type or value (see the message)",
+    "rule_failed": "a required claim or a claimValidationRules entry refused the token",
+    "user_rule_failed": "a userValidationRules entry refused the mapped user",
+    "not_mine": "the token's iss is not a configured issuer; compare it with "
+    "--oidc-issuer-url / issuer.url character by character",
+}
+
+
+def _when(value: object, now: float) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        stamp = dt.datetime.fromtimestamp(float(value), dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):
+        return None
+    delta = int(float(value) - now)
+    rel = f"in {_span(delta)}" if delta >= 0 else f"{_span(-delta)} ago"
+    return f"{stamp} ({rel})"
+
+
+def _span(seconds: int) -> str:
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    if seconds < 172800:
+        return f"{seconds // 3600}h"
+    return f"{seconds // 86400}d"
+
+
+def render(verdict: Verdict, *, now: float, out: TextIO) -> int:
+    """Print ``verdict`` for a person and return the exit code (0 accepted, 1 not)."""
+    if verdict.header is not None:
+        out.write("header:\n" + json.dumps(dict(verdict.header), indent=2, sort_keys=True) + "\n")
+    if verdict.claims is not None:
+        out.write("claims:\n" + json.dumps(dict(verdict.claims), indent=2, sort_keys=True, default=str) + "\n")
+        times = [
+            f"  {name}: {_when(verdict.claims.get(name), now)}"
+            for name in ("iat", "nbf", "exp")
+            if _when(verdict.claims.get(name), now) is not None
+        ]
+        if times:
+            out.write("times:\n" + "\n".join(times) + "\n")
+    if verdict.user is not None:
+        out.write(f"result: accepted by issuer {verdict.issuer}\n")
+        out.write(json.dumps(verdict.user.to_dict(), indent=2) + "\n")
+        return 0
+    if verdict.not_mine is not None:
+        out.write("result: rejected (not_mine)\n")
+        out.write(verdict.not_mine + "\n")
+        out.write(f"hint: {HINTS['not_mine']}\n")
+        return 1
+    assert verdict.error is not None
+    reason = verdict.error.reason
+    out.write(f"result: rejected ({reason})\n{verdict.error}\n")
+    if reason in HINTS:
+        out.write(f"hint: {HINTS[reason]}\n")
+    return 1
+
+
+async def check_token(
+    config: AuthConfig,
+    token: str,
+    *,
+    out: TextIO,
+    jwks_file: str | None = None,
+) -> int:
+    """Validate ``token`` against ``config`` (online, or offline with ``jwks_file``)."""
+    urls = [a.issuer.url for a in config.authenticators]
+    if jwks_file is not None:
+        static = StaticKeySet(load_jwks_file(jwks_file))
+        resolvers: dict[str, KeyResolver] = dict.fromkeys(urls, static)
+        verdict = await Authenticator(config, resolvers).explain(token)
+        return render(verdict, now=time.time(), out=out)
+    async with aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=config.keyset.fetch_timeout),
+        headers={"User-Agent": "kube-oidc-gate check-token"},
+    ) as session:
+        keysets = KeySets([a.issuer for a in config.authenticators], config.keyset, session=session)
+        try:
+            authenticator = Authenticator(config, {u: keysets.get(u) for u in set(urls)})
+            verdict = await authenticator.explain(token)
+        finally:
+            await keysets.close()
+    return render(verdict, now=time.time(), out=out)

@@ -1,0 +1,451 @@
+"""The ``kube-oidc-gate`` command: parse flags, build the config, run a mode.
+
+Modes: ``webhook`` (TokenReview server), ``proxy`` (impersonating reverse
+proxy), ``check-token`` (explain one token), ``kubeconfig`` (generate the API
+server's webhook kubeconfig or a user's kubeconfig), ``apiserver-flags`` (the
+equivalent kube-apiserver configuration).
+
+Exit codes: 0 success, 1 a checked token was refused, 2 a usage or
+configuration error (printed as ``error: ...`` with every problem listed).
+
+Nothing imports this module. Modules that pull in ``prometheus_client`` are
+imported inside the functions, after ``--workers`` is known: multi-process
+metrics must be switched on before that library is first imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from proxy import __version__
+from proxy.config import add_auth_arguments, apply_tuning_args, auth_config_from_args
+from proxy.errors import ConfigError, ProxyError
+from proxy.log import configure_logging
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from proxy.app import Engine, ServeSettings
+    from proxy.config import AuthConfig
+
+__all__ = ["build_parser", "main"]
+
+log = logging.getLogger("proxy.cli")
+
+DEFAULT_CERT_DIR = "/var/run/kube-oidc-gate"
+
+
+def _host_port(value: str, flag: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"config: {flag} must be HOST:PORT, got {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("logging")
+    g.add_argument("--log-format", choices=("json", "text"), default="json", help="Log line format (default json).")
+    g.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default="info",
+        help="Least severe level logged (default info). Debug may show identities, never credentials.",
+    )
+
+
+def _add_serving(p: argparse.ArgumentParser, *, default_port: int) -> None:
+    g = p.add_argument_group("serving")
+    g.add_argument(
+        "--bind-address",
+        default=None,
+        help="Address the TLS listener binds (default 0.0.0.0; 127.0.0.1 with --dev).",
+    )
+    g.add_argument("--secure-port", type=int, default=default_port, help=f"TLS port (default {default_port}).")
+    g.add_argument("--tls-cert-file", help="PEM certificate (chain) to serve; with --tls-private-key-file.")
+    g.add_argument("--tls-private-key-file", help="PEM private key of --tls-cert-file.")
+    g.add_argument(
+        "--cert-dir",
+        default=None,
+        help="Where a self-signed certificate is generated when no --tls-cert-file is "
+        f"given (default {DEFAULT_CERT_DIR}; a temporary directory with --dev).",
+    )
+    g.add_argument(
+        "--client-ca-file",
+        help="If set, only clients presenting a certificate signed by this CA (the API "
+        "server) are answered; others are refused during the TLS handshake.",
+    )
+    g.add_argument(
+        "--probe-bind-address",
+        default=None,
+        help="HOST:PORT of the plain-HTTP listener for /healthz, /readyz and /metrics "
+        "(default 0.0.0.0:8080; 127.0.0.1:0 with --dev). It never carries tokens.",
+    )
+    g.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="Processes sharing the port with SO_REUSEPORT (default 1); each has its own caches.",
+    )
+    g.add_argument(
+        "--shutdown-grace-period",
+        type=float,
+        default=30.0,
+        help="Seconds in-flight requests get to finish after SIGTERM (default 30).",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line (also used by tests that compare manifests to flags)."""
+    parser = argparse.ArgumentParser(
+        prog="kube-oidc-gate",
+        description="Log in to Kubernetes with your OIDC identity provider.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    wh = sub.add_parser("webhook", help="Serve kube-apiserver's TokenReview webhook.")
+    add_auth_arguments(wh)
+    _add_serving(wh, default_port=8443)
+    g = wh.add_argument_group("webhook")
+    g.add_argument(
+        "--webhook-audiences",
+        default="",
+        help="Comma-separated API audiences this webhook vouches for; empty (default) "
+        "answers audience-agnostically, like kube-apiserver's own JWT authenticator.",
+    )
+    g.add_argument(
+        "--dev",
+        action="store_true",
+        help="Start a built-in DEVELOPMENT issuer on loopback and authenticate its "
+        "tokens; prints a demo token and a curl command. Never in production.",
+    )
+    _add_common(wh)
+
+    px = sub.add_parser("proxy", help="Serve an impersonating reverse proxy in front of the API server.")
+    add_auth_arguments(px)
+    _add_serving(px, default_port=6443)
+    _add_proxy_arguments(px)
+    _add_common(px)
+
+    ct = sub.add_parser("check-token", help="Explain why a token is accepted or refused.")
+    add_auth_arguments(ct)
+    ct.add_argument("token", nargs="?", help="The token, or - to read it from stdin.")
+    ct.add_argument("--token-file", help="Read the token from this file.")
+    ct.add_argument("--offline", action="store_true", help="Make no network request; needs --jwks-file.")
+    ct.add_argument("--jwks-file", help="A JWK Set file to verify against (with --offline).")
+    _add_common(ct)
+
+    kc = sub.add_parser("kubeconfig", help="Print a kubeconfig for the API server's webhook or for users.")
+    kcs = kc.add_subparsers(dest="kind", required=True, metavar="KIND")
+    kw = kcs.add_parser("webhook", help="The file for --authentication-token-webhook-config-file.")
+    kw.add_argument("--url", required=True, help="https://HOST:PORT/authenticate of this webhook.")
+    kw.add_argument("--ca-file", required=True, help="CA that signed the webhook's serving certificate.")
+    kw.add_argument("--client-cert", help="Client certificate the API server presents.")
+    kw.add_argument("--client-key", help="Key of --client-cert.")
+    ku = kcs.add_parser("user", help="The end-user kubeconfig with the oidc-login exec credential.")
+    ku.add_argument("--server", required=True, help="The API server (or this proxy) URL.")
+    ku.add_argument("--oidc-issuer-url", required=True)
+    ku.add_argument("--oidc-client-id", required=True)
+    ku.add_argument("--ca-file", help="CA of --server.")
+    ku.add_argument("--context-name", default="oidc")
+
+    af = sub.add_parser("apiserver-flags", help="Print the kube-apiserver configuration equal to ours.")
+    add_auth_arguments(af)
+    af.add_argument(
+        "--format",
+        choices=("flags", "config"),
+        default="flags",
+        help="--oidc-* flags (when expressible) or an AuthenticationConfiguration file.",
+    )
+    return parser
+
+
+def _add_proxy_arguments(p: argparse.ArgumentParser) -> None:
+    from proxy.proxyflags import add_proxy_arguments
+
+    add_proxy_arguments(p)
+
+
+def _read_token(ns: argparse.Namespace) -> str:
+    if ns.token_file and ns.token:
+        raise ConfigError("config: give the token as an argument or --token-file, not both")
+    if ns.token_file:
+        try:
+            with open(ns.token_file, encoding="utf-8") as f:
+                raw = f.read()
+        except OSError as err:
+            raise ConfigError(f"config: --token-file {ns.token_file}: {err.strerror}") from err
+    elif ns.token == "-" or (ns.token is None and not sys.stdin.isatty()):
+        raw = sys.stdin.read(1024 * 1024)
+    elif ns.token:
+        raw = ns.token
+    else:
+        raise ConfigError("config: no token: pass it as an argument, with --token-file, or - for stdin")
+    token = raw.strip()
+    if token.lower().startswith("bearer "):
+        token = token[7:].strip()
+    if not token:
+        raise ConfigError("config: the token is empty")
+    return token
+
+
+def _check_token(ns: argparse.Namespace) -> int:
+    from proxy.checktoken import check_token
+
+    if ns.offline and not ns.jwks_file:
+        raise ConfigError("config: --offline needs --jwks-file")
+    if ns.jwks_file and not ns.offline:
+        raise ConfigError("config: --jwks-file is only used with --offline")
+    config = auth_config_from_args(ns)
+    assert config is not None
+    token = _read_token(ns)
+    return asyncio.run(check_token(config, token, out=sys.stdout, jwks_file=ns.jwks_file))
+
+
+def _kubeconfig(ns: argparse.Namespace) -> int:
+    from proxy.kubeconfig import user_kubeconfig, webhook_kubeconfig
+
+    if ns.kind == "webhook":
+        text = webhook_kubeconfig(
+            url=ns.url, ca_file=ns.ca_file, client_cert=ns.client_cert, client_key=ns.client_key
+        )
+    else:
+        text = user_kubeconfig(
+            server=ns.server,
+            issuer_url=ns.oidc_issuer_url,
+            client_id=ns.oidc_client_id,
+            ca_file=ns.ca_file,
+            context_name=ns.context_name,
+        )
+    sys.stdout.write(text)
+    return 0
+
+
+def _apiserver_flags(ns: argparse.Namespace) -> int:
+    from proxy.kubeconfig import apiserver_flags, authentication_configuration
+
+    config = auth_config_from_args(ns)
+    assert config is not None
+    text = apiserver_flags(config) if ns.format == "flags" else authentication_configuration(config)
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    return 0
+
+
+def _serve_settings(ns: argparse.Namespace, *, reuse_port: bool) -> ServeSettings:
+    from proxy.app import ServeSettings
+
+    dev = getattr(ns, "dev", False)
+    probe = ns.probe_bind_address or ("127.0.0.1:0" if dev else "0.0.0.0:8080")
+    probe_host, probe_port = _host_port(probe, "--probe-bind-address")
+    if not 0 <= ns.secure_port <= 65535:
+        raise ConfigError(f"config: --secure-port must be 0-65535, got {ns.secure_port}")
+    if ns.shutdown_grace_period < 0:
+        raise ConfigError("config: --shutdown-grace-period must be >= 0")
+    return ServeSettings(
+        bind_address=ns.bind_address or ("127.0.0.1" if dev else "0.0.0.0"),  # noqa: S104
+        secure_port=ns.secure_port,
+        probe_host=probe_host,
+        probe_port=probe_port,
+        shutdown_grace_period=ns.shutdown_grace_period,
+        reuse_port=reuse_port,
+    )
+
+
+def _tls(ns: argparse.Namespace, bind_address: str) -> tuple[str, str, bool]:
+    """Return (cert, key, generated)."""
+    from proxy.certs import ensure_self_signed
+
+    if bool(ns.tls_cert_file) != bool(ns.tls_private_key_file):
+        raise ConfigError("config: --tls-cert-file and --tls-private-key-file must be given together")
+    if ns.tls_cert_file:
+        return ns.tls_cert_file, ns.tls_private_key_file, False
+    cert_dir = ns.cert_dir or (
+        tempfile.mkdtemp(prefix="kube-oidc-gate-dev-") if getattr(ns, "dev", False) else DEFAULT_CERT_DIR
+    )
+    pair = ensure_self_signed(cert_dir, [bind_address])
+    return pair.cert_file, pair.key_file, True
+
+
+def _run_processes(workers: int, run_one: Callable[[], int]) -> int:
+    """Run ``run_one`` in ``workers`` forked processes; forward signals; return the worst code."""
+    if workers == 1:
+        return run_one()
+    pids: list[int] = []
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:  # child
+            code = 1
+            try:
+                code = run_one()
+            finally:
+                os._exit(code)
+        pids.append(pid)
+
+    def forward(signum: int, _frame: object) -> None:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    worst = 0
+    for pid in pids:
+        _, status = os.waitpid(pid, 0)
+        worst = max(worst, os.waitstatus_to_exitcode(status) if status else 0)
+    return worst
+
+
+def _serve_mode(ns: argparse.Namespace) -> int:
+    if ns.workers < 1 or ns.workers > 64:
+        raise ConfigError("config: --workers must be between 1 and 64")
+    dev = getattr(ns, "dev", False)
+    if dev and ns.workers > 1:
+        raise ConfigError("config: --dev runs one process; drop --workers")
+    config = auth_config_from_args(ns, allow_empty=dev)
+    if dev and config is not None:
+        raise ConfigError(
+            "config: --dev brings its own issuer and is mutually exclusive with "
+            "--authentication-config and the --oidc-* flags"
+        )
+    if ns.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # Set before prometheus_client is imported so every worker writes its
+        # samples where any worker's /metrics can aggregate them.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="kube-oidc-gate-metrics-")
+    settings = _serve_settings(ns, reuse_port=ns.workers > 1)
+    cert, key, generated = _tls(ns, settings.bind_address)
+    if generated:
+        log.warning(
+            "serving with a self-signed certificate",
+            extra={"ca_file": cert, "hint": "give clients this file as their CA, or pass --tls-cert-file"},
+        )
+
+    def run_one() -> int:
+        _install_uvloop()
+        return asyncio.run(_serve_async(ns, config, settings, cert, key))
+
+    return _run_processes(ns.workers, run_one)
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def _serve_async(
+    ns: argparse.Namespace,
+    config: AuthConfig | None,
+    settings: ServeSettings,
+    cert: str,
+    key: str,
+) -> int:
+    from proxy.app import probe_app, serve, start_engine
+    from proxy.certs import CertPair, server_context
+    from proxy.metrics import Metrics
+
+    ssl_ctx = server_context(CertPair(cert, key), client_ca_file=ns.client_ca_file)
+    metrics = Metrics()
+    dev_issuer = None
+    if getattr(ns, "dev", False):
+        from proxy.devissuer import DevIssuer, dev_auth_config
+
+        dev_issuer = DevIssuer()
+        await dev_issuer.start()
+        config = apply_tuning_args(dev_auth_config(dev_issuer.url, dev_issuer.client_id), ns)
+    assert config is not None
+    engine = await start_engine(config, metrics=metrics)
+    closers: list[Callable[[], object]] = []
+    try:
+        main_app, on_ready, extra_checks = await _front_end(ns, engine, cert, dev_issuer, closers)
+        await serve(
+            main_app,
+            probe_app(engine, extra_checks=extra_checks),
+            settings,
+            ssl_ctx,
+            on_ready=on_ready,
+        )
+    finally:
+        for close in reversed(closers):
+            result = close()
+            if asyncio.iscoroutine(result):
+                await result
+        await engine.close()
+        if dev_issuer is not None:
+            await dev_issuer.close()
+    log.info("stopped")
+    return 0
+
+
+async def _front_end(
+    ns: argparse.Namespace,
+    engine: Engine,
+    cert: str,
+    dev_issuer: object,
+    closers: list[Callable[[], object]],
+) -> tuple[web.Application, Callable[[int, int], None] | None, Callable[[], list[str]] | None]:
+    from proxy.app import webhook_app
+    from proxy.webhook import WebhookSettings
+
+    if ns.command == "webhook":
+        audiences = tuple(a.strip() for a in ns.webhook_audiences.split(",") if a.strip())
+        app = webhook_app(engine, WebhookSettings(audiences=audiences))
+        on_ready = None
+        if dev_issuer is not None:
+            on_ready = _dev_banner(dev_issuer, cert)
+        return app, on_ready, None
+    from proxy.proxyflags import build_proxy_app
+
+    return await build_proxy_app(ns, engine, closers)
+
+
+def _dev_banner(dev_issuer: object, cert: str) -> Callable[[int, int], None]:
+    from proxy.devissuer import DevIssuer, demo_instructions
+
+    assert isinstance(dev_issuer, DevIssuer)
+
+    def banner(port: int, probe_port: int) -> None:
+        token = dev_issuer.mint(sub="alice", groups=["naxslabs-admins"])
+        text = demo_instructions(
+            token=token,
+            webhook_url=f"https://127.0.0.1:{port}",
+            ca_file=cert,
+            issuer_url=dev_issuer.url,
+        )
+        sys.stdout.write(text + f"\nprobes: http://127.0.0.1:{probe_port}/readyz\n")
+        sys.stdout.flush()
+
+    return banner
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script and ``python -m proxy``."""
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    configure_logging(level=getattr(ns, "log_level", "info"), fmt=getattr(ns, "log_format", "text"))
+    try:
+        if ns.command == "check-token":
+            return _check_token(ns)
+        if ns.command == "kubeconfig":
+            return _kubeconfig(ns)
+        if ns.command == "apiserver-flags":
+            return _apiserver_flags(ns)
+        return _serve_mode(ns)
+    except ConfigError as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 2
+    except ProxyError as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,268 @@
+"""``POST /authenticate``: kube-apiserver's token webhook, v1 and v1beta1.
+
+kube-apiserver posts a ``TokenReview`` (its ``--authentication-token-webhook-
+version`` still defaults to v1beta1) and reads back the same kind in the same
+version. The answers follow its webhook authenticator:
+
+- a valid token: ``authenticated: true`` and the user;
+- a token of no configured issuer: ``authenticated: false`` and no ``error``, a
+  plain "no" another authenticator may overrule, which the API server caches;
+- a token of ours that fails: ``authenticated: false`` with a short ``error``
+  (the reason code and the check that failed; never the token);
+- keys not loaded yet: HTTP 503 with ``Retry-After``. The API server treats any
+  non-2xx answer as an error, retries with backoff and does not cache it, so a
+  cold start never turns into cached refusals.
+
+Audiences. The API server sends ``spec.audiences`` (its API audiences) and, if
+our ``status.audiences`` is non-empty, intersects the two; an empty result is a
+refusal. By default we are audience-agnostic, like kube-apiserver's own JWT
+authenticator: we return no audiences and the API server applies its implicit
+ones. With ``--webhook-audiences`` we are audience-aware: we answer with the
+intersection of what was asked and what we serve, and refuse when it is empty.
+
+Every check on the request (method, content type, size, JSON shape,
+``apiVersion``, ``kind``) happens before any token work, so a malformed review
+costs no cryptography.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from aiohttp import web
+
+from proxy.authn import Authenticator
+from proxy.errors import TokenError
+from proxy.kube import UserInfo
+from proxy.log import fingerprint
+from proxy.metrics import Metrics
+
+__all__ = ["TOKENREVIEW_VERSIONS", "WebhookSettings", "add_webhook_routes"]
+
+log = logging.getLogger(__name__)
+
+TOKENREVIEW_VERSIONS: Final = frozenset(
+    {"authentication.k8s.io/v1", "authentication.k8s.io/v1beta1"}
+)
+_JSON: Final = "application/json"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WebhookSettings:
+    """How the webhook answers (defaults: audience-agnostic, 1 MiB bodies)."""
+
+    #: Audiences this webhook vouches for; empty = audience-agnostic.
+    audiences: tuple[str, ...] = ()
+    #: Largest TokenReview body read; kube-apiserver sends a few KiB.
+    max_body_bytes: int = 1024 * 1024
+    #: ``Retry-After`` seconds on a 503 while keys are not loaded.
+    retry_after: int = 5
+
+
+class _BadReview(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _status_body(code: int, reason: str, message: str) -> bytes:
+    return json.dumps(
+        {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": message,
+            "reason": reason,
+            "code": code,
+        }
+    ).encode()
+
+
+_REASONS: Final = {
+    400: "BadRequest",
+    405: "MethodNotAllowed",
+    413: "RequestEntityTooLarge",
+    415: "UnsupportedMediaType",
+    500: "InternalError",
+    503: "ServiceUnavailable",
+}
+
+
+def _parse_review(body: bytes) -> tuple[str, str, list[str]]:
+    try:
+        review = json.loads(body)
+    except (ValueError, RecursionError) as err:
+        raise _BadReview(400, "webhook: body is not valid JSON") from err
+    if not isinstance(review, dict):
+        raise _BadReview(400, "webhook: body must be a JSON object (a TokenReview)")
+    api_version = review.get("apiVersion")
+    if api_version not in TOKENREVIEW_VERSIONS:
+        raise _BadReview(
+            400,
+            f'webhook: apiVersion must be one of {sorted(TOKENREVIEW_VERSIONS)}, '
+            f"got {json.dumps(api_version)[:80]}",
+        )
+    if review.get("kind") != "TokenReview":
+        raise _BadReview(
+            400, f'webhook: kind must be "TokenReview", got {json.dumps(review.get("kind"))[:80]}'
+        )
+    spec = review.get("spec")
+    if not isinstance(spec, dict):
+        raise _BadReview(400, "webhook: spec must be an object")
+    token = spec.get("token")
+    if not isinstance(token, str) or not token:
+        raise _BadReview(400, "webhook: spec.token must be a non-empty string")
+    audiences = spec.get("audiences") or []
+    if not isinstance(audiences, list) or not all(isinstance(a, str) for a in audiences):
+        raise _BadReview(400, "webhook: spec.audiences must be a list of strings")
+    return str(api_version), token, audiences
+
+
+def _answer(api_version: str, status: dict[str, Any]) -> web.Response:
+    body = json.dumps(
+        {
+            "apiVersion": api_version,
+            "kind": "TokenReview",
+            "metadata": {"creationTimestamp": None},
+            # The request's token is never echoed. An empty token is what Go's
+            # omitempty means anyway, and strict clients (the kubernetes Python
+            # models) insist on the member.
+            "spec": {"token": ""},
+            "status": status,
+        },
+        separators=(",", ":"),
+    ).encode()
+    return web.Response(body=body, content_type=_JSON)
+
+
+def _failure(code: int, message: str, *, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=code,
+        body=_status_body(code, _REASONS.get(code, "Failure"), message),
+        content_type=_JSON,
+        headers=headers,
+    )
+
+
+class _Handler:
+    def __init__(
+        self, authenticator: Authenticator, settings: WebhookSettings, metrics: Metrics | None
+    ) -> None:
+        self._auth = authenticator
+        self._settings = settings
+        self._metrics = metrics
+
+    def _count(self, code: int) -> None:
+        if self._metrics is not None:
+            self._metrics.http_requests.labels("authenticate", str(code)).inc()
+
+    def _audiences(self, asked: Sequence[str]) -> tuple[list[str] | None, bool]:
+        served = self._settings.audiences
+        if not served:
+            return None, True
+        if not asked:
+            return list(served), True
+        both = [a for a in asked if a in served]
+        return both, bool(both)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        try:
+            response = await self._review(request, started)
+        except _BadReview as bad:
+            log.info("review refused", extra={"status": bad.status, "detail": str(bad)})
+            response = _failure(bad.status, str(bad))
+        self._count(response.status)
+        return response
+
+    async def _review(self, request: web.Request, started: float) -> web.Response:
+        if request.content_type != _JSON:
+            raise _BadReview(
+                415, f'webhook: Content-Type must be "{_JSON}", got "{request.content_type[:64]}"'
+            )
+        limit = self._settings.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise _BadReview(413, f"webhook: body larger than {limit} bytes")
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge as err:
+            raise _BadReview(413, f"webhook: body larger than {limit} bytes") from err
+        if len(body) > limit:
+            raise _BadReview(413, f"webhook: body larger than {limit} bytes")
+        api_version, token, asked = _parse_review(body)
+        try:
+            user = await self._auth.authenticate(token)
+        except TokenError as err:
+            if err.temporary:
+                self._log(token, "unavailable", err.reason, None, err.issuer, started, str(err))
+                return _failure(
+                    503,
+                    "webhook: issuer keys are not loaded yet; retry",
+                    headers={"Retry-After": str(self._settings.retry_after)},
+                )
+            self._log(token, "rejected", err.reason, None, err.issuer, started, str(err))
+            return _answer(
+                api_version, {"authenticated": False, "error": f"{err.reason}: {err}"[:1024]}
+            )
+        if user is None:
+            self._log(token, "not_mine", "not_mine", None, None, started, "")
+            return _answer(api_version, {"authenticated": False})
+        audiences, ok = self._audiences(asked)
+        if not ok:
+            self._log(token, "rejected", "audience_mismatch", user, None, started, "")
+            return _answer(
+                api_version,
+                {
+                    "authenticated": False,
+                    "error": "audience_mismatch: the API server asked for audiences "
+                    f"{asked[:8]}, this webhook serves {list(self._settings.audiences)}",
+                },
+            )
+        status: dict[str, Any] = {"authenticated": True, "user": user.to_dict()}
+        if audiences is not None:
+            status["audiences"] = audiences
+        self._log(token, "ok", "ok", user, None, started, "")
+        return _answer(api_version, status)
+
+    @staticmethod
+    def _log(
+        token: str,
+        result: str,
+        reason: str,
+        user: UserInfo | None,
+        issuer: str | None,
+        started: float,
+        detail: str,
+    ) -> None:
+        fields: dict[str, Any] = {
+            "result": result,
+            "reason": reason,
+            "token": fingerprint(token),
+            "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+        }
+        if user is not None:
+            fields["username"] = user.username
+            fields["groups"] = len(user.groups)
+        if issuer:
+            fields["issuer"] = issuer
+        if detail:
+            fields["detail"] = detail
+        log.info("token review", extra=fields)
+
+
+def add_webhook_routes(
+    app: web.Application,
+    *,
+    authenticator: Authenticator,
+    settings: WebhookSettings,
+    metrics: Metrics | None,
+) -> None:
+    """Register ``POST /authenticate`` (other methods get 405 from aiohttp)."""
+    handler = _Handler(authenticator, settings, metrics)
+    app.router.add_post("/authenticate", handler.handle)
