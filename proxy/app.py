@@ -99,7 +99,11 @@ async def start_engine(
         metrics=metrics,
     )
     authenticator = Authenticator(
-        config, {url: keysets.get(url) for url in {a.issuer.url for a in config.authenticators}},
+        config,
+        {
+            url: keysets.get(url)
+            for url in {a.issuer.url for a in config.authenticators}
+        },
         metrics=metrics,
     )
     await keysets.start()
@@ -128,7 +132,9 @@ def _json_status(code: int, reason: str, message: str) -> web.Response:
 
 
 @web.middleware
-async def _request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def _request_context(
+    request: web.Request, handler: Handler
+) -> web.StreamResponse:
     """Bind a request id and turn an unexpected exception into a 500, never a pass."""
     rid = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
     token = REQUEST_ID.set(rid)
@@ -151,7 +157,10 @@ def webhook_app(engine: Engine, settings: WebhookSettings) -> web.Application:
         middlewares=[_request_context], client_max_size=settings.max_body_bytes
     )
     add_webhook_routes(
-        app, authenticator=engine.authenticator, settings=settings, metrics=engine.metrics
+        app,
+        authenticator=engine.authenticator,
+        settings=settings,
+        metrics=engine.metrics,
     )
     return app
 
@@ -168,7 +177,9 @@ def probe_app(
         return web.Response(text="ok\n")
 
     async def readyz(_: web.Request) -> web.Response:
-        problems = [f"issuer {url}: keys not loaded" for url in engine.keysets.not_ready()]
+        problems = [
+            f"issuer {url}: keys not loaded" for url in engine.keysets.not_ready()
+        ]
         for key_set in engine.keysets:
             if key_set.last_error and key_set.ready:
                 log.debug("serving stale keys", extra={"issuer": key_set.url})
@@ -181,7 +192,9 @@ def probe_app(
 
     async def metrics(_: web.Request) -> web.Response:
         engine.metrics.cache_size.set(len(engine.authenticator.cache))
-        return web.Response(body=engine.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+        return web.Response(
+            body=engine.metrics.render(), headers={"Content-Type": CONTENT_TYPE}
+        )
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)
@@ -239,12 +252,18 @@ async def serve(
         ports = (_bound_port(main_runner), _bound_port(probe_runner))
         log.info(
             "serving",
-            extra={"secure_port": ports[0], "probe_port": ports[1], "bind": settings.bind_address},
+            extra={
+                "secure_port": ports[0],
+                "probe_port": ports[1],
+                "bind": settings.bind_address,
+            },
         )
         if on_ready is not None:
             on_ready(*ports)
         await stop.wait()
-        log.info("shutting down", extra={"grace_period_s": settings.shutdown_grace_period})
+        log.info(
+            "shutting down", extra={"grace_period_s": settings.shutdown_grace_period}
+        )
     finally:
         await main_runner.cleanup()
         await probe_runner.cleanup()

@@ -84,7 +84,9 @@ class Authenticator:
         if self._metrics is not None:
             self._metrics.authentications.labels(result, reason).inc()
 
-    async def _validate(self, parsed: ParsedToken) -> tuple[str, UserInfo, float] | None:
+    async def _validate(
+        self, parsed: ParsedToken
+    ) -> tuple[str, UserInfo, float] | None:
         auth = self._by_issuer.get(parsed.unverified_issuer or "")
         if auth is None:
             return None

@@ -88,7 +88,10 @@ class ResultCache:
         if remaining <= 0:
             return
         self._cache[key] = CachedResult(
-            expires_mono=self._monotonic() + remaining, user=user, issuer=issuer, exp=exp
+            expires_mono=self._monotonic() + remaining,
+            user=user,
+            issuer=issuer,
+            exp=exp,
         )
 
     def put_error(self, key: bytes, error: TokenError) -> None:

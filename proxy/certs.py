@@ -69,7 +69,7 @@ def ensure_self_signed(cert_dir: str, extra_hosts: list[str] | None = None) -> C
     """Reuse or create ``<cert_dir>/kube-oidc-gate.{crt,key}`` (ECDSA P-256)."""
     hosts = ["localhost", "127.0.0.1", "::1", socket.gethostname()]
     for h in extra_hosts or []:
-        if h and h not in ("0.0.0.0", "::") and h not in hosts:
+        if h and h not in ("0.0.0.0", "::") and h not in hosts:  # noqa: S104
             hosts.append(h)
     directory = Path(cert_dir)
     cert_path = directory / f"{SELF_SIGNED_NAME}.crt"
@@ -81,7 +81,9 @@ def ensure_self_signed(cert_dir: str, extra_hosts: list[str] | None = None) -> C
     except OSError as err:
         raise ConfigError(f"config: --cert-dir {cert_dir}: {err.strerror}") from err
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{SELF_SIGNED_NAME}@{hosts[3]}")])
+    name = x509.Name(
+        [x509.NameAttribute(NameOID.COMMON_NAME, f"{SELF_SIGNED_NAME}@{hosts[3]}")]
+    )
     now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
@@ -107,7 +109,9 @@ def ensure_self_signed(cert_dir: str, extra_hosts: list[str] | None = None) -> C
             ),
             critical=True,
         )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
         .sign(key, hashes.SHA256())
     )
     fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -123,7 +127,9 @@ def ensure_self_signed(cert_dir: str, extra_hosts: list[str] | None = None) -> C
     return CertPair(str(cert_path), str(key_path))
 
 
-def server_context(pair: CertPair, *, client_ca_file: str | None = None) -> ssl.SSLContext:
+def server_context(
+    pair: CertPair, *, client_ca_file: str | None = None
+) -> ssl.SSLContext:
     """A TLS 1.2+ server context; with a client CA, clients must present a cert it signed."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -138,7 +144,9 @@ def server_context(pair: CertPair, *, client_ca_file: str | None = None) -> ssl.
         try:
             ctx.load_verify_locations(cafile=client_ca_file)
         except (OSError, ssl.SSLError) as err:
-            raise ConfigError(f"config: --client-ca-file {client_ca_file}: cannot load: {err}") from err
+            raise ConfigError(
+                f"config: --client-ca-file {client_ca_file}: cannot load: {err}"
+            ) from err
         ctx.verify_mode = ssl.CERT_REQUIRED
     # HTTP/1.1 only: aiohttp's server does not speak h2.
     ctx.set_alpn_protocols(["http/1.1"])

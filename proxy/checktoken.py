@@ -63,7 +63,9 @@ def _when(value: object, now: float) -> str | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     try:
-        stamp = dt.datetime.fromtimestamp(float(value), dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        stamp = dt.datetime.fromtimestamp(float(value), dt.UTC).strftime(
+            "%Y-%m-%dT%H:%M:%SZ"
+        )
     except (OverflowError, OSError, ValueError):
         return None
     delta = int(float(value) - now)
@@ -84,9 +86,17 @@ def _span(seconds: int) -> str:
 def render(verdict: Verdict, *, now: float, out: TextIO) -> int:
     """Print ``verdict`` for a person and return the exit code (0 accepted, 1 not)."""
     if verdict.header is not None:
-        out.write("header:\n" + json.dumps(dict(verdict.header), indent=2, sort_keys=True) + "\n")
+        out.write(
+            "header:\n"
+            + json.dumps(dict(verdict.header), indent=2, sort_keys=True)
+            + "\n"
+        )
     if verdict.claims is not None:
-        out.write("claims:\n" + json.dumps(dict(verdict.claims), indent=2, sort_keys=True, default=str) + "\n")
+        out.write(
+            "claims:\n"
+            + json.dumps(dict(verdict.claims), indent=2, sort_keys=True, default=str)
+            + "\n"
+        )
         times = [
             f"  {name}: {_when(verdict.claims.get(name), now)}"
             for name in ("iat", "nbf", "exp")
@@ -129,9 +139,13 @@ async def check_token(
         timeout=aiohttp.ClientTimeout(total=config.keyset.fetch_timeout),
         headers={"User-Agent": "kube-oidc-gate check-token"},
     ) as session:
-        keysets = KeySets([a.issuer for a in config.authenticators], config.keyset, session=session)
+        keysets = KeySets(
+            [a.issuer for a in config.authenticators], config.keyset, session=session
+        )
         try:
-            authenticator = Authenticator(config, {u: keysets.get(u) for u in set(urls)})
+            authenticator = Authenticator(
+                config, {u: keysets.get(u) for u in set(urls)}
+            )
             verdict = await authenticator.explain(token)
         finally:
             await keysets.close()

@@ -61,7 +61,9 @@ def _evaluate(expr: Any, activation: Mapping[str, object], issuer: str) -> objec
         ) from err
 
 
-def _username(m: PrefixedClaimOrExpression, claims: Mapping[str, Any], issuer: str) -> str:
+def _username(
+    m: PrefixedClaimOrExpression, claims: Mapping[str, Any], issuer: str
+) -> str:
     if m.expression is not None:
         value = _evaluate(m.expression, {"claims": claims}, issuer)
         where = m.expression.field_path
@@ -72,7 +74,9 @@ def _username(m: PrefixedClaimOrExpression, claims: Mapping[str, Any], issuer: s
                 issuer=issuer,
             )
         if not value:
-            raise InvalidClaim(f"claims: {where} returned an empty username", claim="username")
+            raise InvalidClaim(
+                f"claims: {where} returned an empty username", claim="username"
+            )
         return value
     claim = m.claim or "sub"
     if claim not in claims:
@@ -132,7 +136,9 @@ def _groups(
         where = m.expression.field_path
         return tuple(_string_list(value, where, "groups", issuer))
     assert m.claim is not None
-    groups = _string_list(claims.get(m.claim), f'groups claim "{m.claim}"', m.claim, issuer)
+    groups = _string_list(
+        claims.get(m.claim), f'groups claim "{m.claim}"', m.claim, issuer
+    )
     prefix = m.prefix or ""
     return tuple(prefix + g for g in groups)
 
@@ -148,7 +154,9 @@ def _uid(m: ClaimOrExpression | None, claims: Mapping[str, Any], issuer: str) ->
         where = f'uid claim "{m.claim}"'
         if m.claim not in claims:
             raise MissingClaim(
-                f"claims: {where} is not present in the token", claim=m.claim, issuer=issuer
+                f"claims: {where} is not present in the token",
+                claim=m.claim,
+                issuer=issuer,
             )
         value = claims[m.claim]
     if not isinstance(value, str):
@@ -168,7 +176,9 @@ def _extra(
         value = _evaluate(entry.value_expression, {"claims": claims}, issuer)
         values = [
             v
-            for v in _string_list(value, entry.value_expression.field_path, entry.key, issuer)
+            for v in _string_list(
+                value, entry.value_expression.field_path, entry.key, issuer
+            )
             if v
         ]
         if values:
@@ -179,7 +189,9 @@ def _extra(
     return MappingProxyType(out)
 
 
-def _claim_rule(rule: ClaimValidationRule, claims: Mapping[str, Any], issuer: str) -> None:
+def _claim_rule(
+    rule: ClaimValidationRule, claims: Mapping[str, Any], issuer: str
+) -> None:
     if rule.expression is not None:
         result = _evaluate(rule.expression, {"claims": claims}, issuer)
         if result is True:

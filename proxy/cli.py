@@ -53,7 +53,12 @@ def _host_port(value: str, flag: str) -> tuple[str, int]:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("logging")
-    g.add_argument("--log-format", choices=("json", "text"), default="json", help="Log line format (default json).")
+    g.add_argument(
+        "--log-format",
+        choices=("json", "text"),
+        default="json",
+        help="Log line format (default json).",
+    )
     g.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
@@ -69,8 +74,16 @@ def _add_serving(p: argparse.ArgumentParser, *, default_port: int) -> None:
         default=None,
         help="Address the TLS listener binds (default 0.0.0.0; 127.0.0.1 with --dev).",
     )
-    g.add_argument("--secure-port", type=int, default=default_port, help=f"TLS port (default {default_port}).")
-    g.add_argument("--tls-cert-file", help="PEM certificate (chain) to serve; with --tls-private-key-file.")
+    g.add_argument(
+        "--secure-port",
+        type=int,
+        default=default_port,
+        help=f"TLS port (default {default_port}).",
+    )
+    g.add_argument(
+        "--tls-cert-file",
+        help="PEM certificate (chain) to serve; with --tls-private-key-file.",
+    )
     g.add_argument("--tls-private-key-file", help="PEM private key of --tls-cert-file.")
     g.add_argument(
         "--cert-dir",
@@ -109,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kube-oidc-gate",
         description="Log in to Kubernetes with your OIDC identity provider.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__}"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     wh = sub.add_parser("webhook", help="Serve kube-apiserver's TokenReview webhook.")
@@ -130,35 +145,62 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(wh)
 
-    px = sub.add_parser("proxy", help="Serve an impersonating reverse proxy in front of the API server.")
+    px = sub.add_parser(
+        "proxy", help="Serve an impersonating reverse proxy in front of the API server."
+    )
     add_auth_arguments(px)
     _add_serving(px, default_port=6443)
     _add_proxy_arguments(px)
     _add_common(px)
 
-    ct = sub.add_parser("check-token", help="Explain why a token is accepted or refused.")
+    ct = sub.add_parser(
+        "check-token", help="Explain why a token is accepted or refused."
+    )
     add_auth_arguments(ct)
     ct.add_argument("token", nargs="?", help="The token, or - to read it from stdin.")
     ct.add_argument("--token-file", help="Read the token from this file.")
-    ct.add_argument("--offline", action="store_true", help="Make no network request; needs --jwks-file.")
-    ct.add_argument("--jwks-file", help="A JWK Set file to verify against (with --offline).")
+    ct.add_argument(
+        "--offline",
+        action="store_true",
+        help="Make no network request; needs --jwks-file.",
+    )
+    ct.add_argument(
+        "--jwks-file", help="A JWK Set file to verify against (with --offline)."
+    )
     _add_common(ct)
 
-    kc = sub.add_parser("kubeconfig", help="Print a kubeconfig for the API server's webhook or for users.")
+    kc = sub.add_parser(
+        "kubeconfig",
+        help="Print a kubeconfig for the API server's webhook or for users.",
+    )
     kcs = kc.add_subparsers(dest="kind", required=True, metavar="KIND")
-    kw = kcs.add_parser("webhook", help="The file for --authentication-token-webhook-config-file.")
-    kw.add_argument("--url", required=True, help="https://HOST:PORT/authenticate of this webhook.")
-    kw.add_argument("--ca-file", required=True, help="CA that signed the webhook's serving certificate.")
+    kw = kcs.add_parser(
+        "webhook", help="The file for --authentication-token-webhook-config-file."
+    )
+    kw.add_argument(
+        "--url", required=True, help="https://HOST:PORT/authenticate of this webhook."
+    )
+    kw.add_argument(
+        "--ca-file",
+        required=True,
+        help="CA that signed the webhook's serving certificate.",
+    )
     kw.add_argument("--client-cert", help="Client certificate the API server presents.")
     kw.add_argument("--client-key", help="Key of --client-cert.")
-    ku = kcs.add_parser("user", help="The end-user kubeconfig with the oidc-login exec credential.")
-    ku.add_argument("--server", required=True, help="The API server (or this proxy) URL.")
+    ku = kcs.add_parser(
+        "user", help="The end-user kubeconfig with the oidc-login exec credential."
+    )
+    ku.add_argument(
+        "--server", required=True, help="The API server (or this proxy) URL."
+    )
     ku.add_argument("--oidc-issuer-url", required=True)
     ku.add_argument("--oidc-client-id", required=True)
     ku.add_argument("--ca-file", help="CA of --server.")
     ku.add_argument("--context-name", default="oidc")
 
-    af = sub.add_parser("apiserver-flags", help="Print the kube-apiserver configuration equal to ours.")
+    af = sub.add_parser(
+        "apiserver-flags", help="Print the kube-apiserver configuration equal to ours."
+    )
     add_auth_arguments(af)
     af.add_argument(
         "--format",
@@ -177,19 +219,25 @@ def _add_proxy_arguments(p: argparse.ArgumentParser) -> None:
 
 def _read_token(ns: argparse.Namespace) -> str:
     if ns.token_file and ns.token:
-        raise ConfigError("config: give the token as an argument or --token-file, not both")
+        raise ConfigError(
+            "config: give the token as an argument or --token-file, not both"
+        )
     if ns.token_file:
         try:
             with open(ns.token_file, encoding="utf-8") as f:
                 raw = f.read()
         except OSError as err:
-            raise ConfigError(f"config: --token-file {ns.token_file}: {err.strerror}") from err
-    elif ns.token == "-" or (ns.token is None and not sys.stdin.isatty()):
+            raise ConfigError(
+                f"config: --token-file {ns.token_file}: {err.strerror}"
+            ) from err
+    elif ns.token == "-" or (ns.token is None and not sys.stdin.isatty()):  # noqa: S105
         raw = sys.stdin.read(1024 * 1024)
     elif ns.token:
         raw = ns.token
     else:
-        raise ConfigError("config: no token: pass it as an argument, with --token-file, or - for stdin")
+        raise ConfigError(
+            "config: no token: pass it as an argument, with --token-file, or - for stdin"
+        )
     token = raw.strip()
     if token.lower().startswith("bearer "):
         token = token[7:].strip()
@@ -208,7 +256,9 @@ def _check_token(ns: argparse.Namespace) -> int:
     config = auth_config_from_args(ns)
     assert config is not None
     token = _read_token(ns)
-    return asyncio.run(check_token(config, token, out=sys.stdout, jwks_file=ns.jwks_file))
+    return asyncio.run(
+        check_token(config, token, out=sys.stdout, jwks_file=ns.jwks_file)
+    )
 
 
 def _kubeconfig(ns: argparse.Namespace) -> int:
@@ -216,7 +266,10 @@ def _kubeconfig(ns: argparse.Namespace) -> int:
 
     if ns.kind == "webhook":
         text = webhook_kubeconfig(
-            url=ns.url, ca_file=ns.ca_file, client_cert=ns.client_cert, client_key=ns.client_key
+            url=ns.url,
+            ca_file=ns.ca_file,
+            client_cert=ns.client_cert,
+            client_key=ns.client_key,
         )
     else:
         text = user_kubeconfig(
@@ -235,7 +288,11 @@ def _apiserver_flags(ns: argparse.Namespace) -> int:
 
     config = auth_config_from_args(ns)
     assert config is not None
-    text = apiserver_flags(config) if ns.format == "flags" else authentication_configuration(config)
+    text = (
+        apiserver_flags(config)
+        if ns.format == "flags"
+        else authentication_configuration(config)
+    )
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
     return 0
 
@@ -247,7 +304,9 @@ def _serve_settings(ns: argparse.Namespace, *, reuse_port: bool) -> ServeSetting
     probe = ns.probe_bind_address or ("127.0.0.1:0" if dev else "0.0.0.0:8080")
     probe_host, probe_port = _host_port(probe, "--probe-bind-address")
     if not 0 <= ns.secure_port <= 65535:
-        raise ConfigError(f"config: --secure-port must be 0-65535, got {ns.secure_port}")
+        raise ConfigError(
+            f"config: --secure-port must be 0-65535, got {ns.secure_port}"
+        )
     if ns.shutdown_grace_period < 0:
         raise ConfigError("config: --shutdown-grace-period must be >= 0")
     return ServeSettings(
@@ -265,11 +324,15 @@ def _tls(ns: argparse.Namespace, bind_address: str) -> tuple[str, str, bool]:
     from proxy.certs import ensure_self_signed
 
     if bool(ns.tls_cert_file) != bool(ns.tls_private_key_file):
-        raise ConfigError("config: --tls-cert-file and --tls-private-key-file must be given together")
+        raise ConfigError(
+            "config: --tls-cert-file and --tls-private-key-file must be given together"
+        )
     if ns.tls_cert_file:
         return ns.tls_cert_file, ns.tls_private_key_file, False
     cert_dir = ns.cert_dir or (
-        tempfile.mkdtemp(prefix="kube-oidc-gate-dev-") if getattr(ns, "dev", False) else DEFAULT_CERT_DIR
+        tempfile.mkdtemp(prefix="kube-oidc-gate-dev-")
+        if getattr(ns, "dev", False)
+        else DEFAULT_CERT_DIR
     )
     pair = ensure_self_signed(cert_dir, [bind_address])
     return pair.cert_file, pair.key_file, True
@@ -319,13 +382,18 @@ def _serve_mode(ns: argparse.Namespace) -> int:
     if ns.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         # Set before prometheus_client is imported so every worker writes its
         # samples where any worker's /metrics can aggregate them.
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="kube-oidc-gate-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(
+            prefix="kube-oidc-gate-metrics-"
+        )
     settings = _serve_settings(ns, reuse_port=ns.workers > 1)
     cert, key, generated = _tls(ns, settings.bind_address)
     if generated:
         log.warning(
             "serving with a self-signed certificate",
-            extra={"ca_file": cert, "hint": "give clients this file as their CA, or pass --tls-cert-file"},
+            extra={
+                "ca_file": cert,
+                "hint": "give clients this file as their CA, or pass --tls-cert-file",
+            },
         )
 
     def run_one() -> int:
@@ -362,12 +430,16 @@ async def _serve_async(
 
         dev_issuer = DevIssuer()
         await dev_issuer.start()
-        config = apply_tuning_args(dev_auth_config(dev_issuer.url, dev_issuer.client_id), ns)
+        config = apply_tuning_args(
+            dev_auth_config(dev_issuer.url, dev_issuer.client_id), ns
+        )
     assert config is not None
     engine = await start_engine(config, metrics=metrics)
     closers: list[Callable[[], object]] = []
     try:
-        main_app, on_ready, extra_checks = await _front_end(ns, engine, cert, dev_issuer, closers)
+        main_app, on_ready, extra_checks = await _front_end(
+            ns, engine, cert, dev_issuer, closers
+        )
         await serve(
             main_app,
             probe_app(engine, extra_checks=extra_checks),
@@ -393,12 +465,16 @@ async def _front_end(
     cert: str,
     dev_issuer: object,
     closers: list[Callable[[], object]],
-) -> tuple[web.Application, Callable[[int, int], None] | None, Callable[[], list[str]] | None]:
+) -> tuple[
+    web.Application, Callable[[int, int], None] | None, Callable[[], list[str]] | None
+]:
     from proxy.app import webhook_app
     from proxy.webhook import WebhookSettings
 
     if ns.command == "webhook":
-        audiences = tuple(a.strip() for a in ns.webhook_audiences.split(",") if a.strip())
+        audiences = tuple(
+            a.strip() for a in ns.webhook_audiences.split(",") if a.strip()
+        )
         app = webhook_app(engine, WebhookSettings(audiences=audiences))
         on_ready = None
         if dev_issuer is not None:
@@ -432,7 +508,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script and ``python -m proxy``."""
     parser = build_parser()
     ns = parser.parse_args(argv)
-    configure_logging(level=getattr(ns, "log_level", "info"), fmt=getattr(ns, "log_format", "text"))
+    configure_logging(
+        level=getattr(ns, "log_level", "info"), fmt=getattr(ns, "log_format", "text")
+    )
     try:
         if ns.command == "check-token":
             return _check_token(ns)

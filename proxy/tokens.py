@@ -75,12 +75,6 @@ _HASHES: Final[Mapping[str, type[hashes.HashAlgorithm]]] = {
     "384": hashes.SHA384,
     "512": hashes.SHA512,
 }
-#: ES* algorithms name their curve (RFC 7518 §3.4): a P-384 key must not verify ES256.
-_EC_CURVES: Final[Mapping[str, str]] = {
-    "ES256": "secp256r1",
-    "ES384": "secp384r1",
-    "ES512": "secp521r1",
-}
 
 
 class KeyResolver(Protocol):
@@ -199,19 +193,6 @@ def peek(token: str | bytes, *, max_bytes: int) -> ParsedToken:
     )
 
 
-def _key_fits(key: VerificationKey, alg: str) -> bool:
-    if key.alg is not None and key.alg != alg:
-        return False
-    k = key.key
-    if alg.startswith(("RS", "PS")):
-        return isinstance(k, rsa.RSAPublicKey)
-    if alg.startswith("ES"):
-        return isinstance(k, ec.EllipticCurvePublicKey) and k.curve.name == _EC_CURVES[alg]
-    if alg == "EdDSA":
-        return isinstance(k, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey)
-    return False
-
-
 def _signature_ok(key: VerificationKey, alg: str, data: bytes, sig: bytes) -> bool:
     k = key.key
     try:
@@ -259,15 +240,21 @@ def _numeric_date(claims: Mapping[str, Any], name: str, issuer: str) -> float | 
         as_float = math.inf
     if not math.isfinite(as_float) or abs(as_float) > _MAX_NUMERIC_DATE:
         raise InvalidClaim(
-            f'token: "{name}" is out of range for a NumericDate', claim=name, issuer=issuer
+            f'token: "{name}" is out of range for a NumericDate',
+            claim=name,
+            issuer=issuer,
         )
     return as_float
 
 
-def _check_times(claims: Mapping[str, Any], issuer: str, now: float, leeway: float) -> None:
+def _check_times(
+    claims: Mapping[str, Any], issuer: str, now: float, leeway: float
+) -> None:
     exp = _numeric_date(claims, "exp", issuer)
     if exp is None:
-        raise MissingClaim('token: required claim "exp" is missing', claim="exp", issuer=issuer)
+        raise MissingClaim(
+            'token: required claim "exp" is missing', claim="exp", issuer=issuer
+        )
     if now >= exp:
         raise TokenExpired(
             f"token: expired {int(now - exp)}s ago (exp {int(exp)})", issuer=issuer
@@ -285,14 +272,18 @@ def _check_times(claims: Mapping[str, Any], issuer: str, now: float, leeway: flo
 def _check_audience(claims: Mapping[str, Any], issuer: IssuerConfig) -> None:
     aud = claims.get("aud")
     if aud is None:
-        raise MissingClaim('token: required claim "aud" is missing', claim="aud", issuer=issuer.url)
+        raise MissingClaim(
+            'token: required claim "aud" is missing', claim="aud", issuer=issuer.url
+        )
     if isinstance(aud, str):
         got: list[str] = [aud]
     elif isinstance(aud, list) and all(isinstance(a, str) for a in aud):
         got = aud
     else:
         raise InvalidClaim(
-            'token: "aud" must be a string or a list of strings', claim="aud", issuer=issuer.url
+            'token: "aud" must be a string or a list of strings',
+            claim="aud",
+            issuer=issuer.url,
         )
     if not any(a in issuer.audiences for a in got):
         shown = ", ".join(f'"{a[:128]}"' for a in got[:10])
@@ -351,23 +342,27 @@ async def verify(
             kid=kid,
             issuer=issuer.url,
         )
-    fitting = [k for k in candidates if _key_fits(k, alg)]
+    fitting = [k for k in candidates if k.fits(alg)]
     if not fitting:
         raise AlgorithmNotAllowed(
             f'token: the key with kid {_kid_text(kid)} cannot verify "{alg}" '
             f"(key type {candidates[0].kty})",
             issuer=issuer.url,
         )
-    if not any(_signature_ok(k, alg, token.signing_input, token.signature) for k in fitting):
+    if not any(
+        _signature_ok(k, alg, token.signing_input, token.signature) for k in fitting
+    ):
         raise SignatureInvalid(
-            f"token: signature does not verify with key {_kid_text(kid)}", issuer=issuer.url
+            f"token: signature does not verify with key {_kid_text(kid)}",
+            issuer=issuer.url,
         )
     claims = token.claims
     iss = claims.get("iss")
     if iss != issuer.url:
         got = iss[:256] if isinstance(iss, str) else type(iss).__name__
         raise IssuerMismatch(
-            f'token: issuer mismatch: expected "{issuer.url}", got "{got}"', issuer=issuer.url
+            f'token: issuer mismatch: expected "{issuer.url}", got "{got}"',
+            issuer=issuer.url,
         )
     _check_times(claims, issuer.url, now, leeway)
     _check_audience(claims, issuer)

@@ -105,12 +105,13 @@ def _parse_review(body: bytes) -> tuple[str, str, list[str]]:
     if api_version not in TOKENREVIEW_VERSIONS:
         raise _BadReview(
             400,
-            f'webhook: apiVersion must be one of {sorted(TOKENREVIEW_VERSIONS)}, '
+            f"webhook: apiVersion must be one of {sorted(TOKENREVIEW_VERSIONS)}, "
             f"got {json.dumps(api_version)[:80]}",
         )
     if review.get("kind") != "TokenReview":
         raise _BadReview(
-            400, f'webhook: kind must be "TokenReview", got {json.dumps(review.get("kind"))[:80]}'
+            400,
+            f'webhook: kind must be "TokenReview", got {json.dumps(review.get("kind"))[:80]}',
         )
     spec = review.get("spec")
     if not isinstance(spec, dict):
@@ -119,7 +120,9 @@ def _parse_review(body: bytes) -> tuple[str, str, list[str]]:
     if not isinstance(token, str) or not token:
         raise _BadReview(400, "webhook: spec.token must be a non-empty string")
     audiences = spec.get("audiences") or []
-    if not isinstance(audiences, list) or not all(isinstance(a, str) for a in audiences):
+    if not isinstance(audiences, list) or not all(
+        isinstance(a, str) for a in audiences
+    ):
         raise _BadReview(400, "webhook: spec.audiences must be a list of strings")
     return str(api_version), token, audiences
 
@@ -141,7 +144,9 @@ def _answer(api_version: str, status: dict[str, Any]) -> web.Response:
     return web.Response(body=body, content_type=_JSON)
 
 
-def _failure(code: int, message: str, *, headers: dict[str, str] | None = None) -> web.Response:
+def _failure(
+    code: int, message: str, *, headers: dict[str, str] | None = None
+) -> web.Response:
     return web.Response(
         status=code,
         body=_status_body(code, _REASONS.get(code, "Failure"), message),
@@ -152,7 +157,10 @@ def _failure(code: int, message: str, *, headers: dict[str, str] | None = None) 
 
 class _Handler:
     def __init__(
-        self, authenticator: Authenticator, settings: WebhookSettings, metrics: Metrics | None
+        self,
+        authenticator: Authenticator,
+        settings: WebhookSettings,
+        metrics: Metrics | None,
     ) -> None:
         self._auth = authenticator
         self._settings = settings
@@ -184,7 +192,8 @@ class _Handler:
     async def _review(self, request: web.Request, started: float) -> web.Response:
         if request.content_type != _JSON:
             raise _BadReview(
-                415, f'webhook: Content-Type must be "{_JSON}", got "{request.content_type[:64]}"'
+                415,
+                f'webhook: Content-Type must be "{_JSON}", got "{request.content_type[:64]}"',
             )
         limit = self._settings.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
@@ -200,22 +209,55 @@ class _Handler:
             user = await self._auth.authenticate(token)
         except TokenError as err:
             if err.temporary:
-                self._log(token, "unavailable", err.reason, None, err.issuer, started, str(err))
+                self._log(
+                    token,
+                    "unavailable",
+                    reason=err.reason,
+                    user=None,
+                    issuer=err.issuer,
+                    started=started,
+                    detail=str(err),
+                )
                 return _failure(
                     503,
                     "webhook: issuer keys are not loaded yet; retry",
                     headers={"Retry-After": str(self._settings.retry_after)},
                 )
-            self._log(token, "rejected", err.reason, None, err.issuer, started, str(err))
+            self._log(
+                token,
+                "rejected",
+                reason=err.reason,
+                user=None,
+                issuer=err.issuer,
+                started=started,
+                detail=str(err),
+            )
             return _answer(
-                api_version, {"authenticated": False, "error": f"{err.reason}: {err}"[:1024]}
+                api_version,
+                {"authenticated": False, "error": f"{err.reason}: {err}"[:1024]},
             )
         if user is None:
-            self._log(token, "not_mine", "not_mine", None, None, started, "")
+            self._log(
+                token,
+                "not_mine",
+                reason="not_mine",
+                user=None,
+                issuer=None,
+                started=started,
+                detail="",
+            )
             return _answer(api_version, {"authenticated": False})
         audiences, ok = self._audiences(asked)
         if not ok:
-            self._log(token, "rejected", "audience_mismatch", user, None, started, "")
+            self._log(
+                token,
+                "rejected",
+                reason="audience_mismatch",
+                user=user,
+                issuer=None,
+                started=started,
+                detail="",
+            )
             return _answer(
                 api_version,
                 {
@@ -227,18 +269,21 @@ class _Handler:
         status: dict[str, Any] = {"authenticated": True, "user": user.to_dict()}
         if audiences is not None:
             status["audiences"] = audiences
-        self._log(token, "ok", "ok", user, None, started, "")
+        self._log(
+            token, "ok", reason="ok", user=user, issuer=None, started=started, detail=""
+        )
         return _answer(api_version, status)
 
     @staticmethod
     def _log(
         token: str,
         result: str,
+        *,
         reason: str,
-        user: UserInfo | None,
-        issuer: str | None,
         started: float,
-        detail: str,
+        user: UserInfo | None = None,
+        issuer: str | None = None,
+        detail: str = "",
     ) -> None:
         fields: dict[str, Any] = {
             "result": result,
