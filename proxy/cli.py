@@ -435,6 +435,11 @@ async def _serve_async(
         )
     assert config is not None
     engine = await start_engine(config, metrics=metrics)
+    if dev_issuer is not None:
+        # Print the demo only once it works: the dev issuer is local and fast.
+        async with asyncio.timeout(10):
+            while engine.keysets.not_ready():
+                await asyncio.sleep(0.01)
     closers: list[Callable[[], object]] = []
     try:
         main_app, on_ready, extra_checks = await _front_end(

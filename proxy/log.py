@@ -62,6 +62,8 @@ class JSONFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "event": record.getMessage(),
+            # With --workers N, tells the processes apart.
+            "pid": record.process,
         }
         rid = REQUEST_ID.get()
         if rid:

@@ -41,7 +41,9 @@ class SigningKey:
         return jwk
 
 
-def new_key(alg: str = "RS256", *, kid: str | None = None, bits: int = 2048) -> SigningKey:
+def new_key(
+    alg: str = "RS256", *, kid: str | None = None, bits: int = 2048
+) -> SigningKey:
     if alg.startswith(("RS", "PS")):
         priv: Any = rsa.generate_private_key(public_exponent=65537, key_size=bits)
     elif alg in _CURVES:
@@ -50,7 +52,9 @@ def new_key(alg: str = "RS256", *, kid: str | None = None, bits: int = 2048) -> 
         priv = ed25519.Ed25519PrivateKey.generate()
     else:
         raise ValueError(f"unsupported test alg {alg}")
-    return SigningKey(kid=kid or f"{alg.lower()}-{secrets.token_hex(4)}", alg=alg, private_key=priv)
+    return SigningKey(
+        kid=kid or f"{alg.lower()}-{secrets.token_hex(4)}", alg=alg, private_key=priv
+    )
 
 
 def sign(
@@ -97,7 +101,9 @@ def claims_for(
     return out
 
 
-def sign_bytes(key: SigningKey, payload: bytes, *, headers: dict[str, Any] | None = None) -> str:
+def sign_bytes(
+    key: SigningKey, payload: bytes, *, headers: dict[str, Any] | None = None
+) -> str:
     """Sign arbitrary payload bytes (for claims PyJWT refuses to encode)."""
     hdr: dict[str, Any] = {"kid": key.kid}
     hdr.update(headers or {})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -11,8 +12,6 @@ from proxy import errors
 from proxy.authn import Authenticator
 from proxy.metrics import Metrics
 from tests.helpers import ISSUER, DictResolver, auth_config, authenticator_config
-import json
-
 from tests.keygen import SigningKey, claims_for, new_key, sign, sign_bytes
 
 OTHER = "https://login.other.test"
@@ -31,19 +30,25 @@ def sample(metrics: Metrics, name: str, **labels: str) -> float:
     return 0.0
 
 
-def make(key: SigningKey, other: SigningKey | None = None) -> tuple[Authenticator, DictResolver, Metrics]:
+def make(
+    key: SigningKey, other: SigningKey | None = None
+) -> tuple[Authenticator, DictResolver, Metrics]:
     resolver = DictResolver(key)
     metrics = Metrics()
     cfg = auth_config(authenticator_config(), authenticator_config(OTHER))
     auth = Authenticator(
-        cfg, {ISSUER: resolver, OTHER: DictResolver(other or new_key())}, metrics=metrics
+        cfg,
+        {ISSUER: resolver, OTHER: DictResolver(other or new_key())},
+        metrics=metrics,
     )
     return auth, resolver, metrics
 
 
 async def test_valid_token_maps_to_user(key: SigningKey) -> None:
     auth, _, metrics = make(key)
-    user = await auth.authenticate(sign(key, claims_for(ISSUER, groups=["naxslabs-admins"])))
+    user = await auth.authenticate(
+        sign(key, claims_for(ISSUER, groups=["naxslabs-admins"]))
+    )
     assert user is not None
     assert user.username == f"{ISSUER}#00u1alice"
     assert user.groups == ("naxslabs-admins",)
@@ -59,9 +64,13 @@ async def test_routes_by_issuer(key: SigningKey) -> None:
 
 
 @pytest.mark.parametrize(
-    "iss", ["https://not-configured.test", ISSUER + "/", None, 42], ids=["other", "trailing-slash", "absent", "int"]
+    "iss",
+    ["https://not-configured.test", ISSUER + "/", None, 42],
+    ids=["other", "trailing-slash", "absent", "int"],
 )
-async def test_token_of_no_configured_issuer_is_not_mine(key: SigningKey, iss: object) -> None:
+async def test_token_of_no_configured_issuer_is_not_mine(
+    key: SigningKey, iss: object
+) -> None:
     auth, resolver, metrics = make(key)
     claims = claims_for(ISSUER)
     claims["iss"] = iss
@@ -69,7 +78,9 @@ async def test_token_of_no_configured_issuer_is_not_mine(key: SigningKey, iss: o
         del claims["iss"]
     assert await auth.authenticate(sign_bytes(key, json.dumps(claims).encode())) is None
     assert resolver.lookups == 0, "no key was looked at"
-    assert sample(metrics, "kube_oidc_gate_authentications_total", result="not_mine") == 1
+    assert (
+        sample(metrics, "kube_oidc_gate_authentications_total", result="not_mine") == 1
+    )
 
 
 async def test_cache_hit_skips_verification(key: SigningKey) -> None:
@@ -79,8 +90,13 @@ async def test_cache_hit_skips_verification(key: SigningKey) -> None:
     for _ in range(5):
         assert await auth.authenticate(token) is first
     assert resolver.lookups == 1
-    assert sample(metrics, "kube_oidc_gate_token_cache_requests_total", outcome="hit") == 5
-    assert sample(metrics, "kube_oidc_gate_validation_duration_seconds_count", result="ok") == 1
+    assert (
+        sample(metrics, "kube_oidc_gate_token_cache_requests_total", outcome="hit") == 5
+    )
+    assert (
+        sample(metrics, "kube_oidc_gate_validation_duration_seconds_count", result="ok")
+        == 1
+    )
 
 
 async def test_refusal_is_cached_and_replayed(key: SigningKey) -> None:
@@ -90,7 +106,15 @@ async def test_refusal_is_cached_and_replayed(key: SigningKey) -> None:
         with pytest.raises(errors.AudienceMismatch):
             await auth.authenticate(token)
     assert resolver.lookups == 1
-    assert sample(metrics, "kube_oidc_gate_authentications_total", result="rejected", reason="audience_mismatch") == 3
+    assert (
+        sample(
+            metrics,
+            "kube_oidc_gate_authentications_total",
+            result="rejected",
+            reason="audience_mismatch",
+        )
+        == 3
+    )
 
 
 async def test_keys_not_loaded_is_not_cached(key: SigningKey) -> None:
@@ -108,7 +132,12 @@ async def test_expired_token_leaves_the_cache_at_exp(key: SigningKey) -> None:
     now = [time.time()]
     mono = [100.0]
     resolver = DictResolver(key)
-    auth = Authenticator(auth_config(), {ISSUER: resolver}, clock=lambda: now[0], monotonic=lambda: mono[0])
+    auth = Authenticator(
+        auth_config(),
+        {ISSUER: resolver},
+        clock=lambda: now[0],
+        monotonic=lambda: mono[0],
+    )
     token = sign(key, claims_for(ISSUER, lifetime=30, now=now[0]))
     assert await auth.authenticate(token) is not None
     now[0] += 29
@@ -136,7 +165,9 @@ async def test_explain_says_everything(key: SigningKey) -> None:
     bad = await auth.explain(sign(key, claims_for(ISSUER, lifetime=-10)))
     assert isinstance(bad.error, errors.TokenExpired)
     assert bad.issuer == ISSUER
-    stranger = await auth.explain(sign(key, claims_for("https://wrong.test/oauth2/default")))
+    stranger = await auth.explain(
+        sign(key, claims_for("https://wrong.test/oauth2/default"))
+    )
     assert stranger.not_mine is not None
     assert "https://wrong.test/oauth2/default" in stranger.not_mine
     assert ISSUER in stranger.not_mine

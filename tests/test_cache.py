@@ -52,9 +52,17 @@ def test_key_is_a_short_keyed_digest_not_the_token() -> None:
         (10_000, 299.0, True),
         (10_000, 300.5, False),
     ],
-    ids=["before-exp", "at-exp", "after-exp", "within-success-ttl", "after-success-ttl"],
+    ids=[
+        "before-exp",
+        "at-exp",
+        "after-exp",
+        "within-success-ttl",
+        "after-success-ttl",
+    ],
 )
-def test_accepted_entry_never_outlives_exp_or_ttl(exp_in: float, step: float, hit: bool) -> None:
+def test_accepted_entry_never_outlives_exp_or_ttl(
+    exp_in: float, step: float, hit: bool
+) -> None:
     cache, clocks = make()
     key = cache.key("t")
     cache.put_user(key, ALICE, issuer="https://i", exp=clocks.wall + exp_in)
@@ -93,7 +101,9 @@ def test_failures_kept_briefly_and_temporary_ones_not_at_all() -> None:
 def test_size_is_bounded() -> None:
     cache, clocks = make(CacheSettings(max_entries=50, success_ttl=300, failure_ttl=10))
     for i in range(500):
-        cache.put_user(cache.key(f"t{i}"), ALICE, issuer="https://i", exp=clocks.wall + 600)
+        cache.put_user(
+            cache.key(f"t{i}"), ALICE, issuer="https://i", exp=clocks.wall + 600
+        )
     assert len(cache) == 50
     assert cache.get(cache.key("t499")) is not None
     assert cache.get(cache.key("t0")) is None

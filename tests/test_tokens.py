@@ -67,7 +67,9 @@ ALG_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("alg", "bits"), ALG_CASES, ids=[f"{a}-{b}" for a, b in ALG_CASES])
+@pytest.mark.parametrize(
+    ("alg", "bits"), ALG_CASES, ids=[f"{a}-{b}" for a, b in ALG_CASES]
+)
 async def test_valid_token_verifies(alg: str, bits: int) -> None:
     key = new_key(alg, bits=bits or 2048)
     token = sign(key, claims_for(ISSUER, CLIENT_ID, now=NOW))
@@ -77,7 +79,9 @@ async def test_valid_token_verifies(alg: str, bits: int) -> None:
 
 
 async def test_all_allowed_algs_are_asymmetric() -> None:
-    assert not {a for a in ALLOWED_SIGNING_ALGS if a.startswith("HS") or a.lower() == "none"}
+    assert not {
+        a for a in ALLOWED_SIGNING_ALGS if a.startswith("HS") or a.lower() == "none"
+    }
 
 
 # --- algorithm confusion ------------------------------------------------------
@@ -85,7 +89,9 @@ async def test_all_allowed_algs_are_asymmetric() -> None:
 
 @pytest.mark.parametrize("alg", ["none", "None", "NONE", "nOnE"])
 async def test_alg_none_refused(rsa_key: SigningKey, alg: str) -> None:
-    token = raw_token({"alg": alg, "kid": rsa_key.kid}, claims_for(ISSUER, now=NOW), b"")
+    token = raw_token(
+        {"alg": alg, "kid": rsa_key.kid}, claims_for(ISSUER, now=NOW), b""
+    )
     token = token + "AA"  # a non-empty signature part, so only the alg is wrong
     with pytest.raises(errors.AlgorithmNotAllowed, match="not allowed"):
         await run(token, DictResolver(rsa_key))
@@ -123,13 +129,22 @@ MISMATCH = [
 ]
 
 
-@pytest.mark.parametrize(("key_alg", "claimed"), [m[1:] for m in MISMATCH], ids=[m[0] for m in MISMATCH])
+@pytest.mark.parametrize(
+    ("key_alg", "claimed"), [m[1:] for m in MISMATCH], ids=[m[0] for m in MISMATCH]
+)
 async def test_key_type_must_fit_alg(key_alg: str, claimed: str) -> None:
     key = new_key(key_alg)
     # Publish the key without an "alg" member so only its type can refuse the token.
     resolver = DictResolver(key)
     resolver.keys = tuple(
-        type(k)(kid=k.kid, kty=k.kty, alg=None, crv=k.crv, key=k.key, thumbprint=k.thumbprint)
+        type(k)(
+            kid=k.kid,
+            kty=k.kty,
+            alg=None,
+            crv=k.crv,
+            key=k.key,
+            thumbprint=k.thumbprint,
+        )
         for k in resolver.keys
     )
     header = {"alg": claimed, "kid": key.kid}
@@ -167,7 +182,9 @@ async def test_key_bearing_headers_are_ignored(rsa_key: SigningKey, name: str) -
 
 
 async def test_crit_header_refused(rsa_key: SigningKey) -> None:
-    token = sign(rsa_key, claims_for(ISSUER, now=NOW), headers={"crit": ["exp"], "exp": 1})
+    token = sign(
+        rsa_key, claims_for(ISSUER, now=NOW), headers={"crit": ["exp"], "exp": 1}
+    )
     with pytest.raises(errors.MalformedToken, match="crit"):
         await run(token, DictResolver(rsa_key))
 
@@ -187,7 +204,11 @@ MALFORMED = [
     ("std-alphabet", "eyJhbGciOiJSUzI1NiJ9.eyJpc3MiOiJ4In0.a+/b", "base64url"),
     ("space", "eyJhbGciOiJSUzI1NiJ9 .eyJpc3MiOiJ4In0.AA", "base64url"),
     ("impossible-length", "eyJhbGciOiJSUzI1NiJ9.eyJpc3MiOiJ4In0.A", "base64url"),
-    ("header-not-json", f"{b64('not json')}.{b64('{}')}.AA", "header is not valid JSON"),
+    (
+        "header-not-json",
+        f"{b64('not json')}.{b64('{}')}.AA",
+        "header is not valid JSON",
+    ),
     ("header-array", f"{b64('[1]')}.{b64('{}')}.AA", "expected an object"),
     ("payload-array", f"{b64('{}')}.{b64('[]')}.AA", "payload is a JSON list"),
     ("payload-string", f"{b64('{}')}.{b64(STR_PAYLOAD)}.AA", "payload is a JSON str"),
@@ -195,11 +216,13 @@ MALFORMED = [
     ("duplicate-claim", f"{b64('{}')}.{b64(DUP_PAYLOAD)}.AA", "duplicate"),
     ("nan", f"{b64('{}')}.{b64(NAN_PAYLOAD)}.AA", "not a JSON number"),
     ("infinity", f"{b64('{}')}.{b64(INF_PAYLOAD)}.AA", "not a JSON number"),
-    ("not-utf8", f"{b64('{}')}.{b64(bytes([0xff, 0xfe]))}.AA", "not valid JSON"),
+    ("not-utf8", f"{b64('{}')}.{b64(bytes([0xFF, 0xFE]))}.AA", "not valid JSON"),
 ]
 
 
-@pytest.mark.parametrize(("token", "message"), [m[1:] for m in MALFORMED], ids=[m[0] for m in MALFORMED])
+@pytest.mark.parametrize(
+    ("token", "message"), [m[1:] for m in MALFORMED], ids=[m[0] for m in MALFORMED]
+)
 def test_malformed_tokens(token: str, message: str) -> None:
     with pytest.raises(errors.MalformedToken, match=message):
         peek(token, max_bytes=16384)
@@ -265,7 +288,9 @@ async def test_keys_not_loaded_is_temporary(rsa_key: SigningKey) -> None:
 
 async def test_token_without_kid_tries_every_key(rsa_key: SigningKey) -> None:
     other = new_key("RS256")
-    token = jwt.encode(claims_for(ISSUER, now=NOW), rsa_key.private_key, algorithm="RS256")
+    token = jwt.encode(
+        claims_for(ISSUER, now=NOW), rsa_key.private_key, algorithm="RS256"
+    )
     assert (await run(token, DictResolver(other, rsa_key)))["sub"] == "00u1alice"
 
 
@@ -284,10 +309,25 @@ CLAIM_CASES: list[tuple[str, dict[str, Any], type[errors.TokenError], str]] = [
     ("nbf-string", {"nbf": "soon"}, errors.InvalidClaim, '"nbf"'),
     ("iat-future", {"iat": NOW + 600}, errors.TokenNotYetValid, '"iat" is'),
     ("aud-missing", {"aud": None}, errors.MissingClaim, '"aud" is missing'),
-    ("aud-other", {"aud": "other-client"}, errors.AudienceMismatch, 'expected one of \\["kubernetes"\\], got \\["other-client"\\]'),
-    ("aud-list-other", {"aud": ["a", "b"]}, errors.AudienceMismatch, "got \\[\"a\", \"b\"\\]"),
+    (
+        "aud-other",
+        {"aud": "other-client"},
+        errors.AudienceMismatch,
+        'expected one of \\["kubernetes"\\], got \\["other-client"\\]',
+    ),
+    (
+        "aud-list-other",
+        {"aud": ["a", "b"]},
+        errors.AudienceMismatch,
+        'got \\["a", "b"\\]',
+    ),
     ("aud-int", {"aud": 5}, errors.InvalidClaim, '"aud" must be'),
-    ("aud-mixed-list", {"aud": ["kubernetes", 5]}, errors.InvalidClaim, '"aud" must be'),
+    (
+        "aud-mixed-list",
+        {"aud": ["kubernetes", 5]},
+        errors.InvalidClaim,
+        '"aud" must be',
+    ),
     ("iss-trailing-slash", {"iss": ISSUER + "/"}, errors.IssuerMismatch, "expected"),
     ("iss-case", {"iss": ISSUER.upper()}, errors.IssuerMismatch, "expected"),
 ]
@@ -320,18 +360,26 @@ ACCEPTED = [
 ]
 
 
-@pytest.mark.parametrize("override", [a[1] for a in ACCEPTED], ids=[a[0] for a in ACCEPTED])
-async def test_accepted_claim_shapes(rsa_key: SigningKey, override: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    "override", [a[1] for a in ACCEPTED], ids=[a[0] for a in ACCEPTED]
+)
+async def test_accepted_claim_shapes(
+    rsa_key: SigningKey, override: dict[str, Any]
+) -> None:
     claims = claims_for(ISSUER, CLIENT_ID, now=NOW)
     for k, v in override.items():
         if v is None:
             claims.pop(k)
         else:
             claims[k] = v
-    assert (await run(sign(rsa_key, claims), DictResolver(rsa_key)))["sub"] == "00u1alice"
+    assert (await run(sign(rsa_key, claims), DictResolver(rsa_key)))[
+        "sub"
+    ] == "00u1alice"
 
 
 async def test_match_any_of_several_audiences(rsa_key: SigningKey) -> None:
     token = sign(rsa_key, claims_for(ISSUER, "api://default", now=NOW))
-    claims = await run(token, DictResolver(rsa_key), audiences=(CLIENT_ID, "api://default"))
+    claims = await run(
+        token, DictResolver(rsa_key), audiences=(CLIENT_ID, "api://default")
+    )
     assert claims["aud"] == "api://default"

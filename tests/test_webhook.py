@@ -37,7 +37,9 @@ async def issuer() -> AsyncIterator[FakeIssuer]:
 
 @pytest.fixture
 async def webhook(issuer: FakeIssuer, tmp_path: Path) -> AsyncIterator[RunningWebhook]:
-    async with running_webhook(issuer_auth_config(issuer.url, issuer.ca_pem), tmp_path) as running:
+    async with running_webhook(
+        issuer_auth_config(issuer.url, issuer.ca_pem), tmp_path
+    ) as running:
         await wait_ready(running.engine)
         yield running
 
@@ -60,7 +62,9 @@ def metric(running: RunningWebhook, text: str, name: str, **labels: str) -> floa
 async def test_valid_token_authenticates_in_the_version_received(
     webhook: RunningWebhook, issuer: FakeIssuer, version: str
 ) -> None:
-    status, text, headers = await webhook.post(review_body(token_for(issuer), version=version))
+    status, text, headers = await webhook.post(
+        review_body(token_for(issuer), version=version)
+    )
     assert status == 200
     assert headers["Content-Type"].startswith("application/json")
     review = parse_review(text)
@@ -72,9 +76,13 @@ async def test_valid_token_authenticates_in_the_version_received(
     assert review.status.error is None
 
 
-async def test_uid_and_extra_are_lists_of_strings(webhook: RunningWebhook, issuer: FakeIssuer) -> None:
+async def test_uid_and_extra_are_lists_of_strings(
+    webhook: RunningWebhook, issuer: FakeIssuer
+) -> None:
     review = await webhook.review(token_for(issuer, jti="abc-123"))
-    assert review.status.user.extra == {"authentication.kubernetes.io/credential-id": ["JTI=abc-123"]}
+    assert review.status.user.extra == {
+        "authentication.kubernetes.io/credential-id": ["JTI=abc-123"]
+    }
 
 
 async def test_token_of_another_issuer_is_a_plain_no(webhook: RunningWebhook) -> None:
@@ -92,7 +100,9 @@ REFUSALS = [
 ]
 
 
-@pytest.mark.parametrize(("claims", "reason"), [r[1:] for r in REFUSALS], ids=[r[0] for r in REFUSALS])
+@pytest.mark.parametrize(
+    ("claims", "reason"), [r[1:] for r in REFUSALS], ids=[r[0] for r in REFUSALS]
+)
 async def test_token_of_ours_that_fails_says_why(
     webhook: RunningWebhook, issuer: FakeIssuer, claims: dict[str, Any], reason: str
 ) -> None:
@@ -109,8 +119,12 @@ async def test_token_of_ours_that_fails_says_why(
     assert token not in review.status.error
 
 
-async def test_bad_signature_and_unknown_kid(webhook: RunningWebhook, issuer: FakeIssuer) -> None:
-    forged = sign(new_key("RS256", kid=issuer.keys[0].kid), claims_for(issuer.url, "kubernetes"))
+async def test_bad_signature_and_unknown_kid(
+    webhook: RunningWebhook, issuer: FakeIssuer
+) -> None:
+    forged = sign(
+        new_key("RS256", kid=issuer.keys[0].kid), claims_for(issuer.url, "kubernetes")
+    )
     assert (await webhook.review(forged)).status.error.startswith("bad_signature:")
     unknown = sign(new_key("RS256"), claims_for(issuer.url, "kubernetes"))
     assert (await webhook.review(unknown)).status.error.startswith("unknown_kid:")
@@ -119,21 +133,69 @@ async def test_bad_signature_and_unknown_kid(webhook: RunningWebhook, issuer: Fa
 MALFORMED: list[tuple[str, Any, dict[str, str] | None, int, str]] = [
     ("not-json", b"{nope", None, 400, "not valid JSON"),
     ("array", b"[]", None, 400, "JSON object"),
-    ("wrong-api-version", {"apiVersion": "v1", "kind": "TokenReview", "spec": {"token": "x"}}, None, 400, "apiVersion"),
-    ("wrong-kind", {"apiVersion": "authentication.k8s.io/v1", "kind": "Pod", "spec": {"token": "x"}}, None, 400, "kind"),
-    ("no-spec", {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview"}, None, 400, "spec"),
-    ("empty-token", {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {"token": ""}}, None, 400, "spec.token"),
-    ("bad-audiences", {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {"token": "x", "audiences": "a"}}, None, 400, "audiences"),
+    (
+        "wrong-api-version",
+        {"apiVersion": "v1", "kind": "TokenReview", "spec": {"token": "x"}},
+        None,
+        400,
+        "apiVersion",
+    ),
+    (
+        "wrong-kind",
+        {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "Pod",
+            "spec": {"token": "x"},
+        },
+        None,
+        400,
+        "kind",
+    ),
+    (
+        "no-spec",
+        {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview"},
+        None,
+        400,
+        "spec",
+    ),
+    (
+        "empty-token",
+        {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenReview",
+            "spec": {"token": ""},
+        },
+        None,
+        400,
+        "spec.token",
+    ),
+    (
+        "bad-audiences",
+        {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenReview",
+            "spec": {"token": "x", "audiences": "a"},
+        },
+        None,
+        400,
+        "audiences",
+    ),
     ("content-type", b"{}", {"Content-Type": "text/plain"}, 415, "Content-Type"),
     ("too-large", b"{" + b" " * (2 * 1024 * 1024) + b"}", None, 413, "larger"),
 ]
 
 
 @pytest.mark.parametrize(
-    ("body", "headers", "code", "message"), [m[1:] for m in MALFORMED], ids=[m[0] for m in MALFORMED]
+    ("body", "headers", "code", "message"),
+    [m[1:] for m in MALFORMED],
+    ids=[m[0] for m in MALFORMED],
 )
 async def test_malformed_reviews_get_400s(
-    webhook: RunningWebhook, body: Any, headers: dict[str, str] | None, code: int, message: str
+    webhook: RunningWebhook,
+    body: Any,
+    headers: dict[str, str] | None,
+    code: int,
+    message: str,
 ) -> None:
     status, text, _ = await webhook.post(body, headers=headers)
     assert status == code
@@ -146,23 +208,38 @@ async def test_wrong_method(webhook: RunningWebhook) -> None:
         assert resp.status == 405
 
 
-async def test_audience_aware_answers_intersect(issuer: FakeIssuer, tmp_path: Path) -> None:
-    settings = WebhookSettings(audiences=("https://kubernetes.default.svc", "kube-oidc-gate"))
-    async with running_webhook(issuer_auth_config(issuer.url, issuer.ca_pem), tmp_path, settings=settings) as wh:
+async def test_audience_aware_answers_intersect(
+    issuer: FakeIssuer, tmp_path: Path
+) -> None:
+    settings = WebhookSettings(
+        audiences=("https://kubernetes.default.svc", "kube-oidc-gate")
+    )
+    async with running_webhook(
+        issuer_auth_config(issuer.url, issuer.ca_pem), tmp_path, settings=settings
+    ) as wh:
         await wait_ready(wh.engine)
         token = token_for(issuer)
-        both = await wh.review(token, audiences=["https://kubernetes.default.svc", "other"])
+        both = await wh.review(
+            token, audiences=["https://kubernetes.default.svc", "other"]
+        )
         assert both.status.authenticated is True
         assert both.status.audiences == ["https://kubernetes.default.svc"]
         none = await wh.review(token, audiences=["other"])
         assert none.status.authenticated is False
         assert none.status.error.startswith("audience_mismatch")
         unasked = await wh.review(token)
-        assert unasked.status.audiences == ["https://kubernetes.default.svc", "kube-oidc-gate"]
+        assert unasked.status.audiences == [
+            "https://kubernetes.default.svc",
+            "kube-oidc-gate",
+        ]
 
 
-async def test_audience_agnostic_by_default(webhook: RunningWebhook, issuer: FakeIssuer) -> None:
-    review = await webhook.review(token_for(issuer), audiences=["https://kubernetes.default.svc"])
+async def test_audience_agnostic_by_default(
+    webhook: RunningWebhook, issuer: FakeIssuer
+) -> None:
+    review = await webhook.review(
+        token_for(issuer), audiences=["https://kubernetes.default.svc"]
+    )
     assert review.status.authenticated is True
     assert review.status.audiences is None
 
@@ -172,8 +249,10 @@ async def test_503_until_keys_are_loaded_then_ready(tmp_path: Path) -> None:
     await issuer.start()
     issuer.go_down(503)
     try:
-        async with running_webhook(issuer_auth_config(issuer.url, issuer.ca_pem), tmp_path) as wh:
-            status, text, headers = await wh.post(review_body(token_for(issuer)))
+        async with running_webhook(
+            issuer_auth_config(issuer.url, issuer.ca_pem), tmp_path
+        ) as wh:
+            status, _, headers = await wh.post(review_body(token_for(issuer)))
             assert status == 503
             assert headers["Retry-After"] == "5"
             code, body = await wh.probe("/readyz")
@@ -188,11 +267,16 @@ async def test_503_until_keys_are_loaded_then_ready(tmp_path: Path) -> None:
         await issuer.stop()
 
 
-async def test_mutual_tls_refuses_clients_without_a_certificate(issuer: FakeIssuer, tmp_path: Path) -> None:
+async def test_mutual_tls_refuses_clients_without_a_certificate(
+    issuer: FakeIssuer, tmp_path: Path
+) -> None:
     client_ca = trustme.CA()
     apiserver_cert = client_ca.issue_cert("kube-apiserver")
     async with running_webhook(
-        issuer_auth_config(issuer.url, issuer.ca_pem), tmp_path, client_ca=client_ca, client_cert=apiserver_cert
+        issuer_auth_config(issuer.url, issuer.ca_pem),
+        tmp_path,
+        client_ca=client_ca,
+        client_cert=apiserver_cert,
     ) as wh:
         await wait_ready(wh.engine)
         assert (await wh.review(token_for(issuer))).status.authenticated is True
@@ -202,9 +286,13 @@ async def test_mutual_tls_refuses_clients_without_a_certificate(issuer: FakeIssu
         wh.server_ca.configure_trust(stranger)
         trustme.CA().issue_cert("intruder").configure_cert(stranger)
         for ctx in (anonymous, stranger):
-            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s:
+            async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=ctx)
+            ) as s:
                 with pytest.raises(aiohttp.ClientError):
-                    async with s.post(f"{wh.url}/authenticate", json=review_body(token_for(issuer))) as r:
+                    async with s.post(
+                        f"{wh.url}/authenticate", json=review_body(token_for(issuer))
+                    ) as r:
                         await r.read()
 
 
@@ -214,18 +302,27 @@ async def test_tls_floor_is_1_2(webhook: RunningWebhook, tmp_path: Path) -> None
     from proxy.certs import CertPair, server_context
 
     pem = tmp_path / "s.pem"
-    webhook.server_ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(pem))
-    assert server_context(CertPair(str(pem), str(pem))).minimum_version == ssl.TLSVersion.TLSv1_2
+    webhook.server_ca.issue_cert(
+        "127.0.0.1"
+    ).private_key_and_cert_chain_pem.write_to_path(str(pem))
+    assert (
+        server_context(CertPair(str(pem), str(pem))).minimum_version
+        == ssl.TLSVersion.TLSv1_2
+    )
     for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
         ctx = ssl.create_default_context()
         webhook.server_ca.configure_trust(ctx)
         ctx.minimum_version = ctx.maximum_version = version
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s:
-            async with s.get(f"{webhook.url}/authenticate") as r:
-                assert r.status == 405
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s,
+            s.get(f"{webhook.url}/authenticate") as r,
+        ):
+            assert r.status == 405
 
 
-async def test_metrics_follow_the_answers(webhook: RunningWebhook, issuer: FakeIssuer) -> None:
+async def test_metrics_follow_the_answers(
+    webhook: RunningWebhook, issuer: FakeIssuer
+) -> None:
     token = token_for(issuer)
     for _ in range(3):
         await webhook.review(token)
@@ -233,11 +330,38 @@ async def test_metrics_follow_the_answers(webhook: RunningWebhook, issuer: FakeI
     await webhook.review(sign(new_key(), claims_for("https://elsewhere.test")))
     code, text = await webhook.probe("/metrics")
     assert code == 200
-    assert metric(webhook, text, "kube_oidc_gate_authentications_total", result="ok") == 3
-    assert metric(webhook, text, "kube_oidc_gate_authentications_total", reason="audience_mismatch") == 1
-    assert metric(webhook, text, "kube_oidc_gate_authentications_total", result="not_mine") == 1
-    assert metric(webhook, text, "kube_oidc_gate_token_cache_requests_total", outcome="hit") == 2
-    assert metric(webhook, text, "kube_oidc_gate_http_requests_total", handler="authenticate", code="200") == 5
+    assert (
+        metric(webhook, text, "kube_oidc_gate_authentications_total", result="ok") == 3
+    )
+    assert (
+        metric(
+            webhook,
+            text,
+            "kube_oidc_gate_authentications_total",
+            reason="audience_mismatch",
+        )
+        == 1
+    )
+    assert (
+        metric(webhook, text, "kube_oidc_gate_authentications_total", result="not_mine")
+        == 1
+    )
+    assert (
+        metric(
+            webhook, text, "kube_oidc_gate_token_cache_requests_total", outcome="hit"
+        )
+        == 2
+    )
+    assert (
+        metric(
+            webhook,
+            text,
+            "kube_oidc_gate_http_requests_total",
+            handler="authenticate",
+            code="200",
+        )
+        == 5
+    )
     assert metric(webhook, text, "kube_oidc_gate_jwks_keys") == 1
     assert metric(webhook, text, "kube_oidc_gate_issuer_ready") == 1
     assert issuer.url not in text, "issuers appear only as hashes"

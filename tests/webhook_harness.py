@@ -32,7 +32,9 @@ from proxy.webhook import WebhookSettings
 _API = ApiClient()
 
 
-def review_body(token: str, *, audiences: list[str] | None = None, version: str = "v1") -> dict[str, Any]:
+def review_body(
+    token: str, *, audiences: list[str] | None = None, version: str = "v1"
+) -> dict[str, Any]:
     """A TokenReview built with the kubernetes package's own models."""
     review = V1TokenReview(
         api_version=f"authentication.k8s.io/{version}",
@@ -54,14 +56,18 @@ def issuer_auth_config(url: str, ca_pem: str | None, **keyset: Any) -> AuthConfi
     return AuthConfig(
         authenticators=(
             JWTAuthenticatorConfig(
-                issuer=IssuerConfig(url=url, certificate_authority=ca_pem, audiences=("kubernetes",)),
+                issuer=IssuerConfig(
+                    url=url, certificate_authority=ca_pem, audiences=("kubernetes",)
+                ),
                 claim_mappings=ClaimMappings(
                     username=PrefixedClaimOrExpression(claim="sub", prefix="oidc:"),
                     groups=PrefixedClaimOrExpression(claim="groups", prefix=""),
                 ),
             ),
         ),
-        keyset=KeySetSettings(retry_min=0.05, retry_max=0.2, fetch_timeout=2.0, **keyset),
+        keyset=KeySetSettings(
+            retry_min=0.05, retry_max=0.2, fetch_timeout=2.0, **keyset
+        ),
     )
 
 
@@ -77,7 +83,9 @@ class RunningWebhook:
     server_ca: trustme.CA
     session: aiohttp.ClientSession = field(init=False)
 
-    async def post(self, body: Any, *, headers: dict[str, str] | None = None) -> tuple[int, str, aiohttp.typedefs.LooseHeaders]:
+    async def post(
+        self, body: Any, *, headers: dict[str, str] | None = None
+    ) -> tuple[int, str, aiohttp.typedefs.LooseHeaders]:
         data: Any = body if isinstance(body, bytes | str) else json.dumps(body)
         if isinstance(data, bytes) and len(data) > 1024 * 1024:
             data = io.BytesIO(data)
@@ -122,10 +130,21 @@ async def running_webhook(
     ports: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
     stop = asyncio.Event()
     serve_settings = ServeSettings(
-        bind_address="127.0.0.1", secure_port=0, probe_host="127.0.0.1", probe_port=0, shutdown_grace_period=5
+        bind_address="127.0.0.1",
+        secure_port=0,
+        probe_host="127.0.0.1",
+        probe_port=0,
+        shutdown_grace_period=5,
     )
     task = asyncio.create_task(
-        serve(app, probe_app(engine), serve_settings, ctx, on_ready=lambda a, b: ports.set_result((a, b)), stop=stop)
+        serve(
+            app,
+            probe_app(engine),
+            serve_settings,
+            ctx,
+            on_ready=lambda a, b: ports.set_result((a, b)),
+            stop=stop,
+        )
     )
     port, probe_port = await asyncio.wait_for(ports, 10)
     client_ssl = ssl.create_default_context()
@@ -142,7 +161,9 @@ async def running_webhook(
         task=task,
         server_ca=server_ca,
     )
-    running.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_ssl))
+    running.session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(ssl=client_ssl)
+    )
     try:
         yield running
     finally:

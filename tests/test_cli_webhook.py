@@ -1,0 +1,324 @@
+"""The real command: ``kube-oidc-gate webhook`` and ``check-token`` as subprocesses."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shlex
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.fakes.issuer import FakeIssuer
+from tests.keygen import claims_for, jwks, new_key, sign
+from tests.proc import ROOT, Proc
+from tests.webhook_harness import parse_review, review_body
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+async def issuer() -> AsyncIterator[FakeIssuer]:
+    fake = FakeIssuer()
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        await fake.stop()
+
+
+def webhook_args(
+    issuer: FakeIssuer, tmp_path: Path, port: int, *extra: str
+) -> list[str]:
+    return [
+        "webhook",
+        "--oidc-issuer-url", issuer.url,
+        "--oidc-client-id", "kubernetes",
+        "--oidc-groups-claim", "groups",
+        "--bind-address", "127.0.0.1",
+        "--secure-port", str(port),
+        "--probe-bind-address", f"127.0.0.1:{free_port()}",
+        "--cert-dir", str(tmp_path / "certs"),
+        "--shutdown-grace-period", "10",
+        *extra,
+    ]  # fmt: skip
+
+
+def client_ssl(tmp_path: Path) -> ssl.SSLContext:
+    return ssl.create_default_context(
+        cafile=str(tmp_path / "certs" / "kube-oidc-gate.crt")
+    )
+
+
+async def test_dev_mode_end_to_end(tmp_path: Path) -> None:
+    port = free_port()
+    with Proc(
+        "webhook",
+        "--dev",
+        "--secure-port",
+        str(port),
+        "--cert-dir",
+        str(tmp_path / "c"),
+    ) as proc:
+        text = proc.wait_for_stdout("probes:", timeout=20)
+        curl = next(
+            line.strip()
+            for line in text.splitlines()
+            if line.strip().startswith("curl") and "--cacert" in line
+        )
+        argv = shlex.split(curl)
+        body = argv[argv.index("-d") + 1]
+        url = next(a for a in argv if a.startswith("https://"))
+        ca = argv[argv.index("--cacert") + 1]
+        ctx = ssl.create_default_context(cafile=ca)
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s,
+            s.post(url, data=body, headers={"Content-Type": "application/json"}) as r,
+        ):
+            assert r.status == 200
+            review = parse_review(await r.text())
+        assert review.status.authenticated is True
+        assert review.status.user.username == "dev:alice"
+        assert review.status.user.groups == ["naxslabs-admins"]
+        assert any(
+            e.get("event")
+            == "DEVELOPMENT ISSUER ENABLED: tokens are minted on request; never use --dev in production"
+            for e in proc.logs()
+        )
+        token = json.loads(body)["spec"]["token"]
+        assert all(token not in line for line in proc.stderr), (
+            "the token never reaches the log"
+        )
+        assert proc.stop() == 0
+
+
+def test_dev_issuer_cannot_be_mixed_with_a_real_issuer(tmp_path: Path) -> None:
+    with Proc(
+        "webhook",
+        "--dev",
+        "--oidc-issuer-url",
+        "https://idp.example.test",
+        "--oidc-client-id",
+        "k",
+    ) as proc:
+        assert proc.popen.wait(20) == 2
+    assert "mutually exclusive" in "".join(proc.stderr)
+
+
+async def test_two_workers_share_the_port(issuer: FakeIssuer, tmp_path: Path) -> None:
+    port = free_port()
+    token = issuer.token(groups=["naxslabs-admins"])
+    with Proc(*webhook_args(issuer, tmp_path, port, "--workers", "2")) as proc:
+        await proc.await_log("jwks keys loaded", count=2, timeout=20)
+        ctx = client_ssl(tmp_path)
+        for _ in range(60):
+            # A new connection each time, so the kernel can pick either process.
+            async with (
+                aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(ssl=ctx, force_close=True)
+                ) as s,
+                s.post(
+                    f"https://127.0.0.1:{port}/authenticate", json=review_body(token)
+                ) as r,
+            ):
+                if r.status == 503:
+                    await asyncio.sleep(0.05)
+                    continue
+                assert parse_review(await r.text()).status.authenticated is True
+        pids = {
+            e["pid"]
+            for e in proc.logs()
+            if e.get("event") == "token review" and e.get("result") == "ok"
+        }
+        assert len(pids) == 2, f"answers came from {pids}"
+        assert proc.pid not in pids, "the parent only supervises"
+        assert proc.stop() == 0
+
+
+async def test_sigterm_lets_in_flight_reviews_finish(
+    issuer: FakeIssuer, tmp_path: Path
+) -> None:
+    port = free_port()
+    with Proc(*webhook_args(issuer, tmp_path, port)) as proc:
+        await proc.await_log("jwks keys loaded", timeout=20)
+        ctx = client_ssl(tmp_path)
+        rotated = issuer.rotate()
+        issuer.jwks_delay = (
+            1.5  # the refetch for the new kid is slow: the review is in flight
+        )
+        token = issuer.token(rotated)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s:
+            pending = asyncio.create_task(
+                s.post(
+                    f"https://127.0.0.1:{port}/authenticate", json=review_body(token)
+                )
+            )
+            await asyncio.sleep(0.5)
+            proc.popen.send_signal(signal.SIGTERM)
+            resp = await asyncio.wait_for(pending, 10)
+            assert resp.status == 200
+            assert parse_review(await resp.text()).status.authenticated is True
+            resp.release()
+            with pytest.raises(aiohttp.ClientError):
+                async with aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(ssl=ctx)
+                ) as fresh:
+                    await fresh.post(
+                        f"https://127.0.0.1:{port}/authenticate",
+                        json=review_body(token),
+                    )
+        assert proc.popen.wait(15) == 0
+
+
+def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+    )
+
+
+ISS = "https://login.example.test/oauth2/default"
+
+
+@pytest.fixture(scope="module")
+def offline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    d = tmp_path_factory.mktemp("offline")
+    key = new_key("ES256")
+    (d / "jwks.json").write_text(json.dumps(jwks(key)))
+    files = {"jwks": str(d / "jwks.json")}
+    cases = {
+        "good": claims_for(
+            ISS, "kubernetes", groups=["naxslabs-admins"], email="a@x.io"
+        ),
+        "aud": claims_for(ISS, "another-client"),
+        "expired": claims_for(ISS, "kubernetes", lifetime=-60),
+        "foreign": claims_for("https://evil.example.test", "kubernetes"),
+    }
+    for name, claims in cases.items():
+        (d / name).write_text(sign(key, claims))
+        files[name] = str(d / name)
+    return files
+
+
+AUTH = ["--oidc-issuer-url", ISS, "--oidc-client-id", "kubernetes", "--oidc-groups-claim", "groups",
+        "--oidc-signing-algs", "ES256"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("case", "code", "expect"),
+    [
+        (
+            "good",
+            0,
+            r'"username": "https://login.example.test/oauth2/default#00u1alice"',
+        ),
+        (
+            "aud",
+            1,
+            r'audience mismatch: expected one of \["kubernetes"\], got \["another-client"\]',
+        ),
+        ("expired", 1, r"result: rejected \(expired\)"),
+        ("foreign", 1, r'the token.s iss is "https://evil.example.test"'),
+    ],
+    ids=["accepted", "audience", "expired", "wrong-issuer"],
+)
+def test_check_token_offline(
+    offline: dict[str, str], case: str, code: int, expect: str
+) -> None:
+    result = run_cli(
+        "check-token",
+        *AUTH,
+        "--offline",
+        "--jwks-file",
+        offline["jwks"],
+        "--token-file",
+        offline[case],
+    )
+    assert result.returncode == code, result.stderr
+    assert re.search(expect, result.stdout), result.stdout
+    token = Path(offline[case]).read_text()
+    assert token not in result.stdout + result.stderr
+
+
+def test_check_token_reads_stdin(offline: dict[str, str]) -> None:
+    token = Path(offline["good"]).read_text()
+    result = run_cli(
+        "check-token",
+        *AUTH,
+        "--offline",
+        "--jwks-file",
+        offline["jwks"],
+        "-",
+        stdin=f"Bearer {token}\n",
+    )
+    assert result.returncode == 0, result.stderr
+    assert '"naxslabs-admins"' in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["check-token", *AUTH, "--offline"], "--offline needs --jwks-file"),
+        (["check-token", "--oidc-issuer-url", ISS, "tok"], "--oidc-client-id"),
+        (
+            ["check-token", *AUTH, "--authentication-config", "/nonexistent", "tok"],
+            "mutually exclusive",
+        ),
+        (
+            [
+                "check-token",
+                "--oidc-issuer-url",
+                "http://idp.example.test",
+                "--oidc-client-id",
+                "k",
+                "tok",
+            ],
+            "https",
+        ),
+        (["check-token", *AUTH, "--oidc-signing-algs", "HS256", "tok"], "HS256"),
+    ],
+    ids=[
+        "offline-without-jwks",
+        "issuer-without-client",
+        "both-forms",
+        "plain-http",
+        "symmetric-alg",
+    ],
+)
+def test_usage_and_config_errors_exit_2(args: list[str], message: str) -> None:
+    result = run_cli(*args, stdin="")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ")
+    assert message in result.stderr
+
+
+async def test_check_token_online_names_both_issuer_urls(issuer: FakeIssuer) -> None:
+    issuer.wrong_issuer = "https://other.example.test/oauth2/default"
+    token = issuer.token()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "check-token", "--oidc-issuer-url", issuer.url, "--oidc-client-id", "kubernetes", token,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1, err
+    text = out.decode()
+    assert "keys_unavailable" in text
+    assert issuer.url in text
+    assert "https://other.example.test/oauth2/default" in text
