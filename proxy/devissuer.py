@@ -502,6 +502,7 @@ def demo_instructions(
     review_cmd = shlex.join(
         [
             "curl",
+            "-s",
             "--cacert",
             ca_file,
             "-X",

@@ -451,7 +451,7 @@ def test_demo_instructions_commands(webhook_url: str) -> None:
     assert "dev:alice" in text
     assert DEMO_GROUP in text
     review, mint = command_lines(text)
-    assert review[:3] == ["curl", "--cacert", "/tmp/my certs/ca.crt"]
+    assert review[:4] == ["curl", "-s", "--cacert", "/tmp/my certs/ca.crt"]
     assert review[review.index("-X") + 1] == "POST"
     assert "https://127.0.0.1:8443/authenticate" in review
     assert review[review.index("-H") + 1] == "Content-Type: application/json"
