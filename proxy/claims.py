@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, Final
 
+from proxy.cel import CompiledExpression
 from proxy.config import (
     ClaimMappings,
     ClaimOrExpression,
@@ -52,12 +53,14 @@ def _show(value: object) -> str:
     return text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
 
 
-def _evaluate(expr: Any, activation: Mapping[str, object], issuer: str) -> object:
+def _evaluate(
+    expr: CompiledExpression, activation: Mapping[str, object], issuer: str
+) -> object:
     try:
         return expr.evaluate(activation)
     except ExpressionError as err:
         raise InvalidClaim(
-            f"claims: {expr.field_path}: {err}", claim=expr.field_path, issuer=issuer
+            f"claims: {err}", claim=expr.field_path, issuer=issuer
         ) from err
 
 
@@ -242,9 +245,7 @@ def _user_rule(rule: UserValidationRule, user: UserInfo, issuer: str) -> None:
     try:
         result = rule.expression.evaluate(activation)
     except ExpressionError as err:
-        raise UserRuleFailed(
-            f"claims: {rule.expression.field_path}: {err}", issuer=issuer
-        ) from err
+        raise UserRuleFailed(f"claims: {err}", issuer=issuer) from err
     if result is True:
         return
     if not isinstance(result, bool):
