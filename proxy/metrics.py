@@ -138,6 +138,6 @@ class Metrics:
         """
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             combined = CollectorRegistry()
-            multiprocess.MultiProcessCollector(combined)
+            multiprocess.MultiProcessCollector(combined)  # type: ignore[no-untyped-call]
             return generate_latest(combined)
         return generate_latest(self.registry)
