@@ -40,9 +40,14 @@ from proxy.errors import (
 )
 from proxy.kube import UserInfo
 
-__all__ = ["CREDENTIAL_ID_EXTRA", "map_claims"]
+__all__ = ["CREDENTIAL_ID_EXTRA", "MAX_GROUPS", "map_claims"]
 
 CREDENTIAL_ID_EXTRA: Final = "authentication.kubernetes.io/credential-id"
+
+#: Most groups one token may map to. kube-apiserver sets no limit, but each group
+#: becomes an ``Impersonate-Group`` header in proxy mode and API servers and load
+#: balancers cap header sizes; IdPs cap far lower (Okta: 100, Azure: 200).
+MAX_GROUPS: Final = 1000
 
 _SHOWN: Final = 64
 
@@ -130,6 +135,19 @@ def _string_list(value: object, what: str, claim: str, issuer: str) -> list[str]
 
 
 def _groups(
+    m: PrefixedClaimOrExpression | None, claims: Mapping[str, Any], issuer: str
+) -> tuple[str, ...]:
+    groups = _mapped_groups(m, claims, issuer)
+    if len(groups) > MAX_GROUPS:
+        raise InvalidClaim(
+            f"claims: {len(groups)} groups is more than the limit of {MAX_GROUPS}",
+            claim="groups",
+            issuer=issuer,
+        )
+    return groups
+
+
+def _mapped_groups(
     m: PrefixedClaimOrExpression | None, claims: Mapping[str, Any], issuer: str
 ) -> tuple[str, ...]:
     if m is None:

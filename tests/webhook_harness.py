@@ -87,6 +87,8 @@ class RunningWebhook:
         self, body: Any, *, headers: dict[str, str] | None = None
     ) -> tuple[int, str, aiohttp.typedefs.LooseHeaders]:
         data: Any = body if isinstance(body, bytes | str) else json.dumps(body)
+        if isinstance(data, str):
+            data = data.encode()
         if isinstance(data, bytes) and len(data) > 1024 * 1024:
             data = io.BytesIO(data)
         async with self.session.post(
