@@ -437,9 +437,7 @@ async def _serve_async(
     engine = await start_engine(config, metrics=metrics)
     if dev_issuer is not None:
         # Print the demo only once it works: the dev issuer is local and fast.
-        async with asyncio.timeout(10):
-            while engine.keysets.not_ready():
-                await asyncio.sleep(0.01)
+        await engine.keysets.get(dev_issuer.url).refresh(force=True)
     closers: list[Callable[[], object]] = []
     try:
         main_app, on_ready, extra_checks = await _front_end(

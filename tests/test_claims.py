@@ -47,35 +47,86 @@ def expr(source: str, path: str = "jwt[0].claimMappings.username.expression") ->
 USERNAME_OK = [
     ("sub-with-issuer-prefix", claim("sub", f"{ISSUER}#"), {}, f"{ISSUER}#00u1alice"),
     ("sub-no-prefix", claim("sub", None), {}, "00u1alice"),
-    ("email-verified", claim("email"), {"email": "a@x.io", "email_verified": True}, "a@x.io"),
+    (
+        "email-verified",
+        claim("email"),
+        {"email": "a@x.io", "email_verified": True},
+        "a@x.io",
+    ),
     ("email-no-verified-claim", claim("email"), {"email": "a@x.io"}, "a@x.io"),
-    ("preferred-username", claim("preferred_username", "oidc:"), {"preferred_username": "alice"}, "oidc:alice"),
-]
-
-
-@pytest.mark.parametrize(("m", "extra", "want"), [c[1:] for c in USERNAME_OK], ids=[c[0] for c in USERNAME_OK])
-def test_username(m: PrefixedClaimOrExpression, extra: dict[str, Any], want: str) -> None:
-    user = map_claims(authenticator_config(mappings=mapping(username=m)), {**BASE, **extra})
-    assert user.username == want
-
-
-USERNAME_BAD: list[tuple[str, PrefixedClaimOrExpression, dict[str, Any], type[Exception], str]] = [
-    ("claim-missing", claim("email"), {}, errors.MissingClaim, 'username claim "email" is not present'),
-    ("claim-not-string", claim("sub"), {"sub": 42}, errors.InvalidClaim, "must be a string, got int"),
-    ("claim-empty", claim("sub"), {"sub": ""}, errors.InvalidClaim, "is empty"),
-    ("email-unverified", claim("email"), {"email": "a@x.io", "email_verified": False}, errors.InvalidClaim, '"email_verified" is false'),
-    ("email-verified-string", claim("email"), {"email": "a@x.io", "email_verified": "true"}, errors.InvalidClaim, "must be a boolean"),
+    (
+        "preferred-username",
+        claim("preferred_username", "oidc:"),
+        {"preferred_username": "alice"},
+        "oidc:alice",
+    ),
 ]
 
 
 @pytest.mark.parametrize(
-    ("m", "extra", "error", "message"), [c[1:] for c in USERNAME_BAD], ids=[c[0] for c in USERNAME_BAD]
+    ("m", "extra", "want"),
+    [c[1:] for c in USERNAME_OK],
+    ids=[c[0] for c in USERNAME_OK],
+)
+def test_username(
+    m: PrefixedClaimOrExpression, extra: dict[str, Any], want: str
+) -> None:
+    user = map_claims(
+        authenticator_config(mappings=mapping(username=m)), {**BASE, **extra}
+    )
+    assert user.username == want
+
+
+USERNAME_BAD: list[
+    tuple[str, PrefixedClaimOrExpression, dict[str, Any], type[Exception], str]
+] = [
+    (
+        "claim-missing",
+        claim("email"),
+        {},
+        errors.MissingClaim,
+        'username claim "email" is not present',
+    ),
+    (
+        "claim-not-string",
+        claim("sub"),
+        {"sub": 42},
+        errors.InvalidClaim,
+        "must be a string, got int",
+    ),
+    ("claim-empty", claim("sub"), {"sub": ""}, errors.InvalidClaim, "is empty"),
+    (
+        "email-unverified",
+        claim("email"),
+        {"email": "a@x.io", "email_verified": False},
+        errors.InvalidClaim,
+        '"email_verified" is false',
+    ),
+    (
+        "email-verified-string",
+        claim("email"),
+        {"email": "a@x.io", "email_verified": "true"},
+        errors.InvalidClaim,
+        "must be a boolean",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("m", "extra", "error", "message"),
+    [c[1:] for c in USERNAME_BAD],
+    ids=[c[0] for c in USERNAME_BAD],
 )
 def test_username_refusals(
-    m: PrefixedClaimOrExpression, extra: dict[str, Any], error: type[Exception], message: str
+    m: PrefixedClaimOrExpression,
+    extra: dict[str, Any],
+    error: type[Exception],
+    message: str,
 ) -> None:
     with pytest.raises(error, match=message):
-        map_claims(authenticator_config(mappings=mapping(username=m)), {**BASE, **extra})
+        map_claims(
+            authenticator_config(mappings=mapping(username=m)), {**BASE, **extra}
+        )
 
 
 GROUPS = [
@@ -89,18 +140,24 @@ GROUPS = [
 ]
 
 
-@pytest.mark.parametrize(("extra", "prefix", "want"), [g[1:] for g in GROUPS], ids=[g[0] for g in GROUPS])
+@pytest.mark.parametrize(
+    ("extra", "prefix", "want"), [g[1:] for g in GROUPS], ids=[g[0] for g in GROUPS]
+)
 def test_groups(extra: dict[str, Any], prefix: str, want: tuple[str, ...]) -> None:
     cfg = authenticator_config(mappings=mapping(groups=claim("groups", prefix)))
     assert map_claims(cfg, {**BASE, **extra}).groups == want
 
 
 @pytest.mark.parametrize(
-    "value", [["a", 1], 5, {"a": 1}, [["nested"]], True], ids=["mixed", "int", "object", "nested", "bool"]
+    "value",
+    [["a", 1], 5, {"a": 1}, [["nested"]], True],
+    ids=["mixed", "int", "object", "nested", "bool"],
 )
 def test_groups_of_wrong_type_refused(value: Any) -> None:
     cfg = authenticator_config(mappings=mapping(groups=claim("groups")))
-    with pytest.raises(errors.InvalidClaim, match='groups claim "groups" must be a string or a list'):
+    with pytest.raises(
+        errors.InvalidClaim, match='groups claim "groups" must be a string or a list'
+    ):
         map_claims(cfg, {**BASE, "groups": value})
 
 
@@ -116,22 +173,38 @@ def test_uid_from_claim_and_missing() -> None:
 def test_jti_becomes_credential_id() -> None:
     user = map_claims(authenticator_config(mappings=mapping()), {**BASE, "jti": "abc"})
     assert user.extra[CREDENTIAL_ID_EXTRA] == ("JTI=abc",)
-    assert CREDENTIAL_ID_EXTRA not in map_claims(authenticator_config(mappings=mapping()), BASE).extra
+    assert (
+        CREDENTIAL_ID_EXTRA
+        not in map_claims(authenticator_config(mappings=mapping()), BASE).extra
+    )
 
 
 REQUIRED = [
     ("ok", {"hd": "example.com"}, None, ""),
     ("missing", {}, errors.MissingClaim, 'required claim "hd" is not present'),
-    ("wrong-value", {"hd": "evil.com"}, errors.ClaimRuleFailed, "expected 'example.com', got 'evil.com'"),
+    (
+        "wrong-value",
+        {"hd": "evil.com"},
+        errors.ClaimRuleFailed,
+        "expected 'example.com', got 'evil.com'",
+    ),
     ("not-string", {"hd": ["example.com"]}, errors.ClaimRuleFailed, "must be a string"),
 ]
 
 
-@pytest.mark.parametrize(("extra", "error", "message"), [r[1:] for r in REQUIRED], ids=[r[0] for r in REQUIRED])
-def test_required_claims(extra: dict[str, Any], error: type[Exception] | None, message: str) -> None:
+@pytest.mark.parametrize(
+    ("extra", "error", "message"),
+    [r[1:] for r in REQUIRED],
+    ids=[r[0] for r in REQUIRED],
+)
+def test_required_claims(
+    extra: dict[str, Any], error: type[Exception] | None, message: str
+) -> None:
     cfg = authenticator_config(
         mappings=mapping(),
-        claim_validation_rules=(ClaimValidationRule(claim="hd", required_value="example.com"),),
+        claim_validation_rules=(
+            ClaimValidationRule(claim="hd", required_value="example.com"),
+        ),
     )
     if error is None:
         assert map_claims(cfg, {**BASE, **extra}).username == "00u1alice"
@@ -146,13 +219,25 @@ def test_required_claims(extra: dict[str, Any], error: type[Exception] | None, m
 def test_cel_username_groups_uid_extra() -> None:
     cfg = authenticator_config(
         mappings=mapping(
-            username=PrefixedClaimOrExpression(expression=expr('claims.username + ":external-user"')),
-            groups=PrefixedClaimOrExpression(expression=expr('claims.roles.split(",")', "g")),
+            username=PrefixedClaimOrExpression(
+                expression=expr('claims.username + ":external-user"')
+            ),
+            groups=PrefixedClaimOrExpression(
+                expression=expr('claims.roles.split(",")', "g")
+            ),
             uid=ClaimOrExpression(expression=expr("claims.sub", "u")),
             extra=(
-                ExtraMapping(key="example.com/tenant", value_expression=expr("claims.tenant", "e0")),
-                ExtraMapping(key="example.com/empty", value_expression=expr('""', "e1")),
-                ExtraMapping(key="example.com/list", value_expression=expr('["a", "", "b"]', "e2")),
+                ExtraMapping(
+                    key="example.com/tenant",
+                    value_expression=expr("claims.tenant", "e0"),
+                ),
+                ExtraMapping(
+                    key="example.com/empty", value_expression=expr('""', "e1")
+                ),
+                ExtraMapping(
+                    key="example.com/list",
+                    value_expression=expr('["a", "", "b"]', "e2"),
+                ),
             ),
         )
     )
@@ -161,12 +246,19 @@ def test_cel_username_groups_uid_extra() -> None:
     assert user.username == "bob:external-user"
     assert user.groups == ("admin", "dev")
     assert user.uid == "00u1alice"
-    assert dict(user.extra) == {"example.com/tenant": ("t1",), "example.com/list": ("a", "b")}
+    assert dict(user.extra) == {
+        "example.com/tenant": ("t1",),
+        "example.com/list": ("a", "b"),
+    }
 
 
 def test_cel_nested_roles_claim() -> None:
     cfg = authenticator_config(
-        mappings=mapping(groups=PrefixedClaimOrExpression(expression=expr("claims.realm_access.roles", "g")))
+        mappings=mapping(
+            groups=PrefixedClaimOrExpression(
+                expression=expr("claims.realm_access.roles", "g")
+            )
+        )
     )
     user = map_claims(cfg, {**BASE, "realm_access": {"roles": ["viewer", "editor"]}})
     assert user.groups == ("viewer", "editor")
@@ -174,16 +266,37 @@ def test_cel_nested_roles_claim() -> None:
 
 CLAIM_RULES = [
     ("hd-ok", 'claims.hd == "example.com"', {"hd": "example.com"}, None),
-    ("hd-bad", 'claims.hd == "example.com"', {"hd": "x.com"}, "the hd claim must be example.com"),
+    (
+        "hd-bad",
+        'claims.hd == "example.com"',
+        {"hd": "x.com"},
+        "the hd claim must be example.com",
+    ),
     ("lifetime-ok", "claims.exp - claims.nbf <= 86400", {"nbf": 2**31 - 3600}, None),
-    ("lifetime-bad", "claims.exp - claims.nbf <= 86400", {"nbf": 0}, "the hd claim must be example.com"),
+    (
+        "lifetime-bad",
+        "claims.exp - claims.nbf <= 86400",
+        {"nbf": 0},
+        "the hd claim must be example.com",
+    ),
     ("verified-optional", "claims.?email_verified.orValue(true) == true", {}, None),
-    ("verified-false", "claims.?email_verified.orValue(true) == true", {"email_verified": False}, "the hd claim"),
+    (
+        "verified-false",
+        "claims.?email_verified.orValue(true) == true",
+        {"email_verified": False},
+        "the hd claim",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("source", "extra", "failure"), [c[1:] for c in CLAIM_RULES], ids=[c[0] for c in CLAIM_RULES])
-def test_claim_validation_rules(source: str, extra: dict[str, Any], failure: str | None) -> None:
+@pytest.mark.parametrize(
+    ("source", "extra", "failure"),
+    [c[1:] for c in CLAIM_RULES],
+    ids=[c[0] for c in CLAIM_RULES],
+)
+def test_claim_validation_rules(
+    source: str, extra: dict[str, Any], failure: str | None
+) -> None:
     rule = ClaimValidationRule(
         expression=expr(source, "jwt[0].claimValidationRules[0].expression"),
         message="the hd claim must be example.com",
@@ -198,26 +311,52 @@ def test_claim_validation_rules(source: str, extra: dict[str, Any], failure: str
 
 
 def test_claim_rule_on_missing_claim_names_the_rule() -> None:
-    rule = ClaimValidationRule(expression=expr('claims.hd == "x"', "jwt[0].claimValidationRules[2].expression"))
+    rule = ClaimValidationRule(
+        expression=expr('claims.hd == "x"', "jwt[0].claimValidationRules[2].expression")
+    )
     cfg = authenticator_config(mappings=mapping(), claim_validation_rules=(rule,))
-    with pytest.raises(errors.InvalidClaim, match=r"jwt\[0\]\.claimValidationRules\[2\]\.expression"):
+    with pytest.raises(
+        errors.InvalidClaim, match=r"jwt\[0\]\.claimValidationRules\[2\]\.expression"
+    ):
         map_claims(cfg, BASE)
 
 
 USER_RULES = [
-    ("username-system", "!user.username.startsWith('system:')", {"sub": "system:admin"}, "reserved"),
-    ("groups-system", "user.groups.all(group, !group.startsWith('system:'))", {"groups": ["system:masters"]}, "reserved"),
+    (
+        "username-system",
+        "!user.username.startsWith('system:')",
+        {"sub": "system:admin"},
+        "reserved",
+    ),
+    (
+        "groups-system",
+        "user.groups.all(group, !group.startsWith('system:'))",
+        {"groups": ["system:masters"]},
+        "reserved",
+    ),
     ("ok", "!user.username.startsWith('system:')", {}, None),
 ]
 
 
-@pytest.mark.parametrize(("source", "extra", "failure"), [c[1:] for c in USER_RULES], ids=[c[0] for c in USER_RULES])
-def test_user_validation_rules(source: str, extra: dict[str, Any], failure: str | None) -> None:
+@pytest.mark.parametrize(
+    ("source", "extra", "failure"),
+    [c[1:] for c in USER_RULES],
+    ids=[c[0] for c in USER_RULES],
+)
+def test_user_validation_rules(
+    source: str, extra: dict[str, Any], failure: str | None
+) -> None:
     rule = UserValidationRule(
-        expression=compile_expression(source, variables=("user",), field_path="jwt[0].userValidationRules[0].expression"),
+        expression=compile_expression(
+            source,
+            variables=("user",),
+            field_path="jwt[0].userValidationRules[0].expression",
+        ),
         message="username and groups cannot use the reserved system: prefix",
     )
-    cfg = authenticator_config(mappings=mapping(groups=claim("groups")), user_validation_rules=(rule,))
+    cfg = authenticator_config(
+        mappings=mapping(groups=claim("groups")), user_validation_rules=(rule,)
+    )
     if failure is None:
         map_claims(cfg, {**BASE, **extra})
     else:
