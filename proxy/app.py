@@ -23,7 +23,8 @@ import ssl
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -36,6 +37,7 @@ from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.webhook import WebhookSettings, add_webhook_routes
 
 __all__ = [
+    "ConnectionGuard",
     "Engine",
     "ServeSettings",
     "probe_app",
@@ -59,6 +61,12 @@ class ServeSettings:
     probe_port: int = 8080
     #: Time in-flight requests get to finish after SIGTERM.
     shutdown_grace_period: float = 30.0
+    #: A connection must complete a request's headers within this long of
+    #: opening (or of its previous response): the slowloris bound.
+    idle_timeout: float = 75.0
+    #: How long an unread request body is drained after an early answer (413,
+    #: 408) before the connection is closed; aiohttp's default is 10 s.
+    lingering_time: float = 1.0
     reuse_port: bool = False
 
 
@@ -116,6 +124,100 @@ async def start_engine(
     )
 
 
+@dataclass(slots=True)
+class ConnectionGuard:
+    """Closes connections that never complete a first request (slowloris).
+
+    aiohttp bounds the wait for a request only after a keep-alive response; the
+    first request on a connection may trickle in forever. The guard's site arms
+    a timer per accepted connection (TLS handshake and headers included); the
+    middleware disarms it once a request has fully arrived; a connection whose
+    timer fires first is closed. aiohttp's protocol objects have no weak
+    references, so ``pending`` holds them strongly, but never past the deadline.
+    """
+
+    pending: dict[Any, asyncio.TimerHandle] = field(default_factory=dict)
+    closed: int = 0
+
+    def arm(self, proto: Any, deadline: float) -> None:
+        """Start the first-request deadline of a new connection."""
+        loop = asyncio.get_running_loop()
+        self.pending[proto] = loop.call_later(deadline, self.expire, proto)
+
+    def expire(self, proto: Any) -> None:
+        """Close ``proto``'s connection unless a request arrived meanwhile."""
+        if self.pending.pop(proto, None) is None:
+            return
+        self.closed += 1
+        log.info("connection closed: no complete request in time")
+        proto.force_close()
+
+    @web.middleware
+    async def middleware(
+        self, request: web.Request, handler: Handler
+    ) -> web.StreamResponse:
+        """Disarm the deadline of the connection this request came on."""
+        if self.pending:
+            timer = self.pending.pop(request.protocol, None)
+            if timer is not None:
+                timer.cancel()
+        return await handler(request)
+
+
+GUARD: web.AppKey[ConnectionGuard] = web.AppKey("connection_guard", ConnectionGuard)
+
+
+class _GuardedSite(web.BaseSite):
+    """A TCP site whose connections must send a first request within a deadline."""
+
+    __slots__ = ("_deadline", "_guard", "_host", "_port", "_reuse_port")
+
+    def __init__(
+        self,
+        runner: web.AppRunner,
+        host: str,
+        port: int,
+        *,
+        guard: ConnectionGuard,
+        deadline: float,
+        ssl_context: ssl.SSLContext | None,
+        reuse_port: bool,
+    ) -> None:
+        super().__init__(runner, ssl_context=ssl_context, backlog=1024)
+        self._host, self._port = host, port
+        self._guard, self._deadline = guard, deadline
+        self._reuse_port = reuse_port
+
+    @property
+    def name(self) -> str:
+        """``https://host:port`` as aiohttp names sites."""
+        scheme = "https" if self._ssl_context else "http"
+        return f"{scheme}://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        """Listen, arming the guard's timer on every accepted connection."""
+        await super().start()
+        loop = asyncio.get_running_loop()
+        server = self._runner.server
+        assert server is not None
+        guard, deadline = self._guard, self._deadline
+
+        def factory() -> asyncio.Protocol:
+            proto = server()
+            guard.arm(proto, deadline)
+            return proto
+
+        self._server = await loop.create_server(
+            factory,
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            reuse_address=True,
+            reuse_port=self._reuse_port or None,
+        )
+
+
 def _json_status(code: int, reason: str, message: str) -> web.Response:
     return web.json_response(
         {
@@ -153,9 +255,12 @@ async def _request_context(
 
 def webhook_app(engine: Engine, settings: WebhookSettings) -> web.Application:
     """The TokenReview webhook application (``POST /authenticate``)."""
+    guard = ConnectionGuard()
     app = web.Application(
-        middlewares=[_request_context], client_max_size=settings.max_body_bytes
+        middlewares=[guard.middleware, _request_context],
+        client_max_size=settings.max_body_bytes,
     )
+    app[GUARD] = guard
     add_webhook_routes(
         app,
         authenticator=engine.authenticator,
@@ -228,18 +333,21 @@ async def serve(
         access_log=None,
         handle_signals=False,
         shutdown_timeout=settings.shutdown_grace_period,
+        keepalive_timeout=settings.idle_timeout,
+        lingering_time=settings.lingering_time,
     )
     probe_runner = web.AppRunner(probes, access_log=None, handle_signals=False)
     await main_runner.setup()
     await probe_runner.setup()
     try:
-        site = web.TCPSite(
+        site = _GuardedSite(
             main_runner,
             settings.bind_address,
             settings.secure_port,
+            guard=main.get(GUARD) or ConnectionGuard(),
+            deadline=settings.idle_timeout,
             ssl_context=ssl_context,
-            reuse_port=settings.reuse_port or None,
-            backlog=1024,
+            reuse_port=settings.reuse_port,
         )
         await site.start()
         probe_site = web.TCPSite(

@@ -27,6 +27,7 @@ costs no cryptography.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -62,6 +63,8 @@ class WebhookSettings:
     max_body_bytes: int = 1024 * 1024
     #: ``Retry-After`` seconds on a 503 while keys are not loaded.
     retry_after: int = 5
+    #: The whole body must arrive within this long (slow-body bound).
+    body_timeout: float = 10.0
 
 
 class _BadReview(Exception):
@@ -87,6 +90,7 @@ def _status_body(code: int, reason: str, message: str) -> bytes:
 _REASONS: Final = {
     400: "BadRequest",
     405: "MethodNotAllowed",
+    408: "Timeout",
     413: "RequestEntityTooLarge",
     415: "UnsupportedMediaType",
     500: "InternalError",
@@ -186,6 +190,10 @@ class _Handler:
         except _BadReview as bad:
             log.info("review refused", extra={"status": bad.status, "detail": str(bad)})
             response = _failure(bad.status, str(bad))
+            if bad.status in (408, 413):
+                # The rest of the body is not worth waiting for: close instead
+                # of lingering to drain it.
+                response.force_close()
         self._count(response.status)
         return response
 
@@ -199,9 +207,15 @@ class _Handler:
         if request.content_length is not None and request.content_length > limit:
             raise _BadReview(413, f"webhook: body larger than {limit} bytes")
         try:
-            body = await request.read()
+            async with asyncio.timeout(self._settings.body_timeout):
+                body = await request.read()
         except web.HTTPRequestEntityTooLarge as err:
             raise _BadReview(413, f"webhook: body larger than {limit} bytes") from err
+        except TimeoutError as err:
+            raise _BadReview(
+                408,
+                f"webhook: body not received within {self._settings.body_timeout:g}s",
+            ) from err
         if len(body) > limit:
             raise _BadReview(413, f"webhook: body larger than {limit} bytes")
         api_version, token, asked = _parse_review(body)

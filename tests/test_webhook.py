@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -366,3 +367,64 @@ async def test_metrics_follow_the_answers(
     assert metric(webhook, text, "kube_oidc_gate_issuer_ready") == 1
     assert issuer.url not in text, "issuers appear only as hashes"
     assert token not in text
+
+
+async def _tls_stream(
+    wh: RunningWebhook,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = wh.url.removeprefix("https://").split(":")
+    return await asyncio.open_connection(
+        host, int(port), ssl=wh.client_ssl, server_hostname="127.0.0.1"
+    )
+
+
+async def test_slow_headers_are_cut_off(issuer: FakeIssuer, tmp_path: Path) -> None:
+    async with running_webhook(
+        issuer_auth_config(issuer.url, issuer.ca_pem), tmp_path, idle_timeout=0.5
+    ) as wh:
+        reader, writer = await _tls_stream(wh)
+        writer.write(b"POST /authenticate HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        await writer.drain()
+        started = asyncio.get_running_loop().time()
+        for _ in range(20):  # a header line now and then, never the end of the headers
+            await asyncio.sleep(0.1)
+            if reader.at_eof():
+                break
+            try:
+                writer.write(b"X-Slow: 1\r\n")
+                await writer.drain()
+            except (ConnectionError, OSError):
+                break
+        data = await asyncio.wait_for(reader.read(), 5)
+        assert data == b"", "closed without an answer"
+        assert asyncio.get_running_loop().time() - started < 3
+        writer.close()
+
+
+async def test_slow_body_gets_408(issuer: FakeIssuer, tmp_path: Path) -> None:
+    settings = WebhookSettings(body_timeout=0.5)
+    async with running_webhook(
+        issuer_auth_config(issuer.url, issuer.ca_pem), tmp_path, settings=settings
+    ) as wh:
+        reader, writer = await _tls_stream(wh)
+        writer.write(
+            b"POST /authenticate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 500\r\n\r\n{"apiVersion"'
+        )
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readline(), 5)
+        assert head.startswith(b"HTTP/1.1 408"), head
+        writer.close()
+
+
+async def test_idle_keepalive_connection_survives_the_first_request_deadline(
+    issuer: FakeIssuer, tmp_path: Path
+) -> None:
+    async with running_webhook(
+        issuer_auth_config(issuer.url, issuer.ca_pem), tmp_path, idle_timeout=0.3
+    ) as wh:
+        await wait_ready(wh.engine)
+        token = token_for(issuer)
+        assert (await wh.review(token)).status.authenticated is True
+        await asyncio.sleep(0.1)
+        assert (await wh.review(token)).status.authenticated is True

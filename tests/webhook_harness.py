@@ -116,6 +116,7 @@ async def running_webhook(
     settings: WebhookSettings | None = None,
     client_ca: trustme.CA | None = None,
     client_cert: trustme.LeafCert | None = None,
+    idle_timeout: float = 75.0,
 ) -> AsyncIterator[RunningWebhook]:
     server_ca = trustme.CA()
     leaf = server_ca.issue_cert("127.0.0.1", "localhost")
@@ -137,6 +138,7 @@ async def running_webhook(
         probe_host="127.0.0.1",
         probe_port=0,
         shutdown_grace_period=5,
+        idle_timeout=idle_timeout,
     )
     task = asyncio.create_task(
         serve(
