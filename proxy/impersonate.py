@@ -1,0 +1,1033 @@
+"""The impersonating proxy: authenticate the caller, then call the API server as
+ourselves, impersonating them.
+
+For managed clusters whose API server flags cannot be edited: kubectl talks to
+this proxy with its OIDC token; the proxy validates it with the same engine as
+the webhook and forwards the request with its own credential and the
+``Impersonate-*`` headers that name the mapped user. The API server then
+authorises the *user* (RBAC on the impersonated identity) and the proxy's
+service account only needs the right to impersonate.
+
+Order of checks (each refusal is final; nothing goes upstream on a refusal):
+
+1. request headers within ``max_header_bytes`` (431);
+2. exactly one credential: ``Authorization: Bearer <token>`` (scheme in any
+   case, exactly one header) or, on a WebSocket upgrade only, the subprotocol
+   ``base64url.bearer.authorization.k8s.io.<base64url token>`` as
+   kube-apiserver accepts it for browsers (401 otherwise);
+3. ``authenticate``: a ``TokenError`` is 401 (503 with ``Retry-After`` when
+   the keys are not loaded yet); "not mine" is 401 unless ``token_passthrough``,
+   which forwards the request unchanged (client credential and all) and lets
+   the API server decide;
+4. the mapped identity: an empty username is 401; a ``system:`` username or
+   group is 403 unless listed in ``allow_reserved_groups`` (an IdP must not be
+   able to mint ``system:masters``); a value that HTTP would alter (control
+   characters, surrounding blanks, which a server trims) is 403, since it
+   would arrive as a *different* identity;
+5. client ``Impersonate-*`` headers (any case): 403 by default. With
+   ``allow_client_impersonation`` (``kubectl --as``) every requested value is
+   checked with a SubjectAccessReview *as the authenticated user*, the way
+   kube-apiserver's impersonation filter checks it (verb ``impersonate`` on
+   ``users`` or, for ``system:serviceaccount:<ns>:<name>``, the namespaced
+   ``serviceaccounts``; ``groups``; ``userextras`` with the key as
+   subresource and ``uids``, both in ``authentication.k8s.io``); more than
+   ``max_impersonation_values`` values is 431, a group/extra/uid without a
+   user or a repeated user/uid is 400, an unknown ``Impersonate-`` header is
+   400. On success the requested identity is forwarded instead.
+
+What reaches the API server: the client's headers minus ``Authorization``, every
+``Impersonate-*``, the hop-by-hop headers (and those ``Connection`` names; but
+``Connection: Upgrade`` + ``Upgrade`` are kept on an upgrade), ``Host``,
+``Expect``, the bearer WebSocket subprotocol, ``X-Remote-User/Group/Extra-*``
+(request-header authentication names: dropped so that a proxy credential
+trusted by a front-proxy CA can never make a client's header count) and a
+client ``X-Forwarded-For`` unless the peer is in ``trusted_proxies``; plus our
+``X-Forwarded-For``, the proxy's credential, ``Impersonate-User``, one
+``Impersonate-Group`` per group, ``Impersonate-Uid`` when non-empty and
+``Impersonate-Extra-<key>`` per value, the key percent-encoded as client-go
+does. The API server adds ``system:authenticated`` itself.
+
+Streaming: request and response bodies are relayed chunk by chunk with
+backpressure, never buffered whole. Long-running requests are recognised as
+kube-apiserver does (verb ``watch``, or subresource ``log``, ``exec``,
+``attach``, ``portforward``, ``proxy``) plus every upgrade: they get no total
+timeout, only an idle limit (no bytes for ``stream_idle_timeout`` /
+``tunnel_idle_timeout``), and the client's disconnect is noticed within half a
+second even while the stream is silent (aiohttp only cancels handlers on
+disconnect when the server enables ``handler_cancellation``). Every other
+request must finish within ``request_timeout``.
+
+Upgrades (``Connection: Upgrade`` with ``Upgrade: websocket`` or ``SPDY/...``)
+go over a fresh raw connection (``Upstream.open_upgrade``); a ``101`` is relayed
+to the client and the bytes are copied by ``proxy.tunnel``; any other answer is
+relayed as an ordinary response (kubectl needs that body to fall back from
+WebSocket to SPDY or to print the error).
+
+Errors are Kubernetes ``Status`` objects with short, generic messages; the
+detail goes to this module's log. One access-log line per request goes to the
+``proxy.access`` logger (event ``request``), plus an event ``request started``
+when a long-running request begins. No token is ever logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import ipaddress
+import json
+import logging
+import re
+import string
+import time
+import urllib.parse
+from collections.abc import Awaitable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol, TypeVar
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy import tunnel
+from proxy.errors import TokenError, UpstreamError
+from proxy.kube import SYSTEM_AUTHENTICATED, UserInfo
+from proxy.metrics import Metrics
+from proxy.upstream import RawResponse, Upstream
+
+__all__ = [
+    "BEARER_PROTOCOL_PREFIX",
+    "ProxySettings",
+    "TokenAuthenticator",
+    "add_proxy_routes",
+    "classify_request",
+    "escape_extra_key",
+    "status_response",
+]
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("proxy.access")
+
+#: WebSocket subprotocol prefix carrying a bearer token (kube-apiserver's).
+BEARER_PROTOCOL_PREFIX: Final = "base64url.bearer.authorization.k8s.io."
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_HOP_BY_HOP: Final = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+#: Dropped from every forwarded request, whatever the mode.
+_REQUEST_DROP: Final = frozenset(
+    {"host", "expect", "x-forwarded-for", "x-remote-user", "x-remote-group"}
+)
+_LONG_SUBRESOURCES: Final = frozenset({"log", "exec", "attach", "portforward", "proxy"})
+_VERBS: Final = {
+    "POST": "create",
+    "PUT": "update",
+    "PATCH": "patch",
+}
+_TRUE: Final = frozenset({"1", "t", "true"})
+_SAR_PATH: Final = "/apis/authorization.k8s.io/v1/subjectaccessreviews"
+_AUTH_GROUP: Final = "authentication.k8s.io"
+_SA_PREFIX: Final = "system:serviceaccount:"
+_IMPERSONATE: Final = "impersonate-"
+_IMPERSONATE_EXTRA: Final = "impersonate-extra-"
+_MAX_ERROR_BODY: Final = 1024 * 1024
+_MAX_SAR_BODY: Final = 256 * 1024
+_DISCONNECT_POLL: Final = 0.5
+_UNSAFE_VALUE: Final = re.compile(r"[\x00-\x1f\x7f]")
+_HEADER_KEY_SAFE: Final = frozenset(
+    "!#$&'*+-.^_`|~" + string.ascii_letters + string.digits
+)
+_REASONS: Final = {
+    400: "BadRequest",
+    401: "Unauthorized",
+    403: "Forbidden",
+    431: "BadRequest",
+    500: "InternalError",
+    502: "InternalError",
+    503: "ServiceUnavailable",
+    504: "Timeout",
+}
+_UPSTREAM_MESSAGES: Final = {
+    502: "bad response from the API server",
+    503: "the API server is unavailable",
+    504: "the API server did not answer in time",
+}
+_UPSTREAM_LABELS: Final = {502: "error", 503: "unavailable", 504: "timeout"}
+_T = TypeVar("_T")
+_Headers = CIMultiDictProxy[str] | CIMultiDict[str]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProxySettings:
+    """Everything the proxy handler decides with; the CLI fills it from flags."""
+
+    #: Let clients ask for another identity (``kubectl --as``), each value
+    #: checked by a SubjectAccessReview as the authenticated user.
+    allow_client_impersonation: bool = False
+    #: Most ``Impersonate-*`` values one request may carry (each costs one
+    #: SubjectAccessReview); more is refused with 431.
+    max_impersonation_values: int = 16
+    #: Forward tokens of no configured issuer unchanged (no impersonation) and
+    #: let the API server authenticate them; off means 401.
+    token_passthrough: bool = False
+    #: ``system:`` names (user or group) a token may map to; others are 403.
+    allow_reserved_groups: tuple[str, ...] = ()
+    #: Peers whose ``X-Forwarded-For`` is kept (and appended to).
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    #: Seconds to open a connection (TCP + TLS) to the API server.
+    connect_timeout: float = 10.0
+    #: Seconds for a whole non-streaming request, and for the API server's
+    #: response head of any request (longer than kube-apiserver's default
+    #: 60 s so that its own timeout answer wins).
+    request_timeout: float = 90.0
+    #: Seconds without a byte from the API server after which a watch or log
+    #: stream is ended (0: never). kube-apiserver ends watches after 30-60 min.
+    stream_idle_timeout: float = 4 * 3600.0
+    #: Seconds without a byte either way after which exec/attach/port-forward
+    #: is closed (0: never); 4 h is the kubelet's streaming idle default.
+    tunnel_idle_timeout: float = 4 * 3600.0
+    #: Seconds for one SubjectAccessReview.
+    sar_timeout: float = 10.0
+    #: Largest total size of a request's headers (names + values) accepted.
+    max_header_bytes: int = 256 * 1024
+
+
+class TokenAuthenticator(Protocol):
+    """What the handler needs from ``proxy.authn.Authenticator``."""
+
+    async def authenticate(self, token: str) -> UserInfo | None:
+        """The user, ``None`` for "not mine", or raise ``TokenError``."""
+        ...
+
+
+# --------------------------------------------------------------------------
+# Small pure helpers
+
+
+class _Refusal(Exception):
+    """A request the proxy answers itself; ``detail`` is for the log only."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        detail: str = "",
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail or message)
+        self.status = status
+        self.message = message
+        self.detail = detail
+        self.headers = dict(headers or {})
+
+
+def status_response(
+    code: int, message: str, *, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    """A Kubernetes ``Status`` failure body, which kubectl prints well."""
+    body = {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": _REASONS.get(code, "InternalError"),
+        "code": code,
+    }
+    return web.Response(
+        status=code,
+        body=json.dumps(body).encode(),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def classify_request(
+    method: str, path: str, query: Mapping[str, str]
+) -> tuple[str, str]:
+    """The Kubernetes verb and subresource of a request (kube-apiserver's rules,
+    simplified): ``get``/``list``/``watch``/``create``/``update``/``patch``/
+    ``delete``/``deletecollection`` for resource paths, the lower-case method for
+    others.
+    """
+    parts = [p for p in path.split("/") if p]
+    method = method.upper()
+    if not parts or parts[0] not in ("api", "apis"):
+        return method.lower(), ""
+    rest = parts[2:] if parts[0] == "api" else parts[3:]
+    watching = bool(rest) and rest[0] == "watch"
+    if watching:
+        rest = rest[1:]
+    if len(rest) >= 3 and rest[0] == "namespaces":
+        rest = rest[2:]
+    named = len(rest) >= 2
+    subresource = rest[2] if len(rest) >= 3 else ""
+    if method in ("GET", "HEAD"):
+        if watching or query.get("watch", "").lower() in _TRUE:
+            return "watch", subresource
+        return ("get" if named else "list"), subresource
+    if method == "DELETE":
+        return ("delete" if named else "deletecollection"), subresource
+    return _VERBS.get(method, method.lower()), subresource
+
+
+def escape_extra_key(key: str) -> str:
+    """Percent-encode an extra key for a header name, as client-go does."""
+    return "".join(
+        chr(b) if chr(b) in _HEADER_KEY_SAFE else f"%{b:02X}" for b in key.encode()
+    )
+
+
+def _connection_tokens(headers: _Headers) -> set[str]:
+    tokens: set[str] = set()
+    for value in headers.getall("Connection", ()):
+        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
+    return tokens
+
+
+def _upgrade_protocol(headers: CIMultiDictProxy[str]) -> str | None:
+    """The ``Upgrade`` value when this is an upgrade we relay, else ``None``."""
+    if "upgrade" not in _connection_tokens(headers):
+        return None
+    value = headers.get("Upgrade", "").strip()
+    lowered = value.lower()
+    if lowered == "websocket" or lowered.startswith("spdy/"):
+        return value
+    return None
+
+
+def _credentials(
+    headers: CIMultiDictProxy[str], websocket: bool
+) -> tuple[str, list[str] | None]:
+    """The bearer token, and the remaining WebSocket subprotocols if the token
+    came from one (``None`` when the ``Sec-WebSocket-Protocol`` header is to be
+    forwarded untouched).
+    """
+    authorization = headers.getall("Authorization", [])
+    protocols: list[str] = []
+    for value in headers.getall("Sec-WebSocket-Protocol", ()) if websocket else ():
+        protocols.extend(p.strip() for p in value.split(",") if p.strip())
+    bearer = [p for p in protocols if p.startswith(BEARER_PROTOCOL_PREFIX)]
+    if len(authorization) > 1:
+        raise _Refusal(401, "Unauthorized", "more than one authorization header")
+    if authorization and bearer:
+        raise _Refusal(401, "Unauthorized", "token in both header and subprotocol")
+    if authorization:
+        scheme, _, token = authorization[0].strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token or " " in token:
+            raise _Refusal(401, "Unauthorized", "authorization is not a bearer token")
+        return token, None
+    if len(bearer) == 1:
+        encoded = bearer[0][len(BEARER_PROTOCOL_PREFIX) :]
+        try:
+            raw = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+            token = raw.decode("utf-8")
+        except (binascii.Error, ValueError) as err:
+            raise _Refusal(
+                401, "Unauthorized", "undecodable bearer subprotocol"
+            ) from err
+        if not token:
+            raise _Refusal(401, "Unauthorized", "empty bearer subprotocol")
+        return token, [p for p in protocols if not p.startswith(BEARER_PROTOCOL_PREFIX)]
+    if bearer:
+        raise _Refusal(401, "Unauthorized", "more than one bearer subprotocol")
+    raise _Refusal(401, "Unauthorized", "no bearer token")
+
+
+def _unsafe(value: str) -> bool:
+    return not value or value != value.strip(" \t") or bool(_UNSAFE_VALUE.search(value))
+
+
+def _check_identity(user: UserInfo, allowed: Sequence[str]) -> None:
+    if not user.username:
+        raise _Refusal(401, "Unauthorized", "token maps to an empty username")
+    for value in (user.username, *user.groups):
+        if value.startswith("system:") and value not in allowed:
+            raise _Refusal(
+                403, "forbidden: reserved identity", "reserved name in token"
+            )
+    values = [
+        user.username,
+        *user.groups,
+        *(v for vs in user.extra.values() for v in vs),
+    ]
+    if user.uid:
+        values.append(user.uid)
+    if any(_unsafe(v) for v in values) or any(_unsafe(k) for k in user.extra):
+        raise _Refusal(
+            403, "forbidden: identity not expressible", "unsafe header value"
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Identity:
+    """Who the API server should see: the mapped user or an approved ``--as``."""
+
+    username: str
+    groups: tuple[str, ...] = ()
+    uid: str = ""
+    extra: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, user: UserInfo) -> _Identity:
+        return cls(
+            username=user.username, groups=user.groups, uid=user.uid, extra=user.extra
+        )
+
+    def headers(self) -> list[tuple[str, str]]:
+        out = [("Impersonate-User", self.username)]
+        out.extend(("Impersonate-Group", g) for g in self.groups)
+        if self.uid:
+            out.append(("Impersonate-Uid", self.uid))
+        for key, values in self.extra.items():
+            name = "Impersonate-Extra-" + escape_extra_key(key)
+            out.extend((name, v) for v in values)
+        return out
+
+
+def _requested_identity(
+    headers: CIMultiDictProxy[str], settings: ProxySettings
+) -> _Identity | None:
+    """The identity the client asks for with ``Impersonate-*``, or ``None``."""
+    users: list[str] = []
+    groups: list[str] = []
+    uids: list[str] = []
+    extra: dict[str, list[str]] = {}
+    unknown: list[str] = []
+    count = 0
+    for name, value in headers.items():
+        lower = name.lower()
+        if not lower.startswith(_IMPERSONATE):
+            continue
+        count += 1
+        if lower == "impersonate-user":
+            users.append(value)
+        elif lower == "impersonate-group":
+            groups.append(value)
+        elif lower == "impersonate-uid":
+            uids.append(value)
+        elif lower.startswith(_IMPERSONATE_EXTRA) and len(lower) > len(
+            _IMPERSONATE_EXTRA
+        ):
+            key = urllib.parse.unquote(lower[len(_IMPERSONATE_EXTRA) :])
+            extra.setdefault(key, []).append(value)
+        else:
+            unknown.append(lower)
+    if not count:
+        return None
+    if not settings.allow_client_impersonation:
+        raise _Refusal(403, "impersonation is not allowed through this proxy")
+    if count > settings.max_impersonation_values:
+        raise _Refusal(431, "too many impersonation headers", f"{count} values")
+    if unknown:
+        raise _Refusal(400, "unknown impersonation header", f"headers {unknown!r}")
+    if len(users) != 1 or not users[0] or len(uids) > 1:
+        raise _Refusal(400, "impersonation requires exactly one Impersonate-User")
+    return _Identity(
+        username=users[0],
+        groups=tuple(groups),
+        uid=uids[0] if uids else "",
+        extra={k: tuple(v) for k, v in extra.items()},
+    )
+
+
+def _impersonation_checks(identity: _Identity) -> list[dict[str, str]]:
+    """One ``resourceAttributes`` per requested value, as kube-apiserver checks."""
+    checks: list[dict[str, str]] = []
+    user = identity.username
+    ns, _, name = user.removeprefix(_SA_PREFIX).partition(":")
+    if user.startswith(_SA_PREFIX) and ns and name and ":" not in name:
+        checks.append({"resource": "serviceaccounts", "namespace": ns, "name": name})
+    else:
+        checks.append({"resource": "users", "name": user})
+    checks.extend({"resource": "groups", "name": g} for g in identity.groups)
+    for key, values in identity.extra.items():
+        checks.extend(
+            {
+                "group": _AUTH_GROUP,
+                "resource": "userextras",
+                "subresource": key,
+                "name": v,
+            }
+            for v in values
+        )
+    if identity.uid:
+        checks.append({"group": _AUTH_GROUP, "resource": "uids", "name": identity.uid})
+    for check in checks:
+        check.setdefault("group", "")
+        check["verb"] = "impersonate"
+    return checks
+
+
+def _peer(request: web.Request) -> str | None:
+    transport = request.transport
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    if isinstance(peer, tuple | list) and peer:
+        return str(peer[0])
+    return None
+
+
+def _trusted(peer: str | None, networks: Sequence[IPNetwork]) -> bool:
+    if peer is None or not networks:
+        return False
+    try:
+        address = ipaddress.ip_address(peer.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return any(address in net for net in networks)
+
+
+def _forward_headers(
+    request: web.Request,
+    settings: ProxySettings,
+    *,
+    upgrade: str | None,
+    passthrough: bool,
+    protocols: list[str] | None,
+) -> CIMultiDict[str]:
+    """The client's headers as they may go upstream (see the module docstring)."""
+    src = request.headers
+    drop = _connection_tokens(src)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in src.items():
+        lower = name.lower()
+        if (
+            lower in _HOP_BY_HOP
+            or lower in drop
+            or lower in _REQUEST_DROP
+            or lower.startswith("x-remote-extra-")
+            or (lower == "sec-websocket-protocol" and protocols is not None)
+            or (upgrade is not None and lower == "content-length")
+            or (
+                not passthrough
+                and (lower == "authorization" or lower.startswith(_IMPERSONATE))
+            )
+        ):
+            continue
+        out.add(name, value)
+    if upgrade is not None:
+        out["Connection"] = "Upgrade"
+        out["Upgrade"] = upgrade
+    if protocols:
+        out["Sec-WebSocket-Protocol"] = ", ".join(protocols)
+    peer = _peer(request)
+    if peer is not None:
+        chain = src.getall("X-Forwarded-For", [])
+        if chain and _trusted(peer, settings.trusted_proxies):
+            out["X-Forwarded-For"] = ", ".join([*chain, peer])
+        else:
+            out["X-Forwarded-For"] = peer
+    return out
+
+
+def _response_headers(
+    headers: _Headers, *, upgrade: bool = False, body_length: bool = True
+) -> CIMultiDict[str]:
+    """The API server's response headers minus hop-by-hop ones and, when the
+    framing changes (an upgrade, a chunked or a re-serialised body), the length.
+    """
+    drop = _connection_tokens(headers)
+    chunked = "Transfer-Encoding" in headers
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in _HOP_BY_HOP or lower in drop:
+            continue
+        if lower == "content-length" and (upgrade or chunked or not body_length):
+            continue
+        out.add(name, value)
+    if upgrade:
+        out["Connection"] = "Upgrade"
+        out["Upgrade"] = headers.get("Upgrade", "")
+    return out
+
+
+async def _read_capped(content: aiohttp.StreamReader, limit: int) -> bytes:
+    out = bytearray()
+    while chunk := await content.readany():
+        out += chunk
+        if len(out) > limit:
+            raise UpstreamError("proxy: response too large", status=502)
+    return bytes(out)
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+async def _unless_client_leaves(request: web.Request, work: Awaitable[_T]) -> _T | None:
+    """Run ``work`` but give up (``None``) once the client's connection is gone."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL)
+            if done:
+                return task.result()
+            if _client_gone(request):
+                return None
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+
+
+class _UpstreamBroken(Exception):
+    """The API server failed after the response head was relayed."""
+
+
+class _ClientLeft(Exception):
+    """The client went away while the response was being relayed."""
+
+
+# --------------------------------------------------------------------------
+# Access log
+
+
+class _Entry:
+    """One request's access-log fields, filled in as the request progresses."""
+
+    __slots__ = (
+        "as_user",
+        "bytes_in",
+        "bytes_out",
+        "groups_count",
+        "kind",
+        "method",
+        "mode",
+        "outcome",
+        "path",
+        "prepared",
+        "started_at",
+        "status",
+        "user",
+        "verb",
+    )
+
+    def __init__(self, request: web.Request, verb: str, kind: str | None) -> None:
+        self.started_at = time.monotonic()
+        self.method = request.method
+        self.path = request.path
+        self.verb = verb
+        self.kind = kind
+        self.user = ""
+        self.groups_count = 0
+        self.as_user: str | None = None
+        self.mode = "impersonate"
+        self.status = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.outcome = "ok"
+        self.prepared = False
+
+    def fields(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "user": self.user,
+            "groups_count": self.groups_count,
+            "verb": self.verb,
+            "method": self.method,
+            "path": self.path,
+            "status": self.status,
+            "bytes": self.bytes_out,
+            "duration": round(time.monotonic() - self.started_at, 6),
+            "mode": self.mode,
+        }
+        if self.kind is not None:
+            out["kind"] = self.kind
+            out["bytes_in"] = self.bytes_in
+        if self.as_user is not None:
+            out["as_user"] = self.as_user
+        if self.outcome != "ok":
+            out["outcome"] = self.outcome
+        return out
+
+
+# --------------------------------------------------------------------------
+# The handler
+
+
+class _ProxyHandler:
+    """The catch-all route: see the module docstring for the whole pipeline."""
+
+    def __init__(
+        self,
+        authenticator: TokenAuthenticator,
+        upstream: Upstream,
+        settings: ProxySettings,
+        metrics: Metrics | None,
+    ) -> None:
+        self._authenticator = authenticator
+        self._upstream = upstream
+        self._settings = settings
+        self._metrics = metrics
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Serve one request (the route's handler)."""
+        upgrade = _upgrade_protocol(request.headers)
+        verb, subresource = classify_request(
+            request.method, request.path, request.query
+        )
+        kind: str | None = None
+        if upgrade is not None:
+            kind = subresource or "upgrade"
+        elif verb == "watch" or subresource in _LONG_SUBRESOURCES:
+            kind = "watch" if verb == "watch" else subresource
+        entry = _Entry(request, verb, kind)
+        try:
+            response = await self._serve(request, entry, upgrade)
+        except _Refusal as refusal:
+            log.info(
+                "proxy refused request",
+                extra={
+                    "status": refusal.status,
+                    "detail": refusal.detail or refusal.message,
+                },
+            )
+            response = status_response(
+                refusal.status, refusal.message, headers=refusal.headers
+            )
+            entry.status = refusal.status
+        except UpstreamError as err:
+            log.warning(
+                "upstream failed", extra={"status": err.status, "detail": str(err)}
+            )
+            self._count_upstream(_UPSTREAM_LABELS.get(err.status, "error"))
+            response = status_response(
+                err.status, _UPSTREAM_MESSAGES.get(err.status, "proxy error")
+            )
+            entry.status = err.status
+        except Exception:
+            if entry.prepared:
+                _abort(request)
+                raise
+            log.exception("proxy handler failed")
+            response = status_response(500, "internal error")
+            entry.status = 500
+        finally:
+            self._finish(entry)
+        return response
+
+    def _finish(self, entry: _Entry) -> None:
+        if entry.status == 0:
+            entry.status = 499
+            entry.outcome = "client_closed" if entry.outcome == "ok" else entry.outcome
+        access_log.info("request", extra=entry.fields())
+        if self._metrics is not None:
+            self._metrics.http_requests.labels("proxy", str(entry.status)).inc()
+
+    def _count_upstream(self, label: str) -> None:
+        if self._metrics is not None:
+            self._metrics.upstream_requests.labels(label).inc()
+
+    async def _serve(
+        self,
+        request: web.Request,
+        entry: _Entry,
+        upgrade: str | None,
+    ) -> web.StreamResponse:
+        settings = self._settings
+        size = sum(len(k) + len(v) + 4 for k, v in request.raw_headers)
+        if size > settings.max_header_bytes:
+            raise _Refusal(431, "request headers too large", f"{size} bytes")
+        if not request.raw_path.startswith("/"):
+            raise _Refusal(400, "bad request target")
+        websocket = upgrade is not None and upgrade.lower() == "websocket"
+        token, protocols = _credentials(request.headers, websocket)
+        try:
+            user = await self._authenticator.authenticate(token)
+        except TokenError as err:
+            if err.temporary:
+                raise _Refusal(
+                    503,
+                    "authentication temporarily unavailable",
+                    err.reason,
+                    headers={"Retry-After": "5"},
+                ) from err
+            raise _Refusal(401, "Unauthorized", err.reason) from err
+        if user is None:
+            if not settings.token_passthrough:
+                raise _Refusal(401, "Unauthorized", "token of no configured issuer")
+            entry.mode = "passthrough"
+            headers = _forward_headers(
+                request, settings, upgrade=upgrade, passthrough=True, protocols=None
+            )
+            return await self._forward(request, headers, entry, upgrade)
+        entry.user = user.username
+        entry.groups_count = len(user.groups)
+        _check_identity(user, settings.allow_reserved_groups)
+        identity = _requested_identity(request.headers, settings)
+        if identity is not None:
+            entry.as_user = identity.username
+            await self._authorize(user, identity)
+        else:
+            identity = _Identity.of(user)
+        headers = _forward_headers(
+            request, settings, upgrade=upgrade, passthrough=False, protocols=protocols
+        )
+        headers.extend(self._upstream.auth_headers())
+        headers.extend(identity.headers())
+        return await self._forward(request, headers, entry, upgrade)
+
+    async def _authorize(self, user: UserInfo, identity: _Identity) -> None:
+        """SubjectAccessReviews for each requested value, as ``user``; 403 on a no."""
+        groups = list(user.groups)
+        if SYSTEM_AUTHENTICATED not in groups:
+            groups.append(SYSTEM_AUTHENTICATED)
+        spec: dict[str, Any] = {"user": user.username, "groups": groups}
+        if user.uid:
+            spec["uid"] = user.uid
+        if user.extra:
+            spec["extra"] = {k: list(v) for k, v in user.extra.items()}
+        for attributes in _impersonation_checks(identity):
+            review = {
+                "apiVersion": "authorization.k8s.io/v1",
+                "kind": "SubjectAccessReview",
+                "spec": {**spec, "resourceAttributes": attributes},
+            }
+            if not await self._review(review):
+                what = attributes["resource"]
+                if "subresource" in attributes:
+                    what += "/" + attributes["subresource"]
+                raise _Refusal(
+                    403,
+                    f'forbidden: cannot impersonate {what} "{attributes["name"]}"',
+                    "subjectaccessreview denied",
+                )
+
+    async def _review(self, review: dict[str, Any]) -> bool:
+        settings = self._settings
+        headers: CIMultiDict[str] = CIMultiDict(
+            {"Content-Type": "application/json", "Accept": "application/json"}
+        )
+        headers.extend(self._upstream.auth_headers())
+        try:
+            async with asyncio.timeout(settings.sar_timeout):
+                async with self._upstream.request(
+                    "POST",
+                    _SAR_PATH,
+                    headers=headers,
+                    data=json.dumps(review).encode(),
+                    connect_timeout=settings.connect_timeout,
+                    head_timeout=settings.sar_timeout,
+                ) as response:
+                    body = await _read_capped(response.content, _MAX_SAR_BODY)
+                    status = response.status
+        except TimeoutError as err:
+            raise UpstreamError(
+                "proxy: subjectaccessreview timed out", status=504
+            ) from err
+        except aiohttp.ClientError as err:
+            raise UpstreamError(
+                f"proxy: subjectaccessreview failed: {type(err).__name__}"
+            ) from err
+        if status not in (200, 201):
+            raise UpstreamError(f"proxy: subjectaccessreview answered {status}")
+        try:
+            allowed = json.loads(body)["status"]["allowed"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise UpstreamError("proxy: subjectaccessreview answer unreadable") from err
+        return allowed is True
+
+    async def _forward(
+        self,
+        request: web.Request,
+        headers: CIMultiDict[str],
+        entry: _Entry,
+        upgrade: str | None,
+    ) -> web.StreamResponse:
+        if upgrade is not None:
+            return await self._forward_upgrade(request, headers, entry)
+        return await self._forward_http(request, headers, entry)
+
+    def _stream_started(self, entry: _Entry) -> None:
+        if entry.kind is None:
+            return
+        access_log.info("request started", extra=entry.fields())
+        if self._metrics is not None:
+            self._metrics.inflight_streams.labels(entry.kind).inc()
+
+    def _stream_ended(self, entry: _Entry) -> None:
+        if entry.kind is not None and self._metrics is not None:
+            self._metrics.inflight_streams.labels(entry.kind).dec()
+
+    async def _forward_http(
+        self, request: web.Request, headers: CIMultiDict[str], entry: _Entry
+    ) -> web.StreamResponse:
+        settings = self._settings
+        long_running = entry.kind is not None
+        response: web.StreamResponse | None = None
+        data = request.content if request.body_exists else None
+        try:
+            async with asyncio.timeout(
+                None if long_running else settings.request_timeout
+            ):
+                async with self._upstream.request(
+                    request.method,
+                    request.raw_path,
+                    headers=headers,
+                    data=data,
+                    connect_timeout=settings.connect_timeout,
+                    head_timeout=settings.request_timeout,
+                ) as upstream:
+                    self._count_upstream(str(upstream.status))
+                    response = web.StreamResponse(
+                        status=upstream.status, reason=upstream.reason
+                    )
+                    response.headers.extend(_response_headers(upstream.headers))
+                    await response.prepare(request)
+                    entry.status = upstream.status
+                    entry.prepared = True
+                    self._stream_started(entry)
+                    try:
+                        copy = self._copy_body(upstream, response, entry, long_running)
+                        if long_running:
+                            finished = await _unless_client_leaves(request, copy)
+                            if finished is None:
+                                raise _ClientLeft
+                        else:
+                            await copy
+                        await response.write_eof()
+                    finally:
+                        self._stream_ended(entry)
+        except TimeoutError as err:
+            if response is None:
+                raise UpstreamError("proxy: request timed out", status=504) from err
+            entry.outcome = "timeout"
+            _abort(request)
+        except _UpstreamBroken:
+            entry.outcome = "upstream_error"
+            _abort(request)
+        except (_ClientLeft, ConnectionError):
+            entry.outcome = "client_closed"
+        if response is None:  # pragma: no cover - every path above sets or raises
+            raise UpstreamError("proxy: no response")
+        return response
+
+    async def _copy_body(
+        self,
+        upstream: aiohttp.ClientResponse,
+        response: web.StreamResponse,
+        entry: _Entry,
+        long_running: bool,
+    ) -> bool:
+        idle = self._settings.stream_idle_timeout if long_running else 0.0
+        while True:
+            try:
+                if idle > 0:
+                    try:
+                        async with asyncio.timeout(idle):
+                            chunk = await upstream.content.readany()
+                    except TimeoutError:
+                        entry.outcome = "idle"
+                        return True
+                else:
+                    chunk = await upstream.content.readany()
+            except (aiohttp.ClientError, OSError) as err:
+                log.warning(
+                    "upstream stream broke", extra={"error": type(err).__name__}
+                )
+                raise _UpstreamBroken from err
+            if not chunk:
+                return True
+            try:
+                await response.write(chunk)
+            except (ConnectionError, OSError) as err:
+                raise _ClientLeft from err
+            entry.bytes_out += len(chunk)
+
+    async def _forward_upgrade(
+        self, request: web.Request, headers: CIMultiDict[str], entry: _Entry
+    ) -> web.StreamResponse:
+        settings = self._settings
+        raw = await self._upstream.open_upgrade(
+            request.method,
+            request.raw_path,
+            list(headers.items()),
+            connect_timeout=settings.connect_timeout,
+            head_timeout=settings.request_timeout,
+            max_header_bytes=settings.max_header_bytes,
+        )
+        self._count_upstream(str(raw.status))
+        if raw.status != 101:
+            return await self._upgrade_refused(raw, entry)
+        try:
+            response, client = await tunnel.accept(
+                request,
+                reason=raw.reason,
+                headers=_response_headers(raw.headers, upgrade=True),
+            )
+        except ConnectionError:
+            await raw.close()
+            entry.outcome = "client_closed"
+            return web.Response(status=499, reason="Client Closed Request")
+        entry.status = 101
+        entry.prepared = True
+        self._stream_started(entry)
+        try:
+            result = await tunnel.relay(
+                client,
+                raw.reader,
+                raw.writer,
+                idle_seconds=settings.tunnel_idle_timeout,
+            )
+        finally:
+            self._stream_ended(entry)
+            await raw.close()
+        entry.bytes_in = result.bytes_to_upstream
+        entry.bytes_out = result.bytes_to_client
+        if result.closed_by not in ("client", "upstream"):
+            entry.outcome = result.closed_by
+        return response
+
+    async def _upgrade_refused(self, raw: RawResponse, entry: _Entry) -> web.Response:
+        """Relay a non-101 answer to an upgrade (kubectl reads it to fall back)."""
+        try:
+            async with asyncio.timeout(self._settings.request_timeout):
+                body = await raw.read_body(limit=_MAX_ERROR_BODY)
+        except TimeoutError as err:
+            raise UpstreamError("proxy: upgrade answer timed out", status=504) from err
+        answer = web.Response(status=raw.status, reason=raw.reason, body=body)
+        answer.headers.extend(_response_headers(raw.headers, body_length=False))
+        entry.status = raw.status
+        entry.bytes_out = len(body)
+        return answer
+
+
+def _abort(request: web.Request) -> None:
+    """Cut the client's connection: the response cannot be completed honestly."""
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+
+
+def add_proxy_routes(
+    app: web.Application,
+    *,
+    authenticator: TokenAuthenticator,
+    upstream: Upstream,
+    settings: ProxySettings,
+    metrics: Metrics | None,
+) -> None:
+    """Register the catch-all proxy route (every method, every path).
+
+    Register ``/healthz``, ``/readyz`` and ``/metrics`` *before* calling this:
+    aiohttp matches routes in registration order and this one matches all.
+    """
+    handler = _ProxyHandler(authenticator, upstream, settings, metrics)
+    app.router.add_route("*", "/{path:.*}", handler.handle)

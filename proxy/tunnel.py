@@ -1,0 +1,258 @@
+"""Relaying an upgraded connection (exec, attach, port-forward) byte for byte.
+
+After the API server answers an upgrade request with ``101 Switching
+Protocols``, neither side speaks HTTP on the connection any more: WebSocket
+(``v5.channel.k8s.io``, ``v4.channel.k8s.io``, ``SPDY/3.1+portforward.k8s.io``
+tunnelled in WebSocket frames) or raw SPDY/3.1. The proxy does not need to
+understand any of them; it copies bytes both ways until either side closes,
+and then closes both (what Go's reverse proxy and kube-apiserver's
+upgrade-aware handler do).
+
+The seam in aiohttp's server
+----------------------------
+aiohttp's HTTP parser only treats ``Upgrade: websocket`` (and ``tcp``) as an
+upgrade; after a ``101`` for ``SPDY/3.1`` it would go on parsing the SPDY
+frames as HTTP requests. So instead of feeding aiohttp's parser (what
+``web.WebSocketResponse`` does through ``set_parser``), ``accept()`` takes the
+connection away from aiohttp with the public asyncio API:
+``transport.set_protocol(ClientSide(...))`` *before* the ``101`` head is
+written (through an ordinary prepared ``web.StreamResponse``, so headers are
+serialised by aiohttp), so no byte the client sends after the ``101`` can reach
+aiohttp's parser. From then on the transport delivers data, EOF, flow-control
+and connection-loss events to ``ClientSide``, which:
+
+- buffers received bytes and pauses reading above a high-water mark, so a fast
+  client cannot fill memory while the API server is slow;
+- implements ``pause_writing``/``resume_writing`` so writes to a slow client
+  wait (backpressure towards the API server);
+- forwards ``connection_lost`` to aiohttp's original protocol, so aiohttp's
+  connection bookkeeping (and handler cancellation, if enabled) happens exactly
+  as if it had seen the close itself.
+
+When the relay ends the handler returns the prepared ``101`` response marked
+``force_close``: aiohttp's ``write_eof`` writes nothing for a bodiless status
+and the connection is not reused.
+
+Assumption: a client sends nothing after the upgrade request before it has read
+the ``101`` (RFC 6455 and SPDY clients wait), so there are no bytes buffered in
+aiohttp's parser at the moment of the switch.
+
+Limits: one idle timeout (no byte in either direction) ends a tunnel; there is
+no total limit, since an ``exec`` session may legitimately last hours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+__all__ = ["ClientSide", "TunnelResult", "accept", "relay"]
+
+_CHUNK: Final = 64 * 1024
+#: Client bytes buffered before reading from the client is paused.
+_HIGH_WATER: Final = 256 * 1024
+
+ClosedBy = Literal["client", "upstream", "idle", "error"]
+
+
+class ClientSide(asyncio.Protocol):
+    """The client's connection after the switch: a small buffered byte pipe."""
+
+    def __init__(self, transport: asyncio.Transport, previous: asyncio.BaseProtocol):
+        self._transport = transport
+        self._previous: asyncio.BaseProtocol | None = previous
+        self._buffer = bytearray()
+        self._eof = False
+        self._lost = False
+        self._reading_paused = False
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+
+    # -- asyncio.Protocol --------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        """Buffer the bytes; stop reading while the buffer is full."""
+        self._buffer += data
+        self._readable.set()
+        if len(self._buffer) >= _HIGH_WATER and not self._reading_paused:
+            self._reading_paused = True
+            self._transport.pause_reading()
+
+    def eof_received(self) -> bool | None:
+        """The client is done sending: that ends the tunnel (transport closes)."""
+        self._eof = True
+        self._readable.set()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Wake every waiter, then let aiohttp's protocol clean up as usual."""
+        self._lost = True
+        self._eof = True
+        self._readable.set()
+        self._writable.set()
+        previous, self._previous = self._previous, None
+        if previous is not None:
+            previous.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        """The transport's write buffer is full: writers wait."""
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        """The transport drained: writers may continue."""
+        self._writable.set()
+
+    # -- pipe ----------------------------------------------------------------------
+
+    async def read(self) -> bytes:
+        """Bytes received from the client; ``b""`` once it has closed."""
+        while not self._buffer and not self._eof:
+            self._readable.clear()
+            await self._readable.wait()
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        if self._reading_paused and not self._lost:
+            self._reading_paused = False
+            self._transport.resume_reading()
+        return data
+
+    async def write(self, data: bytes) -> None:
+        """Send bytes to the client, waiting while its buffer is full."""
+        if self._lost:
+            raise ConnectionResetError("tunnel: client connection lost")
+        self._transport.write(data)
+        await self._writable.wait()
+        if self._lost:
+            raise ConnectionResetError("tunnel: client connection lost")
+
+    def close(self) -> None:
+        """Close the client's connection (TLS close_notify, then TCP FIN)."""
+        if not self._transport.is_closing():
+            self._transport.close()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TunnelResult:
+    """How much went each way and which side ended the tunnel (for the log)."""
+
+    bytes_to_upstream: int
+    bytes_to_client: int
+    closed_by: ClosedBy
+
+
+async def accept(
+    request: web.Request, *, reason: str, headers: CIMultiDict[str]
+) -> tuple[web.StreamResponse, ClientSide]:
+    """Take the client's connection from aiohttp and answer ``101`` on it.
+
+    ``headers`` are the ``101`` headers to send (``Connection: Upgrade``,
+    ``Upgrade``, ``Sec-WebSocket-*``...), already filtered by the caller.
+    Return the prepared response (to be returned by the handler once the relay
+    is over) and the client side of the pipe.
+    """
+    transport = request.transport
+    if not isinstance(transport, asyncio.Transport) or transport.is_closing():
+        raise ConnectionResetError("tunnel: client went away before the upgrade")
+    client = ClientSide(transport, transport.get_protocol())
+    transport.set_protocol(client)
+    response = web.StreamResponse(status=101, reason=reason or "Switching Protocols")
+    response.headers.extend(headers)
+    try:
+        await response.prepare(request)
+    except BaseException:
+        client.close()
+        raise
+    response.force_close()
+    return response, client
+
+
+class _Activity:
+    __slots__ = ("down", "last", "up")
+
+    def __init__(self, now: float) -> None:
+        self.up = 0
+        self.down = 0
+        self.last = now
+
+
+async def _to_upstream(
+    client: ClientSide, writer: asyncio.StreamWriter, activity: _Activity
+) -> ClosedBy:
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            data = await client.read()
+            if not data:
+                return "client"
+            writer.write(data)
+            activity.up += len(data)
+            activity.last = loop.time()
+            await writer.drain()
+    except (ConnectionError, OSError):
+        return "error"
+
+
+async def _to_client(
+    reader: asyncio.StreamReader, client: ClientSide, activity: _Activity
+) -> ClosedBy:
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            data = await reader.read(_CHUNK)
+            if not data:
+                return "upstream"
+            activity.down += len(data)
+            activity.last = loop.time()
+            await client.write(data)
+    except ConnectionResetError:
+        return "client"
+    except (ConnectionError, OSError):
+        return "error"
+
+
+async def relay(
+    client: ClientSide,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    *,
+    idle_seconds: float,
+) -> TunnelResult:
+    """Copy bytes both ways until either side closes or nothing moves for
+    ``idle_seconds`` (0: no idle limit); then close the client's side.
+
+    The upstream ``writer`` is left for the caller to close.
+    """
+    loop = asyncio.get_running_loop()
+    activity = _Activity(loop.time())
+    up = asyncio.create_task(_to_upstream(client, writer, activity))
+    down = asyncio.create_task(_to_client(reader, client, activity))
+    closed_by: ClosedBy = "error"
+    try:
+        while True:
+            wait = None
+            if idle_seconds > 0:
+                wait = max(activity.last + idle_seconds - loop.time(), 0.0)
+            done, _ = await asyncio.wait(
+                (up, down), timeout=wait, return_when=asyncio.FIRST_COMPLETED
+            )
+            if done:
+                closed_by = done.pop().result()
+                break
+            if loop.time() - activity.last >= idle_seconds:
+                closed_by = "idle"
+                break
+    finally:
+        for task in (up, down):
+            task.cancel()
+        await asyncio.wait((up, down))
+        client.close()
+    return TunnelResult(
+        bytes_to_upstream=activity.up,
+        bytes_to_client=activity.down,
+        closed_by=closed_by,
+    )

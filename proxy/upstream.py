@@ -1,0 +1,604 @@
+"""How the proxy reaches the API server: address, TLS, its own credential, a pool.
+
+Configuration comes from the ``kubernetes`` package's loaders, so a kubeconfig
+means exactly what it means to kubectl (contexts, inline or file certificate
+data, exec plugins) and in-cluster means what it means to every client-go
+program: ``KUBERNETES_SERVICE_HOST``/``PORT``, the service account's CA and
+token. The loaders run once, in a thread (an exec plugin may spawn a process),
+inside ``start()``; what they produce is turned into one ``ssl.SSLContext`` and
+one ``aiohttp.ClientSession`` with a keep-alive pool, owned here and closed in
+``close()``.
+
+Credentials rotate without a restart:
+
+- in-cluster, the projected service-account token is rewritten by the kubelet
+  (bound tokens live an hour and are refreshed well before); a background task
+  ``stat``s the file every ``credential_check_interval`` seconds, in a thread,
+  and re-reads it when its identity (inode, size, mtime) changes. The kubelet
+  swaps a symlink, so the identity of the file the path resolves to is what
+  changes;
+- from a kubeconfig, the loader's own refresh hook is called on the same
+  schedule; it re-runs an exec plugin when the credential it returned expires.
+  A kubeconfig ``tokenFile`` is read once, at start (a known limitation).
+
+``auth_headers()`` is synchronous and only returns what the background task
+last read, so a request never waits for the disk.
+
+Two ways to send a request:
+
+- ``request()``: ordinary requests through the pool (aiohttp client), with the
+  body streamed both ways by the caller;
+- ``open_upgrade()``: a fresh HTTP/1.1 connection (``asyncio.open_connection``
+  with the same TLS context) for ``Connection: Upgrade`` requests. aiohttp's
+  client cannot hand over the socket after ``101 Switching Protocols``, so this
+  small raw client writes the request head itself, parses the response head and
+  returns the reader and writer for ``proxy.tunnel`` to relay.
+
+Failures become ``UpstreamError`` with the status the proxy should answer: 503
+when the API server cannot be reached (refused, unreachable), 504 when it does
+not answer in time, 502 when it answers with something unusable (bad TLS, a
+reset, a malformed response). Messages never contain a credential.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import ssl
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import aiohttp
+import yaml
+from kubernetes.client import Configuration
+from kubernetes.config import ConfigException, load_kube_config
+from kubernetes.config.incluster_config import InClusterConfigLoader
+from multidict import CIMultiDict
+from yarl import URL
+
+from proxy.errors import ConfigError, UpstreamError
+
+__all__ = [
+    "SERVICE_CA_FILE",
+    "SERVICE_TOKEN_FILE",
+    "RawResponse",
+    "Upstream",
+    "UpstreamSettings",
+    "close_writer",
+    "map_client_error",
+]
+
+log = logging.getLogger(__name__)
+
+#: Where the kubelet mounts the pod's service-account token (rotated in place).
+SERVICE_TOKEN_FILE: Final = "/var/run/secrets/kubernetes.io/serviceaccount/token"  # noqa: S105 a path
+#: The cluster CA that comes with it.
+SERVICE_CA_FILE: Final = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+
+_CLOSE_WAIT: Final = 1.0
+_NO_AUTO_HEADERS: Final = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+
+
+def map_client_error(err: aiohttp.ClientError) -> UpstreamError:
+    """The status to answer for an aiohttp client failure (see module docstring)."""
+    if isinstance(
+        err, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError
+    ):
+        return UpstreamError("upstream: tls handshake failed", status=502)
+    if isinstance(err, aiohttp.ClientConnectorError):
+        return UpstreamError(
+            f"upstream: cannot connect: {err.strerror or type(err).__name__}",
+            status=503,
+        )
+    if isinstance(err, aiohttp.ServerTimeoutError):
+        return UpstreamError("upstream: no response in time", status=504)
+    return UpstreamError(f"upstream: request failed: {type(err).__name__}", status=502)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpstreamSettings:
+    """Where the API server is and how the proxy proves who it is.
+
+    ``kubeconfig`` unset means in-cluster (the pod's service account); set, it
+    is read with ``context`` (unset: the file's ``current-context``).
+    """
+
+    #: Path of a kubeconfig; ``None`` means the in-cluster service account.
+    kubeconfig: str | None = None
+    #: kubeconfig context to use; ``None`` means the file's current-context.
+    context: str | None = None
+    #: In-cluster token file (re-read when it changes); injectable for tests.
+    token_file: str = SERVICE_TOKEN_FILE
+    #: In-cluster CA bundle.
+    ca_file: str = SERVICE_CA_FILE
+    #: Seconds between checks of the credential for rotation.
+    credential_check_interval: float = 5.0
+    #: Most connections to the API server at once; 0 means no limit. Every
+    #: watch, log stream and exec holds one for its whole life, so a limit here
+    #: caps concurrent streams rather than protecting the API server.
+    max_connections: int = 0
+    #: Seconds an idle pooled connection is kept for reuse.
+    keepalive_timeout: float = 30.0
+
+
+@dataclass(slots=True, kw_only=True)
+class _Target:
+    """What the kubernetes loaders produced, reduced to what we use."""
+
+    base_url: URL
+    ca_file: str | None
+    cert_file: str | None
+    key_file: str | None
+    verify: bool
+    server_name: str | None
+    authorization: str | None
+    token_file: str | None
+    configuration: Any
+
+
+class _TokenFile:
+    """A token file and the identity of the version last read from it."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._signature: tuple[int, int, int, int] | None = None
+
+    def read_if_changed(self) -> str | None:
+        """The new token if the file changed since the last read, else ``None``.
+
+        Blocking (stat and read): call it in a thread. An empty file keeps the
+        old token: the kubelet never writes one, a half-written copy might.
+        """
+        st = os.stat(self.path)
+        signature = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if signature == self._signature:
+            return None
+        with open(self.path, encoding="utf-8") as fh:
+            token = fh.read().strip()
+        if not token:
+            log.warning("upstream token file is empty", extra={"path": self.path})
+            return None
+        self._signature = signature
+        return token
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _load(settings: UpstreamSettings, environ: Mapping[str, str] | None) -> _Target:
+    """Run the kubernetes loaders (blocking) and check what they produced."""
+    cfg = Configuration()
+    source = settings.kubeconfig or "in-cluster service account"
+    try:
+        if settings.kubeconfig is None:
+            loader = InClusterConfigLoader(  # type: ignore[no-untyped-call]
+                token_filename=settings.token_file,
+                cert_filename=settings.ca_file,
+                try_refresh_token=False,
+                environ=os.environ if environ is None else environ,
+            )
+            loader.load_and_set(cfg)  # type: ignore[no-untyped-call]
+        else:
+            load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=settings.kubeconfig,
+                context=settings.context,
+                client_configuration=cfg,
+                persist_config=False,
+            )
+    except ConfigException as err:
+        raise ConfigError(f"upstream: {source}: {err}") from err
+    except OSError as err:
+        raise ConfigError(f"upstream: {source}: cannot read: {err.strerror}") from err
+    except yaml.YAMLError as err:
+        # PyYAML's message quotes the offending line, which may hold a token.
+        mark = getattr(err, "problem_mark", None)
+        where = f" near line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"upstream: {source}: not valid yaml{where}") from err
+    except Exception as err:  # the loaders raise anything on odd input
+        raise ConfigError(
+            f"upstream: {source}: unusable ({type(err).__name__})"
+        ) from err
+    if getattr(cfg, "proxy", None):
+        raise ConfigError(f"upstream: {source}: proxy-url is not supported")
+    url = URL(str(cfg.host))
+    if url.scheme not in ("https", "http") or not url.host:
+        raise ConfigError(f"upstream: {source}: server must be an https url")
+    if url.scheme == "http" and not _is_loopback(url.host):
+        raise ConfigError(
+            f"upstream: {source}: plain http is only allowed to a loopback address"
+        )
+    raw = cfg.api_key.get("BearerToken") or cfg.api_key.get("authorization")
+    return _Target(
+        base_url=url,
+        ca_file=cfg.ssl_ca_cert or None,
+        cert_file=cfg.cert_file or None,
+        key_file=cfg.key_file or None,
+        verify=bool(cfg.verify_ssl),
+        server_name=getattr(cfg, "tls_server_name", None) or None,
+        authorization=_normalise_authorization(raw),
+        token_file=settings.token_file if settings.kubeconfig is None else None,
+        configuration=cfg if getattr(cfg, "refresh_api_key_hook", None) else None,
+    )
+
+
+def _normalise_authorization(raw: object) -> str | None:
+    """``Bearer <token>`` from what the loaders store (``bearer x`` in-cluster)."""
+    if not isinstance(raw, str) or not raw.strip():
+        return None
+    scheme, _, rest = raw.strip().partition(" ")
+    if scheme.lower() == "bearer" and rest.strip():
+        return "Bearer " + rest.strip()
+    return raw.strip()
+
+
+def _ssl_context(target: _Target) -> ssl.SSLContext:
+    try:
+        ctx = ssl.create_default_context(cafile=target.ca_file)
+        if target.cert_file:
+            ctx.load_cert_chain(target.cert_file, target.key_file)
+    except (OSError, ssl.SSLError) as err:
+        raise ConfigError(f"upstream: tls material: {err}") from err
+    if not target.verify:
+        log.warning("upstream tls verification disabled by the kubeconfig")
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+@dataclass(slots=True, kw_only=True)
+class RawResponse:
+    """The API server's answer to an upgrade request, and the open connection.
+
+    On ``101`` the reader and writer now carry the upgraded protocol; otherwise
+    ``read_body()`` gives the (small) error body and the connection is closed.
+    """
+
+    status: int
+    reason: str
+    headers: CIMultiDict[str]
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+    async def read_body(self, *, limit: int) -> bytes:
+        """The response body (Content-Length, chunked or until close), capped at
+        ``limit`` bytes; the connection is closed afterwards. Bound it with
+        ``asyncio.timeout``.
+        """
+        try:
+            return await self._read_body(limit)
+        except (OSError, asyncio.IncompleteReadError, ValueError) as err:
+            raise UpstreamError(
+                f"upstream: reading the response body failed: {type(err).__name__}"
+            ) from err
+        finally:
+            await self.close()
+
+    async def _read_body(self, limit: int) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            out = bytearray()
+            while True:
+                size_line = await self.reader.readuntil(b"\r\n")
+                size = int(size_line.split(b";", 1)[0].strip(), 16)
+                if size == 0:
+                    return bytes(out)
+                if len(out) + size > limit:
+                    raise ValueError("body too large")
+                out += await self.reader.readexactly(size)
+                await self.reader.readexactly(2)
+        length = self.headers.get("Content-Length")
+        if length is not None:
+            n = int(length)
+            if n < 0 or n > limit:
+                raise ValueError("body too large")
+            return await self.reader.readexactly(n)
+        data = await self.reader.read(limit + 1)
+        if len(data) > limit:
+            raise ValueError("body too large")
+        return data
+
+    async def close(self) -> None:
+        """Close the connection; bounded, aborting if TLS shutdown stalls."""
+        await close_writer(self.writer)
+
+
+async def close_writer(writer: asyncio.StreamWriter) -> None:
+    """Close a stream writer without waiting long for the peer's TLS goodbye."""
+    writer.close()
+    try:
+        async with asyncio.timeout(_CLOSE_WAIT):
+            await writer.wait_closed()
+    except (TimeoutError, OSError, ssl.SSLError):
+        writer.transport.abort()
+
+
+class Upstream:
+    """The API server as seen by the proxy: URL, TLS, pool and own credential."""
+
+    def __init__(
+        self, settings: UpstreamSettings, *, environ: Mapping[str, str] | None = None
+    ) -> None:
+        """``environ`` replaces ``os.environ`` for the in-cluster loader (tests)."""
+        self.settings = settings
+        self._environ = environ
+        self._target: _Target | None = None
+        self._ssl: ssl.SSLContext | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._authorization: str | None = None
+        self._token_file: _TokenFile | None = None
+        self._refresher: asyncio.Task[None] | None = None
+        self._base = ""
+
+    def __repr__(self) -> str:
+        url = self._target.base_url if self._target else None
+        return f"Upstream(url={url!s})"
+
+    @property
+    def base_url(self) -> URL:
+        """The API server's URL (scheme, host, port and any path prefix)."""
+        return self._loaded().base_url
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The pooled client session (valid between ``start`` and ``close``)."""
+        if self._session is None:
+            raise RuntimeError("upstream: not started")
+        return self._session
+
+    def _loaded(self) -> _Target:
+        if self._target is None:
+            raise RuntimeError("upstream: not started")
+        return self._target
+
+    async def start(self) -> None:
+        """Load the configuration, build TLS and the pool, start rotation checks.
+
+        Raises ``ConfigError`` when the configuration is unusable.
+        """
+        if self._session is not None:
+            return
+        target = await asyncio.to_thread(_load, self.settings, self._environ)
+        self._ssl = await asyncio.to_thread(_ssl_context, target)
+        self._target = target
+        self._base = str(target.base_url).rstrip("/")
+        self._authorization = target.authorization
+        if target.token_file is not None:
+            self._token_file = _TokenFile(target.token_file)
+            await self.refresh_credentials()
+        connector = aiohttp.TCPConnector(
+            ssl=self._ssl if target.base_url.scheme == "https" else False,
+            limit=self.settings.max_connections,
+            limit_per_host=0,
+            keepalive_timeout=self.settings.keepalive_timeout,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            trust_env=False,
+            timeout=aiohttp.ClientTimeout(total=None),
+        )
+        if self._token_file is not None or target.configuration is not None:
+            self._refresher = asyncio.create_task(
+                self._refresh_loop(), name="upstream-credential-refresh"
+            )
+        log.info(
+            "upstream ready",
+            extra={
+                "upstream": str(target.base_url),
+                "client_certificate": target.cert_file is not None,
+                "bearer": target.authorization is not None,
+            },
+        )
+
+    async def close(self) -> None:
+        """Stop the rotation checks and close the pool."""
+        refresher, self._refresher = self._refresher, None
+        if refresher is not None:
+            refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresher
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    def auth_headers(self) -> dict[str, str]:
+        """The proxy's own credential as headers (empty for client-cert only)."""
+        if self._authorization is None:
+            return {}
+        return {"Authorization": self._authorization}
+
+    async def refresh_credentials(self) -> bool:
+        """Re-read a rotated credential now; ``True`` when it changed."""
+        target = self._target
+        new: str | None = None
+        try:
+            if self._token_file is not None:
+                token = await asyncio.to_thread(self._token_file.read_if_changed)
+                new = None if token is None else "Bearer " + token
+            elif target is not None and target.configuration is not None:
+                cfg = target.configuration
+                raw = await asyncio.to_thread(
+                    cfg.get_api_key_with_prefix, "BearerToken", "authorization"
+                )
+                new = _normalise_authorization(raw)
+        except OSError as err:
+            log.warning(
+                "upstream credential refresh failed",
+                extra={"error": type(err).__name__, "detail": err.strerror},
+            )
+            return False
+        if new is None or new == self._authorization:
+            return False
+        self._authorization = new
+        log.info("upstream credential reloaded")
+        return True
+
+    async def _refresh_loop(self) -> None:
+        interval = max(self.settings.credential_check_interval, 0.01)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.refresh_credentials()
+            except Exception:  # the loop must survive a broken exec plugin
+                log.exception("upstream credential refresh crashed")
+
+    def url(self, path_qs: str) -> URL:
+        """The upstream URL for a client's raw path and query (kept as sent)."""
+        self._loaded()
+        return URL(self._base + path_qs, encoded=True)
+
+    @contextlib.asynccontextmanager
+    async def request(
+        self,
+        method: str,
+        path_qs: str,
+        *,
+        headers: CIMultiDict[str],
+        data: Any = None,
+        connect_timeout: float,
+        head_timeout: float,
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """Send one request through the pool and yield the response once its head
+        has arrived; the body is streamed if ``data`` is an async source.
+
+        Nothing is added or decoded: no default headers, no redirects, no
+        decompression, no cookies. Failures before the head are ``UpstreamError``;
+        the response is released to the pool when fully read, closed otherwise.
+        """
+        target = self._loaded()
+        try:
+            async with asyncio.timeout(head_timeout):
+                response = await self.session.request(
+                    method,
+                    self.url(path_qs),
+                    headers=headers,
+                    data=data,
+                    allow_redirects=False,
+                    auto_decompress=False,
+                    skip_auto_headers=_NO_AUTO_HEADERS,
+                    server_hostname=target.server_name,
+                    timeout=aiohttp.ClientTimeout(
+                        total=None,
+                        sock_connect=connect_timeout,
+                        connect=connect_timeout,
+                    ),
+                )
+        except (TimeoutError, aiohttp.ServerTimeoutError) as err:
+            raise UpstreamError("upstream: no response in time", status=504) from err
+        except aiohttp.ClientError as err:
+            raise map_client_error(err) from err
+        try:
+            yield response
+        except BaseException:
+            response.close()
+            raise
+        else:
+            response.release()
+
+    async def open_upgrade(
+        self,
+        method: str,
+        path_qs: str,
+        headers: Sequence[tuple[str, str]],
+        *,
+        connect_timeout: float,
+        head_timeout: float,
+        max_header_bytes: int,
+    ) -> RawResponse:
+        """Send an upgrade request on a new connection and read the answer's head.
+
+        ``headers`` are sent as given (the caller adds the credential it wants:
+        the proxy's own, or the client's in passthrough mode); ``Host`` is ours.
+        """
+        target = self._loaded()
+        url = target.base_url
+        host = url.host
+        assert host is not None
+        port = url.port or (443 if url.scheme == "https" else 80)
+        use_tls = url.scheme == "https"
+        try:
+            async with asyncio.timeout(connect_timeout):
+                reader, writer = await asyncio.open_connection(
+                    host,
+                    port,
+                    ssl=self._ssl if use_tls else None,
+                    server_hostname=(target.server_name or host) if use_tls else None,
+                    limit=max_header_bytes,
+                )
+        except TimeoutError as err:
+            raise UpstreamError("upstream: connect timed out", status=504) from err
+        except ssl.SSLError as err:
+            raise UpstreamError(
+                f"upstream: tls handshake failed: {err.reason}", status=502
+            ) from err
+        except OSError as err:
+            raise UpstreamError(
+                f"upstream: cannot connect: {err.strerror or type(err).__name__}",
+                status=503,
+            ) from err
+        head = [f"{method} {url.raw_path.rstrip('/')}{path_qs} HTTP/1.1"]
+        head.append(f"Host: {_host_header(url)}")
+        head.extend(f"{name}: {value}" for name, value in headers)
+        try:
+            writer.write(("\r\n".join(head) + "\r\n\r\n").encode("utf-8"))
+            async with asyncio.timeout(head_timeout):
+                await writer.drain()
+                status, reason, response_headers = await _read_head(reader)
+                while 100 <= status < 200 and status != 101:
+                    status, reason, response_headers = await _read_head(reader)
+        except TimeoutError as err:
+            await close_writer(writer)
+            raise UpstreamError("upstream: no response in time", status=504) from err
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as err:
+            await close_writer(writer)
+            raise UpstreamError(
+                f"upstream: connection failed: {type(err).__name__}", status=502
+            ) from err
+        except ValueError as err:
+            await close_writer(writer)
+            raise UpstreamError(f"upstream: {err}", status=502) from err
+        return RawResponse(
+            status=status,
+            reason=reason,
+            headers=response_headers,
+            reader=reader,
+            writer=writer,
+        )
+
+
+def _host_header(url: URL) -> str:
+    host = url.raw_host or ""
+    if ":" in host:
+        host = f"[{host}]"
+    if url.explicit_port is not None and not url.is_default_port():
+        host += f":{url.port}"
+    return host
+
+
+async def _read_head(reader: asyncio.StreamReader) -> tuple[int, str, CIMultiDict[str]]:
+    """Parse one HTTP/1.1 response head; ``ValueError`` when it is malformed."""
+    raw = await reader.readuntil(b"\r\n\r\n")
+    lines = raw.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        raise ValueError("malformed response status line")
+    headers: CIMultiDict[str] = CIMultiDict()
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip() or line[0] in " \t":
+            raise ValueError("malformed response header")
+        headers.add(name, value.strip(" \t"))
+    return int(parts[1]), parts[2] if len(parts) > 2 else "", headers

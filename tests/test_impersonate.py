@@ -1,0 +1,1192 @@
+"""The impersonating proxy end to end: real tokens, real TLS, a fake API server
+that checks what a real one checks and records everything it receives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import ipaddress
+import json
+import logging
+import struct
+import tracemalloc
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import trustme
+from aiohttp import WSMsgType
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.errors import KeysUnavailable
+from proxy.impersonate import (
+    ProxySettings,
+    classify_request,
+    escape_extra_key,
+)
+from proxy.kube import UserInfo
+from proxy.metrics import Metrics
+from proxy.upstream import Upstream, UpstreamSettings
+from tests.fakes.apiserver import ABORT
+from tests.fakes.apiserver_harness import (
+    PROXY_TOKEN,
+    Stack,
+    mappings,
+    run_proxy,
+    upstream_kubeconfig,
+)
+from tests.fakes.apiserver_raw import serve_raw_upgrade
+from tests.helpers import ISSUER
+from tests.keygen import claims_for, new_key, sign
+
+WHOAMI = "/apis/authentication.k8s.io/v1/selfsubjectreviews"
+PODS = "/api/v1/namespaces/default/pods"
+SAR = "/apis/authorization.k8s.io/v1/subjectaccessreviews"
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+async def stack(tmp_path: Path, ca: trustme.CA) -> AsyncIterator[Stack]:
+    async with run_proxy(tmp_path, ca) as s:
+        yield s
+
+
+def allow_as(**kw: Any) -> ProxySettings:
+    return ProxySettings(allow_client_impersonation=True, **kw)
+
+
+async def whoami(stack: Stack, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    async with stack.client.post(stack.url + WHOAMI, headers=headers, json={}) as r:
+        return r.status, await r.json(content_type=None)
+
+
+def metric(metrics: Metrics, name: str, **labels: str) -> float:
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return 0.0
+
+
+def upstream_calls(stack: Stack) -> list[str]:
+    """Paths that reached the API server other than SubjectAccessReviews."""
+    return [r.path for r in stack.fake.requests if r.path != SAR]
+
+
+# --------------------------------------------------------------------------
+# Pure helpers
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "query", "expected"),
+    [
+        ("GET", "/api/v1/namespaces/default/pods", {}, ("list", "")),
+        ("GET", "/api/v1/namespaces/default/pods", {"watch": "true"}, ("watch", "")),
+        ("GET", "/api/v1/namespaces/default/pods", {"watch": "1"}, ("watch", "")),
+        ("GET", "/api/v1/watch/namespaces/default/pods", {}, ("watch", "")),
+        ("GET", "/api/v1/namespaces/default/pods/p", {}, ("get", "")),
+        (
+            "GET",
+            "/api/v1/namespaces/default/pods/p/log",
+            {"follow": "true"},
+            ("get", "log"),
+        ),
+        ("POST", "/api/v1/namespaces/default/pods/p/exec", {}, ("create", "exec")),
+        ("GET", "/api/v1/namespaces/default", {}, ("get", "")),
+        ("GET", "/api/v1/namespaces", {}, ("list", "")),
+        (
+            "DELETE",
+            "/apis/apps/v1/namespaces/x/deployments",
+            {},
+            ("deletecollection", ""),
+        ),
+        ("DELETE", "/apis/apps/v1/namespaces/x/deployments/d", {}, ("delete", "")),
+        (
+            "PATCH",
+            "/apis/apps/v1/namespaces/x/deployments/d/scale",
+            {},
+            ("patch", "scale"),
+        ),
+        ("PUT", "/api/v1/nodes/n", {}, ("update", "")),
+        ("POST", WHOAMI, {}, ("create", "")),
+        ("GET", "/healthz", {}, ("get", "")),
+    ],
+    ids=[
+        "list",
+        "watch-param",
+        "watch-1",
+        "watch-prefix",
+        "get",
+        "log",
+        "exec",
+        "namespace-get",
+        "namespace-list",
+        "deletecollection",
+        "delete",
+        "patch-subresource",
+        "update-cluster-scoped",
+        "create",
+        "non-resource",
+    ],
+)
+def test_classify_request(
+    method: str, path: str, query: dict[str, str], expected: tuple[str, str]
+) -> None:
+    assert classify_request(method, path, query) == expected
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        ("scopes", "scopes"),
+        ("example.com/team", "example.com%2Fteam"),
+        ("a b%c", "a%20b%25c"),
+        ("ünï", "%C3%BCn%C3%AF"),
+    ],
+    ids=["plain", "slash", "space-percent", "utf8"],
+)
+def test_escape_extra_key(key: str, expected: str) -> None:
+    assert escape_extra_key(key) == expected
+
+
+# --------------------------------------------------------------------------
+# The happy path: what reaches the API server
+
+
+async def test_whoami_shows_mapped_identity_and_client_credentials_stay_behind(
+    stack: Stack,
+) -> None:
+    token = stack.token(sub="alice", groups=["devs", "ops"], jti="abc")
+    code, body = await whoami(stack, {"Authorization": f"Bearer {token}"})
+    assert code == 201
+    assert body["status"]["userInfo"] == {
+        "username": "oidc:alice",
+        "groups": ["oidc:devs", "oidc:ops", "system:authenticated"],
+        "extra": {"authentication.kubernetes.io/credential-id": ["JTI=abc"]},
+    }
+    (seen,) = stack.fake.requests
+    assert seen.headers.getall("Authorization") == [f"Bearer {PROXY_TOKEN}"]
+    assert seen.headers.getall("Impersonate-Group") == ["oidc:devs", "oidc:ops"]
+    assert seen.headers.getall(
+        "Impersonate-Extra-authentication.kubernetes.io%2Fcredential-id"
+    ) == ["JTI=abc"]
+    assert token not in json.dumps(list(seen.headers.items()))
+
+
+async def test_hop_by_hop_and_spoofable_headers_are_stripped(stack: Stack) -> None:
+    headers = {
+        **stack.bearer(),
+        "Connection": "keep-alive, X-Secret",
+        "X-Secret": "drop me",
+        "Keep-Alive": "timeout=5",
+        "TE": "trailers",
+        "Proxy-Authorization": "Basic Zm9vOmJhcg==",
+        "X-Remote-User": "admin",
+        "X-Remote-Group": "system:masters",
+        "X-Remote-Extra-Scopes": "all",
+        "X-Forwarded-For": "6.6.6.6",
+        "X-Custom": "kept",
+    }
+    code, _ = await whoami(stack, headers)
+    assert code == 201
+    (seen,) = stack.fake.requests
+    for name in (
+        "X-Secret",
+        "Keep-Alive",
+        "TE",
+        "Proxy-Authorization",
+        "X-Remote-User",
+        "X-Remote-Group",
+        "X-Remote-Extra-Scopes",
+    ):
+        assert name not in seen.headers, name
+    assert seen.headers["X-Custom"] == "kept"
+    assert seen.headers.getall("X-Forwarded-For") == ["127.0.0.1"]
+
+
+@pytest.mark.parametrize(
+    ("trusted", "expected"),
+    [
+        ((), "127.0.0.1"),
+        (("127.0.0.0/8",), "1.2.3.4, 127.0.0.1"),
+        (("10.0.0.0/8",), "127.0.0.1"),
+    ],
+    ids=["untrusted", "trusted-peer", "other-network"],
+)
+async def test_x_forwarded_for_only_from_trusted_proxies(
+    tmp_path: Path, ca: trustme.CA, trusted: tuple[str, ...], expected: str
+) -> None:
+    settings = ProxySettings(
+        trusted_proxies=tuple(ipaddress.ip_network(n) for n in trusted)
+    )
+    async with run_proxy(tmp_path, ca, settings=settings) as stack:
+        code, _ = await whoami(stack, {**stack.bearer(), "X-Forwarded-For": "1.2.3.4"})
+        assert code == 201
+        assert stack.fake.requests[0].headers.getall("X-Forwarded-For") == [expected]
+
+
+async def test_bearer_scheme_is_case_insensitive(stack: Stack) -> None:
+    code, body = await whoami(stack, {"Authorization": f"bEaReR {stack.token()}"})
+    assert code == 201
+    assert body["status"]["userInfo"]["username"] == "oidc:alice"
+
+
+async def test_upstream_status_and_headers_are_relayed(stack: Stack) -> None:
+    async with stack.client.get(
+        stack.url + PODS + "/missing", headers=stack.bearer()
+    ) as r:
+        assert r.status == 404
+        body = await r.json()
+    assert body["reason"] == "NotFound"
+    assert (
+        metric(stack.metrics, "kube_oidc_gate_upstream_requests_total", code="404") == 1
+    )
+    assert (
+        metric(
+            stack.metrics,
+            "kube_oidc_gate_http_requests_total",
+            handler="proxy",
+            code="404",
+        )
+        == 1
+    )
+
+
+# --------------------------------------------------------------------------
+# Refusals: nothing goes upstream
+
+
+def _status_of(body: dict[str, Any], code: int) -> None:
+    assert body["kind"] == "Status"
+    assert body["apiVersion"] == "v1"
+    assert body["status"] == "Failure"
+    assert body["code"] == code
+    assert isinstance(body["message"], str)
+    assert body["message"]
+
+
+REFUSALS: list[tuple[str, Any, int, str]] = [
+    ("no-token", lambda s: {}, 401, "Unauthorized"),
+    (
+        "basic-auth",
+        lambda s: {"Authorization": "Basic YWxpY2U6cHc="},
+        401,
+        "Unauthorized",
+    ),
+    ("empty-bearer", lambda s: {"Authorization": "Bearer "}, 401, "Unauthorized"),
+    ("not-a-jwt", lambda s: {"Authorization": "Bearer not.a.jwt"}, 401, "Unauthorized"),
+    (
+        "expired",
+        lambda s: {"Authorization": "Bearer " + s.token(lifetime=-3600)},
+        401,
+        "Unauthorized",
+    ),
+    (
+        "other-issuer",
+        lambda s: {
+            "Authorization": "Bearer "
+            + sign(new_key(), claims_for("https://other.test"))
+        },
+        401,
+        "Unauthorized",
+    ),
+    (
+        "wrong-key",
+        lambda s: {"Authorization": "Bearer " + sign(new_key(), claims_for(ISSUER))},
+        401,
+        "Unauthorized",
+    ),
+    (
+        "client-impersonate-user",
+        lambda s: {**s.bearer(), "Impersonate-User": "admin"},
+        403,
+        "Forbidden",
+    ),
+    (
+        "client-impersonate-group-lowercase",
+        lambda s: {**s.bearer(), "impersonate-group": "system:masters"},
+        403,
+        "Forbidden",
+    ),
+    (
+        "client-impersonate-extra",
+        lambda s: {**s.bearer(), "Impersonate-Extra-Scopes": "all"},
+        403,
+        "Forbidden",
+    ),
+    (
+        "client-impersonate-uid",
+        lambda s: {**s.bearer(), "Impersonate-Uid": "1"},
+        403,
+        "Forbidden",
+    ),
+    (
+        "username-with-trailing-blank",
+        lambda s: s.bearer(sub="alice "),
+        403,
+        "Forbidden",
+    ),
+    (
+        "group-with-newline",
+        lambda s: s.bearer(groups=["devs\nx"]),
+        403,
+        "Forbidden",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("make_headers", "code", "reason"),
+    [r[1:] for r in REFUSALS],
+    ids=[r[0] for r in REFUSALS],
+)
+async def test_refusals_answer_status_and_send_nothing_upstream(
+    stack: Stack, make_headers: Any, code: int, reason: str
+) -> None:
+    status, body = await whoami(stack, make_headers(stack))
+    assert status == code
+    _status_of(body, code)
+    assert body["reason"] == reason
+    assert stack.fake.requests == []
+
+
+async def test_two_authorization_headers_are_refused(stack: Stack) -> None:
+    token = stack.token()
+    headers = [
+        ("Authorization", f"Bearer {token}"),
+        ("Authorization", f"Bearer {token}"),
+    ]
+    async with stack.client.post(stack.url + WHOAMI, headers=headers) as r:
+        assert r.status == 401
+    assert stack.fake.requests == []
+
+
+@pytest.mark.parametrize(
+    ("groups", "allowed", "code"),
+    [
+        (["system:masters"], (), 403),
+        (["devs", "system:nodes"], ("system:masters",), 403),
+        (["system:masters"], ("system:masters",), 201),
+    ],
+    ids=["reserved-group", "not-listed", "listed"],
+)
+async def test_reserved_identities_are_refused_unless_listed(
+    tmp_path: Path,
+    ca: trustme.CA,
+    groups: list[str],
+    allowed: tuple[str, ...],
+    code: int,
+) -> None:
+    settings = ProxySettings(allow_reserved_groups=allowed)
+    async with run_proxy(
+        tmp_path, ca, settings=settings, claim_mappings=mappings(group_prefix="")
+    ) as stack:
+        status, body = await whoami(stack, stack.bearer(groups=groups))
+        assert status == code
+        if code == 201:
+            assert "system:masters" in body["status"]["userInfo"]["groups"]
+        else:
+            _status_of(body, code)
+            assert stack.fake.requests == []
+
+
+async def test_reserved_username_is_refused(tmp_path: Path, ca: trustme.CA) -> None:
+    async with run_proxy(
+        tmp_path, ca, claim_mappings=mappings(user_prefix="")
+    ) as stack:
+        status, _ = await whoami(stack, stack.bearer(sub="system:admin"))
+        assert status == 403
+        status, _ = await whoami(stack, stack.bearer(sub="alice"))
+        assert status == 201
+
+
+class _Unready:
+    async def authenticate(self, token: str) -> UserInfo | None:
+        raise KeysUnavailable("jwks: keys not loaded yet")
+
+
+async def test_keys_not_loaded_is_503_with_retry_after(
+    tmp_path: Path, ca: trustme.CA
+) -> None:
+    async with run_proxy(tmp_path, ca, authenticator=_Unready()) as stack:
+        async with stack.client.get(stack.url + PODS, headers=stack.bearer()) as r:
+            assert r.status == 503
+            assert r.headers["Retry-After"]
+            _status_of(await r.json(), 503)
+        assert stack.fake.requests == []
+
+
+# --------------------------------------------------------------------------
+# Client impersonation (kubectl --as) checked by SubjectAccessReview
+
+
+async def test_as_user_allowed_by_sar_is_forwarded(
+    tmp_path: Path, ca: trustme.CA
+) -> None:
+    async with run_proxy(tmp_path, ca, settings=allow_as()) as stack:
+        stack.fake.sar_rules.add(("oidc:alice", "users", "bob"))
+        code, body = await whoami(
+            stack,
+            {**stack.bearer(groups=["devs"], jti="j1"), "Impersonate-User": "bob"},
+        )
+        assert code == 201
+        assert body["status"]["userInfo"] == {
+            "username": "bob",
+            "groups": ["system:authenticated"],
+        }
+        (review,) = stack.fake.sar_reviews
+        spec = review["spec"]
+        assert spec["user"] == "oidc:alice"
+        assert spec["groups"] == ["oidc:devs", "system:authenticated"]
+        assert spec["extra"] == {
+            "authentication.kubernetes.io/credential-id": ["JTI=j1"]
+        }
+        assert spec["resourceAttributes"] == {
+            "resource": "users",
+            "name": "bob",
+            "group": "",
+            "verb": "impersonate",
+        }
+        sar_request = stack.fake.seen(SAR)[0]
+        assert sar_request.bearer == PROXY_TOKEN
+        assert "Impersonate-User" not in sar_request.headers
+        forwarded = stack.fake.seen(WHOAMI)[0]
+        assert forwarded.headers.getall("Impersonate-User") == ["bob"]
+        assert "Impersonate-Group" not in forwarded.headers
+
+
+SAR_CASES: list[
+    tuple[str, dict[str, Any], set[tuple[str, str, str]], int, list[dict[str, str]]]
+] = [
+    (
+        "user-denied",
+        {"Impersonate-User": "bob"},
+        set(),
+        403,
+        [{"resource": "users", "name": "bob", "group": ""}],
+    ),
+    (
+        "service-account",
+        {"Impersonate-User": "system:serviceaccount:team:builder"},
+        {("oidc:alice", "serviceaccounts", "builder")},
+        201,
+        [
+            {
+                "resource": "serviceaccounts",
+                "namespace": "team",
+                "name": "builder",
+                "group": "",
+            }
+        ],
+    ),
+    (
+        "malformed-service-account-is-a-user",
+        {"Impersonate-User": "system:serviceaccount:team"},
+        {("oidc:alice", "users", "system:serviceaccount:team")},
+        201,
+        [{"resource": "users", "name": "system:serviceaccount:team", "group": ""}],
+    ),
+    (
+        "user-group-uid-extra",
+        {
+            "Impersonate-User": "bob",
+            "Impersonate-Group": "admins",
+            "Impersonate-Uid": "u-1",
+            "Impersonate-Extra-Example.com%2fScopes": "read",
+        },
+        {
+            ("oidc:alice", "users", "bob"),
+            ("oidc:alice", "groups", "admins"),
+            ("oidc:alice", "uids", "u-1"),
+            ("oidc:alice", "userextras/example.com/scopes", "read"),
+        },
+        201,
+        [
+            {"resource": "users", "name": "bob", "group": ""},
+            {"resource": "groups", "name": "admins", "group": ""},
+            {
+                "resource": "userextras",
+                "subresource": "example.com/scopes",
+                "name": "read",
+                "group": "authentication.k8s.io",
+            },
+            {"resource": "uids", "name": "u-1", "group": "authentication.k8s.io"},
+        ],
+    ),
+    (
+        "group-denied-after-user-allowed",
+        {"Impersonate-User": "bob", "Impersonate-Group": "admins"},
+        {("oidc:alice", "users", "bob")},
+        403,
+        [
+            {"resource": "users", "name": "bob", "group": ""},
+            {"resource": "groups", "name": "admins", "group": ""},
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("headers", "rules", "code", "checks"),
+    [c[1:] for c in SAR_CASES],
+    ids=[c[0] for c in SAR_CASES],
+)
+async def test_impersonation_checks_like_kube_apiserver(
+    tmp_path: Path,
+    ca: trustme.CA,
+    headers: dict[str, str],
+    rules: set[tuple[str, str, str]],
+    code: int,
+    checks: list[dict[str, str]],
+) -> None:
+    async with run_proxy(tmp_path, ca, settings=allow_as()) as stack:
+        stack.fake.sar_rules |= rules
+        status, body = await whoami(stack, {**stack.bearer(), **headers})
+        assert status == code
+        seen = [r["spec"]["resourceAttributes"] for r in stack.fake.sar_reviews]
+        assert seen == [{**c, "verb": "impersonate"} for c in checks]
+        if code == 403:
+            _status_of(body, 403)
+            assert upstream_calls(stack) == []
+        else:
+            forwarded = stack.fake.seen(WHOAMI)[0].headers
+            for name, value in headers.items():
+                assert forwarded.getall(name) == [value]
+
+
+@pytest.mark.parametrize(
+    ("headers", "code"),
+    [
+        ({"Impersonate-Group": "admins"}, 400),
+        ({"Impersonate-Uid": "1"}, 400),
+        ({"Impersonate-User": ""}, 400),
+        ({"Impersonate-Foo": "x", "Impersonate-User": "bob"}, 400),
+        (
+            [("Impersonate-User", "bob")]
+            + [("Impersonate-Group", f"g{i}") for i in range(4)],
+            431,
+        ),
+    ],
+    ids=[
+        "group-without-user",
+        "uid-without-user",
+        "empty-user",
+        "unknown-header",
+        "too-many",
+    ],
+)
+async def test_malformed_impersonation_requests(
+    tmp_path: Path, ca: trustme.CA, headers: Any, code: int
+) -> None:
+    async with run_proxy(
+        tmp_path, ca, settings=allow_as(max_impersonation_values=4)
+    ) as stack:
+        items = list(headers.items()) if isinstance(headers, dict) else headers
+        async with stack.client.post(
+            stack.url + WHOAMI, headers=[*stack.bearer().items(), *items]
+        ) as r:
+            assert r.status == code
+            _status_of(await r.json(), code)
+        assert stack.fake.requests == []
+
+
+async def test_repeated_impersonate_user_is_refused(
+    tmp_path: Path, ca: trustme.CA
+) -> None:
+    async with run_proxy(tmp_path, ca, settings=allow_as()) as stack:
+        headers = [
+            *stack.bearer().items(),
+            ("Impersonate-User", "a"),
+            ("Impersonate-User", "b"),
+        ]
+        async with stack.client.post(stack.url + WHOAMI, headers=headers) as r:
+            assert r.status == 400
+        assert stack.fake.requests == []
+
+
+# --------------------------------------------------------------------------
+# Token passthrough
+
+
+async def test_passthrough_forwards_foreign_tokens_unchanged(
+    tmp_path: Path, ca: trustme.CA
+) -> None:
+    async with run_proxy(
+        tmp_path, ca, settings=ProxySettings(token_passthrough=True)
+    ) as stack:
+        foreign = sign(new_key(), claims_for("https://other.test", sub="carol"))
+        stack.fake.user_tokens[foreign] = {"username": "carol", "groups": ["team"]}
+        headers = {"Authorization": f"Bearer {foreign}", "Impersonate-User": "dave"}
+        code, body = await whoami(stack, headers)
+        assert code == 201
+        assert body["status"]["userInfo"]["username"] == "carol"
+        (seen,) = stack.fake.requests
+        assert seen.headers.getall("Authorization") == [f"Bearer {foreign}"]
+        assert seen.headers.getall("Impersonate-User") == ["dave"]
+        # our own tokens are still impersonated, never passed through
+        code, body = await whoami(stack, stack.bearer())
+        assert body["status"]["userInfo"]["username"] == "oidc:alice"
+        assert stack.fake.requests[1].bearer == PROXY_TOKEN
+
+
+async def test_without_passthrough_foreign_tokens_are_401(stack: Stack) -> None:
+    foreign = sign(new_key(), claims_for("https://other.test"))
+    stack.fake.user_tokens[foreign] = {"username": "carol"}
+    code, body = await whoami(stack, {"Authorization": f"Bearer {foreign}"})
+    _status_of(body, 401)
+    assert code == 401
+    assert stack.fake.requests == []
+
+
+# --------------------------------------------------------------------------
+# Upstream failures
+
+
+async def test_upstream_down_is_503_status(stack: Stack) -> None:
+    await stack.fake.stop()
+    async with stack.client.get(stack.url + PODS, headers=stack.bearer()) as r:
+        assert r.status == 503
+        body = await r.json()
+    _status_of(body, 503)
+    assert body["reason"] == "ServiceUnavailable"
+    assert (
+        metric(
+            stack.metrics, "kube_oidc_gate_upstream_requests_total", code="unavailable"
+        )
+        == 1
+    )
+
+
+async def test_upstream_too_slow_is_504_status(tmp_path: Path, ca: trustme.CA) -> None:
+    async with run_proxy(
+        tmp_path, ca, settings=ProxySettings(request_timeout=0.3)
+    ) as stack:
+        stack.fake.delay = 3.0
+        async with stack.client.get(stack.url + PODS, headers=stack.bearer()) as r:
+            assert r.status == 504
+            body = await r.json()
+        _status_of(body, 504)
+        assert body["reason"] == "Timeout"
+
+
+async def test_upstream_refusing_the_proxy_credential_is_relayed(stack: Stack) -> None:
+    stack.fake.proxy_tokens = {"another-token"}
+    code, body = await whoami(stack, stack.bearer())
+    assert code == 401
+    assert body["kind"] == "Status"
+
+
+# --------------------------------------------------------------------------
+# Streaming
+
+
+async def test_request_body_is_streamed(stack: Stack) -> None:
+    digest = hashlib.sha256()
+    block = bytes(range(256)) * 256
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(128):
+            digest.update(block)
+            yield block
+
+    async with stack.client.post(
+        stack.url + "/api/v1/namespaces/default/configmaps",
+        headers=stack.bearer(),
+        data=body(),
+    ) as r:
+        assert r.status == 201
+        answer = await r.json()
+    assert answer == {"bytes": 128 * len(block), "sha256": digest.hexdigest()}
+
+
+@pytest.mark.parametrize(
+    "cancellation", [False, True], ids=["polling", "handler-cancellation"]
+)
+async def test_watch_events_arrive_while_streaming_and_disconnect_cancels(
+    tmp_path: Path, ca: trustme.CA, cancellation: bool
+) -> None:
+    async with run_proxy(tmp_path, ca, handler_cancellation=cancellation) as stack:
+        await _watch_and_leave(stack)
+
+
+async def _watch_and_leave(stack: Stack) -> None:
+    async with stack.client.get(
+        stack.url + PODS, params={"watch": "true"}, headers=stack.bearer()
+    ) as r:
+        assert r.status == 200
+        first = json.loads(await asyncio.wait_for(r.content.readline(), 5))
+        assert (first["type"], first["object"]["metadata"]["name"]) == ("ADDED", "p")
+        stack.fake.emit("ADDED", "q")
+        second = json.loads(await asyncio.wait_for(r.content.readline(), 5))
+        assert (second["type"], second["object"]["metadata"]["name"]) == ("ADDED", "q")
+        assert (
+            metric(stack.metrics, "kube_oidc_gate_inflight_streams", kind="watch") == 1
+        )
+        r.close()
+    await asyncio.wait_for(stack.fake.watch_closed.wait(), 5)
+    for _ in range(50):
+        if metric(stack.metrics, "kube_oidc_gate_inflight_streams", kind="watch") == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert metric(stack.metrics, "kube_oidc_gate_inflight_streams", kind="watch") == 0
+
+
+async def test_long_running_requests_have_no_total_timeout(
+    tmp_path: Path, ca: trustme.CA
+) -> None:
+    async with (
+        run_proxy(tmp_path, ca, settings=ProxySettings(request_timeout=0.3)) as stack,
+        stack.client.get(
+            stack.url + PODS + "/p/log",
+            params={"follow": "true"},
+            headers=stack.bearer(),
+        ) as r,
+    ):
+        assert await asyncio.wait_for(r.content.readline(), 5) == b"log line 0\n"
+        await asyncio.sleep(0.6)
+        stack.fake.log_lines.put_nowait("after the request timeout")
+        line = await asyncio.wait_for(r.content.readline(), 5)
+        assert line == b"after the request timeout\n"
+
+
+async def test_idle_stream_is_ended(tmp_path: Path, ca: trustme.CA) -> None:
+    async with run_proxy(
+        tmp_path, ca, settings=ProxySettings(stream_idle_timeout=0.3)
+    ) as stack:
+        async with stack.client.get(
+            stack.url + PODS + "/p/log",
+            params={"follow": "true"},
+            headers=stack.bearer(),
+        ) as r:
+            body = await asyncio.wait_for(r.read(), 5)
+        assert body == b"log line 0\n"
+        await asyncio.wait_for(stack.fake.log_closed.wait(), 5)
+
+
+async def test_upstream_dying_mid_stream_cuts_the_client(stack: Stack) -> None:
+    async with stack.client.get(
+        stack.url + PODS + "/p/log", params={"follow": "true"}, headers=stack.bearer()
+    ) as r:
+        assert await asyncio.wait_for(r.content.readline(), 5) == b"log line 0\n"
+        stack.fake.log_lines.put_nowait(ABORT)
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await asyncio.wait_for(r.read(), 5)
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise LookupError(field)
+
+
+def _reset_peak_rss() -> int | None:
+    """Current RSS in bytes after resetting the peak (VmHWM), or None if unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _rss_kib("VmRSS") * 1024
+    except (OSError, LookupError):
+        return None
+
+
+async def test_large_response_is_relayed_with_flat_memory(
+    tmp_path: Path, ca: trustme.CA
+) -> None:
+    async with run_proxy(tmp_path, ca, tls=False) as stack:
+        size = stack.fake.big_size
+        assert size >= 100 * 1024 * 1024
+        received = 0
+        tail = b""
+        rss_before = _reset_peak_rss()
+        tracemalloc.start()
+        try:
+            async with stack.client.get(
+                stack.url + "/api/v1/namespaces/default/configmaps",
+                headers=stack.bearer(),
+            ) as r:
+                assert r.status == 200
+                async for chunk in r.content.iter_chunked(256 * 1024):
+                    received += len(chunk)
+                    tail = (tail + chunk)[-64:]
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert received > size - 128 * 1024
+        assert tail.endswith(b'{"metadata":{"name":"last"}}]}')
+        # the whole process (fake server, proxy, client) held less than 1/5 of it
+        assert peak < size // 5, f"peak traced memory {peak} bytes"
+        if rss_before is not None:
+            grown = _rss_kib("VmHWM") * 1024 - rss_before
+            assert grown < size // 4, f"peak RSS grew by {grown} bytes"
+
+
+# --------------------------------------------------------------------------
+# Upgrades: exec and port-forward over WebSocket, raw SPDY
+
+
+def _bearer_protocol(token: str) -> str:
+    encoded = base64.urlsafe_b64encode(token.encode()).decode().rstrip("=")
+    return "base64url.bearer.authorization.k8s.io." + encoded
+
+
+@pytest.mark.parametrize(
+    "token_in", ["header", "subprotocol"], ids=["header", "subprotocol"]
+)
+async def test_exec_over_websocket_v5(stack: Stack, token_in: str) -> None:
+    token = stack.token()
+    protocols = ["v5.channel.k8s.io", "v4.channel.k8s.io"]
+    headers: dict[str, str] = {}
+    if token_in == "header":
+        headers["Authorization"] = f"Bearer {token}"
+    else:
+        protocols.insert(0, _bearer_protocol(token))
+    ws = await stack.client.ws_connect(
+        stack.url + PODS + "/p/exec?command=cat&stdin=true&stdout=true",
+        protocols=protocols,
+        headers=headers,
+    )
+    async with ws:
+        assert ws.protocol == "v5.channel.k8s.io"
+        await ws.send_bytes(b"\x00hello ")
+        await ws.send_bytes(b"\x00world")
+        out = b""
+        while out != b"hello world":
+            msg = await asyncio.wait_for(ws.receive(), 5)
+            assert msg.type == WSMsgType.BINARY
+            assert msg.data[0] == 1
+            out += msg.data[1:]
+        await ws.send_bytes(b"\xff\x00")
+        msg = await asyncio.wait_for(ws.receive(), 5)
+        assert msg.data[0] == 3
+        assert json.loads(msg.data[1:])["status"] == "Success"
+    seen = stack.fake.seen(PODS + "/p/exec")[0].headers
+    assert seen.getall("Authorization") == [f"Bearer {PROXY_TOKEN}"]
+    assert seen["Impersonate-User"] == "oidc:alice"
+    offered = [p.strip() for p in seen["Sec-WebSocket-Protocol"].split(",")]
+    assert offered == ["v5.channel.k8s.io", "v4.channel.k8s.io"]
+    assert token not in json.dumps(list(seen.items()))
+
+
+async def test_websocket_upgrade_refused_without_token(stack: Stack) -> None:
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+        await stack.client.ws_connect(
+            stack.url + PODS + "/p/exec?command=cat", protocols=["v5.channel.k8s.io"]
+        )
+    assert info.value.status == 401
+    assert stack.fake.requests == []
+
+
+async def test_port_forward_over_websocket_carries_bytes_both_ways(
+    stack: Stack,
+) -> None:
+    async with stack.client.ws_connect(
+        stack.url + PODS + "/p/portforward?port=8080&port=9090",
+        protocols=["v4.channel.k8s.io"],
+        headers=stack.bearer(),
+    ) as ws:
+        assert ws.protocol == "v4.channel.k8s.io"
+        prefixes = {}
+        for _ in range(4):
+            msg = await asyncio.wait_for(ws.receive(), 5)
+            prefixes[msg.data[0]] = struct.unpack("<H", msg.data[1:3])[0]
+        assert prefixes == {0: 8080, 1: 8080, 2: 9090, 3: 9090}
+        await ws.send_bytes(b"\x00ping one")
+        await ws.send_bytes(b"\x02ping two")
+        got = {}
+        for _ in range(2):
+            msg = await asyncio.wait_for(ws.receive(), 5)
+            got[msg.data[0]] = msg.data[1:]
+        assert got == {0: b"PING ONE", 2: b"PING TWO"}
+
+
+async def test_exec_upgrade_refused_upstream_is_relayed(stack: Stack) -> None:
+    stack.fake.proxy_tokens = set()
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+        await stack.client.ws_connect(
+            stack.url + PODS + "/p/exec?command=cat",
+            protocols=["v5.channel.k8s.io"],
+            headers=stack.bearer(),
+        )
+    assert info.value.status == 401
+
+
+async def _raw_upgrade(
+    url: str, ca: trustme.CA, headers: list[str]
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    import ssl
+
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    host, port = url.removeprefix("https://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port), ssl=ctx)
+    head = "\r\n".join(
+        [f"POST {PODS}/p/portforward HTTP/1.1", f"Host: {host}:{port}", *headers]
+    )
+    writer.write(head.encode() + b"\r\n\r\n")
+    response = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    return reader, writer, response
+
+
+async def test_raw_upgrade_with_client_impersonation_is_refused(
+    tmp_path: Path, ca: trustme.CA
+) -> None:
+    async with serve_raw_upgrade(ca) as raw:
+        config = upstream_kubeconfig(
+            tmp_path / "raw.kubeconfig", raw.url, ca.cert_pem.bytes()
+        )
+        upstream = Upstream(UpstreamSettings(kubeconfig=str(config)))
+        async with run_proxy(tmp_path, ca, upstream=upstream) as stack:
+            _, writer, head = await _raw_upgrade(
+                stack.url,
+                ca,
+                [
+                    f"Authorization: Bearer {stack.token()}",
+                    "Connection: Upgrade",
+                    "Upgrade: SPDY/3.1",
+                    "Impersonate-Group: system:masters",
+                ],
+            )
+            writer.close()
+            assert head.startswith(b"HTTP/1.1 403 ")
+            assert raw.heads == []
+
+
+async def test_raw_spdy_bytes_flow_both_ways(tmp_path: Path, ca: trustme.CA) -> None:
+    async with serve_raw_upgrade(ca) as raw:
+        config = upstream_kubeconfig(
+            tmp_path / "raw.kubeconfig", raw.url, ca.cert_pem.bytes()
+        )
+        upstream = Upstream(UpstreamSettings(kubeconfig=str(config)))
+        async with run_proxy(tmp_path, ca, upstream=upstream) as stack:
+            reader, writer, head = await _raw_upgrade(
+                stack.url,
+                ca,
+                [
+                    f"Authorization: Bearer {stack.token()}",
+                    "Connection: Upgrade",
+                    "Upgrade: SPDY/3.1",
+                    "X-Stream-Protocol-Version: portforward.k8s.io",
+                ],
+            )
+            assert head.startswith(b"HTTP/1.1 101 ")
+            assert (
+                await asyncio.wait_for(reader.readexactly(17), 5)
+                == b"spdy-server-hello"
+            )
+            payload = bytes(range(97, 123)) * 4000
+            writer.write(payload)
+            await writer.drain()
+            echoed = await asyncio.wait_for(reader.readexactly(len(payload)), 5)
+            assert echoed == payload.upper()
+            writer.write(b"BYE")
+            await writer.drain()
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            writer.close()
+            line, sent = raw.heads[0]
+            assert line == f"POST {PODS}/p/portforward HTTP/1.1"
+            assert sent.getall("Authorization") == [f"Bearer {PROXY_TOKEN}"]
+            assert sent["Impersonate-User"] == "oidc:alice"
+            assert sent["Connection"] == "Upgrade"
+            assert sent["Upgrade"] == "SPDY/3.1"
+
+
+async def test_raw_upgrade_refused_upstream_is_relayed(
+    tmp_path: Path, ca: trustme.CA
+) -> None:
+    async with serve_raw_upgrade(ca) as raw:
+        raw.refuse = 403
+        config = upstream_kubeconfig(
+            tmp_path / "raw.kubeconfig", raw.url, ca.cert_pem.bytes()
+        )
+        upstream = Upstream(UpstreamSettings(kubeconfig=str(config)))
+        async with run_proxy(tmp_path, ca, upstream=upstream) as stack:
+            async with stack.client.post(
+                stack.url + PODS + "/p/portforward",
+                headers={
+                    **stack.bearer(),
+                    "Connection": "Upgrade",
+                    "Upgrade": "SPDY/3.1",
+                },
+            ) as r:
+                assert r.status == 403
+                body = await r.json()
+            assert body["reason"] == "Forbidden"
+
+
+# --------------------------------------------------------------------------
+# Access log
+
+
+async def test_access_log_has_one_line_per_request_and_no_token(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    token = stack.token()
+    async with stack.client.get(
+        stack.url + PODS,
+        params={"limit": "5", "token": token},
+        headers={"Authorization": f"Bearer {token}"},
+    ) as r:
+        assert r.status == 200
+    async with stack.client.get(
+        stack.url + PODS, headers={"Authorization": "Bearer bad"}
+    ) as r:
+        assert r.status == 401
+    lines = [rec for rec in caplog.records if rec.name == "proxy.access"]
+    assert [rec.getMessage() for rec in lines] == ["request", "request"]
+    ok, refused = (vars(rec) for rec in lines)
+    assert ok["user"] == "oidc:alice"
+    assert ok["groups_count"] == 1
+    assert ok["verb"] == "list"
+    assert ok["method"] == "GET"
+    assert ok["path"] == PODS
+    assert ok["status"] == 200
+    assert ok["bytes"] > 0
+    assert ok["duration"] >= 0
+    assert refused["status"] == 401
+    ours = [rec for rec in caplog.records if rec.name.startswith("proxy")]
+    assert ours
+    for rec in ours:
+        text = json.dumps(vars(rec), default=str)
+        assert token not in text
+        assert "Bearer bad" not in text
+
+
+async def test_long_running_requests_are_logged_at_start_and_end(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="proxy.access")
+    async with stack.client.get(
+        stack.url + PODS, params={"watch": "1"}, headers=stack.bearer()
+    ) as r:
+        await asyncio.wait_for(r.content.readline(), 5)
+        started = [
+            rec.getMessage() for rec in caplog.records if rec.name == "proxy.access"
+        ]
+        assert started == ["request started"]
+    for _ in range(50):
+        events = [rec for rec in caplog.records if rec.name == "proxy.access"]
+        if len(events) == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert [rec.getMessage() for rec in events] == ["request started", "request"]
+    assert vars(events[1])["verb"] == "watch"
+    assert vars(events[1])["kind"] == "watch"
+
+
+# --------------------------------------------------------------------------
+# Settings
+
+
+def test_settings_defaults_are_fail_closed() -> None:
+    settings = ProxySettings()
+    assert settings.allow_client_impersonation is False
+    assert settings.token_passthrough is False
+    assert settings.allow_reserved_groups == ()
+    assert settings.trusted_proxies == ()
+    assert settings.max_impersonation_values > 0
+
+
+@pytest.mark.parametrize(
+    "cancellation", [False, True], ids=["polling", "handler-cancellation"]
+)
+async def test_client_leaving_a_tunnel_closes_the_upstream_side(
+    tmp_path: Path, ca: trustme.CA, cancellation: bool
+) -> None:
+    async with serve_raw_upgrade(ca) as raw:
+        config = upstream_kubeconfig(
+            tmp_path / "raw.kubeconfig", raw.url, ca.cert_pem.bytes()
+        )
+        upstream = Upstream(UpstreamSettings(kubeconfig=str(config)))
+        async with run_proxy(
+            tmp_path, ca, upstream=upstream, handler_cancellation=cancellation
+        ) as stack:
+            reader, writer, head = await _raw_upgrade(
+                stack.url,
+                ca,
+                [
+                    f"Authorization: Bearer {stack.token()}",
+                    "Connection: Upgrade",
+                    "Upgrade: SPDY/3.1",
+                ],
+            )
+            assert head.startswith(b"HTTP/1.1 101 ")
+            assert (
+                await asyncio.wait_for(reader.readexactly(17), 5)
+                == b"spdy-server-hello"
+            )
+            gauge = "kube_oidc_gate_inflight_streams"
+            assert metric(stack.metrics, gauge, kind="portforward") == 1
+            writer.transport.abort()
+            await asyncio.wait_for(raw.closed.wait(), 5)
+            async with asyncio.timeout(5):
+                while metric(stack.metrics, gauge, kind="portforward") != 0:
+                    await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "header-and-subprotocol",
+        "two-subprotocols",
+        "undecodable",
+        "empty",
+        "not-websocket",
+    ],
+    ids=[
+        "header-and-subprotocol",
+        "two-subprotocols",
+        "undecodable",
+        "empty",
+        "not-websocket",
+    ],
+)
+async def test_websocket_token_refusals(stack: Stack, case: str) -> None:
+    token = stack.token()
+    protocols = ["v5.channel.k8s.io"]
+    headers: dict[str, str] = {}
+    if case == "header-and-subprotocol":
+        headers["Authorization"] = f"Bearer {token}"
+        protocols.append(_bearer_protocol(token))
+    elif case == "two-subprotocols":
+        protocols += [_bearer_protocol(token), _bearer_protocol(token)]
+    elif case == "undecodable":
+        protocols.append("base64url.bearer.authorization.k8s.io.!!!")
+    elif case == "empty":
+        protocols.append("base64url.bearer.authorization.k8s.io.")
+    if case == "not-websocket":
+        get_headers = {"Sec-WebSocket-Protocol": _bearer_protocol(token)}
+        async with stack.client.get(stack.url + PODS, headers=get_headers) as r:
+            assert r.status == 401
+    else:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await stack.client.ws_connect(
+                stack.url + PODS + "/p/exec?command=cat",
+                protocols=protocols,
+                headers=headers,
+            )
+        assert info.value.status == 401
+    assert stack.fake.requests == []
+
+
+async def test_oversized_request_headers_are_431(
+    tmp_path: Path, ca: trustme.CA
+) -> None:
+    async with run_proxy(
+        tmp_path, ca, settings=ProxySettings(max_header_bytes=4096)
+    ) as stack:
+        headers = {**stack.bearer(), "X-Padding": "x" * 4096}
+        async with stack.client.get(stack.url + PODS, headers=headers) as r:
+            assert r.status == 431
+            _status_of(await r.json(), 431)
+        async with stack.client.get(stack.url + PODS, headers=stack.bearer()) as r:
+            assert r.status == 200
+        assert [r.path for r in stack.fake.requests] == [PODS]

@@ -1,0 +1,219 @@
+"""The upgraded-connection relay, on its own: an aiohttp handler that takes the
+connection over after a 101 and splices it to a plain TCP "upstream".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+from aiohttp import web
+from multidict import CIMultiDict
+
+from proxy import tunnel
+
+_RESULT: web.AppKey[list[tunnel.TunnelResult]] = web.AppKey("results")
+_UPSTREAM: web.AppKey[tuple[str, int]] = web.AppKey("upstream")
+_IDLE: web.AppKey[float] = web.AppKey("idle")
+
+
+@dataclass
+class Echo:
+    """A TCP server that upper-cases what it gets; ``BYE`` makes it hang up."""
+
+    port: int = 0
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+    received: int = 0
+
+
+@contextlib.asynccontextmanager
+async def echo_server(*, silent: bool = False) -> AsyncIterator[Echo]:
+    echo = Echo()
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.add(task)
+        try:
+            while data := await reader.read(65536):
+                echo.received += len(data)
+                if data.strip() == b"BYE":
+                    break
+                if not silent:
+                    writer.write(data.upper())
+                    await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            echo.closed.set()
+            writer.close()
+            tasks.discard(task)
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    echo.port = server.sockets[0].getsockname()[1]
+    try:
+        yield echo
+    finally:
+        server.close()
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await server.wait_closed()
+
+
+async def splice(request: web.Request) -> web.StreamResponse:
+    host, port = request.app[_UPSTREAM]
+    reader, writer = await asyncio.open_connection(host, port)
+    headers = CIMultiDict(
+        {"Connection": "Upgrade", "Upgrade": request.headers["Upgrade"]}
+    )
+    response, client = await tunnel.accept(
+        request, reason="Switching Protocols", headers=headers
+    )
+    try:
+        result = await tunnel.relay(
+            client, reader, writer, idle_seconds=request.app[_IDLE]
+        )
+    finally:
+        writer.close()
+    request.app[_RESULT].append(result)
+    return response
+
+
+async def hello(request: web.Request) -> web.Response:
+    return web.Response(text="still serving")
+
+
+@dataclass
+class Server:
+    port: int
+    runner: web.AppRunner
+    results: list[tunnel.TunnelResult]
+
+
+@contextlib.asynccontextmanager
+async def tunnel_app(echo: Echo, idle: float = 0.0) -> AsyncIterator[Server]:
+    app = web.Application()
+    app[_UPSTREAM] = ("127.0.0.1", echo.port)
+    app[_IDLE] = idle
+    app[_RESULT] = []
+    app.router.add_get("/hello", hello)
+    app.router.add_route("*", "/tunnel", splice)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield Server(runner.addresses[0][1], runner, app[_RESULT])
+    finally:
+        await runner.cleanup()
+
+
+async def open_tunnel(
+    port: int, upgrade: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        f"POST /tunnel HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: {upgrade}\r\n\r\n".encode()
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    return reader, writer, head
+
+
+async def wait_for(predicate: object, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():  # type: ignore[operator]
+            await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize(
+    "upgrade", ["SPDY/3.1", "websocket"], ids=["spdy", "websocket"]
+)
+async def test_bytes_flow_both_ways_and_are_never_parsed_as_http(upgrade: str) -> None:
+    async with echo_server() as echo, tunnel_app(echo) as server:
+        reader, writer, head = await open_tunnel(server.port, upgrade)
+        assert head.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+        assert f"Upgrade: {upgrade}".encode() in head
+        # looks like an HTTP request: aiohttp must not see it
+        smuggled = b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n"
+        writer.write(smuggled)
+        echoed = await asyncio.wait_for(reader.readexactly(len(smuggled)), 5)
+        assert echoed == smuggled.upper()
+        writer.close()
+        await wait_for(lambda: server.results)
+        assert server.results[0].closed_by == "client"
+        assert server.results[0].bytes_to_upstream == len(smuggled)
+        assert server.results[0].bytes_to_client == len(smuggled)
+
+
+async def test_large_transfer_with_backpressure() -> None:
+    async with echo_server() as echo, tunnel_app(echo) as server:
+        reader, writer, _ = await open_tunnel(server.port, "SPDY/3.1")
+        payload = b"abcdefghijklmnop" * (512 * 1024)  # 8 MiB
+
+        async def send() -> None:
+            writer.write(payload)
+            await writer.drain()
+
+        sender = asyncio.create_task(send())
+        got = await asyncio.wait_for(reader.readexactly(len(payload)), 20)
+        await sender
+        assert got == payload.upper()
+        writer.close()
+        await wait_for(lambda: server.results)
+        assert server.results[0].bytes_to_client == len(payload)
+
+
+async def test_client_close_closes_upstream_and_frees_the_connection() -> None:
+    async with echo_server() as echo, tunnel_app(echo) as server:
+        reader, writer, _ = await open_tunnel(server.port, "SPDY/3.1")
+        writer.write(b"x")
+        assert await asyncio.wait_for(reader.readexactly(1), 5) == b"X"
+        writer.close()
+        await asyncio.wait_for(echo.closed.wait(), 5)
+        await wait_for(lambda: server.results)
+        low_level = server.runner.server
+        assert low_level is not None
+        await wait_for(lambda: not low_level.connections)
+
+
+async def test_upstream_close_closes_client_and_server_keeps_serving() -> None:
+    async with echo_server() as echo, tunnel_app(echo) as server:
+        reader, writer, _ = await open_tunnel(server.port, "SPDY/3.1")
+        writer.write(b"BYE")
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        await wait_for(lambda: server.results)
+        assert server.results[0].closed_by == "upstream"
+        r2, w2 = await asyncio.open_connection("127.0.0.1", server.port)
+        w2.write(b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert b"still serving" in await asyncio.wait_for(r2.read(), 5)
+        w2.close()
+
+
+async def test_idle_tunnel_is_closed() -> None:
+    async with echo_server(silent=True) as echo, tunnel_app(echo, idle=0.2) as server:
+        reader, writer, _ = await open_tunnel(server.port, "SPDY/3.1")
+        writer.write(b"no answer")
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        await wait_for(lambda: server.results)
+        assert server.results[0].closed_by == "idle"
+        await asyncio.wait_for(echo.closed.wait(), 5)
+
+
+async def test_activity_keeps_a_tunnel_open_past_the_idle_limit() -> None:
+    async with echo_server() as echo, tunnel_app(echo, idle=0.3) as server:
+        reader, writer, _ = await open_tunnel(server.port, "SPDY/3.1")
+        for _ in range(6):
+            writer.write(b"tick")
+            assert await asyncio.wait_for(reader.readexactly(4), 5) == b"TICK"
+            await asyncio.sleep(0.1)
+        assert server.results == []
+        writer.close()
+        await wait_for(lambda: server.results)
+        assert server.results[0].closed_by == "client"

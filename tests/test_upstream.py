@@ -1,0 +1,555 @@
+"""How the proxy reaches the API server: kubernetes loaders, TLS, credential
+rotation, the pooled client and the raw upgrade client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+import yaml
+from multidict import CIMultiDict
+
+from proxy.errors import ConfigError, UpstreamError
+from proxy.upstream import Upstream, UpstreamSettings
+from tests.fakes.apiserver import FakeAPIServer, serve_apiserver
+from tests.fakes.apiserver_harness import PROXY_TOKEN, run_proxy, upstream_kubeconfig
+from tests.fakes.apiserver_raw import serve_raw_upgrade
+
+WHOAMI = "/apis/authentication.k8s.io/v1/selfsubjectreviews"
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@contextlib.asynccontextmanager
+async def started(settings: UpstreamSettings, **kw: Any) -> AsyncIterator[Upstream]:
+    upstream = Upstream(settings, **kw)
+    await upstream.start()
+    try:
+        yield upstream
+    finally:
+        await upstream.close()
+
+
+def kubeconfig(
+    path: Path, cluster: dict[str, Any], user: dict[str, Any], **extra: Any
+) -> Path:
+    doc: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "c", "cluster": cluster}],
+        "users": [{"name": "u", "user": user}],
+        "contexts": [{"name": "ctx", "context": {"cluster": "c", "user": "u"}}],
+        "current-context": "ctx",
+        **extra,
+    }
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+# --------------------------------------------------------------------------
+# Loading
+
+
+async def test_kubeconfig_gives_url_ca_and_credential(
+    tmp_path: Path, ca: trustme.CA
+) -> None:
+    async with serve_apiserver(ca) as fake:
+        config = upstream_kubeconfig(tmp_path / "kc", fake.url, fake.ca_pem)
+        async with started(UpstreamSettings(kubeconfig=str(config))) as upstream:
+            assert str(upstream.base_url) == fake.url
+            assert upstream.auth_headers() == {"Authorization": f"Bearer {PROXY_TOKEN}"}
+            assert PROXY_TOKEN not in repr(upstream)
+            headers = CIMultiDict(upstream.auth_headers())
+            headers["Impersonate-User"] = "someone"
+            async with upstream.request(
+                "GET", "/api", headers=headers, connect_timeout=5, head_timeout=5
+            ) as response:
+                assert response.status == 200
+                assert (await response.json())["kind"] == "APIVersions"
+
+
+async def test_kubeconfig_context_is_honoured(tmp_path: Path, ca: trustme.CA) -> None:
+    config = kubeconfig(
+        tmp_path / "kc",
+        {
+            "server": "https://127.0.0.1:1",
+            "certificate-authority-data": b64(ca.cert_pem.bytes()),
+        },
+        {"token": "first"},
+    )
+    doc = yaml.safe_load(config.read_text())
+    doc["clusters"].append(
+        {
+            "name": "other",
+            "cluster": {
+                "server": "https://127.0.0.2:2",
+                **doc["clusters"][0]["cluster"],
+            },
+        }
+    )
+    doc["clusters"][1]["cluster"]["server"] = "https://127.0.0.2:2"
+    doc["users"].append({"name": "other", "user": {"token": "second"}})
+    doc["contexts"].append(
+        {"name": "b", "context": {"cluster": "other", "user": "other"}}
+    )
+    config.write_text(yaml.safe_dump(doc))
+    async with started(
+        UpstreamSettings(kubeconfig=str(config), context="b")
+    ) as upstream:
+        assert str(upstream.base_url) == "https://127.0.0.2:2"
+        assert upstream.auth_headers() == {"Authorization": "Bearer second"}
+
+
+async def test_server_path_prefix_and_raw_paths_are_kept(
+    tmp_path: Path, ca: trustme.CA
+) -> None:
+    config = kubeconfig(
+        tmp_path / "kc",
+        {
+            "server": "https://127.0.0.1:6443/k8s/clusters/c-1/",
+            "certificate-authority-data": b64(ca.cert_pem.bytes()),
+        },
+        {"token": "t"},
+    )
+    async with started(UpstreamSettings(kubeconfig=str(config))) as upstream:
+        url = upstream.url("/api/v1/namespaces/a%2Fb/pods?labelSelector=x%3Dy&watch=1")
+        assert str(url) == (
+            "https://127.0.0.1:6443/k8s/clusters/c-1/api/v1/namespaces/a%2Fb/pods"
+            "?labelSelector=x%3Dy&watch=1"
+        )
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("missing-file", "No configuration found"),
+        ("unknown-context", "upstream:"),
+        ("plain-http-remote", "plain http"),
+        ("proxy-url", "proxy-url"),
+        ("in-cluster-no-env", "upstream: in-cluster"),
+        ("in-cluster-no-token", "upstream: in-cluster"),
+        ("bad-yaml", "not valid yaml near line"),
+        ("not-a-mapping", "upstream:"),
+    ],
+    ids=[
+        "missing-file",
+        "unknown-context",
+        "plain-http-remote",
+        "proxy-url",
+        "in-cluster-no-env",
+        "in-cluster-no-token",
+        "bad-yaml",
+        "not-a-mapping",
+    ],
+)
+async def test_unusable_configuration_is_a_config_error(
+    tmp_path: Path, ca: trustme.CA, case: str, expected: str
+) -> None:
+    secret = "secret-token-do-not-print"
+    ca_data = b64(ca.cert_pem.bytes())
+    environ: dict[str, str] | None = None
+    settings: UpstreamSettings
+    if case == "missing-file":
+        settings = UpstreamSettings(kubeconfig=str(tmp_path / "nope"))
+    elif case == "unknown-context":
+        config = kubeconfig(
+            tmp_path / "kc", {"server": "https://x:1"}, {"token": secret}
+        )
+        settings = UpstreamSettings(kubeconfig=str(config), context="missing")
+    elif case == "plain-http-remote":
+        config = kubeconfig(
+            tmp_path / "kc", {"server": "http://10.0.0.1:8080"}, {"token": secret}
+        )
+        settings = UpstreamSettings(kubeconfig=str(config))
+    elif case == "bad-yaml":
+        config = tmp_path / "kc"
+        config.write_text(f'users:\n- name: u\n  user:\n    token: "{secret}\n  x: [\n')
+        settings = UpstreamSettings(kubeconfig=str(config))
+    elif case == "not-a-mapping":
+        config = tmp_path / "kc"
+        config.write_text(f"- {secret}\n")
+        settings = UpstreamSettings(kubeconfig=str(config))
+    elif case == "proxy-url":
+        cluster = {"server": "https://x:1", "certificate-authority-data": ca_data}
+        cluster["proxy-url"] = "http://proxy:3128"
+        config = kubeconfig(tmp_path / "kc", cluster, {"token": secret})
+        settings = UpstreamSettings(kubeconfig=str(config))
+    else:
+        (tmp_path / "ca.crt").write_bytes(ca.cert_pem.bytes())
+        if case == "in-cluster-no-env":
+            (tmp_path / "token").write_text(secret)
+            environ = {}
+        else:
+            environ = {
+                "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+                "KUBERNETES_SERVICE_PORT": "1",
+            }
+        settings = UpstreamSettings(
+            token_file=str(tmp_path / "token"), ca_file=str(tmp_path / "ca.crt")
+        )
+    upstream = Upstream(settings, environ=environ)
+    with pytest.raises(ConfigError) as info:
+        await upstream.start()
+    assert expected in str(info.value)
+    assert secret not in str(info.value)
+    await upstream.close()
+
+
+# --------------------------------------------------------------------------
+# Credential rotation
+
+
+def _project_token(sa_dir: Path, token: str, generation: int) -> None:
+    """Write the token the way the kubelet does: a new dir, then swap ``..data``."""
+    data = sa_dir / f"..gen_{generation}"
+    data.mkdir()
+    (data / "token").write_text(token)
+    link = sa_dir / "..data_tmp"
+    link.symlink_to(data.name)
+    os.replace(link, sa_dir / "..data")
+    if not (sa_dir / "token").is_symlink():
+        (sa_dir / "token").symlink_to("..data/token")
+
+
+async def test_in_cluster_token_rotation_reaches_the_api_server(
+    tmp_path: Path, ca: trustme.CA
+) -> None:
+    sa = tmp_path / "sa"
+    sa.mkdir()
+    (sa / "ca.crt").write_bytes(ca.cert_pem.bytes())
+    _project_token(sa, "sa-token-1", 1)
+    settings = UpstreamSettings(
+        token_file=str(sa / "token"),
+        ca_file=str(sa / "ca.crt"),
+        credential_check_interval=0.05,
+    )
+
+    def in_cluster(fake: FakeAPIServer) -> Upstream:
+        environ = {
+            "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+            "KUBERNETES_SERVICE_PORT": str(fake.port),
+        }
+        return Upstream(settings, environ=environ)
+
+    async with run_proxy(tmp_path, ca, upstream=in_cluster) as stack:
+        stack.fake.proxy_tokens = {"sa-token-1", "sa-token-2"}
+        async with stack.client.post(
+            stack.url + WHOAMI, headers=stack.bearer(), json={}
+        ) as r:
+            assert r.status == 201
+        assert stack.fake.requests[-1].bearer == "sa-token-1"
+        _project_token(sa, "sa-token-2", 2)
+        async with asyncio.timeout(5):
+            while stack.fake.requests[-1].bearer != "sa-token-2":
+                await asyncio.sleep(0.05)
+                async with stack.client.post(
+                    stack.url + WHOAMI, headers=stack.bearer(), json={}
+                ) as r:
+                    assert r.status == 201
+        assert stack.upstream.auth_headers() == {"Authorization": "Bearer sa-token-2"}
+        stack.fake.proxy_tokens = {"sa-token-2"}
+        async with stack.client.post(
+            stack.url + WHOAMI, headers=stack.bearer(), json={}
+        ) as r:
+            assert r.status == 201
+
+
+async def test_empty_token_file_keeps_the_last_token(
+    tmp_path: Path, ca: trustme.CA
+) -> None:
+    (tmp_path / "ca.crt").write_bytes(ca.cert_pem.bytes())
+    token = tmp_path / "token"
+    token.write_text("sa-1\n")
+    environ = {
+        "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+        "KUBERNETES_SERVICE_PORT": "6443",
+    }
+    settings = UpstreamSettings(
+        token_file=str(token),
+        ca_file=str(tmp_path / "ca.crt"),
+        credential_check_interval=60,
+    )
+    async with started(settings, environ=environ) as upstream:
+        assert str(upstream.base_url) == "https://127.0.0.1:6443"
+        assert upstream.auth_headers() == {"Authorization": "Bearer sa-1"}
+        assert await upstream.refresh_credentials() is False
+        token.write_text("")
+        assert await upstream.refresh_credentials() is False
+        assert upstream.auth_headers() == {"Authorization": "Bearer sa-1"}
+        token.write_text("sa-2")
+        assert await upstream.refresh_credentials() is True
+        assert upstream.auth_headers() == {"Authorization": "Bearer sa-2"}
+        token.unlink()
+        assert await upstream.refresh_credentials() is False
+        assert upstream.auth_headers() == {"Authorization": "Bearer sa-2"}
+
+
+async def test_kubeconfig_exec_plugin_credential_is_refreshed(
+    tmp_path: Path, ca: trustme.CA
+) -> None:
+    credential = tmp_path / "cred.json"
+
+    def publish(token: str) -> None:
+        credential.write_text(
+            '{"apiVersion": "client.authentication.k8s.io/v1", "kind": "ExecCredential",'
+            f' "status": {{"token": "{token}", "expirationTimestamp": "2000-01-01T00:00:00Z"}}}}'
+        )
+
+    publish("exec-1")
+    config = kubeconfig(
+        tmp_path / "kc",
+        {
+            "server": "https://127.0.0.1:6443",
+            "certificate-authority-data": b64(ca.cert_pem.bytes()),
+        },
+        {
+            "exec": {
+                "apiVersion": "client.authentication.k8s.io/v1",
+                "command": "cat",
+                "args": [str(credential)],
+                "interactiveMode": "Never",
+            }
+        },
+    )
+    settings = UpstreamSettings(kubeconfig=str(config), credential_check_interval=60)
+    async with started(settings) as upstream:
+        assert upstream.auth_headers() == {"Authorization": "Bearer exec-1"}
+        publish("exec-2")
+        assert await upstream.refresh_credentials() is True
+        assert upstream.auth_headers() == {"Authorization": "Bearer exec-2"}
+
+
+# --------------------------------------------------------------------------
+# TLS
+
+
+async def test_client_certificate_from_kubeconfig_is_presented(
+    tmp_path: Path, ca: trustme.CA
+) -> None:
+    client_ca = trustme.CA()
+    cert = client_ca.issue_cert("kube-oidc-gate-proxy")
+    async with serve_raw_upgrade(ca, token=None, client_ca=client_ca) as raw:
+        config = kubeconfig(
+            tmp_path / "kc",
+            {"server": raw.url, "certificate-authority-data": b64(ca.cert_pem.bytes())},
+            {
+                "client-certificate-data": b64(cert.cert_chain_pems[0].bytes()),
+                "client-key-data": b64(cert.private_key_pem.bytes()),
+            },
+        )
+        async with started(UpstreamSettings(kubeconfig=str(config))) as upstream:
+            assert upstream.auth_headers() == {}
+            response = await upstream.open_upgrade(
+                "POST",
+                "/api/v1/namespaces/default/pods/p/portforward",
+                [("Connection", "Upgrade"), ("Upgrade", "SPDY/3.1")],
+                connect_timeout=5,
+                head_timeout=5,
+                max_header_bytes=65536,
+            )
+            await response.close()
+        assert response.status == 101
+        (peer,) = raw.peer_certs
+        assert peer is not None
+        assert "kube-oidc-gate-proxy" in str(peer.get("subjectAltName"))
+
+
+async def test_untrusted_server_certificate_is_502(
+    tmp_path: Path, ca: trustme.CA
+) -> None:
+    async with serve_apiserver(ca) as fake:
+        config = upstream_kubeconfig(
+            tmp_path / "kc", fake.url, trustme.CA().cert_pem.bytes()
+        )
+        async with started(UpstreamSettings(kubeconfig=str(config))) as upstream:
+            with pytest.raises(UpstreamError) as info:
+                async with upstream.request(
+                    "GET",
+                    "/api",
+                    headers=CIMultiDict(),
+                    connect_timeout=5,
+                    head_timeout=5,
+                ):
+                    pass
+            assert info.value.status == 502
+            with pytest.raises(UpstreamError) as info:
+                await upstream.open_upgrade(
+                    "GET",
+                    "/x",
+                    [],
+                    connect_timeout=5,
+                    head_timeout=5,
+                    max_header_bytes=1024,
+                )
+            assert info.value.status == 502
+
+
+async def test_unreachable_server_is_503(tmp_path: Path, ca: trustme.CA) -> None:
+    async with serve_apiserver(ca) as fake:
+        url, pem = fake.url, fake.ca_pem
+    config = upstream_kubeconfig(tmp_path / "kc", url, pem)
+    async with started(UpstreamSettings(kubeconfig=str(config))) as upstream:
+        with pytest.raises(UpstreamError) as info:
+            async with upstream.request(
+                "GET", "/api", headers=CIMultiDict(), connect_timeout=5, head_timeout=5
+            ):
+                pass
+        assert info.value.status == 503
+        with pytest.raises(UpstreamError) as info:
+            await upstream.open_upgrade(
+                "GET",
+                "/x",
+                [],
+                connect_timeout=5,
+                head_timeout=5,
+                max_header_bytes=1024,
+            )
+        assert info.value.status == 503
+
+
+# --------------------------------------------------------------------------
+# The raw upgrade client's HTTP parsing (plain http on loopback)
+
+
+@contextlib.asynccontextmanager
+async def canned(answer: bytes | None) -> AsyncIterator[tuple[int, list[bytes]]]:
+    """A server that reads one request head, records it and sends ``answer``
+    (``None``: say nothing and wait), then closes."""
+    heads: list[bytes] = []
+    tasks: set[asyncio.Task[Any]] = set()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.add(task)
+        try:
+            heads.append(await reader.readuntil(b"\r\n\r\n"))
+            if answer is None:
+                await asyncio.sleep(10)
+            else:
+                writer.write(answer)
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+            tasks.discard(task)
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1], heads
+    finally:
+        server.close()
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await server.wait_closed()
+
+
+def _plain(tmp_path: Path, port: int, prefix: str = "") -> UpstreamSettings:
+    config = kubeconfig(
+        tmp_path / "kc", {"server": f"http://127.0.0.1:{port}{prefix}"}, {"token": "t"}
+    )
+    return UpstreamSettings(kubeconfig=str(config))
+
+
+BODY_CASES = [
+    (b"HTTP/1.1 403 Forbidden\r\nContent-Length: 5\r\n\r\nhello", 403, b"hello"),
+    (
+        b"HTTP/1.1 400 Bad Request\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n",
+        400,
+        b"abcde",
+    ),
+    (b"HTTP/1.1 500 Oops\r\nX-A: b\r\n\r\nuntil close", 500, b"until close"),
+    (
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
+        404,
+        b"",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("answer", "code", "body"),
+    BODY_CASES,
+    ids=["content-length", "chunked", "until-close", "continue-then-final"],
+)
+async def test_non_101_answers_are_read(
+    tmp_path: Path, answer: bytes, code: int, body: bytes
+) -> None:
+    async with (
+        canned(answer) as (port, heads),
+        started(_plain(tmp_path, port, "/prefix")) as up,
+    ):
+        response = await up.open_upgrade(
+            "GET",
+            "/api/v1/x?y=1",
+            [("Upgrade", "websocket"), ("Connection", "Upgrade")],
+            connect_timeout=5,
+            head_timeout=5,
+            max_header_bytes=4096,
+        )
+        assert response.status == code
+        assert await response.read_body(limit=100) == body
+    head = heads[0].decode()
+    assert head.startswith("GET /prefix/api/v1/x?y=1 HTTP/1.1\r\n")
+    assert f"Host: 127.0.0.1:{port}\r\n" in head
+    assert "Authorization" not in head  # the caller decides which credential
+
+
+@pytest.mark.parametrize(
+    ("answer", "code"),
+    [
+        (b"SPDY nonsense\r\n\r\n", 502),
+        (b"HTTP/1.1 101 Switching\r\nNo colon here\r\n\r\n", 502),
+        (b"HTTP/1.1 101 Switching\r\n", 502),
+        (b"HTTP/1.1 101 Switching\r\nX-Big: " + b"a" * 5000 + b"\r\n\r\n", 502),
+        (None, 504),
+    ],
+    ids=[
+        "bad-status-line",
+        "bad-header",
+        "closed-early",
+        "head-too-large",
+        "no-answer",
+    ],
+)
+async def test_bad_upgrade_answers(
+    tmp_path: Path, answer: bytes | None, code: int
+) -> None:
+    async with canned(answer) as (port, _), started(_plain(tmp_path, port)) as up:
+        with pytest.raises(UpstreamError) as info:
+            await up.open_upgrade(
+                "GET",
+                "/x",
+                [],
+                connect_timeout=5,
+                head_timeout=0.3,
+                max_header_bytes=4096,
+            )
+        assert info.value.status == code
+
+
+async def test_error_body_is_capped(tmp_path: Path) -> None:
+    answer = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 500\r\n\r\n" + b"x" * 500
+    async with canned(answer) as (port, _), started(_plain(tmp_path, port)) as up:
+        response = await up.open_upgrade(
+            "GET", "/x", [], connect_timeout=5, head_timeout=5, max_header_bytes=4096
+        )
+        with pytest.raises(UpstreamError):
+            await response.read_body(limit=100)
