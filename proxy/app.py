@@ -18,10 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import ssl
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,9 +31,11 @@ from aiohttp import web
 
 from proxy.authn import Authenticator
 from proxy.config import AuthConfig
+from proxy.impersonate import ProxySettings, add_proxy_routes
 from proxy.keyset import KeySets
 from proxy.log import REQUEST_ID
 from proxy.metrics import CONTENT_TYPE, Metrics
+from proxy.upstream import Upstream
 from proxy.webhook import WebhookSettings, add_webhook_routes
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "Engine",
     "ServeSettings",
     "probe_app",
+    "proxy_app",
     "serve",
     "start_engine",
     "webhook_app",
@@ -238,7 +241,8 @@ async def _request_context(
     request: web.Request, handler: Handler
 ) -> web.StreamResponse:
     """Bind a request id and turn an unexpected exception into a 500, never a pass."""
-    rid = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
+    # 16 random hex digits, as before, without building a UUID object per request.
+    rid = request.headers.get("X-Request-Id", "")[:64] or os.urandom(8).hex()
     token = REQUEST_ID.set(rid)
     try:
         return await handler(request)
@@ -264,6 +268,23 @@ def webhook_app(engine: Engine, settings: WebhookSettings) -> web.Application:
     add_webhook_routes(
         app,
         authenticator=engine.authenticator,
+        settings=settings,
+        metrics=engine.metrics,
+    )
+    return app
+
+
+def proxy_app(
+    engine: Engine, upstream: Upstream, settings: ProxySettings
+) -> web.Application:
+    """The impersonating proxy application (every method and path)."""
+    guard = ConnectionGuard()
+    app = web.Application(middlewares=[guard.middleware, _request_context])
+    app[GUARD] = guard
+    add_proxy_routes(
+        app,
+        authenticator=engine.authenticator,
+        upstream=upstream,
         settings=settings,
         metrics=engine.metrics,
     )

@@ -8,9 +8,9 @@ equivalent kube-apiserver configuration).
 Exit codes: 0 success, 1 a checked token was refused, 2 a usage or
 configuration error (printed as ``error: ...`` with every problem listed).
 
-Nothing imports this module. Modules that pull in ``prometheus_client`` are
-imported inside the functions, after ``--workers`` is known: multi-process
-metrics must be switched on before that library is first imported.
+Nothing imports this module. Heavy modules (the servers, ``kubernetes``) are
+imported inside the functions that need them, so ``check-token`` and
+``kubeconfig`` start quickly.
 """
 
 from __future__ import annotations

@@ -16,9 +16,10 @@ from prometheus_client import (
     Histogram,
     generate_latest,
     multiprocess,
+    values,
 )
 
-__all__ = ["CONTENT_TYPE", "Metrics"]
+__all__ = ["CONTENT_TYPE", "Metrics", "enable_multiprocess"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -40,6 +41,18 @@ _LATENCY_BUCKETS = (
     5.0,
     10.0,
 )
+
+
+def enable_multiprocess(directory: str) -> None:
+    """Make every ``Metrics`` created from now on share samples through ``directory``.
+
+    For ``--workers N``: call in the parent before forking. prometheus_client
+    picks its value store when first imported, from ``PROMETHEUS_MULTIPROC_DIR``;
+    this sets the variable and re-runs that choice, so it works even though the
+    library was imported before the number of workers was known.
+    """
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
 
 
 class Metrics:

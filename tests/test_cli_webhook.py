@@ -40,7 +40,11 @@ async def issuer() -> AsyncIterator[FakeIssuer]:
 
 
 def webhook_args(
-    issuer: FakeIssuer, tmp_path: Path, port: int, *extra: str
+    issuer: FakeIssuer,
+    tmp_path: Path,
+    port: int,
+    *extra: str,
+    probe_port: int | None = None,
 ) -> list[str]:
     return [
         "webhook",
@@ -49,7 +53,7 @@ def webhook_args(
         "--oidc-groups-claim", "groups",
         "--bind-address", "127.0.0.1",
         "--secure-port", str(port),
-        "--probe-bind-address", f"127.0.0.1:{free_port()}",
+        "--probe-bind-address", f"127.0.0.1:{probe_port or free_port()}",
         "--cert-dir", str(tmp_path / "certs"),
         "--shutdown-grace-period", "10",
         *extra,
@@ -118,9 +122,11 @@ def test_dev_issuer_cannot_be_mixed_with_a_real_issuer(tmp_path: Path) -> None:
 
 
 async def test_two_workers_share_the_port(issuer: FakeIssuer, tmp_path: Path) -> None:
-    port = free_port()
+    port, probe_port = free_port(), free_port()
     token = issuer.token(groups=["naxslabs-admins"])
-    with Proc(*webhook_args(issuer, tmp_path, port, "--workers", "2")) as proc:
+    with Proc(
+        *webhook_args(issuer, tmp_path, port, "--workers", "2", probe_port=probe_port)
+    ) as proc:
         await proc.await_log("jwks keys loaded", count=2, timeout=20)
         ctx = client_ssl(tmp_path)
         for _ in range(60):
