@@ -1,0 +1,1 @@
+"""End-to-end tests against a real OpenID provider (npm oidc-provider), marked e2e."""
