@@ -16,7 +16,7 @@ ISS = "https://example.okta.com/oauth2/default"
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(  # noqa: S603
+    return subprocess.run(
         [sys.executable, "-m", "proxy", *args],
         capture_output=True,
         text=True,
