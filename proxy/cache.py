@@ -107,6 +107,13 @@ class ResultCache:
     def __len__(self) -> int:
         return len(self._cache)
 
+    def forget_issuer(self, issuer: str) -> int:
+        """Drop the accepted results of ``issuer`` (its keys changed); return how many."""
+        doomed = [k for k, v in list(self._cache.items()) if v.issuer == issuer]
+        for key in doomed:
+            self._cache.pop(key, None)
+        return len(doomed)
+
     def clear(self) -> None:
         """Forget every verdict (used when the configuration changes)."""
         self._cache.clear()

@@ -82,6 +82,7 @@ __all__ = [
     "add_auth_arguments",
     "apply_tuning_args",
     "auth_config_from_args",
+    "is_loopback_host",
     "load_authentication_config",
     "parse_authentication_config",
 ]
@@ -261,8 +262,13 @@ class AuthConfig:
 _LOOPBACK_NAMES = frozenset({"localhost"})
 
 
-def _is_loopback_host(host: str) -> bool:
-    if host in _LOOPBACK_NAMES:
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` is ``localhost`` or a loopback IP (127.0.0.0/8, ::1).
+
+    The one place plain http is allowed for an issuer, a JWKS or an upstream:
+    tests and ``--dev`` run on loopback, where nothing crosses a network.
+    """
+    if host.lower() in _LOOPBACK_NAMES:
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -283,7 +289,7 @@ def _url_problems(url: str) -> list[str]:
         return [str(err)]
     problems: list[str] = []
     if parts.scheme == "http":
-        if not (host and _is_loopback_host(host)):
+        if not (host and is_loopback_host(host)):
             problems.append(
                 "URL scheme must be https (plain http is allowed only for a "
                 "loopback host: 127.0.0.0/8, ::1, localhost)"

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import ipaddress
 import json
 import logging
 import random
@@ -46,7 +45,7 @@ from typing import Final
 
 import aiohttp
 
-from proxy.config import IssuerConfig, KeySetSettings
+from proxy.config import IssuerConfig, KeySetSettings, is_loopback_host
 from proxy.errors import DiscoveryError, KeySetError, KeysUnavailable
 from proxy.jwk import VerificationKey, parse_jwks
 from proxy.log import issuer_hash
@@ -90,15 +89,6 @@ class _KeyIndex:
         return self.by_kid.get(kid, ())
 
 
-def _is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _check_url(url: str, what: str, error: type[KeySetError]) -> None:
     """https only; plain http only to a loopback host (tests, a local dev IdP)."""
     try:
@@ -109,7 +99,7 @@ def _check_url(url: str, what: str, error: type[KeySetError]) -> None:
     scheme = parts.scheme.lower()
     if not host or scheme not in ("https", "http"):
         raise error(f"jwks: {what} {url} is not an absolute https url")
-    if scheme == "http" and not _is_loopback(host):
+    if scheme == "http" and not is_loopback_host(host):
         raise error(
             f"jwks: {what} {url} must use https "
             "(plain http is allowed only for a loopback host)"
@@ -210,6 +200,12 @@ class IssuerKeySet:
         self._unknown: dict[bytes, float] = {}
         self._inflight: asyncio.Task[KeySetError | None] | None = None
         self._task: asyncio.Task[None] | None = None
+        #: Set by every successful fetch, so the refresher re-plans from the
+        #: newest lifetime (an unknown-kid refetch may bring a short max-age).
+        self._fetched = asyncio.Event()
+        #: Called with the issuer URL when a fetch withdraws keys we held, so
+        #: results verified with a withdrawn key can be forgotten at once.
+        self.on_keys_withdrawn: Callable[[str], None] | None = None
         if metrics is not None:
             metrics.issuer_ready.labels(issuer_hash=self._label).set(0)
             metrics.jwks_keys.labels(issuer_hash=self._label).set(0)
@@ -362,9 +358,18 @@ class IssuerKeySet:
             raise error
 
     async def _run(self) -> None:
+        error = await self._join()
         while True:
-            error = await self._join()
-            await asyncio.sleep(self._next_delay(ok=error is None))
+            delay = self._next_delay(ok=error is None)
+            self._fetched.clear()
+            try:
+                async with asyncio.timeout(delay):
+                    await self._fetched.wait()
+            except TimeoutError:
+                error = await self._join()
+            else:
+                # Another caller's fetch succeeded meanwhile: plan from its lifetime.
+                error = None
 
     def _next_delay(self, *, ok: bool) -> float:
         if ok:
@@ -524,6 +529,7 @@ class IssuerKeySet:
 
     def _record_success(self, fetched: _Fetched) -> None:
         before = {k.thumbprint for k in self._index.keys}
+        withdrawn = before - {k.thumbprint for k in fetched.keys}
         self._index = _KeyIndex.build(fetched.keys)
         self._loaded = True
         self._last_error = None
@@ -553,6 +559,13 @@ class IssuerKeySet:
             m.jwks_last_success.labels(issuer_hash=label).set(self._last_success)
             m.jwks_keys.labels(issuer_hash=label).set(len(fetched.keys))
             m.issuer_ready.labels(issuer_hash=label).set(1)
+        self._fetched.set()
+        if withdrawn and self.on_keys_withdrawn is not None:
+            logger.info(
+                "jwks keys withdrawn",
+                extra={"issuer": self.url, "keys": len(withdrawn)},
+            )
+            self.on_keys_withdrawn(self.url)
 
     def _record_failure(self, err: KeySetError) -> None:
         self._last_error = str(err)

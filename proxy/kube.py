@@ -6,16 +6,55 @@ and the handlers can turn it into JSON without either knowing the other.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Final
 
 __all__ = [
+    "STATUS_REASONS",
     "SYSTEM_AUTHENTICATED",
     "UserInfo",
+    "status_body",
 ]
 
 SYSTEM_AUTHENTICATED = "system:authenticated"
+
+#: HTTP code → ``metav1.StatusReason``, the word kubectl shows before the message.
+STATUS_REASONS: Final[Mapping[int, str]] = {
+    400: "BadRequest",
+    401: "Unauthorized",
+    403: "Forbidden",
+    405: "MethodNotAllowed",
+    408: "Timeout",
+    413: "RequestEntityTooLarge",
+    415: "UnsupportedMediaType",
+    431: "BadRequest",
+    500: "InternalError",
+    502: "InternalError",
+    503: "ServiceUnavailable",
+    504: "Timeout",
+}
+
+
+def status_body(code: int, message: str) -> bytes:
+    """A Kubernetes ``Status`` failure as JSON bytes: what kubectl prints best.
+
+    Every error answer of both front ends has this shape, so a client sees the
+    same kind of error whichever mode it talks to.
+    """
+    return json.dumps(
+        {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": message,
+            "reason": STATUS_REASONS.get(code, "InternalError"),
+            "code": code,
+        }
+    ).encode()
 
 
 def _empty_extra() -> MappingProxyType[str, tuple[str, ...]]:

@@ -27,7 +27,6 @@ one shows up as a cluster that cannot log anyone in.
 from __future__ import annotations
 
 import base64
-import ipaddress
 import json
 import textwrap
 from collections.abc import Sequence
@@ -50,6 +49,7 @@ from proxy.config import (
     ClaimValidationRule,
     JWTAuthenticatorConfig,
     PrefixedClaimOrExpression,
+    is_loopback_host,
 )
 from proxy.errors import ConfigError
 
@@ -73,7 +73,6 @@ DEFAULT_CA_FILE_PATH: Final = "/etc/kubernetes/pki/oidc-ca.crt"
 
 #: Algorithms kube-apiserver verifies (it has no EdDSA).
 _KUBE_ALGS: Final = tuple(a for a in FILE_SIGNING_ALGS if a != "EdDSA")
-_LOOPBACK_NAMES: Final = frozenset({"localhost"})
 
 
 # ---------------------------------------------------------------------------
@@ -132,15 +131,6 @@ def _spki(key: PublicKeyTypes | CertificatePublicKeyTypes) -> bytes:
     )
 
 
-def _is_loopback_host(host: str) -> bool:
-    if host in _LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _check_url(
     url: str,
     flag: str,
@@ -163,7 +153,7 @@ def _check_url(
         ) from err
     problems: list[str] = []
     if parts.scheme == "http" and loopback_http:
-        if not (host and _is_loopback_host(host)):
+        if not (host and is_loopback_host(host)):
             problems.append(
                 "URL scheme must be https (plain http is allowed only for a "
                 "loopback host)"
