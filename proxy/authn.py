@@ -74,15 +74,26 @@ class Authenticator:
         self._metrics = metrics
         self._clock = clock
         self.cache = ResultCache(config.cache, clock=clock, monotonic=monotonic)
+        # Metric children by label values (closed sets), so the hot path skips
+        # prometheus_client's ``labels()`` lookup on every request.
+        self._children: dict[tuple[str, ...], Any] = {}
 
     @property
     def issuers(self) -> tuple[str, ...]:
         """The configured issuer URLs, in configuration order."""
         return tuple(self._by_issuer)
 
+    def _child(self, metric: str, *values: str) -> Any:
+        key = (metric, *values)
+        child = self._children.get(key)
+        if child is None:
+            child = getattr(self._metrics, metric).labels(*values)
+            self._children[key] = child
+        return child
+
     def _record(self, result: str, reason: str) -> None:
         if self._metrics is not None:
-            self._metrics.authentications.labels(result, reason).inc()
+            self._child("authentications", result, reason).inc()
 
     async def _validate(
         self, parsed: ParsedToken
@@ -108,7 +119,7 @@ class Authenticator:
         metrics = self._metrics
         if hit is not None:
             if metrics is not None:
-                metrics.cache_requests.labels("hit").inc()
+                self._child("cache_requests", "hit").inc()
             if hit.user is not None:
                 self._record("ok", "ok")
                 return hit.user
@@ -116,7 +127,7 @@ class Authenticator:
             self._record("rejected", hit.error.reason)
             raise hit.error.with_traceback(None)
         if metrics is not None:
-            metrics.cache_requests.labels("miss").inc()
+            self._child("cache_requests", "miss").inc()
         started = time.perf_counter()
         try:
             parsed = peek(token, max_bytes=self._config.max_token_bytes)
@@ -124,16 +135,19 @@ class Authenticator:
         except TokenError as err:
             self._observe(started, "temporary" if err.temporary else "rejected")
             self._record("error" if err.temporary else "rejected", err.reason)
-            log.debug(
-                "token refused",
-                extra={
-                    "reason": err.reason,
-                    "issuer": err.issuer,
-                    "token": fingerprint(token),
-                    "detail": str(err),
-                },
-            )
-            cache.put_error(key, err)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "token refused",
+                    extra={
+                        "reason": err.reason,
+                        "issuer": err.issuer,
+                        "token": fingerprint(token),
+                        "detail": str(err),
+                    },
+                )
+            # A remembered refusal must not pin the frames (and the request
+            # they reference) of the call that raised it for failure_ttl.
+            cache.put_error(key, err.with_traceback(None))
             raise
         if outcome is None:
             self._record("not_mine", "not_mine")
@@ -148,7 +162,7 @@ class Authenticator:
 
     def _observe(self, started: float, result: str) -> None:
         if self._metrics is not None:
-            self._metrics.validation_latency.labels(result).observe(
+            self._child("validation_latency", result).observe(
                 time.perf_counter() - started
             )
 
@@ -179,6 +193,15 @@ class Authenticator:
             return Verdict(header=header, claims=claims, issuer=iss, error=err)
         assert outcome is not None
         return Verdict(header=header, claims=claims, issuer=iss, user=outcome[1])
+
+    def forget_issuer(self, issuer: str) -> None:
+        """Forget cached acceptances of ``issuer``: called when it withdraws a key.
+
+        Without this, a token signed by a withdrawn (perhaps compromised) key
+        would stay accepted until its cache entry expired.
+        """
+        dropped = self.cache.forget_issuer(issuer)
+        log.info("result cache purged", extra={"issuer": issuer, "entries": dropped})
 
     def not_ready(self) -> list[str]:
         """Issuers whose keys have never been loaded (for ``/readyz``)."""

@@ -51,14 +51,32 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in vars(record).items() if k not in _RESERVED}
 
 
+#: Built once: ``json.dumps`` with options would build a new encoder per line.
+_ENCODE: Final = json.JSONEncoder(default=str, separators=(",", ":")).encode
+
+
 class JSONFormatter(logging.Formatter):
-    """Render a record as one JSON object per line (time, level, logger, event)."""
+    """Render a record as one JSON object per line (time, level, logger, event).
+
+    The webhook writes one line per review, so this is on the hot path: the
+    encoder is built once and the date part of the time is formatted once per
+    second.
+    """
+
+    _second = -1
+    _stamp = ""
+
+    def _time(self, created: float, msecs: float) -> str:
+        second = int(created)
+        if second != self._second:
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        return f"{self._stamp}.{int(msecs):03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:
         """Serialise the record; unserialisable field values become ``str``."""
         out: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "time": self._time(record.created, record.msecs),
             "level": record.levelname.lower(),
             "logger": record.name,
             "event": record.getMessage(),
@@ -71,7 +89,7 @@ class JSONFormatter(logging.Formatter):
         out.update(_fields(record))
         if record.exc_info and record.exc_info[0] is not None:
             out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str, separators=(",", ":"))
+        return _ENCODE(out)
 
 
 class TextFormatter(logging.Formatter):
@@ -97,6 +115,12 @@ def configure_logging(*, level: str = "info", fmt: str = "json") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # The webhook and the proxy log a line per request: skip gathering what no
+    # formatter here prints (caller file/line, thread, multiprocessing name),
+    # the knobs of the logging HOWTO's "Optimization" section. The pid stays.
+    logging.logThreads = False
+    logging.logMultiprocessing = False
+    logging._srcfile = None
     # aiohttp's own access log would duplicate ours and carries raw paths.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     # celpy logs every evaluation step at debug: noise, and it could show claims.

@@ -70,11 +70,13 @@ _MAX_NUMERIC_DATE: Final = 253402300799.0
 _B64URL: Final = re.compile(rb"[A-Za-z0-9_-]+")
 _TO_STD: Final = bytes.maketrans(b"-_", b"+/")
 
-_HASHES: Final[Mapping[str, type[hashes.HashAlgorithm]]] = {
-    "256": hashes.SHA256,
-    "384": hashes.SHA384,
-    "512": hashes.SHA512,
+#: Stateless descriptors, built once instead of per verification.
+_HASHES: Final[Mapping[str, hashes.HashAlgorithm]] = {
+    "256": hashes.SHA256(),
+    "384": hashes.SHA384(),
+    "512": hashes.SHA512(),
 }
+_PKCS1: Final = padding.PKCS1v15()
 
 
 class KeyResolver(Protocol):
@@ -143,11 +145,16 @@ def _reject_constant(name: str) -> Any:
     raise MalformedToken(f"token: {name} is not a JSON number (RFC 8259)")
 
 
+#: Built once: ``json.loads`` with hooks would build a new decoder per call.
+_DECODER: Final = json.JSONDecoder(
+    object_pairs_hook=_no_duplicates, parse_constant=_reject_constant
+)
+
+
 def _json_object(raw: bytes, what: str) -> dict[str, Any]:
     try:
-        value = json.loads(
-            raw, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant
-        )
+        # JWS and JWT text is UTF-8 (RFC 7515 §2, RFC 7519 §7.2).
+        value = _DECODER.decode(raw.decode("utf-8"))
     except MalformedToken:
         raise
     except (ValueError, RecursionError) as err:
@@ -200,10 +207,10 @@ def _signature_ok(key: VerificationKey, alg: str, data: bytes, sig: bytes) -> bo
             assert isinstance(k, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey)
             k.verify(sig, data)
             return True
-        digest = _HASHES[alg[2:]]()
+        digest = _HASHES[alg[2:]]
         if alg.startswith("RS"):
             assert isinstance(k, rsa.RSAPublicKey)
-            k.verify(sig, data, padding.PKCS1v15(), digest)
+            k.verify(sig, data, _PKCS1, digest)
         elif alg.startswith("PS"):
             assert isinstance(k, rsa.RSAPublicKey)
             pss = padding.PSS(mgf=padding.MGF1(digest), salt_length=digest.digest_size)

@@ -39,7 +39,7 @@ from aiohttp import web
 
 from proxy.authn import Authenticator
 from proxy.errors import TokenError
-from proxy.kube import UserInfo
+from proxy.kube import UserInfo, status_body
 from proxy.log import fingerprint
 from proxy.metrics import Metrics
 
@@ -71,31 +71,6 @@ class _BadReview(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
-
-
-def _status_body(code: int, reason: str, message: str) -> bytes:
-    return json.dumps(
-        {
-            "kind": "Status",
-            "apiVersion": "v1",
-            "metadata": {},
-            "status": "Failure",
-            "message": message,
-            "reason": reason,
-            "code": code,
-        }
-    ).encode()
-
-
-_REASONS: Final = {
-    400: "BadRequest",
-    405: "MethodNotAllowed",
-    408: "Timeout",
-    413: "RequestEntityTooLarge",
-    415: "UnsupportedMediaType",
-    500: "InternalError",
-    503: "ServiceUnavailable",
-}
 
 
 def _parse_review(body: bytes) -> tuple[str, str, list[str]]:
@@ -131,8 +106,8 @@ def _parse_review(body: bytes) -> tuple[str, str, list[str]]:
     return str(api_version), token, audiences
 
 
-def _answer(api_version: str, status: dict[str, Any]) -> web.Response:
-    body = json.dumps(
+def _envelope(api_version: str) -> bytes:
+    head = json.dumps(
         {
             "apiVersion": api_version,
             "kind": "TokenReview",
@@ -141,10 +116,22 @@ def _answer(api_version: str, status: dict[str, Any]) -> web.Response:
             # omitempty means anyway, and strict clients (the kubernetes Python
             # models) insist on the member.
             "spec": {"token": ""},
-            "status": status,
+            "status": None,
         },
         separators=(",", ":"),
-    ).encode()
+    )
+    assert head.endswith("null}")
+    return head[: -len("null}")].encode()
+
+
+#: Everything of an answer but its status, serialised once per version (the
+#: hot path then encodes only the status).
+_ENVELOPES: Final = {v: _envelope(v) for v in TOKENREVIEW_VERSIONS}
+_ENCODE: Final = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _answer(api_version: str, status: dict[str, Any]) -> web.Response:
+    body = _ENVELOPES[api_version] + _ENCODE(status).encode() + b"}"
     return web.Response(body=body, content_type=_JSON)
 
 
@@ -153,7 +140,7 @@ def _failure(
 ) -> web.Response:
     return web.Response(
         status=code,
-        body=_status_body(code, _REASONS.get(code, "Failure"), message),
+        body=status_body(code, message),
         content_type=_JSON,
         headers=headers,
     )
@@ -169,10 +156,15 @@ class _Handler:
         self._auth = authenticator
         self._settings = settings
         self._metrics = metrics
+        self._counters: dict[int, Any] = {}
 
     def _count(self, code: int) -> None:
         if self._metrics is not None:
-            self._metrics.http_requests.labels("authenticate", str(code)).inc()
+            child = self._counters.get(code)
+            if child is None:
+                child = self._metrics.http_requests.labels("authenticate", str(code))
+                self._counters[code] = child
+            child.inc()
 
     def _audiences(self, asked: Sequence[str]) -> tuple[list[str] | None, bool]:
         served = self._settings.audiences
@@ -207,8 +199,13 @@ class _Handler:
         if request.content_length is not None and request.content_length > limit:
             raise _BadReview(413, f"webhook: body larger than {limit} bytes")
         try:
-            async with asyncio.timeout(self._settings.body_timeout):
+            if request.content.is_eof():
+                # The whole body is buffered already (the usual small review):
+                # reading cannot wait, so no timer is armed.
                 body = await request.read()
+            else:
+                async with asyncio.timeout(self._settings.body_timeout):
+                    body = await request.read()
         except web.HTTPRequestEntityTooLarge as err:
             raise _BadReview(413, f"webhook: body larger than {limit} bytes") from err
         except TimeoutError as err:
