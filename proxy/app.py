@@ -24,15 +24,19 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 
 from proxy.authn import Authenticator
 from proxy.config import AuthConfig
 from proxy.impersonate import ProxySettings, add_proxy_routes
 from proxy.keyset import KeySets
+from proxy.kube import status_body
 from proxy.log import REQUEST_ID
 from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.upstream import Upstream
@@ -50,6 +54,36 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: After ``_drain`` has given in-flight requests the grace period, how long
+#: aiohttp's own shutdown may still wait for a handler.
+_CLEANUP_WAIT: Final = 1.0
+
+#: The logger aiohttp's server writes to, with parser refusals made safe.
+_HTTP_LOG: Final = logging.getLogger(__name__ + ".http")
+
+
+def _redact_parser_errors(record: logging.LogRecord) -> bool:
+    """Keep the class and status of a parser refusal, drop its text.
+
+    aiohttp logs a request its HTTP parser refused (a header over the size
+    limit, a malformed request line) at error level with the offending bytes
+    in the exception message, and those bytes may be a bearer token. It is a
+    client's mistake, not an operator's problem: one info line, no bytes.
+    """
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, HttpProcessingError):
+        record.msg = "request refused by the http parser"
+        record.args = ()
+        record.exc_info = None
+        record.exc_text = None
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.__dict__["error"] = type(exc).__name__
+        record.__dict__["status"] = exc.code
+    return True
+
+
+_HTTP_LOG.addFilter(_redact_parser_errors)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -70,6 +104,10 @@ class ServeSettings:
     #: How long an unread request body is drained after an early answer (413,
     #: 408) before the connection is closed; aiohttp's default is 10 s.
     lingering_time: float = 1.0
+    #: Largest single request header (name or value) the HTTP parser accepts.
+    #: aiohttp's default (8 KiB) would refuse a bearer token the engine accepts
+    #: (up to 16 KiB); the sum of all headers is bounded by the proxy (431).
+    max_field_bytes: int = 20 * 1024
     reuse_port: bool = False
 
 
@@ -117,6 +155,8 @@ async def start_engine(
         },
         metrics=metrics,
     )
+    for key_set in keysets:
+        key_set.on_keys_withdrawn = authenticator.forget_issuer
     await keysets.start()
     return Engine(
         authenticator=authenticator,
@@ -137,10 +177,17 @@ class ConnectionGuard:
     middleware disarms it once a request has fully arrived; a connection whose
     timer fires first is closed. aiohttp's protocol objects have no weak
     references, so ``pending`` holds them strongly, but never past the deadline.
+
+    It also knows the handlers in flight (``inflight``), so that ``serve`` can
+    give them the grace period and no more, and sets ``stopping`` when the
+    drain begins, so long-running streams end themselves cleanly instead of
+    holding the grace period and being cut.
     """
 
     pending: dict[Any, asyncio.TimerHandle] = field(default_factory=dict)
     closed: int = 0
+    inflight: set[asyncio.Task[Any]] = field(default_factory=set)
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     def arm(self, proto: Any, deadline: float) -> None:
         """Start the first-request deadline of a new connection."""
@@ -164,10 +211,36 @@ class ConnectionGuard:
             timer = self.pending.pop(request.protocol, None)
             if timer is not None:
                 timer.cancel()
-        return await handler(request)
+        task = asyncio.current_task()
+        if task is None:  # pragma: no cover - aiohttp runs handlers in tasks
+            return await handler(request)
+        self.inflight.add(task)
+        try:
+            return await handler(request)
+        finally:
+            self.inflight.discard(task)
 
 
 GUARD: web.AppKey[ConnectionGuard] = web.AppKey("connection_guard", ConnectionGuard)
+
+
+class _QuietHandler(RequestHandler):
+    """aiohttp's connection handler, minus the echo in its parser-error answers.
+
+    A request aiohttp's parser refuses (say, an oversized ``Authorization``
+    header) is answered 400 with the parser's message, which quotes the start of
+    the offending line: part of a token. We answer with the status alone.
+    """
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """Answer ``status`` without quoting anything the client sent."""
+        return super().handle_error(request, status, exc, None)
 
 
 class _GuardedSite(web.BaseSite):
@@ -206,7 +279,8 @@ class _GuardedSite(web.BaseSite):
         guard, deadline = self._guard, self._deadline
 
         def factory() -> asyncio.Protocol:
-            proto = server()
+            # Built like web.Server builds its handlers, as our subclass.
+            proto = _QuietHandler(server, loop=loop, **server._kwargs)
             guard.arm(proto, deadline)
             return proto
 
@@ -215,25 +289,13 @@ class _GuardedSite(web.BaseSite):
             self._host,
             self._port,
             ssl=self._ssl_context,
+            # The guard cannot close a connection still in its TLS handshake
+            # (aiohttp's protocol has no transport yet): asyncio does, here.
+            ssl_handshake_timeout=deadline if self._ssl_context else None,
             backlog=self._backlog,
             reuse_address=True,
             reuse_port=self._reuse_port or None,
         )
-
-
-def _json_status(code: int, reason: str, message: str) -> web.Response:
-    return web.json_response(
-        {
-            "kind": "Status",
-            "apiVersion": "v1",
-            "metadata": {},
-            "status": "Failure",
-            "message": message,
-            "reason": reason,
-            "code": code,
-        },
-        status=code,
-    )
 
 
 @web.middleware
@@ -252,7 +314,11 @@ async def _request_context(
         raise
     except Exception:
         log.exception("unhandled error (likely a bug)", extra={"path": request.path})
-        return _json_status(500, "InternalError", "internal error")
+        return web.Response(
+            status=500,
+            body=status_body(500, "internal error"),
+            content_type="application/json",
+        )
     finally:
         REQUEST_ID.reset(token)
 
@@ -287,6 +353,7 @@ def proxy_app(
         upstream=upstream,
         settings=settings,
         metrics=engine.metrics,
+        stopping=guard.stopping,
     )
     return app
 
@@ -304,17 +371,24 @@ def probe_app(
 
     async def readyz(_: web.Request) -> web.Response:
         problems = [
-            f"issuer {url}: keys not loaded" for url in engine.keysets.not_ready()
+            f"issuer {ks.url}: keys not loaded: {ks.last_error or 'first fetch in progress'}"
+            for ks in engine.keysets
+            if not ks.ready
         ]
-        for key_set in engine.keysets:
-            if key_set.last_error and key_set.ready:
-                log.debug("serving stale keys", extra={"issuer": key_set.url})
+        # Cached keys still verify tokens, so a failing refresh keeps us ready;
+        # it is shown here (and in metrics) so an outage is visible early.
+        warnings = [
+            f"issuer {ks.url}: serving cached keys; last refresh failed: {ks.last_error}"
+            for ks in engine.keysets
+            if ks.ready and ks.last_error
+        ]
         if extra_checks is not None:
             problems.extend(extra_checks())
         if problems:
-            text = "not ready:\n" + "".join(f"- {p}\n" for p in problems)
+            text = "not ready:\n" + "".join(f"- {p}\n" for p in problems + warnings)
             return web.Response(status=503, text=text)
-        return web.Response(text=f"ok (up {int(time.time() - started)}s)\n")
+        text = f"ok (up {int(time.time() - started)}s)\n"
+        return web.Response(text=text + "".join(f"- warning: {w}\n" for w in warnings))
 
     async def metrics(_: web.Request) -> web.Response:
         engine.metrics.cache_size.set(len(engine.authenticator.cache))
@@ -349,13 +423,16 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+    guard = main.get(GUARD) or ConnectionGuard()
     main_runner = web.AppRunner(
         main,
         access_log=None,
         handle_signals=False,
-        shutdown_timeout=settings.shutdown_grace_period,
+        shutdown_timeout=_CLEANUP_WAIT,
         keepalive_timeout=settings.idle_timeout,
         lingering_time=settings.lingering_time,
+        max_field_size=settings.max_field_bytes,
+        logger=_HTTP_LOG,
     )
     probe_runner = web.AppRunner(probes, access_log=None, handle_signals=False)
     await main_runner.setup()
@@ -365,7 +442,7 @@ async def serve(
             main_runner,
             settings.bind_address,
             settings.secure_port,
-            guard=main.get(GUARD) or ConnectionGuard(),
+            guard=guard,
             deadline=settings.idle_timeout,
             ssl_context=ssl_context,
             reuse_port=settings.reuse_port,
@@ -393,12 +470,39 @@ async def serve(
         log.info(
             "shutting down", extra={"grace_period_s": settings.shutdown_grace_period}
         )
+        await _drain(main_runner, guard, settings.shutdown_grace_period)
     finally:
         await main_runner.cleanup()
         await probe_runner.cleanup()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
+
+
+async def _drain(runner: web.AppRunner, guard: ConnectionGuard, grace: float) -> None:
+    """Stop accepting, end streams, give in-flight requests ``grace``, cancel the rest.
+
+    aiohttp's own shutdown waits ``shutdown_timeout`` for a handler and then as
+    long again after cancelling the request's payload: a hung request would
+    hold the process for twice the grace period, and a watch or exec stream
+    (which never ends by itself) always would, only to be cut mid-response.
+    """
+    for site in list(runner.sites):
+        await site.stop()
+    if runner.server is not None:
+        # Idle keep-alive connections close now, busy ones after their answer.
+        runner.server.pre_shutdown()
+    guard.stopping.set()
+    pending = set(guard.inflight)
+    if pending:
+        _, pending = await asyncio.wait(pending, timeout=grace)
+    if pending:
+        log.warning(
+            "grace period over: cancelling requests", extra={"requests": len(pending)}
+        )
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=_CLEANUP_WAIT)
 
 
 def _bound_port(runner: web.AppRunner) -> int:

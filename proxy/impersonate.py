@@ -91,7 +91,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy import tunnel
 from proxy.errors import TokenError, UpstreamError
-from proxy.kube import SYSTEM_AUTHENTICATED, UserInfo
+from proxy.kube import SYSTEM_AUTHENTICATED, UserInfo, status_body
 from proxy.metrics import Metrics
 from proxy.upstream import RawResponse, Upstream
 
@@ -146,19 +146,10 @@ _MAX_ERROR_BODY: Final = 1024 * 1024
 _MAX_SAR_BODY: Final = 256 * 1024
 _DISCONNECT_POLL: Final = 0.5
 _UNSAFE_VALUE: Final = re.compile(r"[\x00-\x1f\x7f]")
+_WHITESPACE: Final = re.compile(r"\s")
 _HEADER_KEY_SAFE: Final = frozenset(
     "!#$&'*+-.^_`|~" + string.ascii_letters + string.digits
 )
-_REASONS: Final = {
-    400: "BadRequest",
-    401: "Unauthorized",
-    403: "Forbidden",
-    431: "BadRequest",
-    500: "InternalError",
-    502: "InternalError",
-    503: "ServiceUnavailable",
-    504: "Timeout",
-}
 _UPSTREAM_MESSAGES: Final = {
     502: "bad response from the API server",
     503: "the API server is unavailable",
@@ -238,18 +229,9 @@ def status_response(
     code: int, message: str, *, headers: Mapping[str, str] | None = None
 ) -> web.Response:
     """A Kubernetes ``Status`` failure body, which kubectl prints well."""
-    body = {
-        "kind": "Status",
-        "apiVersion": "v1",
-        "metadata": {},
-        "status": "Failure",
-        "message": message,
-        "reason": _REASONS.get(code, "InternalError"),
-        "code": code,
-    }
     return web.Response(
         status=code,
-        body=json.dumps(body).encode(),
+        body=status_body(code, message),
         content_type="application/json",
         headers=headers,
     )
@@ -326,9 +308,11 @@ def _credentials(
     if authorization and bearer:
         raise _Refusal(401, "Unauthorized", "token in both header and subprotocol")
     if authorization:
+        # kube-apiserver's reading: the scheme in any case, one space, a token
+        # without blanks; anything else (tabs, two spaces) is refused here as
+        # it is there.
         scheme, _, token = authorization[0].strip().partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token or " " in token:
+        if scheme.lower() != "bearer" or not token or _WHITESPACE.search(token):
             raise _Refusal(401, "Unauthorized", "authorization is not a bearer token")
         return token, None
     if len(bearer) == 1:
@@ -572,8 +556,12 @@ def _client_gone(request: web.Request) -> bool:
     return transport is None or transport.is_closing()
 
 
-async def _unless_client_leaves(request: web.Request, work: Awaitable[_T]) -> _T | None:
-    """Run ``work`` but give up (``None``) once the client's connection is gone."""
+async def _unless_client_leaves(
+    request: web.Request, work: Awaitable[_T], stopping: asyncio.Event | None
+) -> _T | None:
+    """Run ``work`` but give up (``None``) once the client's connection is gone;
+    raise ``_Stopping`` once the server drains (``stopping`` set).
+    """
     task = asyncio.ensure_future(work)
     try:
         while True:
@@ -582,6 +570,8 @@ async def _unless_client_leaves(request: web.Request, work: Awaitable[_T]) -> _T
                 return task.result()
             if _client_gone(request):
                 return None
+            if stopping is not None and stopping.is_set():
+                raise _Stopping
     finally:
         if not task.done():
             task.cancel()
@@ -594,6 +584,10 @@ class _UpstreamBroken(Exception):
 
 class _ClientLeft(Exception):
     """The client went away while the response was being relayed."""
+
+
+class _Stopping(Exception):
+    """The server is shutting down: end a long-running response cleanly."""
 
 
 # --------------------------------------------------------------------------
@@ -671,11 +665,13 @@ class _ProxyHandler:
         upstream: Upstream,
         settings: ProxySettings,
         metrics: Metrics | None,
+        stopping: asyncio.Event | None,
     ) -> None:
         self._authenticator = authenticator
         self._upstream = upstream
         self._settings = settings
         self._metrics = metrics
+        self._stopping = stopping
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Serve one request (the route's handler)."""
@@ -897,9 +893,17 @@ class _ProxyHandler:
                     try:
                         copy = self._copy_body(upstream, response, entry, long_running)
                         if long_running:
-                            finished = await _unless_client_leaves(request, copy)
-                            if finished is None:
-                                raise _ClientLeft
+                            try:
+                                finished = await _unless_client_leaves(
+                                    request, copy, self._stopping
+                                )
+                            except _Stopping:
+                                # End the chunked body properly: a watch client
+                                # sees the stream end and re-watches elsewhere.
+                                entry.outcome = "shutdown"
+                            else:
+                                if finished is None:
+                                    raise _ClientLeft
                         else:
                             await copy
                         await response.write_eof()
@@ -985,6 +989,7 @@ class _ProxyHandler:
                 raw.reader,
                 raw.writer,
                 idle_seconds=settings.tunnel_idle_timeout,
+                stop=self._stopping,
             )
         finally:
             self._stream_ended(entry)
@@ -1023,11 +1028,15 @@ def add_proxy_routes(
     upstream: Upstream,
     settings: ProxySettings,
     metrics: Metrics | None,
+    stopping: asyncio.Event | None = None,
 ) -> None:
     """Register the catch-all proxy route (every method, every path).
 
     Register ``/healthz``, ``/readyz`` and ``/metrics`` *before* calling this:
     aiohttp matches routes in registration order and this one matches all.
+    ``stopping`` is set when the server starts draining: watches and log
+    streams then end their response properly and tunnels close both sides,
+    instead of holding the grace period and being cut.
     """
-    handler = _ProxyHandler(authenticator, upstream, settings, metrics)
+    handler = _ProxyHandler(authenticator, upstream, settings, metrics, stopping)
     app.router.add_route("*", "/{path:.*}", handler.handle)

@@ -56,7 +56,7 @@ _CHUNK: Final = 64 * 1024
 #: Client bytes buffered before reading from the client is paused.
 _HIGH_WATER: Final = 256 * 1024
 
-ClosedBy = Literal["client", "upstream", "idle", "error"]
+ClosedBy = Literal["client", "upstream", "idle", "error", "shutdown"]
 
 
 class ClientSide(asyncio.Protocol):
@@ -156,7 +156,9 @@ async def accept(
     is over) and the client side of the pipe.
     """
     transport = request.transport
-    if not isinstance(transport, asyncio.Transport) or transport.is_closing():
+    # Not ``isinstance(transport, asyncio.Transport)``: uvloop's transports
+    # (what the CLI runs on) implement the interface without the base class.
+    if transport is None or transport.is_closing():
         raise ConnectionResetError("tunnel: client went away before the upgrade")
     client = ClientSide(transport, transport.get_protocol())
     transport.set_protocol(client)
@@ -221,9 +223,11 @@ async def relay(
     writer: asyncio.StreamWriter,
     *,
     idle_seconds: float,
+    stop: asyncio.Event | None = None,
 ) -> TunnelResult:
-    """Copy bytes both ways until either side closes or nothing moves for
-    ``idle_seconds`` (0: no idle limit); then close the client's side.
+    """Copy bytes both ways until either side closes, nothing moves for
+    ``idle_seconds`` (0: no idle limit) or ``stop`` is set (the server
+    drains); then close the client's side.
 
     The upstream ``writer`` is left for the caller to close.
     """
@@ -231,6 +235,7 @@ async def relay(
     activity = _Activity(loop.time())
     up = asyncio.create_task(_to_upstream(client, writer, activity))
     down = asyncio.create_task(_to_client(reader, client, activity))
+    stopped = asyncio.ensure_future(stop.wait() if stop else asyncio.Future())
     closed_by: ClosedBy = "error"
     try:
         while True:
@@ -238,18 +243,23 @@ async def relay(
             if idle_seconds > 0:
                 wait = max(activity.last + idle_seconds - loop.time(), 0.0)
             done, _ = await asyncio.wait(
-                (up, down), timeout=wait, return_when=asyncio.FIRST_COMPLETED
+                (up, down, stopped),
+                timeout=wait,
+                return_when=asyncio.FIRST_COMPLETED,
             )
-            if done:
-                closed_by = done.pop().result()
+            if up in done or down in done:
+                closed_by = (up if up in done else down).result()
+                break
+            if stopped in done:
+                closed_by = "shutdown"
                 break
             if loop.time() - activity.last >= idle_seconds:
                 closed_by = "idle"
                 break
     finally:
-        for task in (up, down):
+        for task in (up, down, stopped):
             task.cancel()
-        await asyncio.wait((up, down))
+        await asyncio.wait((up, down, stopped))
         client.close()
     return TunnelResult(
         bytes_to_upstream=activity.up,

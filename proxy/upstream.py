@@ -54,6 +54,7 @@ from typing import Any, Final
 
 import aiohttp
 import yaml
+from aiohttp.abc import AbstractResolver
 from kubernetes.client import Configuration
 from kubernetes.config import ConfigException, load_kube_config
 from kubernetes.config.incluster_config import InClusterConfigLoader
@@ -326,11 +327,19 @@ class Upstream:
     """The API server as seen by the proxy: URL, TLS, pool and own credential."""
 
     def __init__(
-        self, settings: UpstreamSettings, *, environ: Mapping[str, str] | None = None
+        self,
+        settings: UpstreamSettings,
+        *,
+        environ: Mapping[str, str] | None = None,
+        resolver: AbstractResolver | None = None,
     ) -> None:
-        """``environ`` replaces ``os.environ`` for the in-cluster loader (tests)."""
+        """``environ`` replaces ``os.environ`` for the in-cluster loader and
+        ``resolver`` the system's name resolution (tests: a DNS failure that
+        never sends a query).
+        """
         self.settings = settings
         self._environ = environ
+        self._resolver = resolver
         self._target: _Target | None = None
         self._ssl: ssl.SSLContext | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -377,6 +386,7 @@ class Upstream:
             await self.refresh_credentials()
         connector = aiohttp.TCPConnector(
             ssl=self._ssl if target.base_url.scheme == "https" else False,
+            resolver=self._resolver,
             limit=self.settings.max_connections,
             limit_per_host=0,
             keepalive_timeout=self.settings.keepalive_timeout,
@@ -529,8 +539,11 @@ class Upstream:
         use_tls = url.scheme == "https"
         try:
             async with asyncio.timeout(connect_timeout):
+                address = host
+                if self._resolver is not None:
+                    address = (await self._resolver.resolve(host, port))[0]["host"]
                 reader, writer = await asyncio.open_connection(
-                    host,
+                    address,
                     port,
                     ssl=self._ssl if use_tls else None,
                     server_hostname=(target.server_name or host) if use_tls else None,
