@@ -1,0 +1,174 @@
+"""Profile a server under wrk load with py-spy and say where its time goes.
+
+    .venv/bin/python -m benchmarks.profile webhook-cached
+    .venv/bin/python -m benchmarks.profile webhook-cold --seconds 6
+    .venv/bin/python -m benchmarks.profile proxy-cached
+
+The same services as ``benchmarks.run`` (local issuer, upstream, TLS), one
+worker, 64 connections. py-spy samples the worker (``--rate`` per second,
+each sample briefly pauses it) and this prints the share of
+samples per function, self and inclusive, and writes the raw collapsed stacks
+(flamegraph input) next to the report. Shares are of the samples taken while
+the worker ran Python or C code called from Python; idle time is not sampled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.drive import Load, finish_wrk, start_wrk
+from benchmarks.procs import stop_all
+from benchmarks.run import (
+    REPO,
+    REVIEW,
+    SMALL_PATH,
+    Settings,
+    gate_proxy,
+    make_ctx,
+    prepare,
+    start_issuer,
+    upstream_server,
+    webhook,
+)
+
+__all__ = ["main", "summarize"]
+
+TARGETS = ("webhook-cached", "webhook-cold", "proxy-cached")
+
+
+def _frame(raw: str) -> str:
+    name, _, where = raw.partition(" (")
+    path = where.rstrip(")").rsplit(":", 1)[0]
+    return f"{name} ({'/'.join(path.split('/')[-2:])})"
+
+
+def summarize(collapsed: Path, top: int = 30) -> str:
+    """Self and inclusive shares per function from py-spy's raw output."""
+    own: collections.Counter[str] = collections.Counter()
+    incl: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = [_frame(f) for f in stack.split(";")]
+        own[frames[-1]] += n
+        for f in set(frames):
+            incl[f] += n
+    if not total:
+        return "no samples\n"
+    lines = [f"samples: {total}", "", "self:"]
+    lines += [f"  {100 * v / total:5.1f}%  {k}" for k, v in own.most_common(top)]
+    lines += ["", "inclusive:"]
+    lines += [f"  {100 * v / total:5.1f}%  {k}" for k, v in incl.most_common(top * 2)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Start the target, load it, sample it, print the summary."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.profile")
+    parser.add_argument("target", choices=TARGETS)
+    parser.add_argument("--seconds", type=float, default=5.0, help="Sampling time.")
+    parser.add_argument("--rate", type=int, default=200, help="Samples per second.")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    ns = parser.parse_args(argv)
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        print("error: py-spy is not installed (pip install py-spy)", file=sys.stderr)
+        return 2
+    seconds = min(max(ns.seconds, 1.0), 60.0)
+    settings = Settings.make(False, seconds + 3, 1)
+    ctx = make_ctx(settings, ns.out)
+    ns.out.mkdir(parents=True, exist_ok=True)
+    raw = ns.out / f"profile-{ns.target}.txt"
+    try:
+        prepare(ctx)
+        start_issuer(ctx)
+        if ns.target.startswith("webhook"):
+            tokens = (
+                ctx.cold_files[0] if ns.target == "webhook-cold" else ctx.files["one"]
+            )
+            with webhook(ctx, 1, "webhook-profile") as svc:
+                _sample(
+                    spy,
+                    svc.proc.pid,
+                    f"{svc.url}{REVIEW}",
+                    "review",
+                    tokens,
+                    seconds,
+                    ns.rate,
+                    raw,
+                )
+        else:
+            with (
+                upstream_server(ctx) as up,
+                gate_proxy(ctx, up.url, 1, "proxy-profile") as px,
+            ):
+                _sample(
+                    spy,
+                    px.proc.pid,
+                    f"{px.url}{SMALL_PATH}",
+                    "bearer",
+                    ctx.files["one"],
+                    seconds,
+                    ns.rate,
+                    raw,
+                )
+    finally:
+        stop_all()
+        shutil.rmtree(ctx.work, ignore_errors=True)
+    text = summarize(raw)
+    (raw.with_suffix(".summary.txt")).write_text(text)
+    print(text)
+    print(f"raw stacks: {raw}")
+    return 0
+
+
+def _sample(
+    spy: str,
+    pid: int,
+    url: str,
+    mode: str,
+    tokens: Path,
+    seconds: float,
+    rate: int,
+    raw: Path,
+) -> None:
+    load = Load(url=url, duration=seconds + 2, mode=mode, tokens=tokens)
+    wrk = start_wrk(load)
+    try:
+        time.sleep(1.0)
+        subprocess.run(
+            [
+                spy,
+                "record",
+                "--pid",
+                str(pid),
+                "--duration",
+                str(int(seconds)),
+                "--rate",
+                str(rate),
+                "--format",
+                "raw",
+                "--output",
+                str(raw),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=seconds + 30,
+        )
+    finally:
+        result = finish_wrk(wrk, load)
+    print(f"{result['rps']:,.0f} req/s under the sampler", flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
