@@ -44,7 +44,9 @@ async def apiserver() -> AsyncIterator[FakeAPIServer]:
         await fake.stop()
 
 
-def proxy_args(issuer: FakeIssuer, upstream: Path, tmp_path: Path, port: int, *extra: str) -> list[str]:
+def proxy_args(
+    issuer: FakeIssuer, upstream: Path, tmp_path: Path, port: int, *extra: str
+) -> list[str]:
     return [
         "proxy",
         "--oidc-issuer-url", issuer.url,
@@ -64,27 +66,41 @@ def proxy_args(issuer: FakeIssuer, upstream: Path, tmp_path: Path, port: int, *e
 async def test_kubectl_through_the_real_proxy_command(
     issuer: FakeIssuer, apiserver: FakeAPIServer, tmp_path: Path
 ) -> None:
-    upstream = upstream_kubeconfig(tmp_path / "upstream.yaml", apiserver.url, apiserver.ca_pem)
+    upstream = upstream_kubeconfig(
+        tmp_path / "upstream.yaml", apiserver.url, apiserver.ca_pem
+    )
     port = free_port()
     with Proc(*proxy_args(issuer, upstream, tmp_path, port)) as proc:
         await proc.await_log("jwks keys loaded", timeout=20)
         ca = (tmp_path / "certs" / "kube-oidc-gate.crt").read_bytes()
-        token = issuer.token(email="alice@example.com", email_verified=True, groups=["naxslabs-admins"])
-        kubeconfig = write_kubectl_config(tmp_path / "user.yaml", f"https://127.0.0.1:{port}", ca, token)
-        code, out, err = await run_kubectl(["auth", "whoami", "-o", "json"], home=tmp_path, kubeconfig=kubeconfig)
+        token = issuer.token(
+            email="alice@example.com", email_verified=True, groups=["naxslabs-admins"]
+        )
+        kubeconfig = write_kubectl_config(
+            tmp_path / "user.yaml", f"https://127.0.0.1:{port}", ca, token
+        )
+        code, out, err = await run_kubectl(
+            ["auth", "whoami", "-o", "json"], home=tmp_path, kubeconfig=kubeconfig
+        )
         assert code == 0, err
         info = json.loads(out)["status"]["userInfo"]
         assert info["username"] == "alice@example.com"
         assert "naxslabs-admins" in info["groups"]
-        code, out, err = await run_kubectl(["get", "pods"], home=tmp_path, kubeconfig=kubeconfig)
+        code, out, err = await run_kubectl(
+            ["get", "pods"], home=tmp_path, kubeconfig=kubeconfig
+        )
         assert code == 0, err
-        code, _, err = await run_kubectl(["get", "pods", "--as", "bob"], home=tmp_path, kubeconfig=kubeconfig)
+        code, _, err = await run_kubectl(
+            ["get", "pods", "--as", "bob"], home=tmp_path, kubeconfig=kubeconfig
+        )
         assert code != 0
         assert "Forbidden" in err or "forbidden" in err
 
         # A watch is open when SIGTERM arrives: it is ended cleanly, and the
         # process exits 0 within the grace period.
-        watch = await start_kubectl(["get", "pods", "-w"], home=tmp_path, kubeconfig=kubeconfig)
+        watch = await start_kubectl(
+            ["get", "pods", "-w"], home=tmp_path, kubeconfig=kubeconfig
+        )
         await asyncio.sleep(1.0)
         proc.popen.terminate()
         rc = await asyncio.wait_for(watch.wait(), 15)
@@ -96,10 +112,14 @@ async def test_kubectl_through_the_real_proxy_command(
     assert all(token not in line for line in proc.stderr)
 
 
-async def test_proxy_refuses_a_bad_upstream_config(issuer: FakeIssuer, tmp_path: Path) -> None:
+async def test_proxy_refuses_a_bad_upstream_config(
+    issuer: FakeIssuer, tmp_path: Path
+) -> None:
     bad = tmp_path / "upstream.yaml"
     bad.write_text("apiVersion: v1\nkind: Config\nclusters: []\n")
     with Proc(*proxy_args(issuer, bad, tmp_path, free_port())) as proc:
         rc = await asyncio.to_thread(proc.popen.wait, 20)
     assert rc == 2
-    assert "".join(proc.stderr).startswith("error: ") or "error:" in "".join(proc.stderr)
+    assert "".join(proc.stderr).startswith("error: ") or "error:" in "".join(
+        proc.stderr
+    )

@@ -26,10 +26,17 @@ async def issuer() -> AsyncIterator[FakeIssuer]:
 
 
 async def engine_for(issuer: FakeIssuer, **keyset: float) -> Engine:
-    settings = {"retry_min": 0.05, "retry_max": 0.2, "fetch_timeout": 2.0, "min_refresh_interval": 0.2}
+    settings = {
+        "retry_min": 0.05,
+        "retry_max": 0.2,
+        "fetch_timeout": 2.0,
+        "min_refresh_interval": 0.2,
+    }
     settings.update(keyset)
     cfg = issuer_auth_config(issuer.url, None)
-    cfg = type(cfg)(authenticators=cfg.authenticators, keyset=KeySetSettings(**settings))  # type: ignore[arg-type]
+    cfg = type(cfg)(
+        authenticators=cfg.authenticators, keyset=KeySetSettings(**settings)
+    )  # type: ignore[arg-type]
     engine = await start_engine(cfg, metrics=Metrics())
     await wait_ready(engine)
     return engine
@@ -50,13 +57,17 @@ async def test_withdrawn_key_purges_cached_acceptances(issuer: FakeIssuer) -> No
         await engine.close()
 
 
-async def test_unknown_kid_refetch_replans_the_background_refresh(issuer: FakeIssuer) -> None:
+async def test_unknown_kid_refetch_replans_the_background_refresh(
+    issuer: FakeIssuer,
+) -> None:
     issuer.cache_control = "max-age=3600"
     engine = await engine_for(issuer, max_refresh_interval=3600)
     try:
         key_set = engine.keysets.get(issuer.url)
         new = issuer.rotate()
-        issuer.cache_control = "max-age=1"  # the IdP shortens the lifetime around a rotation
+        issuer.cache_control = (
+            "max-age=1"  # the IdP shortens the lifetime around a rotation
+        )
         assert await engine.authenticator.authenticate(issuer.token(new)) is not None
         fetched = issuer.counts["jwks"]
         # Without re-planning the next background fetch would be ~50 minutes away.
@@ -69,7 +80,9 @@ async def test_unknown_kid_refetch_replans_the_background_refresh(issuer: FakeIs
 
 
 async def test_outage_keeps_keys_and_readyz_says_so(issuer: FakeIssuer) -> None:
-    engine = await engine_for(issuer, max_refresh_interval=0.3, default_refresh_interval=0.3)
+    engine = await engine_for(
+        issuer, max_refresh_interval=0.3, default_refresh_interval=0.3
+    )
     try:
         token = issuer.token()
         engine.authenticator.cache.clear()
@@ -77,9 +90,15 @@ async def test_outage_keeps_keys_and_readyz_says_so(issuer: FakeIssuer) -> None:
         with pytest.raises(errors.KeySetError):
             await engine.keysets.get(issuer.url).refresh(force=True)
         engine.authenticator.cache.clear()
-        assert await engine.authenticator.authenticate(token) is not None, "cached keys still verify"
+        assert await engine.authenticator.authenticate(token) is not None, (
+            "cached keys still verify"
+        )
         app = probe_app(engine)
-        handler = next(r.handler for r in app.router.routes() if r.resource and r.resource.canonical == "/readyz")
+        handler = next(
+            r.handler
+            for r in app.router.routes()
+            if r.resource and r.resource.canonical == "/readyz"
+        )
         resp = await handler(None)  # type: ignore[arg-type]
         assert resp.status == 200
         assert "serving cached keys" in resp.text
