@@ -287,6 +287,15 @@ class IssuerKeySet:
         # turned away by the cooldown alone may be a genuinely new key.
         if not found and fetched:
             self._remember_unknown(memo, self._clock())
+        if not found and self._last_error is not None:
+            # The issuer is failing, so we cannot tell a new key from a bogus
+            # one: answer "try again" (the API server retries and does not
+            # cache it) rather than a refusal it would cache for minutes.
+            raise KeysUnavailable(
+                f"jwks: no key with kid {_clip(kid)!r} among the cached keys of issuer "
+                f"{self.url}, and refreshing them fails: {self._last_error}",
+                issuer=self.url,
+            )
         return found
 
     async def _fetch_for_unknown(self, kid: str | None, now: float) -> bool:

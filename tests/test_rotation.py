@@ -109,3 +109,23 @@ async def test_outage_keeps_keys_and_readyz_says_so(issuer: FakeIssuer) -> None:
         assert "warning" not in resp.text
     finally:
         await engine.close()
+
+
+async def test_unknown_kid_during_an_outage_is_temporary_not_a_refusal(
+    issuer: FakeIssuer,
+) -> None:
+    engine = await engine_for(issuer)
+    try:
+        issuer.go_down(503)
+        new = issuer.rotate()  # published at the IdP, but we cannot fetch it now
+        token = issuer.token(new)
+        with pytest.raises(errors.KeysUnavailable) as info:
+            await engine.authenticator.authenticate(token)
+        assert info.value.temporary
+        assert "refreshing them fails" in str(info.value)
+        # Not remembered as a refusal: once the issuer is back, the same token passes.
+        issuer.come_up()
+        await engine.keysets.get(issuer.url).refresh(force=True)
+        assert await engine.authenticator.authenticate(token) is not None
+    finally:
+        await engine.close()
