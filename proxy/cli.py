@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -443,6 +444,10 @@ async def _serve_async(
         main_app, on_ready, extra_checks = await _front_end(
             ns, engine, cert, dev_issuer, closers
         )
+        # Everything built so far lives until exit: move it out of the garbage
+        # collector's generations so full collections (which run while a busy
+        # result cache grows) stop re-scanning every imported module.
+        gc.freeze()
         await serve(
             main_app,
             probe_app(engine, extra_checks=extra_checks),

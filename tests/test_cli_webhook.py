@@ -328,3 +328,60 @@ async def test_check_token_online_names_both_issuer_urls(issuer: FakeIssuer) -> 
     assert "keys_unavailable" in text
     assert issuer.url in text
     assert "https://other.example.test/oauth2/default" in text
+
+
+async def test_sigterm_under_load_loses_no_answered_review(
+    issuer: FakeIssuer, tmp_path: Path
+) -> None:
+    """Two workers under load get SIGTERM: every answer that arrives is complete and right."""
+    port = free_port()
+    tokens = [
+        issuer.token(sub=f"user{i}", groups=["naxslabs-admins"]) for i in range(50)
+    ]
+    with Proc(*webhook_args(issuer, tmp_path, port, "--workers", "2")) as proc:
+        await proc.await_log("jwks keys loaded", count=2, timeout=20)
+        ctx = client_ssl(tmp_path)
+        answered: list[str] = []
+        refused = 0
+        done = asyncio.Event()
+
+        async def client(n: int) -> None:
+            nonlocal refused
+            async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=ctx)
+            ) as s:
+                i = n
+                while not done.is_set():
+                    token = tokens[i % len(tokens)]
+                    i += 1
+                    try:
+                        async with s.post(
+                            f"https://127.0.0.1:{port}/authenticate",
+                            json=review_body(token),
+                        ) as r:
+                            text = await r.text()
+                    except (aiohttp.ClientError, OSError):
+                        refused += (
+                            1  # the listener is closed: a refusal, never a wrong answer
+                        )
+                        await asyncio.sleep(0.02)
+                        continue
+                    assert r.status == 200, text
+                    review = parse_review(text)
+                    assert review.status.authenticated is True
+                    assert review.status.user.username.endswith(
+                        f"#user{(i - 1) % len(tokens)}"
+                    )
+                    answered.append(review.status.user.username)
+
+        clients = [asyncio.create_task(client(n)) for n in range(16)]
+        await asyncio.sleep(1.0)
+        before = len(answered)
+        proc.popen.send_signal(signal.SIGTERM)
+        rc = await asyncio.to_thread(proc.popen.wait, 20)
+        await asyncio.sleep(0.2)
+        done.set()
+        await asyncio.wait_for(asyncio.gather(*clients), 20)
+        assert rc == 0
+        assert before > 50, "there was load when SIGTERM arrived"
+        assert refused > 0, "after SIGTERM new requests were refused"
