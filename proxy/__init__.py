@@ -3,9 +3,23 @@
 One authentication engine (issuer keys, JWT validation, claim mapping with the
 same meaning as kube-apiserver's) behind two front ends: a TokenReview webhook
 for API servers that can call one, and an impersonating reverse proxy for those
-that cannot.
+that cannot. The stable API for embedding the engine is re-exported here.
 """
+
+from proxy.authn import Authenticator, Verdict
+from proxy.config import AuthConfig
+from proxy.errors import ConfigError, ProxyError, TokenError
+from proxy.kube import UserInfo
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = [
+    "AuthConfig",
+    "Authenticator",
+    "ConfigError",
+    "ProxyError",
+    "TokenError",
+    "UserInfo",
+    "Verdict",
+    "__version__",
+]
