@@ -37,7 +37,7 @@ from proxy.config import AuthConfig
 from proxy.impersonate import ProxySettings, add_proxy_routes
 from proxy.keyset import KeySets
 from proxy.kube import status_body
-from proxy.log import REQUEST_ID
+from proxy.log import REQUEST_ID, issuer_hash
 from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.upstream import Upstream
 from proxy.webhook import WebhookSettings, add_webhook_routes
@@ -392,6 +392,12 @@ def probe_app(
 
     async def metrics(_: web.Request) -> web.Response:
         engine.metrics.cache_size.set(len(engine.authenticator.cache))
+        now = time.time()
+        for ks in engine.keysets:
+            if ks.last_success is not None:
+                engine.metrics.jwks_age.labels(issuer_hash(ks.url)).set(
+                    now - ks.last_success
+                )
         return web.Response(
             body=engine.metrics.render(), headers={"Content-Type": CONTENT_TYPE}
         )

@@ -100,6 +100,14 @@ class Metrics:
             registry=r,
             multiprocess_mode="max",
         )
+        self.jwks_age = Gauge(
+            "kube_oidc_gate_jwks_seconds_since_last_success",
+            "Seconds since the last successful key set fetch, per issuer hash "
+            "(updated at each scrape; alert when it grows past the refresh interval).",
+            ["issuer_hash"],
+            registry=r,
+            multiprocess_mode="min",
+        )
         self.jwks_keys = Gauge(
             "kube_oidc_gate_jwks_keys",
             "Usable signing keys held, per issuer hash.",
