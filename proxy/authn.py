@@ -25,10 +25,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.cache import ResultCache
+from proxy.cache import ResultCache, detached
 from proxy.claims import map_claims
 from proxy.config import AuthConfig, JWTAuthenticatorConfig
-from proxy.errors import TokenError
+from proxy.errors import MalformedToken, TokenError
 from proxy.kube import UserInfo
 from proxy.log import fingerprint
 from proxy.metrics import Metrics
@@ -114,7 +114,14 @@ class Authenticator:
     async def authenticate(self, token: str) -> UserInfo | None:
         """The user ``token`` maps to, ``None`` if not ours; raise ``TokenError``."""
         cache = self.cache
-        key = cache.key(token)
+        try:
+            key = cache.key(token)
+        except UnicodeEncodeError:
+            # Lone surrogates: how aiohttp decodes header bytes that are not
+            # UTF-8 (and what a JSON ``\ud800`` escape gives). No JWT has them,
+            # and nothing downstream (hashing, fingerprints) can encode them.
+            self._record("rejected", MalformedToken.reason)
+            raise MalformedToken("token: not valid unicode text") from None
         hit = cache.get(key)
         metrics = self._metrics
         if hit is not None:
@@ -125,7 +132,9 @@ class Authenticator:
                 return hit.user
             assert hit.error is not None
             self._record("rejected", hit.error.reason)
-            raise hit.error.with_traceback(None)
+            # A fresh copy: raising the cached object itself would hang this
+            # caller's frames on it for as long as it stays cached.
+            raise detached(hit.error)
         if metrics is not None:
             self._child("cache_requests", "miss").inc()
         started = time.perf_counter()
@@ -145,9 +154,7 @@ class Authenticator:
                         "detail": str(err),
                     },
                 )
-            # A remembered refusal must not pin the frames (and the request
-            # they reference) of the call that raised it for failure_ttl.
-            cache.put_error(key, err.with_traceback(None))
+            cache.put_error(key, err)
             raise
         if outcome is None:
             self._record("not_mine", "not_mine")

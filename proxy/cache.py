@@ -29,7 +29,7 @@ from proxy.config import CacheSettings
 from proxy.errors import TokenError
 from proxy.kube import UserInfo
 
-__all__ = ["CachedResult", "ResultCache"]
+__all__ = ["CachedResult", "ResultCache", "detached"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +41,24 @@ class CachedResult:
     issuer: str = ""
     exp: float = 0.0
     error: TokenError | None = None
+
+
+def detached(error: TokenError) -> TokenError:
+    """A copy of ``error`` that was never raised: no traceback, cause or context.
+
+    A remembered refusal must cost a few hundred bytes. The refusal as raised
+    does not: its traceback, and its cause's (a ``JSONDecodeError`` holding the
+    decoded payload), reach the frames of the request that raised it, with its
+    headers and body; and each time one exception object is raised again it
+    collects the frames of the new caller. Kept for ``failure_ttl`` under up to
+    ``max_entries`` distinct tokens, that let any client pin gigabytes. So the
+    cache keeps a detached copy, and every hit raises a fresh copy of that.
+    """
+    cls = type(error)
+    copy = cls.__new__(cls)
+    copy.args = error.args
+    copy.__dict__.update(vars(error))
+    return copy
 
 
 def _ttu(_key: bytes, value: CachedResult, _now: float) -> float:
@@ -101,7 +119,8 @@ class ResultCache:
         if self._settings.failure_ttl <= 0:
             return
         self._cache[key] = CachedResult(
-            expires_mono=self._monotonic() + self._settings.failure_ttl, error=error
+            expires_mono=self._monotonic() + self._settings.failure_ttl,
+            error=detached(error),
         )
 
     def __len__(self) -> int:

@@ -18,7 +18,8 @@ Order of checks (each refusal is final; nothing goes upstream on a refusal):
 3. ``authenticate``: a ``TokenError`` is 401 (503 with ``Retry-After`` when
    the keys are not loaded yet); "not mine" is 401 unless ``token_passthrough``,
    which forwards the request unchanged (client credential and all) and lets
-   the API server decide;
+   the API server decide; never when the proxy's own credential is a client
+   certificate, which the API server would authenticate first;
 4. the mapped identity: an empty username is 401; a ``system:`` username or
    group is 403 unless listed in ``allow_reserved_groups`` (an IdP must not be
    able to mint ``system:masters``); a value that HTTP would alter (control
@@ -128,7 +129,14 @@ _HOP_BY_HOP: Final = frozenset(
 )
 #: Dropped from every forwarded request, whatever the mode.
 _REQUEST_DROP: Final = frozenset(
-    {"host", "expect", "x-forwarded-for", "x-remote-user", "x-remote-group"}
+    {
+        "host",
+        "expect",
+        "x-forwarded-for",
+        "x-remote-user",
+        "x-remote-group",
+        "x-remote-uid",
+    }
 )
 _LONG_SUBRESOURCES: Final = frozenset({"log", "exec", "attach", "portforward", "proxy"})
 _VERBS: Final = {
@@ -147,8 +155,17 @@ _MAX_SAR_BODY: Final = 256 * 1024
 _DISCONNECT_POLL: Final = 0.5
 _UNSAFE_VALUE: Final = re.compile(r"[\x00-\x1f\x7f]")
 _WHITESPACE: Final = re.compile(r"\s")
+#: Bytes an extra key keeps as they are in a header name. Upper-case letters
+#: are not among them (client-go keeps them): kube-apiserver lower-cases the
+#: name before percent-decoding it, so only an encoded capital survives.
 _HEADER_KEY_SAFE: Final = frozenset(
-    "!#$&'*+-.^_`|~" + string.ascii_letters + string.digits
+    "!#$&'*+-.^_`|~" + string.ascii_lowercase + string.digits
+)
+#: kube-apiserver's ``serviceaccount.SplitUsername``: a namespace is a DNS-1123
+#: label, a name a DNS-1123 subdomain; anything else is an ordinary user.
+_DNS_LABEL: Final = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_DNS_SUBDOMAIN: Final = re.compile(
+    r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
 )
 _UPSTREAM_MESSAGES: Final = {
     502: "bad response from the API server",
@@ -267,7 +284,11 @@ def classify_request(
 
 
 def escape_extra_key(key: str) -> str:
-    """Percent-encode an extra key for a header name, as client-go does."""
+    """Percent-encode an extra key for a header name so that kube-apiserver
+    (which lower-cases the name, then percent-decodes it) reads back exactly
+    ``key``: client-go's encoding plus upper-case letters, without which a key
+    authorised as ``Scopes`` would arrive as ``scopes``.
+    """
     return "".join(
         chr(b) if chr(b) in _HEADER_KEY_SAFE else f"%{b:02X}" for b in key.encode()
     )
@@ -434,7 +455,12 @@ def _impersonation_checks(identity: _Identity) -> list[dict[str, str]]:
     checks: list[dict[str, str]] = []
     user = identity.username
     ns, _, name = user.removeprefix(_SA_PREFIX).partition(":")
-    if user.startswith(_SA_PREFIX) and ns and name and ":" not in name:
+    if (
+        user.startswith(_SA_PREFIX)
+        and _DNS_LABEL.fullmatch(ns)
+        and len(name) <= 253
+        and _DNS_SUBDOMAIN.fullmatch(name)
+    ):
         checks.append({"resource": "serviceaccounts", "namespace": ns, "name": name})
     else:
         checks.append({"resource": "users", "name": user})
@@ -759,6 +785,10 @@ class _ProxyHandler:
         if user is None:
             if not settings.token_passthrough:
                 raise _Refusal(401, "Unauthorized", "token of no configured issuer")
+            if self._upstream.client_certificate:
+                # The API server would authenticate our certificate, not the
+                # client's token: the client would act as the proxy.
+                raise _Refusal(401, "Unauthorized", "passthrough over a client cert")
             entry.mode = "passthrough"
             headers = _forward_headers(
                 request, settings, upgrade=upgrade, passthrough=True, protocols=None

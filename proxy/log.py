@@ -38,7 +38,8 @@ _RESERVED: Final = frozenset(
 
 def fingerprint(token: str | bytes) -> str:
     """A short, non-reversible reference to a token for logs and error details."""
-    data = token.encode() if isinstance(token, str) else token
+    # surrogatepass: a hostile "token" may hold lone surrogates; hash it anyway.
+    data = token.encode("utf-8", "surrogatepass") if isinstance(token, str) else token
     return hashlib.sha256(data).hexdigest()[:12]
 
 

@@ -146,4 +146,12 @@ async def build_proxy_app(
     upstream = Upstream(UpstreamSettings(kubeconfig=ns.kubeconfig, context=ns.context))
     await upstream.start()
     closers.append(upstream.close)
+    if settings.token_passthrough and upstream.client_certificate:
+        # kube-apiserver authenticates the client certificate before any bearer
+        # token, so a passed-through request would run as the proxy itself.
+        raise ConfigError(
+            "config: --token-passthrough cannot be used when the upstream credential "
+            "is a client certificate: the API server would authenticate forwarded "
+            "requests as the proxy; give the proxy a token credential instead"
+        )
     return proxy_app(engine, upstream, settings), None, None

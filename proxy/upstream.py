@@ -358,6 +358,17 @@ class Upstream:
         return self._loaded().base_url
 
     @property
+    def client_certificate(self) -> bool:
+        """Whether the proxy proves who it is with a TLS client certificate.
+
+        Every connection then carries the proxy's identity whatever the request
+        says, and kube-apiserver tries client certificates before bearer
+        tokens: a request forwarded with a client's own token would run as the
+        proxy. Token passthrough is refused in that case.
+        """
+        return self._loaded().cert_file is not None
+
+    @property
     def session(self) -> aiohttp.ClientSession:
         """The pooled client session (valid between ``start`` and ``close``)."""
         if self._session is None:

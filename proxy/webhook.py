@@ -98,6 +98,13 @@ def _parse_review(body: bytes) -> tuple[str, str, list[str]]:
     token = spec.get("token")
     if not isinstance(token, str) or not token:
         raise _BadReview(400, "webhook: spec.token must be a non-empty string")
+    if not token.isascii():
+        try:
+            token.encode()
+        except UnicodeEncodeError as err:
+            # A lone surrogate escape (``\ud800``): valid JSON, not valid text;
+            # kube-apiserver never sends one, and no token can be hashed with it.
+            raise _BadReview(400, "webhook: spec.token is not valid unicode") from err
     audiences = spec.get("audiences") or []
     if not isinstance(audiences, list) or not all(
         isinstance(a, str) for a in audiences

@@ -123,3 +123,32 @@ async def test_proxy_refuses_a_bad_upstream_config(
     assert "".join(proc.stderr).startswith("error: ") or "error:" in "".join(
         proc.stderr
     )
+
+
+async def test_passthrough_with_a_client_certificate_upstream_refuses_to_start(
+    issuer: FakeIssuer, apiserver: FakeAPIServer, tmp_path: Path
+) -> None:
+    import base64
+
+    import yaml
+
+    client = trustme.CA().issue_cert("kube-oidc-gate")
+    doc = yaml.safe_load(
+        upstream_kubeconfig(
+            tmp_path / "u.yaml", apiserver.url, apiserver.ca_pem, token=None
+        ).read_text()
+    )
+    doc["users"][0]["user"] = {
+        "client-certificate-data": base64.b64encode(
+            client.cert_chain_pems[0].bytes()
+        ).decode(),
+        "client-key-data": base64.b64encode(client.private_key_pem.bytes()).decode(),
+    }
+    upstream = tmp_path / "cert-upstream.yaml"
+    upstream.write_text(yaml.safe_dump(doc))
+    with Proc(
+        *proxy_args(issuer, upstream, tmp_path, free_port(), "--token-passthrough")
+    ) as proc:
+        rc = await asyncio.to_thread(proc.popen.wait, 20)
+    assert rc == 2
+    assert "--token-passthrough cannot be used" in "".join(proc.stderr)
