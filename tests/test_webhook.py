@@ -365,7 +365,11 @@ async def test_metrics_follow_the_answers(
     )
     assert metric(webhook, text, "kube_oidc_gate_jwks_keys") == 1
     assert metric(webhook, text, "kube_oidc_gate_issuer_ready") == 1
-    assert 0 <= metric(webhook, text, "kube_oidc_gate_jwks_seconds_since_last_success") < 60
+    assert (
+        0
+        <= metric(webhook, text, "kube_oidc_gate_jwks_seconds_since_last_success")
+        < 60
+    )
     assert "kube_oidc_gate_jwks_seconds_since_last_success{" in text
     assert issuer.url not in text, "issuers appear only as hashes"
     assert token not in text
