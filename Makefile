@@ -31,7 +31,7 @@ lint: install
 	$(BIN)/lint-imports
 
 type: install
-	$(BIN)/mypy --strict proxy
+	$(BIN)/mypy --strict proxy tests
 
 test: install
 	$(BIN)/pytest -q --durations=15

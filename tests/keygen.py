@@ -64,7 +64,7 @@ def sign(
     headers: dict[str, Any] | None = None,
     alg: str | None = None,
 ) -> str:
-    hdr = {"kid": key.kid}
+    hdr: dict[str, Any] = {"kid": key.kid}
     if headers:
         hdr.update(headers)
     hdr = {k: v for k, v in hdr.items() if v is not None}

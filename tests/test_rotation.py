@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from aiohttp import web
 
 from proxy import errors
 from proxy.app import Engine, probe_app, start_engine
@@ -35,8 +36,9 @@ async def engine_for(issuer: FakeIssuer, **keyset: float) -> Engine:
     settings.update(keyset)
     cfg = issuer_auth_config(issuer.url, None)
     cfg = type(cfg)(
-        authenticators=cfg.authenticators, keyset=KeySetSettings(**settings)
-    )  # type: ignore[arg-type]
+        authenticators=cfg.authenticators,
+        keyset=KeySetSettings(**settings),  # type: ignore[arg-type]
+    )
     engine = await start_engine(cfg, metrics=Metrics())
     await wait_ready(engine)
     return engine
@@ -100,13 +102,16 @@ async def test_outage_keeps_keys_and_readyz_says_so(issuer: FakeIssuer) -> None:
             if r.resource and r.resource.canonical == "/readyz"
         )
         resp = await handler(None)  # type: ignore[arg-type]
+        assert isinstance(resp, web.Response)
         assert resp.status == 200
+        assert resp.text is not None
         assert "serving cached keys" in resp.text
         assert "503" in resp.text
         issuer.come_up()
         await engine.keysets.get(issuer.url).refresh(force=True)
         resp = await handler(None)  # type: ignore[arg-type]
-        assert "warning" not in resp.text
+        assert isinstance(resp, web.Response)
+        assert "warning" not in (resp.text or "")
     finally:
         await engine.close()
 
