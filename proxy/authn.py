@@ -74,26 +74,10 @@ class Authenticator:
         self._metrics = metrics
         self._clock = clock
         self.cache = ResultCache(config.cache, clock=clock, monotonic=monotonic)
-        # Metric children by label values (closed sets), so the hot path skips
-        # prometheus_client's ``labels()`` lookup on every request.
-        self._children: dict[tuple[str, ...], Any] = {}
-
-    @property
-    def issuers(self) -> tuple[str, ...]:
-        """The configured issuer URLs, in configuration order."""
-        return tuple(self._by_issuer)
-
-    def _child(self, metric: str, *values: str) -> Any:
-        key = (metric, *values)
-        child = self._children.get(key)
-        if child is None:
-            child = getattr(self._metrics, metric).labels(*values)
-            self._children[key] = child
-        return child
 
     def _record(self, result: str, reason: str) -> None:
         if self._metrics is not None:
-            self._child("authentications", result, reason).inc()
+            self._metrics.child(self._metrics.authentications, result, reason).inc()
 
     async def _validate(
         self, parsed: ParsedToken
@@ -126,7 +110,7 @@ class Authenticator:
         metrics = self._metrics
         if hit is not None:
             if metrics is not None:
-                self._child("cache_requests", "hit").inc()
+                metrics.child(metrics.cache_requests, "hit").inc()
             if hit.user is not None:
                 self._record("ok", "ok")
                 return hit.user
@@ -136,7 +120,7 @@ class Authenticator:
             # caller's frames on it for as long as it stays cached.
             raise detached(hit.error)
         if metrics is not None:
-            self._child("cache_requests", "miss").inc()
+            metrics.child(metrics.cache_requests, "miss").inc()
         started = time.perf_counter()
         try:
             parsed = peek(token, max_bytes=self._config.max_token_bytes)
@@ -169,7 +153,7 @@ class Authenticator:
 
     def _observe(self, started: float, result: str) -> None:
         if self._metrics is not None:
-            self._child("validation_latency", result).observe(
+            self._metrics.child(self._metrics.validation_latency, result).observe(
                 time.perf_counter() - started
             )
 
@@ -209,7 +193,3 @@ class Authenticator:
         """
         dropped = self.cache.forget_issuer(issuer)
         log.info("result cache purged", extra={"issuer": issuer, "entries": dropped})
-
-    def not_ready(self) -> list[str]:
-        """Issuers whose keys have never been loaded (for ``/readyz``)."""
-        return [url for url, keys in self._keys.items() if not keys.ready]

@@ -85,6 +85,7 @@ __all__ = [
     "is_loopback_host",
     "load_authentication_config",
     "parse_authentication_config",
+    "url_problems",
 ]
 
 #: Asymmetric algorithms only: a symmetric ``alg`` would turn the issuer's *public*
@@ -276,10 +277,14 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
-def _url_problems(url: str) -> list[str]:
-    """What is wrong with an issuer or discovery URL (kube-apiserver's rules).
+def url_problems(
+    url: str, *, loopback_http: bool = True, allow_query: bool = False
+) -> list[str]:
+    """What is wrong with a URL we will send requests (or tokens) to.
 
-    Plain ``http`` passes only for a loopback host, for tests and ``--dev``.
+    kube-apiserver's rules for issuer URLs: https, a host, no credentials, no
+    query (``iss`` must equal it), no fragment. Plain ``http`` passes only for a
+    loopback host when ``loopback_http`` allows it, for tests and ``--dev``.
     """
     try:
         parts = urlsplit(url)
@@ -288,7 +293,7 @@ def _url_problems(url: str) -> list[str]:
     except ValueError as err:
         return [str(err)]
     problems: list[str] = []
-    if parts.scheme == "http":
+    if parts.scheme == "http" and loopback_http:
         if not (host and is_loopback_host(host)):
             problems.append(
                 "URL scheme must be https (plain http is allowed only for a "
@@ -300,7 +305,7 @@ def _url_problems(url: str) -> list[str]:
         problems.append("URL must contain a host")
     if parts.username is not None or parts.password is not None:
         problems.append("URL must not contain a username or password")
-    if parts.query:
+    if parts.query and not allow_query:
         problems.append("URL must not contain a query")
     if parts.fragment:
         problems.append("URL must not contain a fragment")
@@ -698,7 +703,7 @@ def _legacy_authenticator(
     else:
         problems.extend(
             f"config: --oidc-issuer-url: {json.dumps(issuer_url)}: {p}"
-            for p in _url_problems(issuer_url)
+            for p in url_problems(issuer_url)
         )
 
     username_claim: str | None = getattr(ns, "oidc_username_claim", None)
@@ -1226,7 +1231,7 @@ class _FileReader:
             if "url" not in m or m.get("url") in (None, ""):
                 self.required(f"{path}.url")
         else:
-            for detail in _url_problems(url):
+            for detail in url_problems(url):
                 self.invalid(f"{path}.url", url, detail)
 
         discovery = self.string(m, "discoveryURL", path) or ""
@@ -1237,7 +1242,7 @@ class _FileReader:
                     discovery,
                     "discoveryURL must be different from URL",
                 )
-            for detail in _url_problems(discovery):
+            for detail in url_problems(discovery):
                 self.invalid(f"{path}.discoveryURL", discovery, detail)
 
         audiences: list[str] = []

@@ -751,11 +751,13 @@ class _ProxyHandler:
             entry.outcome = "client_closed" if entry.outcome == "ok" else entry.outcome
         access_log.info("request", extra=entry.fields())
         if self._metrics is not None:
-            self._metrics.http_requests.labels("proxy", str(entry.status)).inc()
+            self._metrics.child(
+                self._metrics.http_requests, "proxy", str(entry.status)
+            ).inc()
 
     def _count_upstream(self, label: str) -> None:
         if self._metrics is not None:
-            self._metrics.upstream_requests.labels(label).inc()
+            self._metrics.child(self._metrics.upstream_requests, label).inc()
 
     async def _serve(
         self,

@@ -49,7 +49,7 @@ from proxy.config import (
     ClaimValidationRule,
     JWTAuthenticatorConfig,
     PrefixedClaimOrExpression,
-    is_loopback_host,
+    url_problems,
 )
 from proxy.errors import ConfigError
 
@@ -144,31 +144,14 @@ def _check_url(
     An issuer URL also takes no query (it must equal the tokens' ``iss``).
     """
     try:
-        parts = urlsplit(url)
-        host = parts.hostname
-        _ = parts.port
+        path = urlsplit(url).path
+        _ = urlsplit(url).port
     except ValueError as err:
         raise ConfigError(
             f"config: {flag}: {json.dumps(url)}: URL does not parse: {err}"
         ) from err
-    problems: list[str] = []
-    if parts.scheme == "http" and loopback_http:
-        if not (host and is_loopback_host(host)):
-            problems.append(
-                "URL scheme must be https (plain http is allowed only for a "
-                "loopback host)"
-            )
-    elif parts.scheme != "https":
-        problems.append("URL scheme must be https")
-    if not host:
-        problems.append("URL must contain a host")
-    if parts.username is not None or parts.password is not None:
-        problems.append("URL must not contain a username or password")
-    if parts.query and not allow_query:
-        problems.append("URL must not contain a query")
-    if parts.fragment:
-        problems.append("URL must not contain a fragment")
-    if need_path and parts.path in ("", "/"):
+    problems = url_problems(url, loopback_http=loopback_http, allow_query=allow_query)
+    if need_path and path in ("", "/"):
         problems.append(
             "URL must name the webhook's path, such as "
             "https://HOST:8443/authenticate (kube-apiserver posts to the URL as is)"

@@ -8,6 +8,7 @@ Label values come from closed sets (result, reason code, HTTP code) or from
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -60,6 +61,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         self.authentications = Counter(
             "kube_oidc_gate_authentications",
@@ -148,6 +150,19 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+
+    def child(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, memoised per label set.
+
+        prometheus_client's ``labels()`` validates and hashes the values on every
+        call (about a microsecond); the hot paths count every request, over
+        closed label sets, so each child is looked up once.
+        """
+        key = (id(metric), values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
 
     def render(self) -> bytes:
         """The registry in Prometheus text exposition format.

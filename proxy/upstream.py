@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 import ssl
@@ -61,6 +60,7 @@ from kubernetes.config.incluster_config import InClusterConfigLoader
 from multidict import CIMultiDict
 from yarl import URL
 
+from proxy.config import is_loopback_host
 from proxy.errors import ConfigError, UpstreamError
 
 __all__ = [
@@ -167,15 +167,6 @@ class _TokenFile:
         return token
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _load(settings: UpstreamSettings, environ: Mapping[str, str] | None) -> _Target:
     """Run the kubernetes loaders (blocking) and check what they produced."""
     cfg = Configuration()
@@ -214,7 +205,7 @@ def _load(settings: UpstreamSettings, environ: Mapping[str, str] | None) -> _Tar
     url = URL(str(cfg.host))
     if url.scheme not in ("https", "http") or not url.host:
         raise ConfigError(f"upstream: {source}: server must be an https url")
-    if url.scheme == "http" and not _is_loopback(url.host):
+    if url.scheme == "http" and not is_loopback_host(url.host):
         raise ConfigError(
             f"upstream: {source}: plain http is only allowed to a loopback address"
         )

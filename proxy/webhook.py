@@ -163,15 +163,11 @@ class _Handler:
         self._auth = authenticator
         self._settings = settings
         self._metrics = metrics
-        self._counters: dict[int, Any] = {}
 
     def _count(self, code: int) -> None:
         if self._metrics is not None:
-            child = self._counters.get(code)
-            if child is None:
-                child = self._metrics.http_requests.labels("authenticate", str(code))
-                self._counters[code] = child
-            child.inc()
+            m = self._metrics
+            m.child(m.http_requests, "authenticate", str(code)).inc()
 
     def _audiences(self, asked: Sequence[str]) -> tuple[list[str] | None, bool]:
         served = self._settings.audiences
@@ -231,7 +227,6 @@ class _Handler:
                     token,
                     "unavailable",
                     reason=err.reason,
-                    user=None,
                     issuer=err.issuer,
                     started=started,
                     detail=str(err),
@@ -245,7 +240,6 @@ class _Handler:
                 token,
                 "rejected",
                 reason=err.reason,
-                user=None,
                 issuer=err.issuer,
                 started=started,
                 detail=str(err),
@@ -259,10 +253,7 @@ class _Handler:
                 token,
                 "not_mine",
                 reason="not_mine",
-                user=None,
-                issuer=None,
                 started=started,
-                detail="",
             )
             return _answer(api_version, {"authenticated": False})
         audiences, ok = self._audiences(asked)
@@ -272,9 +263,7 @@ class _Handler:
                 "rejected",
                 reason="audience_mismatch",
                 user=user,
-                issuer=None,
                 started=started,
-                detail="",
             )
             return _answer(
                 api_version,
@@ -287,9 +276,7 @@ class _Handler:
         status: dict[str, Any] = {"authenticated": True, "user": user.to_dict()}
         if audiences is not None:
             status["audiences"] = audiences
-        self._log(
-            token, "ok", reason="ok", user=user, issuer=None, started=started, detail=""
-        )
+        self._log(token, "ok", reason="ok", user=user, started=started)
         return _answer(api_version, status)
 
     @staticmethod
