@@ -25,16 +25,6 @@ pytestmark = pytest.mark.kubectl
 
 
 @pytest.fixture
-async def issuer() -> AsyncIterator[FakeIssuer]:
-    fake = FakeIssuer()
-    await fake.start()
-    try:
-        yield fake
-    finally:
-        await fake.stop()
-
-
-@pytest.fixture
 async def apiserver() -> AsyncIterator[FakeAPIServer]:
     fake = FakeAPIServer(trustme.CA())
     await fake.start()

@@ -15,7 +15,6 @@ import logging
 import random
 import secrets
 import ssl
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +24,6 @@ from proxy.impersonate import ProxySettings
 from tests.fakes.issuer import FakeIssuer
 from tests.hardening_harness import PODS, Gate, running_gate, wait_until
 from tests.keygen import claims_for, new_key, sign
-
-
-@pytest.fixture
-async def issuer() -> AsyncIterator[FakeIssuer]:
-    fake = FakeIssuer()
-    await fake.start()
-    try:
-        yield fake
-    finally:
-        await fake.stop()
 
 
 def _b64(data: bytes) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,16 +38,6 @@ KEYSET = KeySetSettings(
     unknown_kid_ttl=0.1,
 )
 CACHE = CacheSettings(failure_ttl=0.1)
-
-
-@pytest.fixture
-async def issuer() -> AsyncIterator[FakeIssuer]:
-    fake = FakeIssuer()
-    await fake.start()
-    try:
-        yield fake
-    finally:
-        await fake.stop()
 
 
 # --------------------------------------------------------------------------

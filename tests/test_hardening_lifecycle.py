@@ -33,17 +33,6 @@ from tests.keygen import new_key
 from tests.proc import Proc
 from tests.test_cli_webhook import free_port
 
-
-@pytest.fixture
-async def issuer() -> AsyncIterator[FakeIssuer]:
-    fake = FakeIssuer()
-    await fake.start()
-    try:
-        yield fake
-    finally:
-        await fake.stop()
-
-
 #: Paths the fake API server answers late: ``finishing`` within the grace
 #: period, ``hanging`` never in time.
 DELAYS = {PODS + "/finishing": 1.0, PODS + "/hanging": 60.0}

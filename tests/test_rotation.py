@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
@@ -14,16 +13,6 @@ from proxy.config import KeySetSettings
 from proxy.metrics import Metrics
 from tests.fakes.issuer import FakeIssuer
 from tests.webhook_harness import issuer_auth_config, wait_ready
-
-
-@pytest.fixture
-async def issuer() -> AsyncIterator[FakeIssuer]:
-    fake = FakeIssuer()
-    await fake.start()
-    try:
-        yield fake
-    finally:
-        await fake.stop()
 
 
 async def engine_for(issuer: FakeIssuer, **keyset: float) -> Engine:
