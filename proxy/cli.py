@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from proxy import __version__
 from proxy.config import add_auth_arguments, apply_tuning_args, auth_config_from_args
 from proxy.errors import ConfigError, ProxyError
-from proxy.log import configure_logging
+from proxy.log import configure_logging, flush_logs
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -351,6 +351,8 @@ def _run_processes(workers: int, run_one: Callable[[], int]) -> int:
             try:
                 code = run_one()
             finally:
+                # os._exit skips logging.shutdown: write the queued lines first.
+                flush_logs()
                 os._exit(code)
         pids.append(pid)
 

@@ -8,20 +8,25 @@ the same token, useless to replay it.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import hashlib
 import json
 import logging
+import os
 import sys
 import time
-from typing import Any, Final
+import weakref
+from typing import Any, Final, TextIO
 
 __all__ = [
     "REQUEST_ID",
     "JSONFormatter",
+    "LoopBatchingHandler",
     "TextFormatter",
     "configure_logging",
     "fingerprint",
+    "flush_logs",
     "issuer_hash",
 ]
 
@@ -107,9 +112,94 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+#: Every batching handler alive, so a fork and ``flush_logs`` reach them all.
+_BATCHING: Final[weakref.WeakSet[LoopBatchingHandler]] = weakref.WeakSet()
+
+
+class LoopBatchingHandler(logging.StreamHandler[TextIO]):
+    """A stream handler that writes the lines of one event-loop iteration at once.
+
+    The webhook and the proxy log a line per request, and a plain
+    ``StreamHandler`` pays one ``write`` system call (and a flush) per line:
+    about a tenth of a cached token review's CPU. Here a record logged on a
+    running event loop is formatted at once (so it carries the request's
+    context) and queued; one callback per loop iteration writes the queue in a
+    single call. Under load that is one system call for dozens of lines; when
+    idle, a line is out before the loop next waits for I/O, so nothing is held
+    back.
+
+    Warnings and errors, and records from threads without a running loop, are
+    written at once (after whatever is queued, so the order is kept). At exit
+    ``logging.shutdown`` flushes; a forked worker, which leaves with
+    ``os._exit``, calls ``flush_logs`` first.
+    """
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        super().__init__(stream)
+        self._queued: list[str] = []
+        self._scheduled = False
+        _BATCHING.add(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Queue the formatted line, or write it now when it is urgent."""
+        try:
+            line = self.format(record)
+        except Exception:  # noqa: BLE001 - logging must never raise into the caller
+            self.handleError(record)
+            return
+        if record.levelno < logging.WARNING:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            if loop is not None:
+                self._queued.append(line)
+                if not self._scheduled:
+                    self._scheduled = True
+                    loop.call_soon(self.flush)
+                return
+        queued, self._queued = self._queued, []
+        queued.append(line)
+        self._write(queued)
+
+    def flush(self) -> None:
+        """Write what is queued, then flush the stream."""
+        self._scheduled = False
+        queued, self._queued = self._queued, []
+        self._write(queued)
+
+    def _write(self, lines: list[str]) -> None:
+        self.acquire()
+        try:
+            if lines:
+                self.stream.write("\n".join(lines) + "\n")
+            self.stream.flush()
+        except Exception:  # noqa: BLE001
+            # As StreamHandler does: report on stderr, never raise into the caller.
+            self.handleError(_LOST)
+        finally:
+            self.release()
+
+
+#: What ``handleError`` reports when a batch could not be written.
+_LOST: Final = logging.LogRecord(
+    __name__, logging.ERROR, "", 0, "log lines could not be written", None, None
+)
+
+
+def flush_logs() -> None:
+    """Write every queued log line now (before ``os._exit``, or a fork)."""
+    for handler in list(_BATCHING):
+        handler.flush()
+
+
+# A child must not inherit, and later write again, lines its parent queued.
+os.register_at_fork(before=flush_logs)
+
+
 def configure_logging(*, level: str = "info", fmt: str = "json") -> None:
     """Send every ``proxy.*`` (and aiohttp) log record to stderr in ``fmt``."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = LoopBatchingHandler(sys.stderr)
     handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):

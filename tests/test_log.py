@@ -1,0 +1,144 @@
+"""The log handler batches a loop iteration's lines into one write, in order, losing none."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import os
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from proxy.log import JSONFormatter, LoopBatchingHandler, flush_logs
+
+
+class _CountingStream(io.StringIO):
+    """Counts ``write`` calls: one per batch is the point of the handler."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, s: str) -> int:
+        self.writes += 1
+        return super().write(s)
+
+
+@pytest.fixture
+def logged() -> Iterator[tuple[logging.Logger, _CountingStream, LoopBatchingHandler]]:
+    stream = _CountingStream()
+    handler = LoopBatchingHandler(stream)
+    handler.setFormatter(JSONFormatter())
+    logger = logging.getLogger("test.batching")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield logger, stream, handler
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+
+
+def _events(stream: io.StringIO) -> list[str]:
+    return [json.loads(line)["event"] for line in stream.getvalue().splitlines()]
+
+
+async def test_one_write_per_loop_iteration(
+    logged: tuple[logging.Logger, _CountingStream, LoopBatchingHandler],
+) -> None:
+    logger, stream, _ = logged
+    for i in range(50):
+        logger.info("line %d", i)
+    assert stream.getvalue() == ""  # queued, not yet written
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert _events(stream) == [f"line {i}" for i in range(50)]
+    assert stream.writes == 1
+
+
+async def test_lines_of_separate_iterations_are_not_held_back(
+    logged: tuple[logging.Logger, _CountingStream, LoopBatchingHandler],
+) -> None:
+    logger, stream, _ = logged
+    for i in range(3):
+        logger.info("tick %d", i)
+        await asyncio.sleep(0.001)
+        assert _events(stream)[-1] == f"tick {i}"
+
+
+async def test_a_warning_is_written_at_once_after_what_is_queued(
+    logged: tuple[logging.Logger, _CountingStream, LoopBatchingHandler],
+) -> None:
+    logger, stream, _ = logged
+    logger.info("first")
+    logger.warning("second")
+    assert _events(stream) == ["first", "second"]
+    logger.info("third")
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert _events(stream) == ["first", "second", "third"]
+
+
+def test_without_a_running_loop_lines_are_written_at_once(
+    logged: tuple[logging.Logger, _CountingStream, LoopBatchingHandler],
+) -> None:
+    logger, stream, _ = logged
+    logger.info("outside any loop")
+    assert _events(stream) == ["outside any loop"]
+    thread = threading.Thread(target=logger.info, args=("from a thread",))
+    thread.start()
+    thread.join(timeout=5)
+    assert _events(stream) == ["outside any loop", "from a thread"]
+
+
+async def test_flush_logs_writes_the_queue_now(
+    logged: tuple[logging.Logger, _CountingStream, LoopBatchingHandler],
+) -> None:
+    logger, stream, _ = logged
+    logger.info("before exit")
+    flush_logs()  # what a forked worker does before os._exit
+    assert _events(stream) == ["before exit"]
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert _events(stream) == ["before exit"]  # and never twice
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+async def test_a_forked_child_does_not_repeat_its_parents_queue(
+    logged: tuple[logging.Logger, _CountingStream, LoopBatchingHandler],
+) -> None:
+    logger, stream, _ = logged
+    logger.info("queued in the parent")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        os.close(read)
+        os.write(write, stream.getvalue().encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        seen_by_child = pipe.read().decode()
+    os.waitpid(pid, 0)  # noqa: ASYNC222 - the child has already written and exits at once
+    # The parent wrote its queue before the fork, so the child's copy of the
+    # stream holds the line and its queue is empty: nothing to write twice.
+    assert [json.loads(x)["event"] for x in seen_by_child.splitlines()] == [
+        "queued in the parent"
+    ]
+    assert _events(stream) == ["queued in the parent"]
+    assert not logged[2]._queued
+
+
+async def test_a_broken_stream_never_raises_into_the_caller(
+    logged: tuple[logging.Logger, _CountingStream, LoopBatchingHandler],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    logger, stream, _ = logged
+    stream.close()
+    logger.info("lost")
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert "log lines could not be written" in capsys.readouterr().err
