@@ -138,8 +138,45 @@ _ENCODE: Final = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def _answer(api_version: str, status: dict[str, Any]) -> web.Response:
-    body = _ENVELOPES[api_version] + _ENCODE(status).encode() + b"}"
+    return _answer_raw(api_version, _ENCODE(status).encode())
+
+
+def _answer_raw(api_version: str, status: bytes) -> web.Response:
+    body = _ENVELOPES[api_version] + status + b"}"
     return web.Response(body=body, content_type=_JSON)
+
+
+#: How many users' answers ``_AcceptedStatus`` keeps (more are rare: it holds
+#: the users whose tokens are in the result cache and in use right now).
+_MEMO_ENTRIES: Final = 4096
+
+
+class _AcceptedStatus:
+    """The encoded ``status`` of an acceptance, remembered per cached user.
+
+    The result cache hands out the same ``UserInfo`` object for every hit of a
+    token, so its answer can be encoded once rather than rebuilt as a dict and
+    re-encoded on every review (the common case: kubectl reuses its token).
+    Keyed by object identity (``UserInfo.extra`` is a read-only mapping, so the
+    value is not hashable); the entry holds the user, so its id cannot be
+    reused while remembered, and the memo is bounded.
+    """
+
+    __slots__ = ("_memo",)
+
+    def __init__(self) -> None:
+        self._memo: dict[int, tuple[UserInfo, bytes]] = {}
+
+    def encoded(self, user: UserInfo) -> bytes:
+        """``{"authenticated":true,"user":...}`` for ``user``."""
+        hit = self._memo.get(id(user))
+        if hit is not None and hit[0] is user:
+            return hit[1]
+        body = _ENCODE({"authenticated": True, "user": user.to_dict()}).encode()
+        if len(self._memo) >= _MEMO_ENTRIES:
+            self._memo.clear()
+        self._memo[id(user)] = (user, body)
+        return body
 
 
 def _failure(
@@ -163,6 +200,7 @@ class _Handler:
         self._auth = authenticator
         self._settings = settings
         self._metrics = metrics
+        self._accepted = _AcceptedStatus()
 
     def _count(self, code: int) -> None:
         if self._metrics is not None:
@@ -273,10 +311,10 @@ class _Handler:
                     f"{asked[:8]}, this webhook serves {list(self._settings.audiences)}",
                 },
             )
-        status: dict[str, Any] = {"authenticated": True, "user": user.to_dict()}
-        if audiences is not None:
-            status["audiences"] = audiences
         self._log(token, "ok", reason="ok", user=user, started=started)
+        if audiences is None:
+            return _answer_raw(api_version, self._accepted.encoded(user))
+        status = {"authenticated": True, "user": user.to_dict(), "audiences": audiences}
         return _answer(api_version, status)
 
     @staticmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -434,3 +435,49 @@ async def test_idle_keepalive_connection_survives_the_first_request_deadline(
         assert (await wh.review(token)).status.authenticated is True
         await asyncio.sleep(0.1)
         assert (await wh.review(token)).status.authenticated is True
+
+
+async def test_repeated_and_interleaved_tokens_get_their_own_user(
+    webhook: RunningWebhook, issuer: FakeIssuer
+) -> None:
+    """The encoded answer is remembered per cached user: never another user's."""
+    alice = token_for(issuer)
+    bob = token_for(issuer, sub="00u2bob", groups=["viewers"])
+    seen: list[tuple[str, list[str]]] = []
+    bodies: dict[str, set[str]] = {"alice": set(), "bob": set()}
+    for name, token in [("alice", alice), ("bob", bob)] * 3:
+        status, text, _ = await webhook.post(review_body(token))
+        assert status == 200
+        bodies[name].add(text)
+        user = parse_review(text).status.user
+        seen.append((user.username, user.groups))
+    assert (
+        seen
+        == [
+            ("oidc:00u1alice", ["naxslabs-admins"]),
+            ("oidc:00u2bob", ["viewers"]),
+        ]
+        * 3
+    )
+    # Byte for byte the same answer on every hit.
+    assert len(bodies["alice"]) == 1
+    assert len(bodies["bob"]) == 1
+
+
+def test_remembered_answers_stay_bounded_and_exact() -> None:
+    from proxy.kube import UserInfo
+    from proxy.webhook import _MEMO_ENTRIES, _AcceptedStatus
+
+    memo = _AcceptedStatus()
+    users = [
+        UserInfo(username=f"u{i}", groups=(f"g{i}",)) for i in range(_MEMO_ENTRIES + 10)
+    ]
+    for user in users:
+        assert json.loads(memo.encoded(user)) == {
+            "authenticated": True,
+            "user": {"username": user.username, "groups": list(user.groups)},
+        }
+    assert len(memo._memo) <= _MEMO_ENTRIES
+    # An equal but distinct object is encoded afresh, and equally.
+    twin = UserInfo(username="u1", groups=("g1",))
+    assert memo.encoded(twin) == memo.encoded(users[1])
