@@ -17,6 +17,7 @@ import os
 import sys
 import time
 import weakref
+from itertools import islice
 from typing import Any, Final, TextIO
 
 __all__ = [
@@ -53,8 +54,27 @@ def issuer_hash(issuer: str) -> str:
     return "sha256:" + hashlib.sha256(issuer.encode()).hexdigest()[:16]
 
 
+#: How many attributes a fresh LogRecord has. ``makeRecord`` adds the
+#: ``extra=`` fields after them, so only the attributes past this point need
+#: sorting into fields and not (a formatter may still add ``message`` there).
+_BASE_ATTRIBUTES: Final = len(vars(logging.LogRecord("", 0, "", 0, "", None, None)))
+
+#: ``levelname.lower()`` without a new string per line.
+_LEVELS: Final = {
+    level: logging.getLevelName(level).lower()
+    for level in (
+        logging.DEBUG,
+        logging.INFO,
+        logging.WARNING,
+        logging.ERROR,
+        logging.CRITICAL,
+    )
+}
+
+
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
-    return {k: v for k, v in vars(record).items() if k not in _RESERVED}
+    tail = islice(vars(record).items(), _BASE_ATTRIBUTES, None)
+    return {k: v for k, v in tail if k not in _RESERVED}
 
 
 #: Built once: ``json.dumps`` with options would build a new encoder per line.
@@ -83,9 +103,9 @@ class JSONFormatter(logging.Formatter):
         """Serialise the record; unserialisable field values become ``str``."""
         out: dict[str, Any] = {
             "time": self._time(record.created, record.msecs),
-            "level": record.levelname.lower(),
+            "level": _LEVELS.get(record.levelno) or record.levelname.lower(),
             "logger": record.name,
-            "event": record.getMessage(),
+            "event": record.getMessage() if record.args else str(record.msg),
             # With --workers N, tells the processes apart.
             "pid": record.process,
         }
