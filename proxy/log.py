@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -29,11 +30,38 @@ __all__ = [
     "fingerprint",
     "flush_logs",
     "issuer_hash",
+    "new_request_id",
 ]
 
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar(
     "kube_oidc_gate_request_id", default=""
 )
+
+
+class _Process:
+    """What each line says about its process, refreshed in a forked child.
+
+    The pid is read once (``os.getpid`` is a system call per log record
+    otherwise), and request ids are a random per-process prefix and a counter:
+    unique across workers and restarts, 16 hex digits like before, without a
+    ``getrandom`` call per request. They correlate lines; they are not secrets.
+    """
+
+    pid = os.getpid()
+    prefix = os.urandom(4).hex()
+    counter = itertools.count(1)
+
+    @classmethod
+    def renew(cls) -> None:
+        cls.pid = os.getpid()
+        cls.prefix = os.urandom(4).hex()
+        cls.counter = itertools.count(1)
+
+
+def new_request_id() -> str:
+    """A fresh request id: 16 hex digits, unique to this process and request."""
+    return f"{_Process.prefix}{next(_Process.counter) & 0xFFFFFFFF:08x}"
+
 
 #: Attributes every LogRecord has; anything else came from ``extra=`` and is a field.
 _RESERVED: Final = frozenset(
@@ -107,7 +135,7 @@ class JSONFormatter(logging.Formatter):
             "logger": record.name,
             "event": record.getMessage() if record.args else str(record.msg),
             # With --workers N, tells the processes apart.
-            "pid": record.process,
+            "pid": _Process.pid,
         }
         rid = REQUEST_ID.get()
         if rid:
@@ -213,8 +241,9 @@ def flush_logs() -> None:
         handler.flush()
 
 
-# A child must not inherit, and later write again, lines its parent queued.
-os.register_at_fork(before=flush_logs)
+# A child must not inherit, and later write again, lines its parent queued;
+# and it is a new process, with its own pid and request ids.
+os.register_at_fork(before=flush_logs, after_in_child=_Process.renew)
 
 
 def configure_logging(*, level: str = "info", fmt: str = "json") -> None:
@@ -231,6 +260,7 @@ def configure_logging(*, level: str = "info", fmt: str = "json") -> None:
     # the knobs of the logging HOWTO's "Optimization" section. The pid stays.
     logging.logThreads = False
     logging.logMultiprocessing = False
+    logging.logProcesses = False  # the formatter knows the pid
     logging._srcfile = None
     # aiohttp's own access log would duplicate ours and carries raw paths.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from proxy.log import JSONFormatter, LoopBatchingHandler, flush_logs
+from proxy.log import JSONFormatter, LoopBatchingHandler, flush_logs, new_request_id
 
 
 class _CountingStream(io.StringIO):
@@ -142,3 +142,29 @@ async def test_a_broken_stream_never_raises_into_the_caller(
     await asyncio.sleep(0)
     await asyncio.sleep(0)
     assert "log lines could not be written" in capsys.readouterr().err
+
+
+def test_request_ids_are_16_hex_digits_and_unique() -> None:
+    ids = [new_request_id() for _ in range(10_000)]
+    assert all(len(i) == 16 and int(i, 16) >= 0 for i in ids)
+    assert len(set(ids)) == len(ids)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_worker_has_its_own_pid_and_request_ids() -> None:
+    parent_ids = {new_request_id() for _ in range(3)}
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        os.close(read)
+        record = logging.LogRecord("x", logging.INFO, "", 0, "child", None, None)
+        line = JSONFormatter().format(record)
+        os.write(write, json.dumps([line, new_request_id()]).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        line, child_id = json.loads(pipe.read())
+    os.waitpid(pid, 0)
+    assert json.loads(line)["pid"] == pid
+    assert child_id not in parent_ids
+    assert child_id[:8] != next(iter(parent_ids))[:8], "a fresh per-process prefix"
