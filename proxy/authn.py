@@ -97,6 +97,19 @@ class Authenticator:
 
     async def authenticate(self, token: str) -> UserInfo | None:
         """The user ``token`` maps to, ``None`` if not ours; raise ``TokenError``."""
+        key, user = self.lookup(token)
+        if user is not None:
+            return user
+        return await self.validate(token, key)
+
+    def lookup(self, token: str) -> tuple[bytes, UserInfo | None]:
+        """The remembered verdict, without waiting: the cache key and the user.
+
+        A cached refusal is raised as ``TokenError``; ``(key, None)`` is a miss
+        (a "not mine" is never cached), to be finished with ``validate``. The
+        webhook answers a hit without creating a task; ``authenticate`` is both
+        steps for callers that do not care.
+        """
         cache = self.cache
         try:
             key = cache.key(token)
@@ -107,18 +120,24 @@ class Authenticator:
             self._record("rejected", MalformedToken.reason)
             raise MalformedToken("token: not valid unicode text") from None
         hit = cache.get(key)
+        if hit is None:
+            return key, None
         metrics = self._metrics
-        if hit is not None:
-            if metrics is not None:
-                metrics.child(metrics.cache_requests, "hit").inc()
-            if hit.user is not None:
-                self._record("ok", "ok")
-                return hit.user
-            assert hit.error is not None
-            self._record("rejected", hit.error.reason)
-            # A fresh copy: raising the cached object itself would hang this
-            # caller's frames on it for as long as it stays cached.
-            raise detached(hit.error)
+        if metrics is not None:
+            metrics.child(metrics.cache_requests, "hit").inc()
+        if hit.user is not None:
+            self._record("ok", "ok")
+            return key, hit.user
+        assert hit.error is not None
+        self._record("rejected", hit.error.reason)
+        # A fresh copy: raising the cached object itself would hang this
+        # caller's frames on it for as long as it stays cached.
+        raise detached(hit.error)
+
+    async def validate(self, token: str, key: bytes) -> UserInfo | None:
+        """Validate a token ``lookup`` found no verdict for, and remember the result."""
+        cache = self.cache
+        metrics = self._metrics
         if metrics is not None:
             metrics.child(metrics.cache_requests, "miss").inc()
         started = time.perf_counter()
