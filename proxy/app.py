@@ -1,8 +1,9 @@
 """Composition: the engine, the front-end apps, the probe app, and serving them.
 
 ``start_engine`` builds what both modes share (one ``ClientSession``, the issuer
-key sets and their refreshers, the authenticator); ``webhook_app`` and
-``proxy_app`` put a front end on it; ``probe_app`` is the separate plain-HTTP
+key sets and their refreshers, the authenticator); ``webhook_app`` (a
+``proxy.http1`` server) and ``proxy_app`` (an aiohttp application) put a front
+end on it; ``probe_app`` is the separate plain-HTTP
 listener for ``/healthz``, ``/readyz`` and ``/metrics`` (it never sees a token,
 so it needs no TLS, and kubelet probes can reach it without certificates).
 
@@ -18,12 +19,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 import aiohttp
@@ -34,13 +34,14 @@ from aiohttp.web_request import BaseRequest
 
 from proxy.authn import Authenticator
 from proxy.config import AuthConfig
+from proxy.http1 import Server
 from proxy.impersonate import ProxySettings, add_proxy_routes
 from proxy.keyset import KeySets
 from proxy.kube import status_body
-from proxy.log import REQUEST_ID, issuer_hash
+from proxy.log import REQUEST_ID, issuer_hash, new_request_id
 from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.upstream import Upstream
-from proxy.webhook import WebhookSettings, add_webhook_routes
+from proxy.webhook import WebhookSettings, webhook_server
 
 __all__ = [
     "ConnectionGuard",
@@ -305,8 +306,7 @@ def _front_middleware(guard: ConnectionGuard) -> Callable[..., Any]:
         task = asyncio.current_task()
         if task is not None:
             guard.inflight.add(task)
-        # 16 random hex digits, without building a UUID object per request.
-        rid = request.headers.get("X-Request-Id", "")[:64] or os.urandom(8).hex()
+        rid = request.headers.get("X-Request-Id", "")[:64] or new_request_id()
         token = REQUEST_ID.set(rid)
         try:
             return await handler(request)
@@ -331,21 +331,13 @@ def _front_middleware(guard: ConnectionGuard) -> Callable[..., Any]:
     return front
 
 
-def webhook_app(engine: Engine, settings: WebhookSettings) -> web.Application:
-    """The TokenReview webhook application (``POST /authenticate``)."""
-    guard = ConnectionGuard()
-    app = web.Application(
-        middlewares=[_front_middleware(guard)],
-        client_max_size=settings.max_body_bytes,
-    )
-    app[GUARD] = guard
-    add_webhook_routes(
-        app,
-        authenticator=engine.authenticator,
-        settings=settings,
-        metrics=engine.metrics,
-    )
-    return app
+def webhook_app(engine: Engine, settings: WebhookSettings) -> Server:
+    """The TokenReview webhook's listener (``POST /authenticate``, ``proxy.http1``).
+
+    ``serve`` sets its head timeout (slowloris, idle keep-alive) from
+    ``ServeSettings.idle_timeout`` when it starts listening.
+    """
+    return webhook_server(engine.authenticator, settings, metrics=engine.metrics)
 
 
 def proxy_app(
@@ -419,7 +411,7 @@ def probe_app(
 
 
 async def serve(
-    main: web.Application,
+    main: web.Application | Server,
     probes: web.Application,
     settings: ServeSettings,
     ssl_context: ssl.SSLContext,
@@ -429,39 +421,25 @@ async def serve(
 ) -> None:
     """Serve until SIGTERM/SIGINT (or ``stop``), then drain and return.
 
-    ``on_ready(secure_port, probe_port)`` is called once both listeners accept,
-    with the ports actually bound (useful with port 0).
+    ``main`` is the proxy (an aiohttp application) or the webhook (a
+    ``proxy.http1`` server); either drains the same way. ``on_ready(secure_port,
+    probe_port)`` is called once both listeners accept, with the ports actually
+    bound (useful with port 0).
     """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    guard = main.get(GUARD) or ConnectionGuard()
-    main_runner = web.AppRunner(
-        main,
-        access_log=None,
-        handle_signals=False,
-        shutdown_timeout=_CLEANUP_WAIT,
-        keepalive_timeout=settings.idle_timeout,
-        lingering_time=settings.lingering_time,
-        max_field_size=settings.max_field_bytes,
-        logger=_HTTP_LOG,
+    listener = (
+        _Http1Listener(main, settings, ssl_context)
+        if isinstance(main, Server)
+        else _AppListener(main, settings, ssl_context)
     )
     probe_runner = web.AppRunner(probes, access_log=None, handle_signals=False)
-    await main_runner.setup()
     await probe_runner.setup()
     try:
-        site = _GuardedSite(
-            main_runner,
-            settings.bind_address,
-            settings.secure_port,
-            guard=guard,
-            deadline=settings.idle_timeout,
-            ssl_context=ssl_context,
-            reuse_port=settings.reuse_port,
-        )
-        await site.start()
+        port = await listener.start()
         probe_site = web.TCPSite(
             probe_runner,
             settings.probe_host,
@@ -469,7 +447,7 @@ async def serve(
             reuse_port=settings.reuse_port or None,
         )
         await probe_site.start()
-        ports = (_bound_port(main_runner), _bound_port(probe_runner))
+        ports = (port, _bound_port(probe_runner))
         log.info(
             "serving",
             extra={
@@ -484,13 +462,85 @@ async def serve(
         log.info(
             "shutting down", extra={"grace_period_s": settings.shutdown_grace_period}
         )
-        await _drain(main_runner, guard, settings.shutdown_grace_period)
+        await listener.drain(settings.shutdown_grace_period)
     finally:
-        await main_runner.cleanup()
+        await listener.cleanup()
         await probe_runner.cleanup()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
+
+
+class _Http1Listener:
+    """The webhook's ``proxy.http1`` server behind the secure port."""
+
+    def __init__(
+        self, server: Server, settings: ServeSettings, ssl_context: ssl.SSLContext
+    ) -> None:
+        self._server = server
+        self._settings = settings
+        self._ssl = ssl_context
+        server.limits = replace(server.limits, head_timeout=settings.idle_timeout)
+
+    async def start(self) -> int:
+        settings = self._settings
+        return await self._server.start(
+            settings.bind_address,
+            settings.secure_port,
+            ssl_context=self._ssl,
+            reuse_port=settings.reuse_port,
+        )
+
+    async def drain(self, grace: float) -> None:
+        await self._server.drain(grace)
+
+    async def cleanup(self) -> None:
+        await self._server.drain(0)
+
+
+class _AppListener:
+    """The proxy's aiohttp application behind the secure port, guarded."""
+
+    def __init__(
+        self,
+        app: web.Application,
+        settings: ServeSettings,
+        ssl_context: ssl.SSLContext,
+    ) -> None:
+        self._settings = settings
+        self._ssl = ssl_context
+        self._guard = app.get(GUARD) or ConnectionGuard()
+        self._runner = web.AppRunner(
+            app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=_CLEANUP_WAIT,
+            keepalive_timeout=settings.idle_timeout,
+            lingering_time=settings.lingering_time,
+            max_field_size=settings.max_field_bytes,
+            logger=_HTTP_LOG,
+        )
+
+    async def start(self) -> int:
+        settings = self._settings
+        await self._runner.setup()
+        site = _GuardedSite(
+            self._runner,
+            settings.bind_address,
+            settings.secure_port,
+            guard=self._guard,
+            deadline=settings.idle_timeout,
+            ssl_context=self._ssl,
+            reuse_port=settings.reuse_port,
+        )
+        await site.start()
+        return _bound_port(self._runner)
+
+    async def drain(self, grace: float) -> None:
+        await _drain(self._runner, self._guard, grace)
+
+    async def cleanup(self) -> None:
+        await self._runner.cleanup()
 
 
 async def _drain(runner: web.AppRunner, guard: ConnectionGuard, grace: float) -> None:

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
     from proxy.app import Engine, ServeSettings
     from proxy.config import AuthConfig
+    from proxy.http1 import Server
 
 __all__ = ["build_parser", "main"]
 
@@ -476,7 +477,9 @@ async def _front_end(
     dev_issuer: object,
     closers: list[Callable[[], object]],
 ) -> tuple[
-    web.Application, Callable[[int, int], None] | None, Callable[[], list[str]] | None
+    web.Application | Server,
+    Callable[[int, int], None] | None,
+    Callable[[], list[str]] | None,
 ]:
     from proxy.app import webhook_app
     from proxy.webhook import WebhookSettings

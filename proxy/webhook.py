@@ -23,27 +23,29 @@ intersection of what was asked and what we serve, and refuse when it is empty.
 Every check on the request (method, content type, size, JSON shape,
 ``apiVersion``, ``kind``) happens before any token work, so a malformed review
 costs no cryptography.
+
+Served by ``proxy.http1`` (see there why not aiohttp): ``ReviewHandler``
+answers a token with a remembered verdict at once, so the common review (kubectl
+reuses its token for an hour) costs no task and no waiting.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from aiohttp import web
-
 from proxy.authn import Authenticator
 from proxy.errors import TokenError
+from proxy.http1 import Answer, Limits, Request, Route, Server
 from proxy.kube import UserInfo, status_body
 from proxy.log import fingerprint
 from proxy.metrics import Metrics
 
-__all__ = ["TOKENREVIEW_VERSIONS", "WebhookSettings", "add_webhook_routes"]
+__all__ = ["TOKENREVIEW_VERSIONS", "ReviewHandler", "WebhookSettings", "webhook_server"]
 
 log = logging.getLogger(__name__)
 
@@ -137,13 +139,12 @@ _ENVELOPES: Final = {v: _envelope(v) for v in TOKENREVIEW_VERSIONS}
 _ENCODE: Final = json.JSONEncoder(separators=(",", ":")).encode
 
 
-def _answer(api_version: str, status: dict[str, Any]) -> web.Response:
+def _answer(api_version: str, status: dict[str, Any]) -> Answer:
     return _answer_raw(api_version, _ENCODE(status).encode())
 
 
-def _answer_raw(api_version: str, status: bytes) -> web.Response:
-    body = _ENVELOPES[api_version] + status + b"}"
-    return web.Response(body=body, content_type=_JSON)
+def _answer_raw(api_version: str, status: bytes) -> Answer:
+    return Answer(200, _ENVELOPES[api_version] + status + b"}")
 
 
 #: How many users' answers ``_AcceptedStatus`` keeps (more are rare: it holds
@@ -180,32 +181,24 @@ class _AcceptedStatus:
 
 
 def _failure(
-    code: int, message: str, *, headers: dict[str, str] | None = None
-) -> web.Response:
-    return web.Response(
-        status=code,
-        body=status_body(code, message),
-        content_type=_JSON,
-        headers=headers,
-    )
+    code: int, message: str, *, headers: tuple[tuple[str, str], ...] = ()
+) -> Answer:
+    # 408 and 413: the rest of the body is not worth waiting for.
+    return Answer(code, status_body(code, message), headers, code in (408, 413))
 
 
-class _Handler:
-    def __init__(
-        self,
-        authenticator: Authenticator,
-        settings: WebhookSettings,
-        metrics: Metrics | None,
-    ) -> None:
+class ReviewHandler:
+    """``POST /authenticate``: the checks, the engine, the answer and its log line.
+
+    Called by ``proxy.http1`` for each request. A review whose token has a
+    remembered verdict (the common case) is answered at once, without a task;
+    any other returns a coroutine that waits for the engine.
+    """
+
+    def __init__(self, authenticator: Authenticator, settings: WebhookSettings) -> None:
         self._auth = authenticator
         self._settings = settings
-        self._metrics = metrics
         self._accepted = _AcceptedStatus()
-
-    def _count(self, code: int) -> None:
-        if self._metrics is not None:
-            m = self._metrics
-            m.child(m.http_requests, "authenticate", str(code)).inc()
 
     def _audiences(self, asked: Sequence[str]) -> tuple[list[str] | None, bool]:
         served = self._settings.audiences
@@ -216,83 +209,88 @@ class _Handler:
         both = [a for a in asked if a in served]
         return both, bool(both)
 
-    async def handle(self, request: web.Request) -> web.Response:
+    def __call__(self, request: Request) -> Answer | Coroutine[Any, Any, Answer]:
+        """Answer now when the verdict is remembered; otherwise a coroutine."""
         started = time.perf_counter()
         try:
-            response = await self._review(request, started)
+            api_version, token, asked = self._check(request)
         except _BadReview as bad:
             log.info("review refused", extra={"status": bad.status, "detail": str(bad)})
-            response = _failure(bad.status, str(bad))
-            if bad.status in (408, 413):
-                # The rest of the body is not worth waiting for: close instead
-                # of lingering to drain it.
-                response.force_close()
-        self._count(response.status)
-        return response
+            return _failure(bad.status, str(bad))
+        try:
+            key, user = self._auth.lookup(token)
+        except TokenError as err:
+            return self._refused(api_version, token, err, started)
+        if user is not None:
+            return self._verdict(api_version, token, user, asked, started)
+        return self._review(api_version, token, key, asked, started)
 
-    async def _review(self, request: web.Request, started: float) -> web.Response:
-        if request.content_type != _JSON:
+    def _check(self, request: Request) -> tuple[str, str, list[str]]:
+        content_type = request.content_type or "application/octet-stream"
+        if content_type != _JSON:
             raise _BadReview(
                 415,
-                f'webhook: Content-Type must be "{_JSON}", got "{request.content_type[:64]}"',
+                f'webhook: Content-Type must be "{_JSON}", got "{content_type[:64]}"',
             )
         limit = self._settings.max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
+        if len(request.body) > limit:
             raise _BadReview(413, f"webhook: body larger than {limit} bytes")
+        return _parse_review(request.body)
+
+    async def _review(
+        self,
+        api_version: str,
+        token: str,
+        key: bytes,
+        asked: list[str],
+        started: float,
+    ) -> Answer:
         try:
-            if request.content.is_eof():
-                # The whole body is buffered already (the usual small review):
-                # reading cannot wait, so no timer is armed.
-                body = await request.read()
-            else:
-                async with asyncio.timeout(self._settings.body_timeout):
-                    body = await request.read()
-        except web.HTTPRequestEntityTooLarge as err:
-            raise _BadReview(413, f"webhook: body larger than {limit} bytes") from err
-        except TimeoutError as err:
-            raise _BadReview(
-                408,
-                f"webhook: body not received within {self._settings.body_timeout:g}s",
-            ) from err
-        if len(body) > limit:
-            raise _BadReview(413, f"webhook: body larger than {limit} bytes")
-        api_version, token, asked = _parse_review(body)
-        try:
-            user = await self._auth.authenticate(token)
+            user = await self._auth.validate(token, key)
         except TokenError as err:
-            if err.temporary:
-                self._log(
-                    token,
-                    "unavailable",
-                    reason=err.reason,
-                    issuer=err.issuer,
-                    started=started,
-                    detail=str(err),
-                )
-                return _failure(
-                    503,
-                    "webhook: issuer keys are not loaded yet; retry",
-                    headers={"Retry-After": str(self._settings.retry_after)},
-                )
+            return self._refused(api_version, token, err, started)
+        return self._verdict(api_version, token, user, asked, started)
+
+    def _refused(
+        self, api_version: str, token: str, err: TokenError, started: float
+    ) -> Answer:
+        if err.temporary:
             self._log(
                 token,
-                "rejected",
+                "unavailable",
                 reason=err.reason,
                 issuer=err.issuer,
                 started=started,
                 detail=str(err),
             )
-            return _answer(
-                api_version,
-                {"authenticated": False, "error": f"{err.reason}: {err}"[:1024]},
+            return _failure(
+                503,
+                "webhook: issuer keys are not loaded yet; retry",
+                headers=(("Retry-After", str(self._settings.retry_after)),),
             )
+        self._log(
+            token,
+            "rejected",
+            reason=err.reason,
+            issuer=err.issuer,
+            started=started,
+            detail=str(err),
+        )
+        return _answer(
+            api_version,
+            {"authenticated": False, "error": f"{err.reason}: {err}"[:1024]},
+        )
+
+    def _verdict(
+        self,
+        api_version: str,
+        token: str,
+        user: UserInfo | None,
+        asked: list[str],
+        started: float,
+    ) -> Answer:
         if user is None:
-            self._log(
-                token,
-                "not_mine",
-                reason="not_mine",
-                started=started,
-            )
+            self._log(token, "not_mine", reason="not_mine", started=started)
             return _answer(api_version, {"authenticated": False})
         audiences, ok = self._audiences(asked)
         if not ok:
@@ -344,13 +342,27 @@ class _Handler:
         log.info("token review", extra=fields)
 
 
-def add_webhook_routes(
-    app: web.Application,
-    *,
+def webhook_server(
     authenticator: Authenticator,
     settings: WebhookSettings,
+    *,
     metrics: Metrics | None,
-) -> None:
-    """Register ``POST /authenticate`` (other methods get 405 from aiohttp)."""
-    handler = _Handler(authenticator, settings, metrics)
-    app.router.add_post("/authenticate", handler.handle)
+    head_timeout: float = 75.0,
+) -> Server:
+    """The webhook's listener: ``POST /authenticate`` on ``proxy.http1``."""
+
+    def count(handler: str, code: int) -> None:
+        if metrics is not None:
+            metrics.child(metrics.http_requests, handler, str(code)).inc()
+
+    limits = Limits(
+        max_body_bytes=settings.max_body_bytes,
+        head_timeout=head_timeout,
+        body_timeout=settings.body_timeout,
+    )
+    return Server(
+        {"/authenticate": Route(ReviewHandler(authenticator, settings))},
+        limits=limits,
+        error_body=status_body,
+        on_answer=count,
+    )

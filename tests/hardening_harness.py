@@ -49,6 +49,7 @@ from proxy.config import (
     KeySetSettings,
     PrefixedClaimOrExpression,
 )
+from proxy.http1 import Server
 from proxy.impersonate import ProxySettings
 from proxy.metrics import Metrics
 from proxy.upstream import Upstream, UpstreamSettings
@@ -276,7 +277,9 @@ async def running_gate(
                 resolver=upstream_resolver,
             )
             await upstream.start()
-            app = proxy_app(engine, upstream, proxy_settings or ProxySettings())
+            app: web.Application | Server = proxy_app(
+                engine, upstream, proxy_settings or ProxySettings()
+            )
         else:
             app = webhook_app(engine, webhook_settings or WebhookSettings())
         settings = replace(
