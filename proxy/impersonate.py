@@ -138,6 +138,13 @@ _REQUEST_DROP: Final = frozenset(
         "x-remote-uid",
     }
 )
+#: What ``_forward_headers`` never forwards, by mode (names, name prefixes).
+_FORWARD_DROP_PASSTHROUGH: Final = _HOP_BY_HOP | _REQUEST_DROP
+_FORWARD_DROP: Final = _FORWARD_DROP_PASSTHROUGH | {"authorization"}
+_FORWARD_DROP_PREFIXES_PASSTHROUGH: Final = ("x-remote-extra-",)
+_FORWARD_DROP_PREFIXES: Final = ("x-remote-extra-", "impersonate-")
+#: Users whose checked ``Impersonate-*`` headers are kept (see ``_own_headers``).
+_IDENTITY_CACHE: Final = 1024
 _LONG_SUBRESOURCES: Final = frozenset({"log", "exec", "attach", "portforward", "proxy"})
 _VERBS: Final = {
     "POST": "create",
@@ -510,39 +517,39 @@ def _forward_headers(
     upgrade: str | None,
     passthrough: bool,
     protocols: list[str] | None,
-) -> CIMultiDict[str]:
-    """The client's headers as they may go upstream (see the module docstring)."""
+) -> list[tuple[str, str]]:
+    """The client's headers as they may go upstream (see the module docstring),
+    in their order; every header added here is one the loop dropped, so
+    appending puts it where replacing would.
+    """
     src = request.headers
-    drop = _connection_tokens(src)
-    out: CIMultiDict[str] = CIMultiDict()
+    drop = _FORWARD_DROP_PASSTHROUGH if passthrough else _FORWARD_DROP
+    prefixes = (
+        _FORWARD_DROP_PREFIXES_PASSTHROUGH if passthrough else _FORWARD_DROP_PREFIXES
+    )
+    extra = _connection_tokens(src)
+    if protocols is not None:
+        extra.add("sec-websocket-protocol")
+    if upgrade is not None:
+        extra.add("content-length")
+    out: list[tuple[str, str]] = []
     for name, value in src.items():
         lower = name.lower()
-        if (
-            lower in _HOP_BY_HOP
-            or lower in drop
-            or lower in _REQUEST_DROP
-            or lower.startswith("x-remote-extra-")
-            or (lower == "sec-websocket-protocol" and protocols is not None)
-            or (upgrade is not None and lower == "content-length")
-            or (
-                not passthrough
-                and (lower == "authorization" or lower.startswith(_IMPERSONATE))
-            )
-        ):
+        if lower in drop or lower in extra or lower.startswith(prefixes):
             continue
-        out.add(name, value)
+        out.append((name, value))
     if upgrade is not None:
-        out["Connection"] = "Upgrade"
-        out["Upgrade"] = upgrade
+        out.append(("Connection", "Upgrade"))
+        out.append(("Upgrade", upgrade))
     if protocols:
-        out["Sec-WebSocket-Protocol"] = ", ".join(protocols)
+        out.append(("Sec-WebSocket-Protocol", ", ".join(protocols)))
     peer = _peer(request)
     if peer is not None:
         chain = src.getall("X-Forwarded-For", [])
         if chain and _trusted(peer, settings.trusted_proxies):
-            out["X-Forwarded-For"] = ", ".join([*chain, peer])
+            out.append(("X-Forwarded-For", ", ".join([*chain, peer])))
         else:
-            out["X-Forwarded-For"] = peer
+            out.append(("X-Forwarded-For", peer))
     return out
 
 
@@ -566,15 +573,6 @@ def _response_headers(
         out["Connection"] = "Upgrade"
         out["Upgrade"] = headers.get("Upgrade", "")
     return out
-
-
-async def _read_capped(content: aiohttp.StreamReader, limit: int) -> bytes:
-    out = bytearray()
-    while chunk := await content.readany():
-        out += chunk
-        if len(out) > limit:
-            raise UpstreamError("proxy: response too large", status=502)
-    return bytes(out)
 
 
 def _client_gone(request: web.Request) -> bool:
@@ -698,6 +696,7 @@ class _ProxyHandler:
         self._settings = settings
         self._metrics = metrics
         self._stopping = stopping
+        self._identities: dict[int, tuple[UserInfo, tuple[tuple[str, str], ...]]] = {}
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Serve one request (the route's handler)."""
@@ -798,19 +797,34 @@ class _ProxyHandler:
             return await self._forward(request, headers, entry, upgrade)
         entry.user = user.username
         entry.groups_count = len(user.groups)
-        _check_identity(user, settings.allow_reserved_groups)
+        impersonate: Sequence[tuple[str, str]] = self._own_headers(user)
         identity = _requested_identity(request.headers, settings)
         if identity is not None:
             entry.as_user = identity.username
             await self._authorize(user, identity)
-        else:
-            identity = _Identity.of(user)
+            impersonate = identity.headers()
         headers = _forward_headers(
             request, settings, upgrade=upgrade, passthrough=False, protocols=protocols
         )
-        headers.extend(self._upstream.auth_headers())
-        headers.extend(identity.headers())
+        headers.extend(self._upstream.auth_items)
+        headers.extend(impersonate)
         return await self._forward(request, headers, entry, upgrade)
+
+    def _own_headers(self, user: UserInfo) -> tuple[tuple[str, str], ...]:
+        """The checked ``Impersonate-*`` headers for ``user``, computed once per
+        ``UserInfo`` object: the result cache hands every request with the same
+        token the same object. Keyed by ``id`` (``extra`` is not hashable); the
+        entry keeps the object alive, so the id cannot be reused while cached.
+        """
+        cached = self._identities.get(id(user))
+        if cached is not None and cached[0] is user:
+            return cached[1]
+        _check_identity(user, self._settings.allow_reserved_groups)
+        headers = tuple(_Identity.of(user).headers())
+        if len(self._identities) >= _IDENTITY_CACHE:
+            del self._identities[next(iter(self._identities))]
+        self._identities[id(user)] = (user, headers)
+        return headers
 
     async def _authorize(self, user: UserInfo, identity: _Identity) -> None:
         """SubjectAccessReviews for each requested value, as ``user``; 403 on a no."""
@@ -840,29 +854,26 @@ class _ProxyHandler:
 
     async def _review(self, review: dict[str, Any]) -> bool:
         settings = self._settings
-        headers: CIMultiDict[str] = CIMultiDict(
-            {"Content-Type": "application/json", "Accept": "application/json"}
-        )
-        headers.extend(self._upstream.auth_headers())
+        headers = [
+            ("Content-Type", "application/json"),
+            ("Accept", "application/json"),
+            *self._upstream.auth_items,
+        ]
         try:
             async with asyncio.timeout(settings.sar_timeout):
-                async with self._upstream.request(
+                response = await self._upstream.fetch(
                     "POST",
                     _SAR_PATH,
                     headers=headers,
-                    data=json.dumps(review).encode(),
+                    body=json.dumps(review).encode(),
                     connect_timeout=settings.connect_timeout,
-                    head_timeout=settings.sar_timeout,
-                ) as response:
-                    body = await _read_capped(response.content, _MAX_SAR_BODY)
+                )
+                async with response:
+                    body = await response.read(_MAX_SAR_BODY)
                     status = response.status
         except TimeoutError as err:
             raise UpstreamError(
                 "proxy: subjectaccessreview timed out", status=504
-            ) from err
-        except aiohttp.ClientError as err:
-            raise UpstreamError(
-                f"proxy: subjectaccessreview failed: {type(err).__name__}"
             ) from err
         if status not in (200, 201):
             raise UpstreamError(f"proxy: subjectaccessreview answered {status}")
@@ -875,7 +886,7 @@ class _ProxyHandler:
     async def _forward(
         self,
         request: web.Request,
-        headers: CIMultiDict[str],
+        headers: list[tuple[str, str]],
         entry: _Entry,
         upgrade: str | None,
     ) -> web.StreamResponse:
@@ -894,9 +905,80 @@ class _ProxyHandler:
         if entry.kind is not None and self._metrics is not None:
             self._metrics.inflight_streams.labels(entry.kind).dec()
 
-    async def _forward_http(
-        self, request: web.Request, headers: CIMultiDict[str], entry: _Entry
+    async def _forward_pooled(
+        self, request: web.Request, headers: list[tuple[str, str]], entry: _Entry
     ) -> web.StreamResponse:
+        """An ordinary request through the lean pool: a small body with a length
+        is answered whole with ``web.Response``; anything else is relayed piece
+        by piece as ``_forward_http`` does.
+        """
+        settings = self._settings
+        response: web.StreamResponse | None = None
+        try:
+            async with asyncio.timeout(settings.request_timeout):
+                upstream = await self._upstream.fetch(
+                    request.method,
+                    request.raw_path,
+                    headers=headers,
+                    body=request.content if request.body_exists else None,
+                    content_length=request.content_length,
+                    connect_timeout=settings.connect_timeout,
+                    max_head_bytes=settings.max_header_bytes,
+                )
+                async with upstream:
+                    self._count_upstream(str(upstream.status))
+                    body = upstream.body
+                    if body is not None:
+                        entry.status = upstream.status
+                        entry.bytes_out = len(body)
+                        return web.Response(
+                            status=upstream.status,
+                            reason=upstream.reason,
+                            body=body,
+                            headers=_response_headers(upstream.headers),
+                        )
+                    response = web.StreamResponse(
+                        status=upstream.status, reason=upstream.reason
+                    )
+                    response.headers.extend(_response_headers(upstream.headers))
+                    await response.prepare(request)
+                    entry.status = upstream.status
+                    entry.prepared = True
+                    while True:
+                        try:
+                            chunk = await upstream.read_chunk()
+                        except UpstreamError as err:
+                            log.warning(
+                                "upstream stream broke", extra={"detail": str(err)}
+                            )
+                            raise _UpstreamBroken from err
+                        if not chunk:
+                            break
+                        try:
+                            await response.write(chunk)
+                        except (ConnectionError, OSError) as err:
+                            raise _ClientLeft from err
+                        entry.bytes_out += len(chunk)
+                    await response.write_eof()
+        except TimeoutError as err:
+            if response is None:
+                raise UpstreamError("proxy: request timed out", status=504) from err
+            entry.outcome = "timeout"
+            _abort(request)
+        except _UpstreamBroken:
+            entry.outcome = "upstream_error"
+            _abort(request)
+        except (_ClientLeft, ConnectionError):
+            entry.outcome = "client_closed"
+        if response is None:  # pragma: no cover - every path above sets or raises
+            raise UpstreamError("proxy: no response")
+        return response
+
+    async def _forward_http(
+        self, request: web.Request, headers: list[tuple[str, str]], entry: _Entry
+    ) -> web.StreamResponse:
+        if entry.kind is None:
+            return await self._forward_pooled(request, headers, entry)
         settings = self._settings
         long_running = entry.kind is not None
         response: web.StreamResponse | None = None
@@ -988,13 +1070,13 @@ class _ProxyHandler:
             entry.bytes_out += len(chunk)
 
     async def _forward_upgrade(
-        self, request: web.Request, headers: CIMultiDict[str], entry: _Entry
+        self, request: web.Request, headers: list[tuple[str, str]], entry: _Entry
     ) -> web.StreamResponse:
         settings = self._settings
         raw = await self._upstream.open_upgrade(
             request.method,
             request.raw_path,
-            list(headers.items()),
+            headers,
             connect_timeout=settings.connect_timeout,
             head_timeout=settings.request_timeout,
             max_header_bytes=settings.max_header_bytes,

@@ -1190,3 +1190,38 @@ async def test_oversized_request_headers_are_431(
         async with stack.client.get(stack.url + PODS, headers=stack.bearer()) as r:
             assert r.status == 200
         assert [r.path for r in stack.fake.requests] == [PODS]
+
+
+# --------------------------------------------------------------------------
+# Identity headers are computed once per cached user, never shared across users
+
+
+@pytest.mark.parametrize(
+    "groups",
+    [("devs",), ("system:masters",)],
+    ids=["ordinary", "reserved"],
+)
+async def test_identity_headers_follow_each_user_across_repeated_tokens(
+    tmp_path: Path, ca: trustme.CA, groups: tuple[str, ...]
+) -> None:
+    async with run_proxy(
+        tmp_path, ca, claim_mappings=mappings(group_prefix="")
+    ) as stack:
+        alice = stack.bearer(sub="alice", groups=list(groups))
+        bob = stack.bearer(sub="bob", groups=["ops", "qa"])
+        seen: list[tuple[str, list[str]]] = []
+        for headers in (alice, bob, alice, bob, alice):
+            status, _ = await whoami(stack, headers)
+            expected = 403 if "system:masters" in groups and headers is alice else 201
+            assert status == expected
+            if status == 201:
+                sent = stack.fake.requests[-1].headers
+                seen.append(
+                    (sent["Impersonate-User"], sent.getall("Impersonate-Group", []))
+                )
+        bob_seen = ("oidc:bob", ["ops", "qa"])
+        if "system:masters" in groups:
+            assert seen == [bob_seen, bob_seen]
+        else:
+            alice_seen = ("oidc:alice", list(groups))
+            assert seen == [alice_seen, bob_seen, alice_seen, bob_seen, alice_seen]
