@@ -93,6 +93,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from proxy import tunnel
 from proxy.errors import TokenError, UpstreamError
 from proxy.kube import SYSTEM_AUTHENTICATED, UserInfo, status_body
+from proxy.log import RequestLog
 from proxy.metrics import Metrics
 from proxy.upstream import RawResponse, Upstream
 
@@ -107,7 +108,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("proxy.access")
+access_log = RequestLog("proxy.access")
 
 #: WebSocket subprotocol prefix carrying a bearer token (kube-apiserver's).
 BEARER_PROTOCOL_PREFIX: Final = "base64url.bearer.authorization.k8s.io."
@@ -748,7 +749,7 @@ class _ProxyHandler:
         if entry.status == 0:
             entry.status = 499
             entry.outcome = "client_closed" if entry.outcome == "ok" else entry.outcome
-        access_log.info("request", extra=entry.fields())
+        access_log.info("request", entry.fields())
         if self._metrics is not None:
             self._metrics.child(
                 self._metrics.http_requests, "proxy", str(entry.status)
@@ -897,7 +898,7 @@ class _ProxyHandler:
     def _stream_started(self, entry: _Entry) -> None:
         if entry.kind is None:
             return
-        access_log.info("request started", extra=entry.fields())
+        access_log.info("request started", entry.fields())
         if self._metrics is not None:
             self._metrics.inflight_streams.labels(entry.kind).inc()
 

@@ -42,12 +42,14 @@ from proxy.authn import Authenticator
 from proxy.errors import TokenError
 from proxy.http1 import Answer, Limits, Request, Route, Server
 from proxy.kube import UserInfo, status_body
-from proxy.log import fingerprint
+from proxy.log import RequestLog, fingerprint
 from proxy.metrics import Metrics
 
 __all__ = ["TOKENREVIEW_VERSIONS", "ReviewHandler", "WebhookSettings", "webhook_server"]
 
 log = logging.getLogger(__name__)
+#: The line per review, rendered directly (see ``RequestLog``).
+_REVIEW_LOG: Final = RequestLog(__name__)
 
 TOKENREVIEW_VERSIONS: Final = frozenset(
     {"authentication.k8s.io/v1", "authentication.k8s.io/v1beta1"}
@@ -339,7 +341,7 @@ class ReviewHandler:
             fields["issuer"] = issuer
         if detail:
             fields["detail"] = detail
-        log.info("token review", extra=fields)
+        _REVIEW_LOG.info("token review", fields)
 
 
 def webhook_server(

@@ -12,7 +12,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from proxy.log import JSONFormatter, LoopBatchingHandler, flush_logs, new_request_id
+from proxy.log import (
+    REQUEST_ID,
+    JSONFormatter,
+    LoopBatchingHandler,
+    RequestLog,
+    flush_logs,
+    new_request_id,
+)
 
 
 class _CountingStream(io.StringIO):
@@ -168,3 +175,80 @@ def test_a_forked_worker_has_its_own_pid_and_request_ids() -> None:
     assert json.loads(line)["pid"] == pid
     assert child_id not in parent_ids
     assert child_id[:8] != next(iter(parent_ids))[:8], "a fresh per-process prefix"
+
+
+@pytest.fixture
+def as_configured() -> Iterator[_CountingStream]:
+    """Root logging exactly as ``configure_logging`` leaves it, into a buffer."""
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    stream = _CountingStream()
+    handler = LoopBatchingHandler(stream)
+    handler.setFormatter(JSONFormatter())
+    root.handlers = [handler]
+    root.setLevel(logging.INFO)
+    try:
+        yield stream
+    finally:
+        root.handlers = saved[0]
+        root.setLevel(saved[1])
+
+
+def _without_time(line: str) -> dict[str, object]:
+    out = json.loads(line)
+    assert out.pop("time").endswith("Z")
+    return dict(out)
+
+
+async def test_request_log_renders_the_same_line_as_the_logging_path(
+    as_configured: _CountingStream,
+) -> None:
+    fields = {"result": "ok", "latency_ms": 0.5, "groups": 2, "odd": object()}
+    token = REQUEST_ID.set("rid-1")
+    try:
+        RequestLog("proxy.webhook").info("token review", fields)
+        logging.getLogger("proxy.webhook").info("token review", extra=fields)
+    finally:
+        REQUEST_ID.reset(token)
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    direct, classic = as_configured.getvalue().splitlines()
+    assert _without_time(direct) == _without_time(classic)
+    assert list(json.loads(direct)) == list(json.loads(classic)), "same member order"
+    assert json.loads(direct)["request_id"] == "rid-1"
+
+
+async def test_request_log_goes_through_logging_when_something_else_listens(
+    as_configured: _CountingStream, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)  # a second handler on the root: caplog's
+    RequestLog("proxy.access").info("request", {"status": 200})
+    assert [(r.name, r.getMessage(), r.__dict__["status"]) for r in caplog.records] == [
+        ("proxy.access", "request", 200)
+    ]
+
+
+async def test_request_log_respects_levels_and_filters(
+    as_configured: _CountingStream,
+) -> None:
+    logger = logging.getLogger("proxy.access")
+    logger.setLevel(logging.WARNING)
+    try:
+        RequestLog("proxy.access").info("request", {"status": 200})
+    finally:
+        logger.setLevel(logging.NOTSET)
+    dropped: list[str] = []
+
+    def drop(record: logging.LogRecord) -> bool:
+        dropped.append(record.getMessage())
+        return False
+
+    logger.addFilter(drop)
+    try:
+        RequestLog("proxy.access").info("filtered", {"status": 200})
+    finally:
+        logger.removeFilter(drop)
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert as_configured.getvalue() == ""
+    assert dropped == ["filtered"]
