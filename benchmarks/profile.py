@@ -39,7 +39,13 @@ from benchmarks.run import (
 
 __all__ = ["main", "summarize"]
 
-TARGETS = ("webhook-cached", "webhook-cold", "proxy-cached")
+TARGETS = (
+    "webhook-cached",
+    "webhook-cold",
+    "webhook-random-kid",
+    "proxy-cached",
+    "proxy-badsig",
+)
 
 
 def _frame(raw: str) -> str:
@@ -93,9 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         prepare(ctx)
         start_issuer(ctx)
         if ns.target.startswith("webhook"):
-            tokens = (
-                ctx.cold_files[0] if ns.target == "webhook-cold" else ctx.files["one"]
-            )
+            tokens = {
+                "webhook-cold": ctx.cold_files[0],
+                "webhook-random-kid": ctx.files["random-kid"],
+            }.get(ns.target, ctx.files["one"])
             with webhook(ctx, 1, "webhook-profile") as svc:
                 _sample(
                     spy,
@@ -117,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                     px.proc.pid,
                     f"{px.url}{SMALL_PATH}",
                     "bearer",
-                    ctx.files["one"],
+                    ctx.files["badsig-one" if ns.target == "proxy-badsig" else "one"],
                     seconds,
                     ns.rate,
                     raw,

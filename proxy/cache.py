@@ -5,14 +5,26 @@ it on every reconnect, so nearly every request repeats a verdict we already
 reached. The key is BLAKE2b keyed with a random per-process secret: it cannot be
 reversed to a token and cannot be precomputed from a stolen token list.
 
-Bounds: at most ``max_entries`` entries (least recently used go first); an
-accepted token's entry never outlives its ``exp`` nor ``success_ttl``; a
-refusal is kept ``failure_ttl`` so a replayed bad token costs one hash. Refusals
-marked ``temporary`` (keys not loaded yet) are not kept: the next try may pass.
+Bounds: at most ``max_entries`` entries in all; an accepted token's entry never
+outlives its ``exp`` nor ``success_ttl``; a refusal is kept ``failure_ttl`` so a
+replayed bad token costs one hash. Refusals marked ``temporary`` (keys not
+loaded yet) are not kept: the next try may pass.
 
-Expiry runs on the monotonic clock (immune to wall-clock jumps); ``exp`` is
-converted once, when the entry is stored, and re-checked against the wall clock
-on every hit so a token is never accepted after its ``exp``.
+Acceptances and refusals live in two least-recently-used pools. Refusals may
+hold at most a quarter of the bound and give way to acceptances, never the
+reverse: a flood of distinct junk tokens (random ``kid``s, bad signatures)
+churns only the refusal pool, so it cannot evict the verdicts of the cluster's
+real users and make every one of their requests pay for a signature check
+again. (One shared pool would let any client do that.)
+
+Expiry runs on the monotonic clock (immune to wall-clock jumps) and is checked
+on every hit; ``exp`` is converted once, when the entry is stored, and
+re-checked against the wall clock on every hit so a token is never accepted
+after its ``exp``. An expired entry is dropped when it is next looked up or
+when the pool needs its room: the bound holds either way. (cachetools'
+``TLRUCache`` expired entries eagerly with a heap, at several microseconds per
+lookup and insert on the webhook's hot path; a plain ``LRUCache`` with the
+check on the hit costs a dictionary lookup.)
 """
 
 from __future__ import annotations
@@ -23,7 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cachetools import TLRUCache
+from cachetools import LRUCache
 
 from proxy.config import CacheSettings
 from proxy.errors import TokenError
@@ -61,10 +73,6 @@ def detached(error: TokenError) -> TokenError:
     return copy
 
 
-def _ttu(_key: bytes, value: CachedResult, _now: float) -> float:
-    return value.expires_mono
-
-
 class ResultCache:
     """Bounded, expiring map from token hash to ``CachedResult``."""
 
@@ -79,8 +87,13 @@ class ResultCache:
         self._clock = clock
         self._monotonic = monotonic
         self._secret = os.urandom(32)
-        self._cache: TLRUCache[bytes, CachedResult] = TLRUCache(
-            maxsize=settings.max_entries, ttu=_ttu, timer=monotonic
+        self._max = max(settings.max_entries, 0)
+        self._accepted: LRUCache[bytes, CachedResult] = LRUCache(
+            maxsize=max(self._max, 1)
+        )
+        self._max_refused = self._max // 4
+        self._refused: LRUCache[bytes, CachedResult] = LRUCache(
+            maxsize=max(self._max_refused, 1)
         )
 
     def key(self, token: str | bytes) -> bytes:
@@ -90,22 +103,31 @@ class ResultCache:
 
     def get(self, key: bytes) -> CachedResult | None:
         """The verdict for ``key`` if one is kept and still valid."""
-        if self._settings.max_entries <= 0:
-            return None
-        hit = self._cache.get(key)
-        if hit is not None and hit.user is not None and self._clock() >= hit.exp:
-            self._cache.pop(key, None)
+        pool = self._accepted
+        hit = pool.get(key)
+        if hit is None:
+            pool = self._refused
+            hit = pool.get(key)
+            if hit is None:
+                return None
+        if self._monotonic() >= hit.expires_mono or (
+            hit.user is not None and self._clock() >= hit.exp
+        ):
+            pool.pop(key, None)
             return None
         return hit
 
     def put_user(self, key: bytes, user: UserInfo, *, issuer: str, exp: float) -> None:
         """Remember an accepted token until ``min(exp, now + success_ttl)``."""
-        if self._settings.max_entries <= 0:
+        if self._max <= 0:
             return
         remaining = min(exp - self._clock(), self._settings.success_ttl)
         if remaining <= 0:
             return
-        self._cache[key] = CachedResult(
+        self._refused.pop(key, None)
+        if key not in self._accepted and len(self) >= self._max and self._refused:
+            self._refused.popitem()  # refusals give way to acceptances
+        self._accepted[key] = CachedResult(
             expires_mono=self._monotonic() + remaining,
             user=user,
             issuer=issuer,
@@ -114,25 +136,31 @@ class ResultCache:
 
     def put_error(self, key: bytes, error: TokenError) -> None:
         """Remember a refusal briefly; temporary refusals are not remembered."""
-        if self._settings.max_entries <= 0 or error.temporary:
+        if self._max_refused <= 0 or error.temporary:
             return
         if self._settings.failure_ttl <= 0:
             return
-        self._cache[key] = CachedResult(
+        if key not in self._refused and len(self) >= self._max:
+            if not self._refused:
+                return  # the room is the acceptances': never evict one for this
+            self._refused.popitem()
+        self._accepted.pop(key, None)
+        self._refused[key] = CachedResult(
             expires_mono=self._monotonic() + self._settings.failure_ttl,
             error=detached(error),
         )
 
     def __len__(self) -> int:
-        return len(self._cache)
+        return len(self._accepted) + len(self._refused)
 
     def forget_issuer(self, issuer: str) -> int:
         """Drop the accepted results of ``issuer`` (its keys changed); return how many."""
-        doomed = [k for k, v in list(self._cache.items()) if v.issuer == issuer]
+        doomed = [k for k, v in list(self._accepted.items()) if v.issuer == issuer]
         for key in doomed:
-            self._cache.pop(key, None)
+            self._accepted.pop(key, None)
         return len(doomed)
 
     def clear(self) -> None:
         """Forget every verdict (used when the configuration changes)."""
-        self._cache.clear()
+        self._accepted.clear()
+        self._refused.clear()

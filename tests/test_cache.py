@@ -115,3 +115,53 @@ def test_zero_size_disables_caching() -> None:
     cache.put_user(key, ALICE, issuer="https://i", exp=clocks.wall + 600)
     cache.put_error(key, errors.SignatureInvalid("x"))
     assert cache.get(key) is None
+
+
+def test_a_flood_of_refusals_cannot_evict_accepted_verdicts() -> None:
+    """Distinct junk tokens churn the refusal pool only (cache-pollution bound)."""
+    cache, clocks = make(
+        CacheSettings(max_entries=100, success_ttl=300, failure_ttl=10)
+    )
+    users = [cache.key(f"user{i}") for i in range(90)]
+    for key in users:
+        cache.put_user(key, ALICE, issuer="https://i", exp=clocks.wall + 600)
+    for i in range(10_000):
+        cache.put_error(cache.key(f"junk{i}"), errors.SignatureInvalid("x"))
+        assert len(cache) <= 100
+    assert all(cache.get(key) is not None for key in users)
+    # Refusals kept: at most a quarter of the bound, and the newest ones.
+    junk = [cache.key(f"junk{i}") for i in range(10_000)]
+    kept = [k for k in junk if cache.get(k) is not None]
+    assert 0 < len(kept) <= 25
+    assert cache.get(junk[-1]) is not None
+
+
+def test_acceptances_take_the_room_of_refusals_when_full() -> None:
+    cache, clocks = make(CacheSettings(max_entries=8, success_ttl=300, failure_ttl=10))
+    for i in range(2):
+        cache.put_error(cache.key(f"bad{i}"), errors.SignatureInvalid("x"))
+    for i in range(8):
+        cache.put_user(
+            cache.key(f"ok{i}"), ALICE, issuer="https://i", exp=clocks.wall + 600
+        )
+    assert len(cache) == 8
+    assert all(cache.get(cache.key(f"ok{i}")) is not None for i in range(8))
+    assert all(cache.get(cache.key(f"bad{i}")) is None for i in range(2))
+    # Full of acceptances: a refusal is simply not remembered.
+    cache.put_error(cache.key("bad-late"), errors.SignatureInvalid("x"))
+    assert cache.get(cache.key("bad-late")) is None
+    assert len(cache) == 8
+
+
+def test_an_expired_entry_is_dropped_on_lookup() -> None:
+    cache, clocks = make(CacheSettings(max_entries=8, success_ttl=5, failure_ttl=2))
+    ok, bad = cache.key("ok"), cache.key("bad")
+    cache.put_user(ok, ALICE, issuer="https://i", exp=clocks.wall + 600)
+    cache.put_error(bad, errors.SignatureInvalid("x"))
+    assert len(cache) == 2
+    clocks.advance(3)
+    assert cache.get(bad) is None
+    assert cache.get(ok) is not None
+    clocks.advance(3)
+    assert cache.get(ok) is None
+    assert len(cache) == 0
