@@ -464,3 +464,100 @@ def test_tls_on_uvloop() -> None:
             test_tls_listener_serves_and_the_handler_error_is_a_500(None), 30
         )
     )
+
+
+class _Stepper:
+    """A route whose coroutine waits in the ways a real handler can, then answers."""
+
+    def __init__(self) -> None:
+        self.tasks_seen: list[int] = []
+        self.cleaned_up = 0
+        self.gate: asyncio.Future[str] | None = None
+
+    def __call__(self, request: Request) -> Any:
+        return self._run(request.body.decode())
+
+    async def _run(self, how: str) -> Answer:
+        try:
+            if how == "at-once":
+                pass
+            elif how == "bare-yield":
+                await asyncio.sleep(0)
+            elif how == "two-waits":
+                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)
+            elif how == "fails-later":
+                await asyncio.sleep(0.01)
+                raise RuntimeError("a bug after waiting")
+            elif how == "gate":
+                self.gate = asyncio.get_running_loop().create_future()
+                return Answer(200, (await self.gate).encode())
+            self.tasks_seen.append(len(asyncio.all_tasks()))
+            return Answer(200, how.encode() + b" " + REQUEST_ID.get().encode())
+        finally:
+            self.cleaned_up += 1
+
+
+@pytest.mark.parametrize(
+    ("how", "status"),
+    [("at-once", 200), ("bare-yield", 200), ("two-waits", 200), ("fails-later", 500)],
+)
+async def test_handler_coroutines_run_eagerly_and_resume_after_waiting(
+    how: str, status: int
+) -> None:
+    stepper = _Stepper()
+    async with serving() as (server, _recorder, port):
+        server.routes["/authenticate"] = Route(stepper)
+        reader, writer = await _open(port)
+        writer.write(_post(how.encode(), extra="X-Request-Id: rid-7\r\n"))
+        got, _, body = await _response(reader)
+        assert got == status
+        if status == 200:
+            assert body == how.encode() + b" rid-7", "the request's context throughout"
+        writer.close()
+    assert stepper.cleaned_up == 1
+
+
+async def test_a_handler_that_needs_no_wait_costs_no_task() -> None:
+    stepper = _Stepper()
+    async with serving() as (server, _recorder, port):
+        server.routes["/authenticate"] = Route(stepper)
+        reader, writer = await _open(port)
+        writer.write(_post(b"at-once"))
+        await _response(reader)
+        writer.write(_post(b"two-waits"))
+        await _response(reader)
+        writer.close()
+    # The same tasks were alive around both (this test's, the client's read,
+    # the server's sweeper), plus one of its own for the handler that waited.
+    assert stepper.tasks_seen[1] == stepper.tasks_seen[0] + 1
+
+
+async def test_a_waiting_handler_cancelled_by_the_drain_is_cancelled_inside() -> None:
+    stepper = _Stepper()
+    async with serving() as (server, _recorder, port):
+        server.routes["/authenticate"] = Route(stepper)
+        reader, writer = await _open(port)
+        writer.write(_post(b"gate"))
+        for _ in range(100):
+            if stepper.gate is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert stepper.gate is not None
+        await asyncio.wait_for(server.drain(0.1), 5)
+        assert stepper.gate.cancelled(), "the future it waited on was cancelled"
+        assert stepper.cleaned_up == 1, "its finally ran"
+        assert await _closed(reader)
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    "test",
+    [
+        test_a_handler_that_needs_no_wait_costs_no_task,
+        test_a_waiting_handler_cancelled_by_the_drain_is_cancelled_inside,
+    ],
+    ids=["no-task", "cancelled-inside"],
+)
+def test_eager_steps_on_uvloop(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    uvloop.run(asyncio.wait_for(test(), 30))
