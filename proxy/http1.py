@@ -261,37 +261,6 @@ class Server:
         return Answer(status, self.error_body(status, message), close=True)
 
 
-async def _resume(coro: Coroutine[Any, Any, Answer], waiting: object) -> Answer:
-    """Finish a coroutine whose first step already ran (see ``_dispatch``).
-
-    An asyncio ``Task`` cannot adopt a started coroutine (Python 3.12's eager
-    tasks can; this runs on 3.11), so this does what a task's step does: wait
-    for the future the coroutine yielded, resume it, and on cancellation cancel
-    that future and throw the ``CancelledError`` into the coroutine.
-    """
-    while True:
-        try:
-            if isinstance(waiting, asyncio.Future):
-                waiting._asyncio_future_blocking = False
-                await asyncio.wait((waiting,))
-            elif waiting is None:
-                await asyncio.sleep(0)  # a bare yield: give the loop a turn
-            else:  # pragma: no cover - asyncio coroutines yield only these
-                raise RuntimeError(f"http1: a handler yielded {type(waiting)!r}")
-        except asyncio.CancelledError as cancel:
-            if isinstance(waiting, asyncio.Future):
-                waiting.cancel()
-            try:
-                waiting = coro.throw(cancel)
-            except StopIteration as done:
-                return cast(Answer, done.value)
-            continue
-        try:
-            waiting = coro.send(None)
-        except StopIteration as done:
-            return cast(Answer, done.value)
-
-
 class _Connection(asyncio.Protocol):
     """One client connection: parse, dispatch, answer, in order."""
 
@@ -525,16 +494,8 @@ class _Connection(asyncio.Protocol):
             if isinstance(result, Answer):
                 self._answer(name, result, request)
                 return
-            # Run the coroutine's first step now: a new token whose keys are
-            # loaded finishes without waiting, and then needs no task.
-            try:
-                waiting = result.send(None)
-            except StopIteration as done:
-                self._answer(name, done.value, request)
-                return
-            # It waits (a key fetch): the rest runs as a task, which copies the
-            # context now, request id included.
-            task = self._loop.create_task(_resume(result, waiting))
+            # The task copies the context now, request id included.
+            task = self._loop.create_task(result)
         except Exception:
             log.exception(
                 "unhandled error (likely a bug)", extra={"path": request.path}
