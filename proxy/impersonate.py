@@ -75,6 +75,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import ipaddress
 import json
 import logging
@@ -250,13 +251,18 @@ class _Refusal(Exception):
         self.headers = dict(headers or {})
 
 
+#: The few refusal bodies there are, encoded once each (the messages are fixed
+#: texts or name a requested identity; bounded all the same).
+_status_body: Final = functools.lru_cache(maxsize=256)(status_body)
+
+
 def status_response(
     code: int, message: str, *, headers: Mapping[str, str] | None = None
 ) -> web.Response:
     """A Kubernetes ``Status`` failure body, which kubectl prints well."""
     return web.Response(
         status=code,
-        body=status_body(code, message),
+        body=_status_body(code, message),
         content_type="application/json",
         headers=headers,
     )
@@ -626,6 +632,7 @@ class _Entry:
         "as_user",
         "bytes_in",
         "bytes_out",
+        "detail",
         "groups_count",
         "kind",
         "method",
@@ -654,6 +661,8 @@ class _Entry:
         self.bytes_out = 0
         self.outcome = "ok"
         self.prepared = False
+        #: Why the proxy refused the request (its own refusals only).
+        self.detail = ""
 
     def fields(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -674,6 +683,8 @@ class _Entry:
             out["as_user"] = self.as_user
         if self.outcome != "ok":
             out["outcome"] = self.outcome
+        if self.detail:
+            out["detail"] = self.detail
         return out
 
 
@@ -714,13 +725,9 @@ class _ProxyHandler:
         try:
             response = await self._serve(request, entry, upgrade)
         except _Refusal as refusal:
-            log.info(
-                "proxy refused request",
-                extra={
-                    "status": refusal.status,
-                    "detail": refusal.detail or refusal.message,
-                },
-            )
+            # Said once, in the request's access line (a refused token is the
+            # common refusal, and a flood of them should cost one line each).
+            entry.detail = refusal.detail or refusal.message
             response = status_response(
                 refusal.status, refusal.message, headers=refusal.headers
             )

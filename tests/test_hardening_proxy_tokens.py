@@ -53,10 +53,11 @@ def logged(caplog: pytest.LogCaptureFixture) -> str:
 
 
 def refusal_details(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """Why the proxy refused: the access line of each refused request says."""
     return [
         str(vars(r).get("detail"))
         for r in caplog.records
-        if r.getMessage() == "proxy refused request"
+        if r.name == "proxy.access" and "detail" in vars(r)
     ]
 
 
