@@ -123,9 +123,11 @@ class UpstreamSettings:
     ca_file: str = SERVICE_CA_FILE
     #: Seconds between checks of the credential for rotation.
     credential_check_interval: float = 5.0
-    #: Most connections to the API server at once; 0 means no limit. Every
-    #: watch, log stream and exec holds one for its whole life, so a limit here
-    #: caps concurrent streams rather than protecting the API server.
+    #: Most connections to the API server at once, per pool (ordinary requests
+    #: have one, watches and log streams another, so the total may reach twice
+    #: this); 0 means no limit. Every watch, log stream and exec holds one for
+    #: its whole life, so a limit here caps concurrent streams rather than
+    #: protecting the API server.
     max_connections: int = 0
     #: Seconds an idle pooled connection is kept for reuse.
     keepalive_timeout: float = 30.0
