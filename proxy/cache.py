@@ -10,12 +10,14 @@ outlives its ``exp`` nor ``success_ttl``; a refusal is kept ``failure_ttl`` so a
 replayed bad token costs one hash. Refusals marked ``temporary`` (keys not
 loaded yet) are not kept: the next try may pass.
 
-Acceptances and refusals live in two least-recently-used pools. Refusals may
-hold at most a quarter of the bound and give way to acceptances, never the
-reverse: a flood of distinct junk tokens (random ``kid``s, bad signatures)
-churns only the refusal pool, so it cannot evict the verdicts of the cluster's
-real users and make every one of their requests pay for a signature check
-again. (One shared pool would let any client do that.)
+Acceptances and refusals live in two least-recently-used pools: refusals get a
+quarter of the bound, acceptances the rest, and neither can evict the other.
+A flood of distinct junk tokens (random ``kid``s, bad signatures) churns only
+the refusal pool, so it cannot evict the verdicts of the cluster's real users
+and make every one of their requests pay for a signature check again; and a
+burst of new users cannot crowd out the refusals, so a replayed bad token
+stays a hash and a lookup. (One shared pool allowed the first; letting
+acceptances take the refusals' room, the second.)
 
 Expiry runs on the monotonic clock (immune to wall-clock jumps) and is checked
 on every hit; ``exp`` is converted once, when the entry is stored, and
@@ -88,10 +90,10 @@ class ResultCache:
         self._monotonic = monotonic
         self._secret = os.urandom(32)
         self._max = max(settings.max_entries, 0)
-        self._accepted: LRUCache[bytes, CachedResult] = LRUCache(
-            maxsize=max(self._max, 1)
-        )
         self._max_refused = self._max // 4
+        self._accepted: LRUCache[bytes, CachedResult] = LRUCache(
+            maxsize=max(self._max - self._max_refused, 1)
+        )
         self._refused: LRUCache[bytes, CachedResult] = LRUCache(
             maxsize=max(self._max_refused, 1)
         )
@@ -125,8 +127,6 @@ class ResultCache:
         if remaining <= 0:
             return
         self._refused.pop(key, None)
-        if key not in self._accepted and len(self) >= self._max and self._refused:
-            self._refused.popitem()  # refusals give way to acceptances
         self._accepted[key] = CachedResult(
             expires_mono=self._monotonic() + remaining,
             user=user,
@@ -140,10 +140,6 @@ class ResultCache:
             return
         if self._settings.failure_ttl <= 0:
             return
-        if key not in self._refused and len(self) >= self._max:
-            if not self._refused:
-                return  # the room is the acceptances': never evict one for this
-            self._refused.popitem()
         self._accepted.pop(key, None)
         self._refused[key] = CachedResult(
             expires_mono=self._monotonic() + self._settings.failure_ttl,
