@@ -62,6 +62,8 @@ async def test_kubectl_through_the_real_proxy_command(
     port = free_port()
     with Proc(*proxy_args(issuer, upstream, tmp_path, port)) as proc:
         await proc.await_log("jwks keys loaded", timeout=20)
+        # Keys can load before the listener is up: wait for both.
+        await proc.await_log("serving", timeout=20)
         ca = (tmp_path / "certs" / "kube-oidc-gate.crt").read_bytes()
         token = issuer.token(
             email="alice@example.com", email_verified=True, groups=["naxslabs-admins"]

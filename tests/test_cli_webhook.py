@@ -117,6 +117,8 @@ async def test_two_workers_share_the_port(issuer: FakeIssuer, tmp_path: Path) ->
         *webhook_args(issuer, tmp_path, port, "--workers", "2", probe_port=probe_port)
     ) as proc:
         await proc.await_log("jwks keys loaded", count=2, timeout=20)
+        # Keys can load before the listener is up: wait for both.
+        await proc.await_log("serving", count=2, timeout=20)
         ctx = client_ssl(tmp_path)
         for _ in range(60):
             # A new connection each time, so the kernel can pick either process.
@@ -148,6 +150,8 @@ async def test_sigterm_lets_in_flight_reviews_finish(
     port = free_port()
     with Proc(*webhook_args(issuer, tmp_path, port)) as proc:
         await proc.await_log("jwks keys loaded", timeout=20)
+        # Keys can load before the listener is up: wait for both.
+        await proc.await_log("serving", timeout=20)
         ctx = client_ssl(tmp_path)
         rotated = issuer.rotate()
         issuer.jwks_delay = (
@@ -329,6 +333,8 @@ async def test_sigterm_under_load_loses_no_answered_review(
     ]
     with Proc(*webhook_args(issuer, tmp_path, port, "--workers", "2")) as proc:
         await proc.await_log("jwks keys loaded", count=2, timeout=20)
+        # Keys can load before the listener is up: wait for both.
+        await proc.await_log("serving", count=2, timeout=20)
         ctx = client_ssl(tmp_path)
         answered: list[str] = []
         refused = 0

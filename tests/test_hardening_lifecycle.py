@@ -105,6 +105,8 @@ async def test_sigterm_drains_the_proxy_within_the_grace_period(
     ]  # fmt: skip
     with Proc(*args) as proc:
         await proc.await_log("jwks keys loaded", timeout=20)
+        # Keys can load before the listener is up: wait for both.
+        await proc.await_log("serving", timeout=20)
         url = f"https://127.0.0.1:{port}"
         auth = {"Authorization": f"Bearer {issuer.token(groups=['devs'])}"}
         async with aiohttp.ClientSession(
@@ -211,6 +213,8 @@ async def test_config_is_read_once_and_a_broken_file_fails_the_next_start(
     token = issuer.token()
     with Proc(*args) as proc:
         await proc.await_log("jwks keys loaded", timeout=20)
+        # Keys can load before the listener is up: wait for both.
+        await proc.await_log("serving", timeout=20)
         async with aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(ssl=client_ssl(tmp_path))
         ) as s:
