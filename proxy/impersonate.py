@@ -968,16 +968,8 @@ class _ProxyHandler:
                             raise _ClientLeft from err
                         entry.bytes_out += len(chunk)
                     await response.write_eof()
-        except TimeoutError as err:
-            if response is None:
-                raise UpstreamError("proxy: request timed out", status=504) from err
-            entry.outcome = "timeout"
-            _abort(request)
-        except _UpstreamBroken:
-            entry.outcome = "upstream_error"
-            _abort(request)
-        except (_ClientLeft, ConnectionError):
-            entry.outcome = "client_closed"
+        except (TimeoutError, _UpstreamBroken, _ClientLeft, ConnectionError) as err:
+            _relay_ended(err, response is not None, request, entry)
         if response is None:  # pragma: no cover - every path above sets or raises
             raise UpstreamError("proxy: no response")
         return response
@@ -1031,16 +1023,8 @@ class _ProxyHandler:
                         await response.write_eof()
                     finally:
                         self._stream_ended(entry)
-        except TimeoutError as err:
-            if response is None:
-                raise UpstreamError("proxy: request timed out", status=504) from err
-            entry.outcome = "timeout"
-            _abort(request)
-        except _UpstreamBroken:
-            entry.outcome = "upstream_error"
-            _abort(request)
-        except (_ClientLeft, ConnectionError):
-            entry.outcome = "client_closed"
+        except (TimeoutError, _UpstreamBroken, _ClientLeft, ConnectionError) as err:
+            _relay_ended(err, response is not None, request, entry)
         if response is None:  # pragma: no cover - every path above sets or raises
             raise UpstreamError("proxy: no response")
         return response
@@ -1134,6 +1118,22 @@ class _ProxyHandler:
         entry.status = raw.status
         entry.bytes_out = len(body)
         return answer
+
+
+def _relay_ended(
+    err: BaseException, answered: bool, request: web.Request, entry: _Entry
+) -> None:
+    """Record how a relay ended early; a timeout before any answer is a 504."""
+    if isinstance(err, TimeoutError):
+        if not answered:
+            raise UpstreamError("proxy: request timed out", status=504) from err
+        entry.outcome = "timeout"
+        _abort(request)
+    elif isinstance(err, _UpstreamBroken):
+        entry.outcome = "upstream_error"
+        _abort(request)
+    else:
+        entry.outcome = "client_closed"
 
 
 def _abort(request: web.Request) -> None:
