@@ -119,20 +119,19 @@ class Authenticator:
             # and nothing downstream (hashing, fingerprints) can encode them.
             self._record("rejected", MalformedToken.reason)
             raise MalformedToken("token: not valid unicode text") from None
-        hit = cache.get(key)
+        hit = cache.verdict(key)
         if hit is None:
             return key, None
         metrics = self._metrics
         if metrics is not None:
             metrics.child(metrics.cache_requests, "hit").inc()
-        if hit.user is not None:
+        if isinstance(hit, UserInfo):
             self._record("ok", "ok")
-            return key, hit.user
-        assert hit.error is not None
-        self._record("rejected", hit.error.reason)
+            return key, hit
+        self._record("rejected", hit.reason)
         # A fresh copy: raising the cached object itself would hang this
         # caller's frames on it for as long as it stays cached.
-        raise detached(hit.error)
+        raise detached(hit)
 
     async def validate(self, token: str, key: bytes) -> UserInfo | None:
         """Validate a token ``lookup`` found no verdict for, and remember the result."""

@@ -27,15 +27,25 @@ when the pool needs its room: the bound holds either way. (cachetools'
 ``TLRUCache`` expired entries eagerly with a heap, at several microseconds per
 lookup and insert on the webhook's hot path; a plain ``LRUCache`` with the
 check on the hit costs a dictionary lookup.)
+
+An acceptance is kept as a plain tuple of a float, a float, the issuer and the
+user encoded as JSON bytes: a tuple of such atoms is untracked by the garbage
+collector, so 75,000 cached verdicts add nothing to a full collection (as
+objects they were four tracked objects each, and a full collection over them
+paused the process for ~50-100 ms every few seconds while new tokens kept
+arriving). The ``UserInfo`` handed out is rebuilt from the bytes once and then
+shared through a small bounded memo, so a hit costs a dictionary lookup.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
 from cachetools import LRUCache
 
@@ -75,6 +85,11 @@ def detached(error: TokenError) -> TokenError:
     return copy
 
 
+#: How many distinct users' ``UserInfo`` objects are kept for sharing.
+_USER_MEMO: Final = 4096
+_ENCODE: Final = json.JSONEncoder(separators=(",", ":")).encode
+
+
 class ResultCache:
     """Bounded, expiring map from token hash to ``CachedResult``."""
 
@@ -91,33 +106,65 @@ class ResultCache:
         self._secret = os.urandom(32)
         self._max = max(settings.max_entries, 0)
         self._max_refused = self._max // 4
-        self._accepted: LRUCache[bytes, CachedResult] = LRUCache(
+        #: key -> (expires_mono, exp, issuer, user JSON): atoms only.
+        self._accepted: LRUCache[bytes, tuple[float, float, str, bytes]] = LRUCache(
             maxsize=max(self._max - self._max_refused, 1)
         )
-        self._refused: LRUCache[bytes, CachedResult] = LRUCache(
+        #: key -> (expires_mono, the refusal as a detached copy).
+        self._refused: LRUCache[bytes, tuple[float, TokenError]] = LRUCache(
             maxsize=max(self._max_refused, 1)
         )
+        #: user JSON -> the UserInfo handed out for it (bounded).
+        self._users: dict[bytes, UserInfo] = {}
 
     def key(self, token: str | bytes) -> bytes:
         """The cache key of a token: a keyed 16-byte BLAKE2b digest."""
         data = token.encode() if isinstance(token, str) else token
         return hashlib.blake2b(data, digest_size=16, key=self._secret).digest()
 
-    def get(self, key: bytes) -> CachedResult | None:
-        """The verdict for ``key`` if one is kept and still valid."""
-        pool = self._accepted
-        hit = pool.get(key)
-        if hit is None:
-            pool = self._refused
-            hit = pool.get(key)
-            if hit is None:
+    def verdict(self, key: bytes) -> UserInfo | TokenError | None:
+        """The remembered user or refusal for ``key``; ``None`` if none is valid.
+
+        The refusal returned is the stored copy: raise a ``detached`` copy of it.
+        """
+        accepted = self._accepted.get(key)
+        if accepted is not None:
+            expires_mono, exp, _, user_json = accepted
+            if self._monotonic() >= expires_mono or self._clock() >= exp:
+                self._accepted.pop(key, None)
                 return None
-        if self._monotonic() >= hit.expires_mono or (
-            hit.user is not None and self._clock() >= hit.exp
-        ):
-            pool.pop(key, None)
+            return self._user(user_json)
+        refused = self._refused.get(key)
+        if refused is None:
             return None
-        return hit
+        if self._monotonic() >= refused[0]:
+            self._refused.pop(key, None)
+            return None
+        return refused[1]
+
+    def get(self, key: bytes) -> CachedResult | None:
+        """The verdict for ``key`` as a record (for inspection; ``verdict`` is cheaper)."""
+        found = self.verdict(key)
+        if found is None:
+            return None
+        if isinstance(found, TokenError):
+            return CachedResult(expires_mono=self._refused[key][0], error=found)
+        expires_mono, exp, issuer, _ = self._accepted[key]
+        return CachedResult(
+            expires_mono=expires_mono, user=found, issuer=issuer, exp=exp
+        )
+
+    def _user(self, user_json: bytes) -> UserInfo:
+        user = self._users.get(user_json)
+        if user is None:
+            user = UserInfo.from_dict(json.loads(user_json))
+            self._remember_user(user_json, user)
+        return user
+
+    def _remember_user(self, user_json: bytes, user: UserInfo) -> None:
+        if len(self._users) >= _USER_MEMO:
+            self._users.clear()
+        self._users[user_json] = user
 
     def put_user(self, key: bytes, user: UserInfo, *, issuer: str, exp: float) -> None:
         """Remember an accepted token until ``min(exp, now + success_ttl)``."""
@@ -126,13 +173,15 @@ class ResultCache:
         remaining = min(exp - self._clock(), self._settings.success_ttl)
         if remaining <= 0:
             return
+        user_json = _ENCODE(user.to_dict()).encode()
         self._refused.pop(key, None)
-        self._accepted[key] = CachedResult(
-            expires_mono=self._monotonic() + remaining,
-            user=user,
-            issuer=issuer,
-            exp=exp,
+        self._accepted[key] = (
+            self._monotonic() + remaining,
+            float(exp),
+            issuer,
+            user_json,
         )
+        self._remember_user(user_json, user)
 
     def put_error(self, key: bytes, error: TokenError) -> None:
         """Remember a refusal briefly; temporary refusals are not remembered."""
@@ -141,9 +190,9 @@ class ResultCache:
         if self._settings.failure_ttl <= 0:
             return
         self._accepted.pop(key, None)
-        self._refused[key] = CachedResult(
-            expires_mono=self._monotonic() + self._settings.failure_ttl,
-            error=detached(error),
+        self._refused[key] = (
+            self._monotonic() + self._settings.failure_ttl,
+            detached(error),
         )
 
     def __len__(self) -> int:
@@ -151,7 +200,7 @@ class ResultCache:
 
     def forget_issuer(self, issuer: str) -> int:
         """Drop the accepted results of ``issuer`` (its keys changed); return how many."""
-        doomed = [k for k, v in list(self._accepted.items()) if v.issuer == issuer]
+        doomed = [k for k, v in list(self._accepted.items()) if v[2] == issuer]
         for key in doomed:
             self._accepted.pop(key, None)
         return len(doomed)
@@ -160,3 +209,4 @@ class ResultCache:
         """Forget every verdict (used when the configuration changes)."""
         self._accepted.clear()
         self._refused.clear()
+        self._users.clear()

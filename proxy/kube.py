@@ -74,6 +74,17 @@ class UserInfo:
     groups: tuple[str, ...] = ()
     extra: MappingProxyType[str, tuple[str, ...]] = field(default_factory=_empty_extra)
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> UserInfo:
+        """The inverse of ``to_dict`` (for values this program encoded itself)."""
+        extra = data.get("extra") or {}
+        return cls(
+            username=data["username"],
+            uid=data.get("uid", ""),
+            groups=tuple(data.get("groups", ())),
+            extra=MappingProxyType({k: tuple(v) for k, v in extra.items()}),
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON shape of ``status.user`` in a TokenReview (empty fields omitted)."""
         out: dict[str, Any] = {"username": self.username}

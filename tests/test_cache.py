@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+from types import MappingProxyType
+
 import pytest
 
 from proxy import errors
@@ -167,3 +170,55 @@ def test_an_expired_entry_is_dropped_on_lookup() -> None:
     clocks.advance(3)
     assert cache.get(ok) is None
     assert len(cache) == 0
+
+
+def test_cached_acceptances_are_invisible_to_the_garbage_collector() -> None:
+    """Verdicts are atoms, so full collections do not scan them (the cold-path tail)."""
+    cache, clocks = make(
+        CacheSettings(max_entries=1000, success_ttl=300, failure_ttl=10)
+    )
+    bob = UserInfo(
+        username="bob",
+        uid="u-1",
+        groups=("dev", "ops"),
+        extra=MappingProxyType({"scopes": ("openid", "groups")}),
+    )
+    keys = [cache.key(f"t{i}") for i in range(500)]
+    for key in keys:
+        cache.put_user(key, bob, issuer="https://i", exp=clocks.wall + 600)
+    gc.collect()
+    assert not any(gc.is_tracked(cache._accepted[key]) for key in keys)
+    # What comes back is the same user, equal field by field, and shared.
+    first, last = cache.get(keys[0]), cache.get(keys[-1])
+    assert first is not None
+    assert last is not None
+    assert first.user == bob
+    assert first.user is last.user
+
+
+@pytest.mark.parametrize(
+    "user",
+    [
+        UserInfo(username="a"),
+        UserInfo(username="oidc:ü", uid="x", groups=("g",)),
+        UserInfo(
+            username="b",
+            extra=MappingProxyType(
+                {
+                    "k": ("v1", "v2"),
+                    "authentication.kubernetes.io/credential-id": ("JTI=1",),
+                }
+            ),
+        ),
+    ],
+    ids=["bare", "unicode-uid-groups", "extra"],
+)
+def test_a_user_evicted_from_the_memo_is_rebuilt_equal(user: UserInfo) -> None:
+    cache, clocks = make()
+    key = cache.key("t")
+    cache.put_user(key, user, issuer="https://i", exp=clocks.wall + 600)
+    cache._users.clear()
+    hit = cache.get(key)
+    assert hit is not None
+    assert hit.user == user
+    assert hit.user is not user
