@@ -442,6 +442,8 @@ class _Connection(asyncio.Protocol):
                     if headers[key] != text:
                         raise _Refused(400, "http: conflicting Content-Length")
                     continue
+                if key == "host":
+                    raise _Refused(400, "http: more than one Host")  # RFC 9112 §3.2
                 # RFC 9110 §5.3: repeated fields combine as a list.
                 text = headers[key] + ", " + text
             headers[key] = text

@@ -172,6 +172,7 @@ MALFORMED: list[tuple[str, bytes, int]] = [
     ("absolute-form", b"POST http://x/authenticate HTTP/1.1\r\nHost: x\r\n\r\n", 400),
     ("space-in-target", b"POST /auth enticate HTTP/1.1\r\nHost: x\r\n\r\n", 400),
     ("missing-host", b"POST /authenticate HTTP/1.1\r\nContent-Length: 0\r\n\r\n", 400),
+    ("two-hosts", b"POST /authenticate HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
     ("space-before-colon", b"POST /authenticate HTTP/1.1\r\nHost : x\r\n\r\n", 400),
     ("obs-fold", b"POST /authenticate HTTP/1.1\r\nHost: x\r\n X-Fold: y\r\n\r\n", 400),
     ("bare-lf", b"POST /authenticate HTTP/1.1\r\nHost: x\nX-A: b\r\n\r\n", 400),
