@@ -93,7 +93,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy import tunnel
 from proxy.errors import TokenError, UpstreamError
-from proxy.kube import SYSTEM_AUTHENTICATED, UserInfo, status_body
+from proxy.kube import SYSTEM_AUTHENTICATED, PerUser, UserInfo, status_body
 from proxy.log import RequestLog
 from proxy.metrics import Metrics
 from proxy.upstream import RawResponse, Upstream
@@ -708,7 +708,7 @@ class _ProxyHandler:
         self._settings = settings
         self._metrics = metrics
         self._stopping = stopping
-        self._identities: dict[int, tuple[UserInfo, tuple[tuple[str, str], ...]]] = {}
+        self._identities = PerUser(self._checked_headers, limit=_IDENTITY_CACHE)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Serve one request (the route's handler)."""
@@ -819,20 +819,12 @@ class _ProxyHandler:
         return await self._forward(request, headers, entry, upgrade)
 
     def _own_headers(self, user: UserInfo) -> tuple[tuple[str, str], ...]:
-        """The checked ``Impersonate-*`` headers for ``user``, computed once per
-        ``UserInfo`` object: the result cache hands every request with the same
-        token the same object. Keyed by ``id`` (``extra`` is not hashable); the
-        entry keeps the object alive, so the id cannot be reused while cached.
-        """
-        cached = self._identities.get(id(user))
-        if cached is not None and cached[0] is user:
-            return cached[1]
+        """The checked ``Impersonate-*`` headers for ``user``, once per cached user."""
+        return self._identities(user)
+
+    def _checked_headers(self, user: UserInfo) -> tuple[tuple[str, str], ...]:
         _check_identity(user, self._settings.allow_reserved_groups)
-        headers = tuple(_Identity.of(user).headers())
-        if len(self._identities) >= _IDENTITY_CACHE:
-            del self._identities[next(iter(self._identities))]
-        self._identities[id(user)] = (user, headers)
-        return headers
+        return tuple(_Identity.of(user).headers())
 
     async def _authorize(self, user: UserInfo, identity: _Identity) -> None:
         """SubjectAccessReviews for each requested value, as ``user``; 403 on a no."""

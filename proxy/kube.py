@@ -7,14 +7,15 @@ and the handlers can turn it into JSON without either knowing the other.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Any, Final, Generic, TypeVar
 
 __all__ = [
     "STATUS_REASONS",
     "SYSTEM_AUTHENTICATED",
+    "PerUser",
     "UserInfo",
     "status_body",
 ]
@@ -95,3 +96,39 @@ class UserInfo:
         if self.extra:
             out["extra"] = {k: list(v) for k, v in self.extra.items()}
         return out
+
+
+T = TypeVar("T")
+
+
+class PerUser(Generic[T]):
+    """Something derived from a ``UserInfo``, computed once per user object.
+
+    The result cache hands every request that presents the same token the same
+    ``UserInfo`` object, so what the front ends derive from it (the webhook's
+    encoded answer, the proxy's ``Impersonate-*`` headers) can be derived once.
+    Keyed by object identity, since ``extra`` makes the value unhashable; each
+    entry holds its user, so the id cannot be reused while it is remembered.
+    Bounded: the oldest entry goes first.
+    """
+
+    __slots__ = ("_derive", "_limit", "_memo")
+
+    def __init__(self, derive: Callable[[UserInfo], T], *, limit: int) -> None:
+        self._derive = derive
+        self._limit = limit
+        self._memo: dict[int, tuple[UserInfo, T]] = {}
+
+    def __call__(self, user: UserInfo) -> T:
+        """The derived value for ``user`` (computed on first sight)."""
+        hit = self._memo.get(id(user))
+        if hit is not None and hit[0] is user:
+            return hit[1]
+        value = self._derive(user)
+        if len(self._memo) >= self._limit:
+            del self._memo[next(iter(self._memo))]
+        self._memo[id(user)] = (user, value)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._memo)

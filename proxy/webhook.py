@@ -41,7 +41,7 @@ from typing import Any, Final
 from proxy.authn import Authenticator
 from proxy.errors import TokenError
 from proxy.http1 import Answer, Limits, Request, Route, Server
-from proxy.kube import UserInfo, status_body
+from proxy.kube import PerUser, UserInfo, status_body
 from proxy.log import RequestLog, fingerprint
 from proxy.metrics import Metrics
 
@@ -149,37 +149,14 @@ def _answer_raw(api_version: str, status: bytes) -> Answer:
     return Answer(200, _ENVELOPES[api_version] + status + b"}")
 
 
-#: How many users' answers ``_AcceptedStatus`` keeps (more are rare: it holds
-#: the users whose tokens are in the result cache and in use right now).
+#: How many users' encoded answers are kept (more are rare: the users whose
+#: tokens are in the result cache and in use right now).
 _MEMO_ENTRIES: Final = 4096
 
 
-class _AcceptedStatus:
-    """The encoded ``status`` of an acceptance, remembered per cached user.
-
-    The result cache hands out the same ``UserInfo`` object for every hit of a
-    token, so its answer can be encoded once rather than rebuilt as a dict and
-    re-encoded on every review (the common case: kubectl reuses its token).
-    Keyed by object identity (``UserInfo.extra`` is a read-only mapping, so the
-    value is not hashable); the entry holds the user, so its id cannot be
-    reused while remembered, and the memo is bounded.
-    """
-
-    __slots__ = ("_memo",)
-
-    def __init__(self) -> None:
-        self._memo: dict[int, tuple[UserInfo, bytes]] = {}
-
-    def encoded(self, user: UserInfo) -> bytes:
-        """``{"authenticated":true,"user":...}`` for ``user``."""
-        hit = self._memo.get(id(user))
-        if hit is not None and hit[0] is user:
-            return hit[1]
-        body = _ENCODE({"authenticated": True, "user": user.to_dict()}).encode()
-        if len(self._memo) >= _MEMO_ENTRIES:
-            self._memo.clear()
-        self._memo[id(user)] = (user, body)
-        return body
+def _accepted_status(user: UserInfo) -> bytes:
+    """``{"authenticated":true,"user":...}``: encoded once per cached user."""
+    return _ENCODE({"authenticated": True, "user": user.to_dict()}).encode()
 
 
 def _failure(
@@ -200,7 +177,7 @@ class ReviewHandler:
     def __init__(self, authenticator: Authenticator, settings: WebhookSettings) -> None:
         self._auth = authenticator
         self._settings = settings
-        self._accepted = _AcceptedStatus()
+        self._accepted = PerUser(_accepted_status, limit=_MEMO_ENTRIES)
 
     def _audiences(self, asked: Sequence[str]) -> tuple[list[str] | None, bool]:
         served = self._settings.audiences
@@ -313,7 +290,7 @@ class ReviewHandler:
             )
         self._log(token, "ok", reason="ok", user=user, started=started)
         if audiences is None:
-            return _answer_raw(api_version, self._accepted.encoded(user))
+            return _answer_raw(api_version, self._accepted(user))
         status = {"authenticated": True, "user": user.to_dict(), "audiences": audiences}
         return _answer(api_version, status)
 

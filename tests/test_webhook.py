@@ -465,19 +465,19 @@ async def test_repeated_and_interleaved_tokens_get_their_own_user(
 
 
 def test_remembered_answers_stay_bounded_and_exact() -> None:
-    from proxy.kube import UserInfo
-    from proxy.webhook import _MEMO_ENTRIES, _AcceptedStatus
+    from proxy.kube import PerUser, UserInfo
+    from proxy.webhook import _MEMO_ENTRIES, _accepted_status
 
-    memo = _AcceptedStatus()
+    memo = PerUser(_accepted_status, limit=_MEMO_ENTRIES)
     users = [
         UserInfo(username=f"u{i}", groups=(f"g{i}",)) for i in range(_MEMO_ENTRIES + 10)
     ]
     for user in users:
-        assert json.loads(memo.encoded(user)) == {
+        assert json.loads(memo(user)) == {
             "authenticated": True,
             "user": {"username": user.username, "groups": list(user.groups)},
         }
-    assert len(memo._memo) <= _MEMO_ENTRIES
+    assert len(memo) <= _MEMO_ENTRIES
     # An equal but distinct object is encoded afresh, and equally.
     twin = UserInfo(username="u1", groups=("g1",))
-    assert memo.encoded(twin) == memo.encoded(users[1])
+    assert memo(twin) == memo(users[1])
