@@ -5,10 +5,12 @@
 
 Everything runs on loopback, started here and stopped by PID: a local issuer
 (discovery + JWKS over http, the JWKS also over https for Apache), the bare
-aiohttp + uvloop echo server (the baseline), kube-oidc-gate's webhook (and its
-proxy, once ``kube-oidc-gate proxy --kubeconfig`` exists) in front of a local
-upstream, and Apache + mod_auth_openidc when installed. ``wrk`` drives the load
-(64 connections, 2 threads) with ``load.lua``.
+aiohttp + uvloop echo server (the baseline), kube-oidc-gate's webhook, and its
+proxy and Apache + mod_auth_openidc (when installed) in front of the same local
+nginx, as issue 7 specifies. Without nginx the aiohttp stand-in upstream takes
+its place (the report says which served each scenario); that one also serves
+the streamed body and the idle watches, which nginx does not implement.
+``wrk`` drives the load (64 connections, 2 threads) with ``load.lua``.
 
 Only ratios measured in the same run mean anything: absolute figures follow the
 machine and whatever else runs on it. The report says which issue-7 targets a
@@ -36,9 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks import apache, mint
+from benchmarks import apache, mint, nginx
 from benchmarks.drive import Load, finish_wrk, run_wrk, start_wrk, wrk_path
 from benchmarks.procs import Proc, free_port, rss_bytes, start, stop_all, wait_http
+from benchmarks.servers import SMALL_OBJECT
 
 __all__ = ["main"]
 
@@ -119,6 +122,8 @@ class Ctx:
     scenarios: list[dict[str, Any]] = field(default_factory=list)
     files: dict[str, Path] = field(default_factory=dict)
     cold_files: list[Path] = field(default_factory=list)
+    #: Which upstream served what, for the report (filled by the proxy group).
+    upstream: dict[str, Any] = field(default_factory=dict)
 
     def tokens_file(self, name: str, tokens: list[str]) -> Path:
         path = self.work / f"tokens-{name}.txt"
@@ -169,6 +174,10 @@ def _versions() -> dict[str, str]:
             )
             if res.returncode == 0:
                 out["mod_auth_openidc"] = res.stdout.strip()
+    binary = nginx.nginx_binary()
+    if binary:
+        with contextlib.suppress(Exception):
+            out["nginx"] = nginx.version(binary).removeprefix("nginx ")
     return out
 
 
@@ -238,6 +247,8 @@ class Service:
     url: str
     proc: Proc
     probe_url: str = ""
+    #: What serves, for the report's ``upstream`` fields ("nginx 1.22.1").
+    label: str = ""
 
     def metrics(self) -> dict[str, float]:
         """Samples of the probe's /metrics (name{labels} -> value)."""
@@ -352,8 +363,8 @@ def proxy_missing() -> str | None:
     return None
 
 
-def _kubeconfig(ctx: Ctx, upstream: str) -> Path:
-    path = ctx.work / "upstream.kubeconfig"
+def _kubeconfig(ctx: Ctx, upstream: str, name: str) -> Path:
+    path = ctx.work / f"{name}.kubeconfig"
     doc = {
         "apiVersion": "v1",
         "kind": "Config",
@@ -379,7 +390,7 @@ def gate_proxy(ctx: Ctx, upstream: str, workers: int, name: str) -> Iterator[Ser
         *_auth_flags(ctx),
         *_serving_flags(ctx, port, probe, workers),
         "--kubeconfig",
-        str(_kubeconfig(ctx, upstream)),
+        str(_kubeconfig(ctx, upstream, name)),
     ]
     proc = start(name, argv, ctx.work)
     try:
@@ -402,9 +413,59 @@ def upstream_server(ctx: Ctx) -> Iterator[Service]:
     )
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", proc, timeout=20)
-        yield Service("upstream", f"http://127.0.0.1:{port}", proc)
+        yield Service("upstream", f"http://127.0.0.1:{port}", proc, label=_aiohttp())
     finally:
         proc.stop()
+
+
+def _aiohttp() -> str:
+    from importlib.metadata import version
+
+    return f"aiohttp {version('aiohttp')}"
+
+
+#: What nginx answers: the aiohttp upstream's answers on the paths the
+#: proxy-versus-Apache scenarios request (status, body bytes, content type).
+NGINX_ROUTES = {
+    SMALL_PATH: nginx.Route(body=SMALL_OBJECT, content_type="application/json"),
+    "/healthz": nginx.Route(body=b"ok\n", content_type="text/plain; charset=utf-8"),
+}
+
+
+@contextlib.contextmanager
+def nginx_upstream(ctx: Ctx) -> Iterator[Service]:
+    """A private nginx on loopback answering ``NGINX_ROUTES`` (see benchmarks/nginx.py)."""
+    binary = nginx.nginx_binary()
+    assert binary is not None
+    port = free_port()
+    conf = nginx.write_config(ctx.work / "nginx", port=port, routes=NGINX_ROUTES)
+    proc = start("nginx", nginx.argv(binary, conf), ctx.work)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc, timeout=20)
+        yield Service(
+            "nginx", f"http://127.0.0.1:{port}", proc, label=nginx.version(binary)
+        )
+    finally:
+        # SIGTERM is nginx's fast shutdown; its worker shares its process group.
+        proc.stop(timeout=5)
+        err = ctx.work / "nginx" / "error.log"
+        if err.exists():
+            shutil.copy(err, ctx.work / "nginx-error.log")
+
+
+@contextlib.contextmanager
+def shared_upstream(ctx: Ctx, fallback: Service) -> Iterator[Service]:
+    """nginx when installed, else ``fallback`` (the aiohttp upstream), said aloud."""
+    reason = nginx.missing()
+    if reason is not None:
+        print(f"  shared upstream: {fallback.label} ({reason})", flush=True)
+        ctx.upstream.update(shared=fallback.label, fallback_reason=reason)
+        yield fallback
+        return
+    with nginx_upstream(ctx) as up:
+        print(f"  shared upstream: {up.label}", flush=True)
+        ctx.upstream.update(shared=up.label, fallback_reason=None)
+        yield up
 
 
 @contextlib.contextmanager
@@ -821,6 +882,13 @@ def group_cache(ctx: Ctx) -> None:
 
 
 def group_proxy(ctx: Ctx) -> None:
+    """The proxy beside Apache + mod_auth_openidc, both in front of the same upstream.
+
+    The shared upstream is nginx (as in issue 7) when installed: it costs the
+    shared cores a fraction of what the aiohttp stand-in does, so it dilutes
+    the proxy-versus-Apache ratios less. The streamed body and the idle
+    watches always go to the aiohttp upstream, which implements them.
+    """
     g = "proxy"
     s = ctx.settings
     missing = proxy_missing()
@@ -857,7 +925,8 @@ def group_proxy(ctx: Ctx) -> None:
             "Apache + mod_auth_openidc, one expired token replayed (401s)",
         ),
     ]
-    with upstream_server(ctx) as up:
+    with upstream_server(ctx) as aio, shared_upstream(ctx, aio) as up:
+        ctx.upstream["streams_and_watches"] = aio.label
         if missing is None or peer_missing is None:
             measure(
                 ctx,
@@ -869,6 +938,7 @@ def group_proxy(ctx: Ctx) -> None:
                 tokens=ctx.files["one"],
                 mode="bearer",
                 check="status",
+                upstream=up.label,
             )
             measure(
                 ctx,
@@ -882,65 +952,78 @@ def group_proxy(ctx: Ctx) -> None:
                 connections=1,
                 threads=1,
                 duration=s.latency_duration,
+                upstream=up.label,
             )
         if missing is not None:
             for name, desc in names[2:]:
                 _skip(ctx, name, g, desc, missing)
         else:
-            _proxy_scenarios(ctx, up, names)
+            _proxy_scenarios(ctx, up, aio, names)
         if peer_missing is not None:
             for name, desc in peer_names:
                 _skip(ctx, name, "peer", desc, peer_missing)
         else:
-            with apache_peer(ctx, up.url) as peer:
-                measure(
-                    ctx,
-                    peer,
-                    "apache-cached",
-                    "peer",
-                    peer_names[0][1],
-                    path=SMALL_PATH,
-                    tokens=ctx.files["one"],
-                    mode="bearer",
-                    check="status",
-                    rounds=s.rounds,
-                )
-                measure(
-                    ctx,
-                    peer,
-                    "apache-latency",
-                    "peer",
-                    peer_names[1][1],
-                    path=SMALL_PATH,
-                    tokens=ctx.files["one"],
-                    mode="bearer",
-                    connections=1,
-                    threads=1,
-                    duration=s.latency_duration,
-                )
-                measure(
-                    ctx,
-                    peer,
-                    "apache-badsig-replay",
-                    "peer",
-                    peer_names[2][1],
-                    path=SMALL_PATH,
-                    tokens=ctx.files["badsig-one"],
-                    mode="bearer",
-                )
-                measure(
-                    ctx,
-                    peer,
-                    "apache-expired-replay",
-                    "peer",
-                    peer_names[3][1],
-                    path=SMALL_PATH,
-                    tokens=ctx.files["expired-one"],
-                    mode="bearer",
-                )
+            _peer_scenarios(ctx, up, peer_names)
 
 
-def _proxy_scenarios(ctx: Ctx, up: Service, names: list[tuple[str, str]]) -> None:
+def _peer_scenarios(ctx: Ctx, up: Service, names: list[tuple[str, str]]) -> None:
+    s = ctx.settings
+    desc = dict(names)
+    with apache_peer(ctx, up.url) as peer:
+        measure(
+            ctx,
+            peer,
+            "apache-cached",
+            "peer",
+            desc["apache-cached"],
+            path=SMALL_PATH,
+            tokens=ctx.files["one"],
+            mode="bearer",
+            check="status",
+            rounds=s.rounds,
+            upstream=up.label,
+        )
+        measure(
+            ctx,
+            peer,
+            "apache-latency",
+            "peer",
+            desc["apache-latency"],
+            path=SMALL_PATH,
+            tokens=ctx.files["one"],
+            mode="bearer",
+            connections=1,
+            threads=1,
+            duration=s.latency_duration,
+            upstream=up.label,
+        )
+        measure(
+            ctx,
+            peer,
+            "apache-badsig-replay",
+            "peer",
+            desc["apache-badsig-replay"],
+            path=SMALL_PATH,
+            tokens=ctx.files["badsig-one"],
+            mode="bearer",
+            upstream=up.label,
+        )
+        measure(
+            ctx,
+            peer,
+            "apache-expired-replay",
+            "peer",
+            desc["apache-expired-replay"],
+            path=SMALL_PATH,
+            tokens=ctx.files["expired-one"],
+            mode="bearer",
+            upstream=up.label,
+        )
+
+
+def _proxy_scenarios(
+    ctx: Ctx, up: Service, aio: Service, names: list[tuple[str, str]]
+) -> None:
     g = "proxy"
     s = ctx.settings
     desc = dict(names)
@@ -957,6 +1040,7 @@ def _proxy_scenarios(ctx: Ctx, up: Service, names: list[tuple[str, str]]) -> Non
             check="status",
             rounds=s.rounds,
             workers=1,
+            upstream=up.label,
         )
         measure(
             ctx,
@@ -971,9 +1055,16 @@ def _proxy_scenarios(ctx: Ctx, up: Service, names: list[tuple[str, str]]) -> Non
             threads=1,
             duration=s.latency_duration,
             workers=1,
+            upstream=up.label,
         )
-        _stream_rss(ctx, px, up, desc["proxy-stream-rss"])
-        _idle_watches(ctx, px, desc["proxy-idle-watches"])
+        if up is aio:
+            _stream_rss(ctx, px, aio, desc["proxy-stream-rss"])
+            _idle_watches(ctx, px, aio, desc["proxy-idle-watches"])
+    if up is not aio:
+        # nginx serves neither: a proxy of its own in front of the aiohttp upstream.
+        with gate_proxy(ctx, aio.url, 1, "proxy-1-aiohttp") as px:
+            _stream_rss(ctx, px, aio, desc["proxy-stream-rss"])
+            _idle_watches(ctx, px, aio, desc["proxy-idle-watches"])
     with gate_proxy(ctx, up.url, 2, "proxy-2") as px:
         measure(
             ctx,
@@ -987,6 +1078,7 @@ def _proxy_scenarios(ctx: Ctx, up: Service, names: list[tuple[str, str]]) -> Non
             check="status",
             rounds=s.rounds,
             workers=2,
+            upstream=up.label,
         )
         measure(
             ctx,
@@ -998,6 +1090,7 @@ def _proxy_scenarios(ctx: Ctx, up: Service, names: list[tuple[str, str]]) -> Non
             tokens=ctx.files["badsig-one"],
             mode="bearer",
             workers=2,
+            upstream=up.label,
         )
         measure(
             ctx,
@@ -1009,6 +1102,7 @@ def _proxy_scenarios(ctx: Ctx, up: Service, names: list[tuple[str, str]]) -> Non
             tokens=ctx.files["expired-one"],
             mode="bearer",
             workers=2,
+            upstream=up.label,
         )
 
 
@@ -1061,6 +1155,7 @@ def _stream_rss(ctx: Ctx, px: Service, up: Service, description: str) -> None:
         "proxy-stream-rss",
         "scale",
         description,
+        upstream=up.label,
         bytes=got,
         complete=got == total,
         rss_before_mb=round(rss0 / 2**20, 1),
@@ -1069,7 +1164,7 @@ def _stream_rss(ctx: Ctx, px: Service, up: Service, description: str) -> None:
     )
 
 
-def _idle_watches(ctx: Ctx, px: Service, description: str) -> None:
+def _idle_watches(ctx: Ctx, px: Service, up: Service, description: str) -> None:
     """Hold ``watches`` idle watches open through the proxy; report MB per watch."""
     import asyncio
 
@@ -1114,6 +1209,7 @@ def _idle_watches(ctx: Ctx, px: Service, description: str) -> None:
         "proxy-idle-watches",
         "scale",
         description,
+        upstream=up.label,
         watches=n,
         held=result["open"],
         errors=result["errors"],
@@ -1427,13 +1523,27 @@ def write_plot(report: dict[str, Any], path: Path) -> bool:
     m = report["machine"]
     fig.suptitle(
         f"kube-oidc-gate benchmarks ({report['mode']}): {m['nproc']} CPUs, Python {m['versions'].get('python')}, "
-        f"aiohttp {m['versions'].get('aiohttp')}, uvloop {m['versions'].get('uvloop')}; grey = baselines, red = Apache peer",
+        f"aiohttp {m['versions'].get('aiohttp')}, uvloop {m['versions'].get('uvloop')}; grey = baselines, red = Apache peer"
+        f"\n{upstream_summary(report)}",
         fontsize=9,
     )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return True
+
+
+def upstream_summary(report: dict[str, Any]) -> str:
+    """One line: what the proxy and Apache forwarded to (the plot title, the console)."""
+    up = report.get("upstream") or {}
+    if not up.get("shared"):
+        return "upstream: not used in this run"
+    line = f"upstream of proxy, Apache and upstream-direct: {up['shared']}"
+    if up.get("fallback_reason"):
+        line += f" (fallback: {up['fallback_reason']})"
+    if up.get("streams_and_watches"):
+        line += f"; stream and watches: {up['streams_and_watches']}"
+    return line
 
 
 def _print_targets(targets: list[dict[str, Any]]) -> None:
@@ -1653,12 +1763,14 @@ def main(argv: list[str] | None = None) -> int:
         "elapsed_s": round(time.perf_counter() - t0, 1),
         "machine": _machine(),
         "settings": {k: v for k, v in vars(settings).items()},
+        "upstream": ctx.upstream or None,
         "scenarios": ctx.scenarios,
         "targets": compute_targets(ctx.scenarios),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     plotted = write_plot(report, out / "report.png")
     _print_targets(report["targets"])
+    print(f"\n{upstream_summary(report)}")
     print(
         f"\nreport: {out / 'report.json'}"
         + (f"\nplot:   {out / 'report.png'}" if plotted else "")

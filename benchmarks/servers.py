@@ -10,8 +10,10 @@
   served key set is switched by ``POST /admin/publish?set=NAME`` (a key
   rotation); ``GET /admin/stats`` counts the fetches (the cost of a random-kid
   flood to the issuer).
-- ``upstream``: a stand-in API server for the proxy and Apache: a small
-  object, a streamed body of any size, and watches that stay open and idle.
+- ``upstream``: a stand-in API server: a small object, a streamed body of any
+  size, and watches that stay open and idle. The proxy-versus-Apache
+  scenarios use nginx (``benchmarks.nginx``, the same small object) instead
+  when it is installed; this one always serves the stream and the watches.
 
 Kept free of ``proxy`` imports: the baseline must not share the code it is a
 baseline for.
@@ -28,7 +30,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-__all__ = ["main"]
+__all__ = ["SMALL_OBJECT", "main"]
 
 _USER = {
     "username": "oidc:00u1alice",
@@ -122,7 +124,8 @@ def _issuer_app(issuer: _Issuer) -> web.Application:
     return app
 
 
-_SMALL = json.dumps(
+#: The small object's body; nginx (``benchmarks.nginx``) answers the same bytes.
+SMALL_OBJECT = json.dumps(
     {
         "kind": "ConfigMap",
         "apiVersion": "v1",
@@ -134,7 +137,7 @@ _CHUNK = b"x" * (256 * 1024)
 
 
 async def _small(_: web.Request) -> web.Response:
-    return web.Response(body=_SMALL, content_type="application/json")
+    return web.Response(body=SMALL_OBJECT, content_type="application/json")
 
 
 async def _big(request: web.Request) -> web.StreamResponse:

@@ -10,12 +10,17 @@ import json
 import shutil
 import subprocess
 import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from benchmarks.run import compute_targets
+from benchmarks import nginx
+from benchmarks.procs import Proc, free_port, start, wait_http
+from benchmarks.run import NGINX_ROUTES, compute_targets, upstream_summary
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -111,6 +116,25 @@ def test_quick_report_scenarios(quick_report: tuple[dict[str, Any], Path]) -> No
             assert s["rps"] > 0, s
             assert set(s["latency_ms"]) >= {"p50", "p90", "p99"}
             assert s["socket_errors"] == 0, s
+    upstream = report["upstream"]
+    if nginx.missing() is None:
+        assert upstream["shared"].startswith("nginx "), upstream
+        assert upstream["fallback_reason"] is None
+    else:
+        assert upstream["shared"].startswith("aiohttp "), upstream
+        assert upstream["fallback_reason"], upstream
+    through_shared = [
+        "upstream-direct-latency",
+        "proxy-cached-1",
+        "proxy-cached-2",
+        "apache-cached",
+    ]
+    for name in through_shared:
+        if by_name[name]["status"] == "ok":
+            assert by_name[name]["upstream"] == upstream["shared"], by_name[name]
+    for name in ("proxy-stream-rss", "proxy-idle-watches"):
+        if by_name[name]["status"] == "ok":
+            assert by_name[name]["upstream"].startswith("aiohttp "), by_name[name]
     cold = by_name["webhook-cold-1"]
     assert 0 < cold["cold_fraction"] <= 1
     assert cold["accepted"] == cold["checked"]
@@ -211,3 +235,139 @@ def test_flood_fetch_target(fetches: int, allowed: int, met: bool) -> None:
     )
     t = _target(compute_targets([flood]), "JWKS fetches caused by the random-kid flood")
     assert t["met"] is met
+
+
+def _get(url: str) -> tuple[int, str, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.headers["Content-Type"], resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers["Content-Type"], err.read()
+
+
+@pytest.fixture
+def both_upstreams(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """The aiohttp upstream and the private nginx, each on its own loopback port."""
+    binary = nginx.nginx_binary()
+    if binary is None:
+        pytest.skip("nginx is not installed (Debian package nginx)")
+    aio_port, nginx_port = free_port(), free_port()
+    conf = nginx.write_config(tmp_path / "nginx", port=nginx_port, routes=NGINX_ROUTES)
+    procs: list[Proc] = []
+    try:
+        procs.append(
+            start(
+                "upstream",
+                [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.servers",
+                    "upstream",
+                    "--port",
+                    str(aio_port),
+                ],
+                tmp_path,
+            )
+        )
+        procs.append(start("nginx", nginx.argv(binary, conf), tmp_path))
+        wait_http(f"http://127.0.0.1:{aio_port}/healthz", procs[0], timeout=20)
+        wait_http(f"http://127.0.0.1:{nginx_port}/healthz", procs[1], timeout=20)
+        yield f"http://127.0.0.1:{aio_port}", f"http://127.0.0.1:{nginx_port}"
+    finally:
+        for proc in procs:
+            proc.stop(timeout=5)
+    assert not (tmp_path / "nginx" / "nginx.pid").exists()
+
+
+@pytest.mark.parametrize("path", sorted(NGINX_ROUTES), ids=sorted(NGINX_ROUTES))
+def test_nginx_answers_as_the_aiohttp_upstream(
+    both_upstreams: tuple[str, str], path: str
+) -> None:
+    aio, ngx = both_upstreams
+    status, ctype, body = _get(f"{ngx}{path}")
+    assert (status, ctype, body) == _get(f"{aio}{path}")
+    assert status == 200
+
+
+def test_nginx_refuses_other_paths(both_upstreams: tuple[str, str]) -> None:
+    _, ngx = both_upstreams
+    assert _get(f"{ngx}/big?bytes=10")[0] == 404
+
+
+@pytest.mark.parametrize(
+    ("body", "quoted"),
+    [
+        (b"ok\n", "'ok\\n'"),
+        (b"it's", "'it\\'s'"),
+        (b"a\\b", "'a\\\\b'"),
+    ],
+    ids=["newline", "single-quote", "backslash"],
+)
+def test_nginx_config_escapes_the_body(
+    tmp_path: Path, body: bytes, quoted: str
+) -> None:
+    route = nginx.Route(body=body, content_type="text/plain")
+    conf = nginx.write_config(tmp_path, port=1, routes={"/x": route})
+    assert f"return 200 {quoted};" in conf.read_text()
+
+
+@pytest.mark.parametrize(
+    ("path", "route"),
+    [
+        ("/x", nginx.Route(body=b"$host", content_type="text/plain")),
+        ("/x", nginx.Route(body=b"a\x00b", content_type="text/plain")),
+        ("/x", nginx.Route(body=b"ok", content_type='text/plain"; x')),
+        ("/x; deny all", nginx.Route(body=b"ok", content_type="text/plain")),
+        ("x", nginx.Route(body=b"ok", content_type="text/plain")),
+    ],
+    ids=["dollar", "control-char", "quote-in-type", "semicolon-in-path", "relative"],
+)
+def test_nginx_config_refuses_what_it_cannot_say(
+    tmp_path: Path, path: str, route: nginx.Route
+) -> None:
+    with pytest.raises(ValueError, match=r"^nginx: "):
+        nginx.write_config(tmp_path, port=1, routes={path: route})
+
+
+@pytest.mark.parametrize(
+    ("upstream", "expected"),
+    [
+        (None, "upstream: not used in this run"),
+        (
+            {"shared": "nginx 1.22.1", "fallback_reason": None},
+            "upstream of proxy, Apache and upstream-direct: nginx 1.22.1",
+        ),
+        (
+            {
+                "shared": "aiohttp 3.11.0",
+                "fallback_reason": "nginx is not installed",
+                "streams_and_watches": "aiohttp 3.11.0",
+            },
+            "upstream of proxy, Apache and upstream-direct: aiohttp 3.11.0 "
+            "(fallback: nginx is not installed); stream and watches: aiohttp 3.11.0",
+        ),
+    ],
+    ids=["not-used", "nginx", "fallback"],
+)
+def test_upstream_summary(upstream: dict[str, Any] | None, expected: str) -> None:
+    assert upstream_summary({"upstream": upstream}) == expected
+
+
+def test_nginx_serves_an_escaped_body_byte_for_byte(tmp_path: Path) -> None:
+    binary = nginx.nginx_binary()
+    if binary is None:
+        pytest.skip("nginx is not installed (Debian package nginx)")
+    body = b'it\'s a\\b\tc\r\nd "q" {x} ;# \xc3\xa9'
+    port = free_port()
+    routes = {
+        "/healthz": nginx.Route(body=b"ok", content_type="text/plain"),
+        "/x": nginx.Route(body=body, content_type="text/plain; charset=utf-8"),
+    }
+    conf = nginx.write_config(tmp_path / "nginx", port=port, routes=routes)
+    proc = start("nginx", nginx.argv(binary, conf), tmp_path)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc, timeout=20)
+        got = _get(f"http://127.0.0.1:{port}/x")
+    finally:
+        proc.stop(timeout=5)
+    assert got == (200, "text/plain; charset=utf-8", body)
