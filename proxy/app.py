@@ -2,8 +2,9 @@
 
 ``start_engine`` builds what both modes share (one ``ClientSession``, the issuer
 key sets and their refreshers, the authenticator); ``webhook_app`` (a
-``proxy.http1`` server) and ``proxy_app`` (an aiohttp application) put a front
-end on it; ``probe_app`` is the separate plain-HTTP
+``proxy.http1`` server) and ``proxy_app`` (an aiohttp application, served
+behind a ``proxy.http1`` fast lane for its short requests) put a front end on
+it; ``probe_app`` is the separate plain-HTTP
 listener for ``/healthz``, ``/readyz`` and ``/metrics`` (it never sees a token,
 so it needs no TLS, and kubelet probes can reach it without certificates).
 
@@ -22,7 +23,7 @@ import logging
 import signal
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
@@ -35,7 +36,7 @@ from aiohttp.web_request import BaseRequest
 from proxy.authn import Authenticator
 from proxy.config import AuthConfig
 from proxy.http1 import Server
-from proxy.impersonate import ProxySettings, add_proxy_routes
+from proxy.impersonate import LEAN_LANE, ProxySettings, add_proxy_routes
 from proxy.keyset import KeySets
 from proxy.kube import status_body
 from proxy.log import REQUEST_ID, issuer_hash, new_request_id
@@ -47,6 +48,7 @@ __all__ = [
     "ConnectionGuard",
     "Engine",
     "ServeSettings",
+    "listening",
     "probe_app",
     "proxy_app",
     "serve",
@@ -498,32 +500,63 @@ class _Http1Listener:
         await self._server.drain(0)
 
 
+@contextlib.asynccontextmanager
+async def listening(
+    app: web.Application,
+    settings: ServeSettings,
+    ssl_context: ssl.SSLContext | None,
+    **runner_options: Any,
+) -> AsyncIterator[int]:
+    """Serve ``app`` on ``settings``' secure port as ``serve`` does (its lean
+    lane included, if it has one), without signals or probes; yield the port.
+
+    For tests and embedding; ``runner_options`` go to aiohttp's ``AppRunner``.
+    """
+    listener = _AppListener(app, settings, ssl_context, runner_options)
+    try:
+        yield await listener.start()
+        await listener.drain(settings.shutdown_grace_period)
+    finally:
+        await listener.cleanup()
+
+
 class _AppListener:
-    """The proxy's aiohttp application behind the secure port, guarded."""
+    """The proxy's aiohttp application behind the secure port, guarded.
+
+    An application with a ``LEAN_LANE`` (the proxy's) is served by a
+    ``proxy.http1`` server that answers the lane's requests itself and hands
+    every other connection to aiohttp's connection handler; both drain together.
+    """
 
     def __init__(
         self,
         app: web.Application,
         settings: ServeSettings,
-        ssl_context: ssl.SSLContext,
+        ssl_context: ssl.SSLContext | None,
+        runner_options: Mapping[str, Any] | None = None,
     ) -> None:
         self._settings = settings
         self._ssl = ssl_context
         self._guard = app.get(GUARD) or ConnectionGuard()
-        self._runner = web.AppRunner(
-            app,
-            access_log=None,
-            handle_signals=False,
-            shutdown_timeout=_CLEANUP_WAIT,
-            keepalive_timeout=settings.idle_timeout,
-            lingering_time=settings.lingering_time,
-            max_field_size=settings.max_field_bytes,
-            logger=_HTTP_LOG,
-        )
+        self._lane = app.get(LEAN_LANE)
+        self._front: Server | None = None
+        options: dict[str, Any] = {
+            "access_log": None,
+            "handle_signals": False,
+            "shutdown_timeout": _CLEANUP_WAIT,
+            "keepalive_timeout": settings.idle_timeout,
+            "lingering_time": settings.lingering_time,
+            "max_field_size": settings.max_field_bytes,
+            "logger": _HTTP_LOG,
+        }
+        options.update(runner_options or {})
+        self._runner = web.AppRunner(app, **options)
 
     async def start(self) -> int:
         settings = self._settings
         await self._runner.setup()
+        if self._lane is not None:
+            return await self._start_front()
         site = _GuardedSite(
             self._runner,
             settings.bind_address,
@@ -536,10 +569,48 @@ class _AppListener:
         await site.start()
         return _bound_port(self._runner)
 
+    async def _start_front(self) -> int:
+        settings = self._settings
+        lane = self._lane
+        server = self._runner.server
+        assert lane is not None
+        assert server is not None
+        loop = asyncio.get_running_loop()
+
+        def fallback() -> asyncio.Protocol:
+            # Built like web.Server builds its handlers, as our subclass; the
+            # connection arrives with a request already, so no first-request
+            # guard is armed.
+            return _QuietHandler(server, loop=loop, **server._kwargs)
+
+        front = Server(
+            {},
+            default=lane.route,
+            limits=replace(lane.limits, head_timeout=settings.idle_timeout),
+            error_body=status_body,
+            fallback=fallback,
+            admit=lane.admit,
+        )
+        port = await front.start(
+            settings.bind_address,
+            settings.secure_port,
+            ssl_context=self._ssl,
+            reuse_port=settings.reuse_port,
+        )
+        self._front = front
+        return port
+
     async def drain(self, grace: float) -> None:
-        await _drain(self._runner, self._guard, grace)
+        if self._front is None:
+            await _drain(self._runner, self._guard, grace)
+            return
+        await asyncio.gather(
+            self._front.drain(grace), _drain(self._runner, self._guard, grace)
+        )
 
     async def cleanup(self) -> None:
+        if self._front is not None:
+            await self._front.drain(0)
         await self._runner.cleanup()
 
 

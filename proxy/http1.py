@@ -1,15 +1,22 @@
-"""A small, strict HTTP/1.1 server for the TokenReview webhook.
+"""A small, strict HTTP/1.1 server: the webhook's, and the proxy's fast lane.
 
-Why not aiohttp, which serves the proxy? The webhook's HTTP surface is tiny and
-fixed: kube-apiserver (Go's net/http) POSTs a JSON ``TokenReview`` of a few KiB
-with a ``Content-Length`` to one path, on keep-alive TLS connections, and reads
-back a JSON answer. Everything else a general framework does per request
-(a task per request, request and response objects, header multidicts, a router,
-middleware frames) cost about twice as much CPU as the review itself on a
-cached token: measured under the same load, a bare aiohttp echo of a review
-spends ~45 µs of CPU per request, the same echo on this protocol ~18 µs. The
-webhook sits in front of every API request of a cluster, so it gets this
-purpose-built path, and the proxy, which needs all of HTTP, keeps aiohttp.
+Why not aiohttp? The webhook's HTTP surface is tiny and fixed: kube-apiserver
+(Go's net/http) POSTs a JSON ``TokenReview`` of a few KiB with a
+``Content-Length`` to one path, on keep-alive TLS connections, and reads back a
+JSON answer. Everything else a general framework does per request (a task per
+request, request and response objects, header multidicts, a router, middleware
+frames) cost about twice as much CPU as the review itself on a cached token:
+measured under the same load, a bare aiohttp echo of a review spends ~45 µs of
+CPU per request, the same echo on this protocol ~18 µs. The webhook sits in
+front of every API request of a cluster, so it gets this purpose-built path.
+
+The proxy needs all of HTTP (chunked uploads, upgrades, watches), which stays
+aiohttp's job; but most of what kubectl sends is a short request with a small
+body or none. So the proxy's listener is this server with a *fallback*: it
+serves what its ``admit`` takes and hands every other connection, at the first
+byte of the first request it does not take, to aiohttp's connection handler
+for good (see ``Server``). Answers may be streamed (``Request.start_stream``)
+for the API server's large or chunked bodies, with backpressure.
 
 What it accepts, and nothing else (anything else is refused with a Kubernetes
 ``Status`` and, where the stream can no longer be trusted, a closed connection):
@@ -47,13 +54,13 @@ import logging
 import re
 import ssl
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple, cast
 
 from proxy.log import REQUEST_ID, new_request_id
 
-__all__ = ["Answer", "Handler", "Limits", "Request", "Route", "Server"]
+__all__ = ["Admit", "Answer", "Handler", "Limits", "Request", "Route", "Server"]
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +82,25 @@ class Limits:
 
 
 class Request:
-    """One parsed request; header names are lower-case, repeated ones joined."""
+    """One parsed request.
 
-    __slots__ = ("body", "headers", "keep_alive", "method", "path", "target")
+    ``headers`` has lower-case names with repeated fields joined (RFC 9110
+    §5.3); ``fields`` keeps every field as sent, in order and in its case, for
+    a handler that forwards them (the proxy). ``path`` is the target's path,
+    undecoded.
+    """
+
+    __slots__ = (
+        "_conn",
+        "body",
+        "fields",
+        "headers",
+        "http11",
+        "keep_alive",
+        "method",
+        "path",
+        "target",
+    )
 
     def __init__(
         self,
@@ -86,6 +109,10 @@ class Request:
         headers: dict[str, str],
         body: bytes,
         keep_alive: bool,
+        *,
+        fields: list[tuple[str, str]] | None = None,
+        http11: bool = True,
+        conn: _Connection | None = None,
     ) -> None:
         self.method = method
         self.target = target
@@ -93,6 +120,52 @@ class Request:
         self.headers = headers
         self.body = body
         self.keep_alive = keep_alive
+        self.fields = fields if fields is not None else []
+        self.http11 = http11
+        self._conn = conn
+
+    @property
+    def peer(self) -> str | None:
+        """The client's address (no port), ``None`` when unknown."""
+        conn = self._conn
+        return conn.peer if conn is not None else None
+
+    def start_stream(
+        self,
+        status: int,
+        headers: Iterable[tuple[str, str]],
+        *,
+        length: int | None = None,
+        reason: str = "",
+    ) -> None:
+        """Begin an answer whose body follows in pieces (``send``, then ``end_stream``).
+
+        For a handler whose coroutine then returns ``None``. The body is framed
+        by ``length`` when given, otherwise chunked (or, to an HTTP/1.0 client,
+        by closing the connection). ``headers`` must not carry framing.
+        """
+        self._stream().start_stream(self, status, headers, length, reason)
+
+    async def send(self, data: bytes) -> None:
+        """Write one piece of a streamed body, waiting while the client lags.
+
+        Raises ``ConnectionResetError`` once the client has gone.
+        """
+        await self._stream().send(data)
+
+    def end_stream(self) -> None:
+        """Finish a streamed body (the last chunk, for chunked framing)."""
+        self._stream().end_stream()
+
+    def abort(self) -> None:
+        """Cut the connection: an answer under way cannot be completed honestly."""
+        if self._conn is not None:
+            self._conn.abort()
+
+    def _stream(self) -> _Connection:
+        if self._conn is None:
+            raise RuntimeError("http: this request has no connection")
+        return self._conn
 
     @property
     def content_type(self) -> str:
@@ -113,19 +186,29 @@ class Answer(NamedTuple):
     #: Close the connection after this answer (the rest of the request may
     #: still be arriving, or the stream cannot be trusted).
     close: bool = False
-    content_type: str = "application/json"
+    #: ``None``: ``headers`` are the answer's own (a relayed answer), and a
+    #: ``Date`` is added only if they have none.
+    content_type: str | None = "application/json"
+    #: The reason phrase; ``""`` for the standard one.
+    reason: str = ""
 
 
-#: A handler answers at once, or returns a coroutine the connection runs as a task.
-Handler = Callable[[Request], "Answer | Coroutine[Any, Any, Answer]"]
+#: A handler answers at once, or returns a coroutine the connection runs as a
+#: task; that coroutine returns the answer, or ``None`` when it has streamed
+#: the answer itself (``Request.start_stream``).
+Handler = Callable[[Request], "Answer | Coroutine[Any, Any, Answer | None]"]
+
+#: ``admit(method, target, headers)``: whether this listener serves a request
+#: itself or hands its connection to the fallback (see ``Server``).
+Admit = Callable[[str, str, Mapping[str, str]], bool]
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """A path's handler and the methods it takes (others get 405)."""
+    """A path's handler and the methods it takes (others get 405; ``None``: all)."""
 
     handler: Handler
-    methods: frozenset[str] = frozenset({"POST"})
+    methods: frozenset[str] | None = frozenset({"POST"})
 
 
 #: RFC 9110 token characters (header names, methods).
@@ -135,6 +218,10 @@ _TOKEN: Final = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _HEADERS: Final = re.compile(rb"(?:" + _TOKEN + rb":[\t\x20-\x7e\x80-\xff]*\r\n)*")
 _REQUEST_LINE: Final = re.compile(rb"(" + _TOKEN + rb") (/[\x21-\x7e]*) HTTP/1\.([01])")
 _REASONS: Final = {s.value: s.phrase for s in http.HTTPStatus}
+#: Answers that never have a body nor a length (RFC 9110 §6.4.1).
+_BODYLESS: Final = frozenset({204, 304})
+#: ``_next_request``'s word for "this connection goes to the fallback".
+_HANDOFF: Final = object()
 
 
 class _Refused(Exception):
@@ -150,13 +237,26 @@ class _Head:
     method: str
     target: str
     headers: dict[str, str]
+    fields: list[tuple[str, str]]
     length: int
     keep_alive: bool
+    http11: bool
     continue_sent: bool = False
 
 
 class Server:
-    """Routes, limits and the connections of one listener."""
+    """Routes, limits and the connections of one listener.
+
+    With a ``fallback`` (a protocol factory, for the proxy: aiohttp's
+    connection handler), this server is a fast lane in front of a general
+    one. A request it would refuse (a chunked body, an oversized head, a
+    malformed one), a head that is not plain ASCII, and one ``admit`` declines
+    (an upgrade, a watch) are not refused: the connection is handed, at that
+    request's first byte, to a protocol from ``fallback``, which keeps it for
+    the rest of its life. Only one parser ever reads a given byte, and the
+    handover happens between requests, when every earlier answer has been
+    written, so the two cannot disagree about where a request ends.
+    """
 
     def __init__(
         self,
@@ -165,11 +265,19 @@ class Server:
         limits: Limits,
         error_body: Callable[[int, str], bytes],
         on_answer: Callable[[str, int], None] | None = None,
+        default: Route | None = None,
+        fallback: Callable[[], asyncio.Protocol] | None = None,
+        admit: Admit | None = None,
     ) -> None:
         self.routes = dict(routes)
+        self.default = default
         self.limits = limits
         self.error_body = error_body
         self.on_answer = on_answer
+        self.fallback = fallback
+        self.admit = admit
+        #: Connections handed to the fallback so far (for tests and metrics).
+        self.handed_off = 0
         self.connections: set[_Connection] = set()
         self.inflight: set[asyncio.Task[Any]] = set()
         self.draining = False
@@ -190,6 +298,8 @@ class Server:
         backlog: int = 1024,
     ) -> int:
         """Listen; return the port bound (useful with port 0)."""
+        if self._server is not None:
+            raise RuntimeError("http: this server is already listening")
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: _Connection(self),
@@ -267,13 +377,16 @@ class _Connection(asyncio.Protocol):
     __slots__ = (
         "_buffer",
         "_busy",
+        "_drained",
         "_head",
         "_loop",
         "_paused_reading",
         "_paused_writing",
         "_server",
+        "_stream",
         "_transport",
         "deadline",
+        "peer",
     )
 
     def __init__(self, server: Server) -> None:
@@ -285,8 +398,14 @@ class _Connection(asyncio.Protocol):
         self._busy = False
         self._paused_reading = False
         self._paused_writing = False
+        #: The streamed answer under way: ``None``, ``"length"``, ``"chunked"``
+        #: or ``"close"`` (delimited by closing, for an HTTP/1.0 client).
+        self._stream: str | None = None
+        #: Resolved when writing may go on (``resume_writing``) or never will.
+        self._drained: asyncio.Future[None] | None = None
         #: Loop time by which the current wait (head or body) must end; 0: none.
         self.deadline = 0.0
+        self.peer: str | None = None
 
     # -- asyncio.Protocol -------------------------------------------------
 
@@ -296,12 +415,17 @@ class _Connection(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
         self._server.connections.add(self)
         self.deadline = self._loop.time() + self._server.limits.head_timeout
+        if self._server.fallback is not None:
+            peer = transport.get_extra_info("peername")
+            if isinstance(peer, tuple | list) and peer:
+                self.peer = str(peer[0])
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.connections.discard(self)
         self._transport = None
         self._buffer.clear()
         self.deadline = 0.0
+        self._wake_writer()
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
@@ -315,8 +439,16 @@ class _Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._paused_writing = False
+        self._wake_writer()
         if not self._busy:
             self._process()
+
+    def _wake_writer(self) -> None:
+        waiter = self._drained
+        if waiter is not None:
+            self._drained = None
+            if not waiter.done():
+                waiter.set_result(None)
 
     # -- lifecycle --------------------------------------------------------
 
@@ -344,9 +476,119 @@ class _Connection(asyncio.Protocol):
             self._transport.close()
 
     def abort(self) -> None:
-        """Drop the connection (the drain is over)."""
+        """Drop the connection (the drain is over, or an answer broke off)."""
         if self._transport is not None:
             self._transport.abort()
+
+    # -- streamed answers -------------------------------------------------
+
+    def start_stream(
+        self,
+        request: Request,
+        status: int,
+        headers: Iterable[tuple[str, str]],
+        length: int | None,
+        reason: str,
+    ) -> None:
+        transport = self._transport
+        if transport is None:
+            raise ConnectionResetError("http: the client has gone")
+        if self._stream is not None:
+            raise RuntimeError("http: an answer is already under way")
+        server = self._server
+        if server.on_answer is not None:
+            server.on_answer("other", status)
+        head = [
+            b"HTTP/1.1 %d %s\r\n"
+            % (status, (reason or _REASONS.get(status, "")).encode("latin-1")),
+        ]
+        dated = False
+        for key, value in headers:
+            dated = dated or key.lower() == "date"
+            head.append(b"%s: %s\r\n" % (key.encode("latin-1"), value.encode("utf-8")))
+        if not dated:
+            head.append(b"Date: %s\r\n" % server.date())
+        if length is not None:
+            head.append(b"Content-Length: %d\r\n" % length)
+            self._stream = "length"
+        elif request.http11:
+            head.append(b"Transfer-Encoding: chunked\r\n")
+            self._stream = "chunked"
+        else:
+            self._stream = "close"
+        if self._stream == "close" or not request.keep_alive or server.draining:
+            head.append(b"Connection: close\r\n")
+            request.keep_alive = False
+        head.append(b"\r\n")
+        transport.write(b"".join(head))
+
+    async def send(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("http: the client has gone")
+        if not data:
+            return
+        if self._stream == "chunked":
+            transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+        else:
+            transport.write(data)
+        while self._paused_writing and self._transport is not None:
+            waiter = self._drained = self._loop.create_future()
+            await waiter
+        if self._transport is None:
+            raise ConnectionResetError("http: the client has gone")
+
+    def end_stream(self) -> None:
+        transport = self._transport
+        if transport is None:
+            raise ConnectionResetError("http: the client has gone")
+        if self._stream == "chunked":
+            transport.write(b"0\r\n\r\n")
+
+    def _stream_finished(self, request: Request) -> None:
+        """After a streamed answer: keep the connection, or close it."""
+        stream, self._stream = self._stream, None
+        transport = self._transport
+        if transport is None:
+            return
+        if stream is None:
+            # The handler said it answered but never began: nothing honest
+            # can follow on this connection.
+            log.error("handler returned no answer (likely a bug)")
+            transport.abort()
+            return
+        if not request.keep_alive or self._server.draining:
+            self._head = None
+            self._buffer.clear()
+            self.deadline = 0.0
+            transport.close()
+            return
+        self.deadline = self._loop.time() + self._server.limits.head_timeout
+
+    # -- handing over -----------------------------------------------------
+
+    def _handoff(self) -> None:
+        """Give this connection, from the current request on, to the fallback."""
+        server = self._server
+        transport = self._transport
+        factory = server.fallback
+        if transport is None or factory is None:  # pragma: no cover - callers check
+            return
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        self._head = None
+        self.deadline = 0.0
+        self._transport = None
+        server.connections.discard(self)
+        server.handed_off += 1
+        protocol = factory()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if self._paused_reading:
+            self._paused_reading = False
+            transport.resume_reading()
+        if data:
+            protocol.data_received(data)
 
     def _throttle(self) -> None:
         limits = self._server.limits
@@ -385,11 +627,17 @@ class _Connection(asyncio.Protocol):
             if request is None:
                 self._unthrottle()
                 return
-            self._dispatch(request)
+            if request is _HANDOFF:
+                self._handoff()
+                return
+            self._dispatch(cast(Request, request))
 
-    def _next_request(self) -> Request | None:
-        """The next complete request in the buffer, ``None`` if it is not all here."""
-        limits = self._server.limits
+    def _next_request(self) -> Request | object | None:
+        """The next complete request in the buffer, ``None`` if it is not all
+        here, ``_HANDOFF`` if it is the fallback's.
+        """
+        server = self._server
+        limits = server.limits
         buffer = self._buffer
         head = self._head
         if head is None:
@@ -399,9 +647,26 @@ class _Connection(asyncio.Protocol):
             end = buffer.find(b"\r\n\r\n", 0, limits.max_head_bytes + 4)
             if end < 0:
                 if len(buffer) > limits.max_head_bytes:
+                    if server.fallback is not None:
+                        return _HANDOFF
                     raise _Refused(431, "http: request head too large")
                 return None
-            head = self._head = self._parse_head(bytes(buffer[: end + 2]))
+            raw = bytes(buffer[: end + 2])
+            if server.fallback is None:
+                head = self._parse_head(raw)
+            else:
+                if not raw.isascii():
+                    return _HANDOFF
+                try:
+                    head = self._parse_head(raw)
+                except _Refused:
+                    return _HANDOFF
+                admit = server.admit
+                if admit is not None and not admit(
+                    head.method, head.target, head.headers
+                ):
+                    return _HANDOFF
+            self._head = head
             del buffer[: end + 4]
             self.deadline = self._loop.time() + limits.body_timeout
         if len(buffer) < head.length:
@@ -417,7 +682,16 @@ class _Connection(asyncio.Protocol):
         del buffer[: head.length]
         self._head = None
         self.deadline = 0.0
-        return Request(head.method, head.target, head.headers, body, head.keep_alive)
+        return Request(
+            head.method,
+            head.target,
+            head.headers,
+            body,
+            head.keep_alive,
+            fields=head.fields,
+            http11=head.http11,
+            conn=self,
+        )
 
     def _parse_head(self, raw: bytes) -> _Head:
         limits = self._server.limits
@@ -433,10 +707,13 @@ class _Connection(asyncio.Protocol):
         if len(lines) > limits.max_headers:
             raise _Refused(431, "http: too many headers")
         headers: dict[str, str] = {}
+        pairs: list[tuple[str, str]] = []
         for line in lines:
             name, _, value = line.partition(b":")
-            key = name.decode("ascii").lower()
+            original = name.decode("ascii")
+            key = original.lower()
             text = value.strip(b" \t").decode("latin-1")
+            pairs.append((original, text))
             if key in headers:
                 if key == "content-length":
                     if headers[key] != text:
@@ -469,19 +746,21 @@ class _Connection(asyncio.Protocol):
             method=match.group(1).decode("ascii"),
             target=match.group(2).decode("ascii"),
             headers=headers,
+            fields=pairs,
             length=length,
             keep_alive=keep_alive,
+            http11=not http10,
         )
 
     def _dispatch(self, request: Request) -> None:
         server = self._server
-        route = server.routes.get(request.path)
+        route = server.routes.get(request.path, server.default)
         if route is None:
             self._answer("", Answer(404, server.error_body(404, "not found")), request)
             return
-        name = request.path.strip("/")
-        if request.method not in route.methods:
-            allow = ", ".join(sorted(route.methods))
+        name = request.path.strip("/") if server.on_answer is not None else ""
+        if route.methods is not None and request.method not in route.methods:
+            allow = ", ".join(sorted(route.methods or ()))
             answer = Answer(
                 405,
                 server.error_body(405, f"method must be one of: {allow}"),
@@ -512,7 +791,7 @@ class _Connection(asyncio.Protocol):
         task.add_done_callback(lambda t: self._finished(t, name, request))
 
     def _finished(
-        self, task: asyncio.Task[Answer], name: str, request: Request
+        self, task: asyncio.Task[Answer | None], name: str, request: Request
     ) -> None:
         self._server.inflight.discard(task)
         self._busy = False
@@ -526,10 +805,18 @@ class _Connection(asyncio.Protocol):
                 exc_info=exc,
                 extra={"path": request.path},
             )
-            answer = self._server.refusal(500, "internal error")
+            if self._stream is not None:
+                # Half an answer is out: only cutting the connection is honest.
+                self._stream = None
+                self.abort()
+                return
+            answer: Answer | None = self._server.refusal(500, "internal error")
         else:
             answer = task.result()
-        self._answer(name, answer, request)
+        if answer is None or self._stream is not None:
+            self._stream_finished(request)
+        else:
+            self._answer(name, answer, request)
         self._process()
 
     def _answer(
@@ -544,15 +831,32 @@ class _Connection(asyncio.Protocol):
         close = (
             answer.close or request is None or not request.keep_alive or server.draining
         )
+        status = answer.status
         body = answer.body
         head = [
             b"HTTP/1.1 %d %s\r\n"
-            % (answer.status, _REASONS.get(answer.status, "").encode()),
-            b"Content-Type: %s\r\nContent-Length: %d\r\nDate: %s\r\n"
-            % (answer.content_type.encode(), len(body), server.date()),
+            % (status, (answer.reason or _REASONS.get(status, "")).encode("latin-1"))
         ]
-        for key, value in answer.headers:
-            head.append(b"%s: %s\r\n" % (key.encode(), value.encode()))
+        if answer.content_type is not None:
+            head.append(
+                b"Content-Type: %s\r\nContent-Length: %d\r\nDate: %s\r\n"
+                % (answer.content_type.encode(), len(body), server.date())
+            )
+            for key, value in answer.headers:
+                head.append(b"%s: %s\r\n" % (key.encode(), value.encode()))
+        else:
+            dated = False
+            for key, value in answer.headers:
+                dated = dated or key.lower() == "date"
+                head.append(
+                    b"%s: %s\r\n" % (key.encode("latin-1"), value.encode("utf-8"))
+                )
+            if not dated:
+                head.append(b"Date: %s\r\n" % server.date())
+            if status in _BODYLESS:
+                body = b""
+            else:
+                head.append(b"Content-Length: %d\r\n" % len(body))
         if close:
             head.append(b"Connection: close\r\n")
         head.append(b"\r\n")

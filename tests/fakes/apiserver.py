@@ -161,6 +161,8 @@ class FakeAPIServer:
         self.log_lines: asyncio.Queue[str | None] = asyncio.Queue()
         self.log_closed = asyncio.Event()
         self.big_size = 100 * 1024 * 1024
+        #: Cut the connection after this many bytes of the big list (None: never).
+        self.big_abort_after: int | None = None
         self.delay = 0.0
         self.spdy_dictionary: bytes | None = None
         self.spdy_sessions: list[SpdySession] = []
@@ -637,6 +639,10 @@ async def _configmaps(request: web.Request) -> web.StreamResponse:
     while sent + len(batch) + len(tail) + 64 <= fake.big_size:
         await response.write(batch)
         sent += len(batch)
+        if fake.big_abort_after is not None and sent >= fake.big_abort_after:
+            assert request.transport is not None
+            request.transport.abort()
+            return response
     await response.write(b'{"metadata":{"name":"last"}}' + tail)
     await response.write_eof()
     return response

@@ -29,9 +29,15 @@ import trustme
 import yaml
 from aiohttp import web
 
+from proxy.app import ServeSettings, listening
 from proxy.authn import Authenticator
 from proxy.config import ClaimMappings, PrefixedClaimOrExpression
-from proxy.impersonate import ProxySettings, TokenAuthenticator, add_proxy_routes
+from proxy.impersonate import (
+    LEAN_LANE,
+    ProxySettings,
+    TokenAuthenticator,
+    add_proxy_routes,
+)
 from proxy.metrics import Metrics
 from proxy.upstream import Upstream, UpstreamSettings
 from tests.fakes.apiserver import FakeAPIServer, serve_apiserver
@@ -117,23 +123,28 @@ def client_ssl(ca: trustme.CA) -> ssl.SSLContext:
 
 @asynccontextmanager
 async def serve_app(
-    app: web.Application, ca: trustme.CA | None, *, handler_cancellation: bool = False
+    app: web.Application,
+    ca: trustme.CA | None,
+    *,
+    handler_cancellation: bool = False,
+    lean: bool = True,
 ) -> AsyncIterator[str]:
-    runner = web.AppRunner(
-        app, shutdown_timeout=0.1, handler_cancellation=handler_cancellation
-    )
-    await runner.setup()
+    """Serve ``app`` as production does (``proxy.app.listening``): the proxy's
+    lean lane in front of aiohttp, unless ``lean`` is false (aiohttp only).
+    """
+    if not lean:
+        app.pop(LEAN_LANE, None)
     ctx = None
     if ca is not None:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ca.issue_cert("127.0.0.1").configure_cert(ctx)
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
+    settings = ServeSettings(
+        bind_address="127.0.0.1", secure_port=0, shutdown_grace_period=0.1
+    )
+    async with listening(
+        app, settings, ctx, handler_cancellation=handler_cancellation
+    ) as port:
         yield f"{'https' if ctx else 'http'}://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
 
 
 @asynccontextmanager
@@ -147,13 +158,14 @@ async def run_proxy(
     claim_mappings: ClaimMappings | None = None,
     authenticator: TokenAuthenticator | None = None,
     handler_cancellation: bool = False,
+    lean: bool = True,
 ) -> AsyncIterator[Stack]:
     """Fake API server + proxy in front of it + a client session, all started.
 
     ``upstream`` replaces the default (a kubeconfig naming the fake API server);
     a callable gets the started fake API server and returns the ``Upstream``.
     ``handler_cancellation`` is aiohttp's server option (the proxy must work
-    with either setting).
+    with either setting); ``lean=False`` serves every request through aiohttp.
     """
     settings = settings or ProxySettings()
     key = new_key("RS256")
@@ -184,7 +196,10 @@ async def run_proxy(
             )
             async with (
                 serve_app(
-                    app, ca if tls else None, handler_cancellation=handler_cancellation
+                    app,
+                    ca if tls else None,
+                    handler_cancellation=handler_cancellation,
+                    lean=lean,
                 ) as url,
                 aiohttp.ClientSession(
                     connector=aiohttp.TCPConnector(ssl=client_ssl(ca)),
