@@ -293,6 +293,18 @@ class _Refusal(Exception):
 _status_body: Final = functools.lru_cache(maxsize=256)(status_body)
 
 
+def _token_refusal(err: TokenError) -> _Refusal:
+    """A refused token's answer: 401, or 503 while the keys are not loaded."""
+    if err.temporary:
+        return _Refusal(
+            503,
+            "authentication temporarily unavailable",
+            err.reason,
+            headers={"Retry-After": "5"},
+        )
+    return _Refusal(401, "Unauthorized", err.reason)
+
+
 def status_response(
     code: int, message: str, *, headers: Mapping[str, str] | None = None
 ) -> web.Response:
@@ -756,6 +768,16 @@ class _ProxyHandler:
         self._metrics = metrics
         self._stopping = stopping
         self._identities = PerUser(self._checked_headers, limit=_IDENTITY_CACHE)
+        # The engine's two steps, when the authenticator has them (the lean
+        # lane answers a cached verdict without a task); ``authenticate`` else.
+        lookup = getattr(authenticator, "lookup", None)
+        validate = getattr(authenticator, "validate", None)
+        self._lookup: Callable[[str], tuple[bytes, UserInfo | None]] | None = (
+            lookup if lookup is not None and validate is not None else None
+        )
+        self._validate: Callable[[str, bytes], Awaitable[UserInfo | None]] | None = (
+            validate if self._lookup is not None else None
+        )
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Serve one request (the route's handler)."""
@@ -829,33 +851,85 @@ class _ProxyHandler:
 
     def handle_lean(
         self, request: http1.Request
-    ) -> Coroutine[Any, Any, http1.Answer | None]:
-        """Serve one request of the lean lane (its route's handler)."""
-        return self._lean(request)
+    ) -> http1.Answer | Coroutine[Any, Any, http1.Answer | None]:
+        """Serve one request of the lean lane (its route's handler).
 
-    async def _lean(self, request: http1.Request) -> http1.Answer | None:
+        The checks before the upstream call run here, synchronously, up to the
+        cache lookup: a refusal they reach (a replayed bad or expired token,
+        no token) is answered without creating a task, which is most of what
+        a refusal costs beyond the protocol and the log line.
+        """
         path = _decoded_path(request.path)
         verb, _ = _classify_target(request.method, request.target)
         entry = _Entry(request.method, path, verb, None)
+        fields = request.fields
+        src = CIMultiDict(fields)
+        key: bytes | None = None
+        user: UserInfo | None = None
         try:
-            fields = request.fields
-            size = sum(len(k) + len(v) + 4 for k, v in fields)
-            headers = await self._admit(
-                CIMultiDict(fields),
-                size=size,
+            token, _ = self._presented(
+                src,
+                size=sum(len(k) + len(v) + 4 for k, v in fields),
                 target=request.target,
+                upgrade=None,
+            )
+            if self._lookup is not None:
+                key, user = self._lookup(token)
+        except (_Refusal, TokenError) as err:
+            refusal = _token_refusal(err) if isinstance(err, TokenError) else err
+            answer = self._lean_refusal(refusal, entry)
+            self._finish(entry)
+            return answer
+        except Exception:
+            log.exception("proxy handler failed")
+            entry.status = 500
+            self._finish(entry)
+            return http1.Answer(500, _status_body(500, "internal error"))
+        return self._lean(request, entry, src, token, key=key, user=user)
+
+    def _lean_refusal(
+        self, err: _Refusal | UpstreamError, entry: _Entry
+    ) -> http1.Answer:
+        status, message, extra = self._refused(err, entry)
+        return http1.Answer(
+            status,
+            _status_body(status, message),
+            tuple(extra.items()) if extra else (),
+        )
+
+    async def _lean(
+        self,
+        request: http1.Request,
+        entry: _Entry,
+        src: CIMultiDict[str],
+        token: str,
+        *,
+        key: bytes | None,
+        user: UserInfo | None,
+    ) -> http1.Answer | None:
+        """The rest of a lean request: validation on a cache miss, the checks
+        after it, the upstream exchange.
+        """
+        try:
+            if user is None:
+                try:
+                    if key is not None and self._validate is not None:
+                        user = await self._validate(token, key)
+                    else:
+                        user = await self._authenticator.authenticate(token)
+                except TokenError as err:
+                    raise _token_refusal(err) from err
+            headers = await self._admitted(
+                user,
+                src,
                 peer=request.peer,
                 entry=entry,
                 upgrade=None,
+                protocols=None,
             )
             return await self._forward_lean(request, headers, entry)
         except (_Refusal, UpstreamError) as err:
-            status, message, extra = self._refused(err, entry)
-            return http1.Answer(
-                status,
-                _status_body(status, message),
-                tuple(extra.items()) if extra else (),
-            )
+            return self._lean_refusal(err, entry)
         except Exception:
             if entry.prepared:
                 request.abort()
@@ -963,24 +1037,40 @@ class _ProxyHandler:
         """Every check before the API server is called (the module docstring's
         order); the headers to forward, or a ``_Refusal``.
         """
-        settings = self._settings
-        if size > settings.max_header_bytes:
+        token, protocols = self._presented(
+            src, size=size, target=target, upgrade=upgrade
+        )
+        try:
+            user = await self._authenticator.authenticate(token)
+        except TokenError as err:
+            raise _token_refusal(err) from err
+        return await self._admitted(
+            user, src, peer=peer, entry=entry, upgrade=upgrade, protocols=protocols
+        )
+
+    def _presented(
+        self, src: _Headers, *, size: int, target: str, upgrade: str | None
+    ) -> tuple[str, list[str] | None]:
+        """The checks before authentication: size, target, exactly one credential."""
+        if size > self._settings.max_header_bytes:
             raise _Refusal(431, "request headers too large", f"{size} bytes")
         if not target.startswith("/"):
             raise _Refusal(400, "bad request target")
         websocket = upgrade is not None and upgrade.lower() == "websocket"
-        token, protocols = _credentials(src, websocket)
-        try:
-            user = await self._authenticator.authenticate(token)
-        except TokenError as err:
-            if err.temporary:
-                raise _Refusal(
-                    503,
-                    "authentication temporarily unavailable",
-                    err.reason,
-                    headers={"Retry-After": "5"},
-                ) from err
-            raise _Refusal(401, "Unauthorized", err.reason) from err
+        return _credentials(src, websocket)
+
+    async def _admitted(
+        self,
+        user: UserInfo | None,
+        src: _Headers,
+        *,
+        peer: str | None,
+        entry: _Entry,
+        upgrade: str | None,
+        protocols: list[str] | None,
+    ) -> list[tuple[str, str]]:
+        """The checks after authentication; the headers to forward."""
+        settings = self._settings
         if user is None:
             if not settings.token_passthrough:
                 raise _Refusal(401, "Unauthorized", "token of no configured issuer")

@@ -18,6 +18,7 @@ import pytest
 import trustme
 from aiohttp import web
 from multidict import CIMultiDict
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.impersonate import LEAN_LANE, ProxySettings, add_proxy_routes
 from proxy.metrics import Metrics
@@ -246,6 +247,14 @@ async def test_both_lanes_forward_and_answer_alike(
     ]
 
 
+def _sample(metrics: Metrics, name: str, result: str) -> float:
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        for sample in family.samples:
+            if sample.name == name and sample.labels.get("outcome") == result:
+                return sample.value
+    return 0.0
+
+
 _ACCESS_FIELDS = frozenset(
     {"user", "groups_count", "verb", "method", "path", "status", "mode", "detail"}
 )
@@ -366,3 +375,41 @@ async def test_client_leaving_mid_list_is_logged_and_the_lane_goes_on(
         small_big.url + PODS, headers=small_big.bearer()
     ) as r:
         assert r.status == 200
+
+
+# --------------------------------------------------------------------------
+# Remembered refusals are answered at once, the same way each time
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [{"exp": 1_000_000}, {"aud": "someone-else"}],
+    ids=["expired", "wrong-audience"],
+)
+async def test_a_replayed_refusal_is_answered_alike_from_the_cache(
+    tmp_path: Path,
+    ca: trustme.CA,
+    caplog: pytest.LogCaptureFixture,
+    claims: dict[str, Any],
+) -> None:
+    caplog.set_level(logging.INFO, logger="proxy.access")
+    async with run_proxy(tmp_path, ca) as stack:
+        bad = {"Authorization": f"Bearer {stack.token(**claims)}"}
+        answers = []
+        for _ in range(3):
+            async with stack.client.get(stack.url + PODS, headers=bad) as r:
+                answers.append((r.status, await r.read()))
+        hits = {
+            result: _sample(
+                stack.metrics, "kube_oidc_gate_token_cache_requests_total", result
+            )
+            for result in ("miss", "hit")
+        }
+    assert answers[0][0] == 401
+    assert answers == [answers[0]] * 3
+    lines = [vars(rec) for rec in caplog.records if rec.name == "proxy.access"]
+    assert len(lines) == 3
+    assert {(x["status"], x["detail"]) for x in lines} == {(401, lines[0]["detail"])}
+    assert lines[0]["detail"]
+    assert hits == {"miss": 1, "hit": 2}
+    assert stack.fake.requests == []
