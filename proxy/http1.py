@@ -217,6 +217,8 @@ _TOKEN: Final = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 #: characters, spaces, tabs and obs-text; no folding, no bare CR or LF.
 _HEADERS: Final = re.compile(rb"(?:" + _TOKEN + rb":[\t\x20-\x7e\x80-\xff]*\r\n)*")
 _REQUEST_LINE: Final = re.compile(rb"(" + _TOKEN + rb") (/[\x21-\x7e]*) HTTP/1\.([01])")
+#: One header line of a head ``_HEADERS`` accepted, on its Latin-1 text.
+_FIELD: Final = re.compile(r"(" + _TOKEN.decode() + r"):([^\r\n]*)\r\n")
 _REASONS: Final = {s.value: s.phrase for s in http.HTTPStatus}
 #: Answers that never have a body nor a length (RFC 9110 §6.4.1).
 _BODYLESS: Final = frozenset({204, 304})
@@ -699,20 +701,18 @@ class _Connection(asyncio.Protocol):
         match = _REQUEST_LINE.fullmatch(raw, 0, line_end)
         if match is None:
             raise _Refused(400, "http: malformed request line")
-        fields = raw[line_end + 2 :]
-        if _HEADERS.fullmatch(fields) is None:
+        if _HEADERS.fullmatch(raw, line_end + 2) is None:
             raise _Refused(400, "http: malformed header")
-        lines = fields.split(b"\r\n")
-        lines.pop()  # the empty string after the last CRLF
-        if len(lines) > limits.max_headers:
+        # Checked whole above; now split at once (names are ASCII tokens, values
+        # Latin-1 as RFC 9110 §5.5 reads obs-text).
+        found = _FIELD.findall(raw.decode("latin-1"), line_end + 2)
+        if len(found) > limits.max_headers:
             raise _Refused(431, "http: too many headers")
         headers: dict[str, str] = {}
         pairs: list[tuple[str, str]] = []
-        for line in lines:
-            name, _, value = line.partition(b":")
-            original = name.decode("ascii")
+        for original, value in found:
             key = original.lower()
-            text = value.strip(b" \t").decode("latin-1")
+            text = value.strip(" \t")
             pairs.append((original, text))
             if key in headers:
                 if key == "content-length":

@@ -575,6 +575,10 @@ RESPONSE_CASES = [
         b"HTTP/1.1 200 Fine\r\nX-U: j\xc3\xbcrgen\r\nX-R: a\xffb\r\nContent-Length: 0\r\n\r\n",
     ),
     ("no-reason", b"HTTP/1.1 200\r\nX-Space:   padded  \r\nContent-Length: 0\r\n\r\n"),
+    (
+        "empty-and-tab-values",
+        b"HTTP/1.1 200 OK\r\nX-E:\r\nX-T:\tv w\t\r\nX-B: \r\nContent-Length: 0\r\n\r\n",
+    ),
 ]
 
 
