@@ -85,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="Sampling time.")
     parser.add_argument("--rate", type=int, default=200, help="Samples per second.")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument(
+        "--native",
+        action="store_true",
+        help="Sample C frames too (py-spy --native): time in OpenSSL, uvloop or "
+        "a system call is then credited to it, not to the Python line calling it.",
+    )
     ns = parser.parse_args(argv)
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(spy).exists():
@@ -113,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                     seconds,
                     ns.rate,
                     raw,
+                    native=ns.native,
                 )
         else:
             with (
@@ -128,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                     seconds,
                     ns.rate,
                     raw,
+                    native=ns.native,
                 )
     finally:
         stop_all()
@@ -148,6 +156,8 @@ def _sample(
     seconds: float,
     rate: int,
     raw: Path,
+    *,
+    native: bool = False,
 ) -> None:
     load = Load(url=url, duration=seconds + 2, mode=mode, tokens=tokens)
     wrk = start_wrk(load)
@@ -167,6 +177,7 @@ def _sample(
                 "raw",
                 "--output",
                 str(raw),
+                *(["--native"] if native else []),
             ],
             check=True,
             capture_output=True,
