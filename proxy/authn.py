@@ -164,7 +164,7 @@ class Authenticator:
         issuer, user, exp = outcome
         self._observe(started, "ok")
         self._record("ok", "ok")
-        cache.put_user(key, user, issuer=issuer, exp=exp)
+        user = cache.put_user(key, user, issuer=issuer, exp=exp)
         if metrics is not None:
             metrics.cache_size.set(len(cache))
         return user

@@ -166,13 +166,21 @@ class ResultCache:
             self._users.clear()
         self._users[user_json] = user
 
-    def put_user(self, key: bytes, user: UserInfo, *, issuer: str, exp: float) -> None:
-        """Remember an accepted token until ``min(exp, now + success_ttl)``."""
+    def put_user(
+        self, key: bytes, user: UserInfo, *, issuer: str, exp: float
+    ) -> UserInfo:
+        """Remember an accepted token until ``min(exp, now + success_ttl)``.
+
+        Returns the user object to use from now on: an equal one already
+        remembered (the same person with a new token) if there is one, so
+        that what the front ends derive per user object (``kube.PerUser``: the
+        webhook's encoded answer, the proxy's headers) is reused.
+        """
         if self._max <= 0:
-            return
+            return user
         remaining = min(exp - self._clock(), self._settings.success_ttl)
         if remaining <= 0:
-            return
+            return user
         user_json = _ENCODE(user.to_dict()).encode()
         self._refused.pop(key, None)
         self._accepted[key] = (
@@ -181,7 +189,11 @@ class ResultCache:
             issuer,
             user_json,
         )
+        known = self._users.get(user_json)
+        if known is not None:
+            return known
         self._remember_user(user_json, user)
+        return user
 
     def put_error(self, key: bytes, error: TokenError) -> None:
         """Remember a refusal briefly; temporary refusals are not remembered."""

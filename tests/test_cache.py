@@ -222,3 +222,31 @@ def test_a_user_evicted_from_the_memo_is_rebuilt_equal(user: UserInfo) -> None:
     assert hit is not None
     assert hit.user == user
     assert hit.user is not user
+
+
+def test_a_new_token_of_a_known_user_gets_the_known_user_object() -> None:
+    """The same person with a new token: the front ends' per-user work is reused."""
+    cache, clocks = make()
+    first = cache.put_user(
+        cache.key("t1"), ALICE, issuer="https://i", exp=clocks.wall + 600
+    )
+    assert first is ALICE
+    again = UserInfo(username="alice", groups=("dev",))
+    assert again is not ALICE
+    second = cache.put_user(
+        cache.key("t2"), again, issuer="https://i", exp=clocks.wall + 600
+    )
+    assert second is ALICE
+    other = UserInfo(username="alice", groups=("dev", "ops"))
+    assert (
+        cache.put_user(
+            cache.key("t3"), other, issuer="https://i", exp=clocks.wall + 600
+        )
+        is other
+    )
+    # Not remembered (expired already): the caller's own object comes back.
+    late = UserInfo(username="alice", groups=("dev",))
+    assert (
+        cache.put_user(cache.key("t4"), late, issuer="https://i", exp=clocks.wall - 1)
+        is late
+    )
