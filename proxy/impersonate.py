@@ -967,6 +967,10 @@ class _ProxyHandler:
                         _response_headers(upstream.headers, body_length=False).items()
                     )
                     body = upstream.body
+                    if body is None and upstream.complete:
+                        # Nothing to read (204, 304, a zero length): a whole
+                        # answer, never a chunked stream.
+                        body = b""
                     entry.status = upstream.status
                     if body is not None:
                         entry.bytes_out = len(body)

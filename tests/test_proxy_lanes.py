@@ -413,3 +413,83 @@ async def test_a_replayed_refusal_is_answered_alike_from_the_cache(
     assert lines[0]["detail"]
     assert hits == {"miss": 1, "hit": 2}
     assert stack.fake.requests == []
+
+
+# --------------------------------------------------------------------------
+# Answers without a body
+
+
+@pytest.mark.parametrize(
+    ("answer", "status", "length"),
+    [
+        (b"HTTP/1.1 204 No Content\r\nAudit-Id: a1\r\n\r\n", 204, None),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nAudit-Id: a1\r\n\r\n", 200, "0"),
+        (b"HTTP/1.1 304 Not Modified\r\nETag: x\r\nAudit-Id: a1\r\n\r\n", 304, None),
+    ],
+    ids=["204", "empty-200", "304"],
+)
+async def test_bodiless_answers_are_relayed_without_a_body_on_both_lanes(
+    tmp_path: Path,
+    ca: trustme.CA,
+    answer: bytes,
+    status: int,
+    length: str | None,
+) -> None:
+    async def scripted(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        for _ in range(10):
+            try:
+                await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            except (asyncio.IncompleteReadError, TimeoutError):
+                break
+            writer.write(answer)
+            await writer.drain()
+        writer.close()
+
+    listener = await asyncio.start_server(scripted, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        for lean in (True, False):
+            (tmp_path / str(lean)).mkdir()
+            config = upstream_kubeconfig(
+                tmp_path / str(lean) / "kc", f"http://127.0.0.1:{port}", b""
+            )
+            async with run_proxy(
+                tmp_path / str(lean),
+                ca,
+                lean=lean,
+                upstream=Upstream(UpstreamSettings(kubeconfig=str(config))),
+            ) as stack:
+                host = "127.0.0.1"
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(
+                        host,
+                        int(stack.url.rsplit(":", 1)[1]),
+                        ssl=client_ssl(ca),
+                        server_hostname=host,
+                    ),
+                    5,
+                )
+                get = (
+                    f"GET {PODS}/p HTTP/1.1\r\nHost: {host}\r\n"
+                    f"Authorization: Bearer {stack.token()}\r\n\r\n"
+                ).encode()
+                # Twice on one connection: the first answer must end where
+                # its head does, or the second is read as its body.
+                writer.write(get + get)
+                for _ in range(2):
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                    lines = head.decode("latin-1").split("\r\n")
+                    assert lines[0].split(" ")[1] == str(status), lean
+                    fields = {
+                        k.strip().lower(): v.strip()
+                        for k, _, v in (x.partition(":") for x in lines[1:] if x)
+                    }
+                    assert "transfer-encoding" not in fields, lean
+                    assert fields.get("content-length") == length, lean
+                    assert fields["audit-id"] == "a1"
+                writer.close()
+    finally:
+        listener.close()
+        await listener.wait_closed()
