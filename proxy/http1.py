@@ -220,6 +220,8 @@ _REQUEST_LINE: Final = re.compile(rb"(" + _TOKEN + rb") (/[\x21-\x7e]*) HTTP/1\.
 #: One header line of a head ``_HEADERS`` accepted, on its Latin-1 text.
 _FIELD: Final = re.compile(r"(" + _TOKEN.decode() + r"):([^\r\n]*)\r\n")
 _REASONS: Final = {s.value: s.phrase for s in http.HTTPStatus}
+#: Fields of a relayed answer this server writes itself.
+_FRAMING: Final = frozenset({"content-length", "transfer-encoding", "connection"})
 #: Answers that never have a body nor a length (RFC 9110 §6.4.1).
 _BODYLESS: Final = frozenset({204, 304})
 #: ``_next_request``'s word for "this connection goes to the fallback".
@@ -504,12 +506,7 @@ class _Connection(asyncio.Protocol):
             b"HTTP/1.1 %d %s\r\n"
             % (status, (reason or _REASONS.get(status, "")).encode("latin-1")),
         ]
-        dated = False
-        for key, value in headers:
-            dated = dated or key.lower() == "date"
-            head.append(b"%s: %s\r\n" % (key.encode("latin-1"), value.encode("utf-8")))
-        if not dated:
-            head.append(b"Date: %s\r\n" % server.date())
+        _relayed_fields(head, headers, server.date)
         if length is not None:
             head.append(b"Content-Length: %d\r\n" % length)
             self._stream = "length"
@@ -845,14 +842,7 @@ class _Connection(asyncio.Protocol):
             for key, value in answer.headers:
                 head.append(b"%s: %s\r\n" % (key.encode(), value.encode()))
         else:
-            dated = False
-            for key, value in answer.headers:
-                dated = dated or key.lower() == "date"
-                head.append(
-                    b"%s: %s\r\n" % (key.encode("latin-1"), value.encode("utf-8"))
-                )
-            if not dated:
-                head.append(b"Date: %s\r\n" % server.date())
+            _relayed_fields(head, answer.headers, server.date)
             if status in _BODYLESS:
                 body = b""
             else:
@@ -869,3 +859,21 @@ class _Connection(asyncio.Protocol):
             transport.close()
             return
         self.deadline = self._loop.time() + server.limits.head_timeout
+
+
+def _relayed_fields(
+    head: list[bytes], fields: Iterable[tuple[str, str]], date: Callable[[], bytes]
+) -> None:
+    """Append a relayed answer's own fields, minus any framing (this server
+    frames the body itself, so a second length could never be honest), and a
+    ``Date`` unless it has one.
+    """
+    dated = False
+    for key, value in fields:
+        lower = key.lower()
+        if lower in _FRAMING:
+            continue
+        dated = dated or lower == "date"
+        head.append(b"%s: %s\r\n" % (key.encode("latin-1"), value.encode("utf-8")))
+    if not dated:
+        head.append(b"Date: %s\r\n" % date())
