@@ -103,6 +103,7 @@ from proxy.kube import SYSTEM_AUTHENTICATED, PerUser, UserInfo, status_body
 from proxy.log import RequestLog
 from proxy.metrics import Metrics
 from proxy.upstream import RawResponse, Upstream
+from proxy.upstream_pool import PooledResponse
 
 __all__ = [
     "BEARER_PROTOCOL_PREFIX",
@@ -994,21 +995,7 @@ class _ProxyHandler:
                         reason=upstream.reason,
                     )
                     started = entry.prepared = True
-                    while True:
-                        try:
-                            chunk = await upstream.read_chunk()
-                        except UpstreamError as err:
-                            log.warning(
-                                "upstream stream broke", extra={"detail": str(err)}
-                            )
-                            raise _UpstreamBroken from err
-                        if not chunk:
-                            break
-                        try:
-                            await request.send(chunk)
-                        except ConnectionError as err:
-                            raise _ClientLeft from err
-                        entry.bytes_out += len(chunk)
+                    await _relay_pooled(upstream, request.send, entry)
                     request.end_stream()
         except (TimeoutError, _UpstreamBroken, _ClientLeft, ConnectionError) as err:
             _relay_ended(err, started, request.abort, entry)
@@ -1227,21 +1214,7 @@ class _ProxyHandler:
                     await response.prepare(request)
                     entry.status = upstream.status
                     entry.prepared = True
-                    while True:
-                        try:
-                            chunk = await upstream.read_chunk()
-                        except UpstreamError as err:
-                            log.warning(
-                                "upstream stream broke", extra={"detail": str(err)}
-                            )
-                            raise _UpstreamBroken from err
-                        if not chunk:
-                            break
-                        try:
-                            await response.write(chunk)
-                        except (ConnectionError, OSError) as err:
-                            raise _ClientLeft from err
-                        entry.bytes_out += len(chunk)
+                    await _relay_pooled(upstream, response.write, entry)
                     await response.write_eof()
         except (TimeoutError, _UpstreamBroken, _ClientLeft, ConnectionError) as err:
             _relay_ended(
@@ -1397,6 +1370,30 @@ class _ProxyHandler:
         entry.status = raw.status
         entry.bytes_out = len(body)
         return answer
+
+
+async def _relay_pooled(
+    upstream: PooledResponse,
+    write: Callable[[bytes], Awaitable[None]],
+    entry: _Entry,
+) -> None:
+    """Copy a pooled answer's body to the client (either lane's ``write``):
+    a failure on the API server's side is ``_UpstreamBroken``, on the
+    client's ``_ClientLeft``.
+    """
+    while True:
+        try:
+            chunk = await upstream.read_chunk()
+        except UpstreamError as err:
+            log.warning("upstream stream broke", extra={"detail": str(err)})
+            raise _UpstreamBroken from err
+        if not chunk:
+            return
+        try:
+            await write(chunk)
+        except (ConnectionError, OSError) as err:
+            raise _ClientLeft from err
+        entry.bytes_out += len(chunk)
 
 
 def _relay_ended(
