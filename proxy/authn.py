@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
 from proxy.cache import ResultCache, detached
 from proxy.claims import map_claims
@@ -32,24 +32,11 @@ from proxy.errors import MalformedToken, TokenError
 from proxy.kube import UserInfo
 from proxy.log import fingerprint
 from proxy.metrics import Metrics
-from proxy.tokens import KeyResolver, ParsedToken, peek, verify, verify_now
+from proxy.tokens import KeyResolver, ParsedToken, peek, verify
 
-__all__ = ["LATER", "Authenticator", "Verdict"]
+__all__ = ["Authenticator", "Verdict"]
 
 log = logging.getLogger(__name__)
-
-
-class _Later:
-    """The type of ``LATER``."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "LATER"
-
-
-#: ``Authenticator.validate_now``'s answer when only ``validate`` can decide.
-LATER: Final = _Later()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -148,90 +135,38 @@ class Authenticator:
 
     async def validate(self, token: str, key: bytes) -> UserInfo | None:
         """Validate a token ``lookup`` found no verdict for, and remember the result."""
-        self._count_miss()
+        cache = self.cache
+        metrics = self._metrics
+        if metrics is not None:
+            metrics.child(metrics.cache_requests, "miss").inc()
         started = time.perf_counter()
         try:
             parsed = peek(token, max_bytes=self._config.max_token_bytes)
             outcome = await self._validate(parsed)
         except TokenError as err:
-            self._refused(token, key, err, started)
-            raise
-        return self._accepted(key, outcome, started)
-
-    def validate_now(self, token: str, key: bytes) -> UserInfo | _Later | None:
-        """``validate`` without waiting, or ``LATER`` when it would have to wait.
-
-        Only a ``kid`` that no loaded key has needs I/O (a rate-limited refetch
-        of the issuer's keys); every other token (a new token of a known key,
-        a bad one, one of no configured issuer) is decided here, so the
-        webhook answers it without a task. On ``LATER`` nothing was counted
-        or remembered: call ``validate``.
-        """
-        started = time.perf_counter()
-        try:
-            parsed = peek(token, max_bytes=self._config.max_token_bytes)
-            auth = self._by_issuer.get(parsed.unverified_issuer or "")
-            outcome: tuple[str, UserInfo, float] | None = None
-            if auth is not None:
-                claims = verify_now(
-                    parsed,
-                    auth.issuer,
-                    self._keys[auth.issuer.url],
-                    now=self._clock(),
-                    leeway=self._config.leeway,
+            self._observe(started, "temporary" if err.temporary else "rejected")
+            self._record("error" if err.temporary else "rejected", err.reason)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "token refused",
+                    extra={
+                        "reason": err.reason,
+                        "issuer": err.issuer,
+                        "token": fingerprint(token),
+                        "detail": str(err),
+                    },
                 )
-                if claims is None:
-                    return LATER
-                outcome = (
-                    auth.issuer.url,
-                    map_claims(auth, claims),
-                    float(claims["exp"]),
-                )
-        except TokenError as err:
-            self._count_miss()
-            self._refused(token, key, err, started)
+            cache.put_error(key, err)
             raise
-        self._count_miss()
-        return self._accepted(key, outcome, started)
-
-    def _count_miss(self) -> None:
-        metrics = self._metrics
-        if metrics is not None:
-            metrics.child(metrics.cache_requests, "miss").inc()
-
-    def _refused(self, token: str, key: bytes, err: TokenError, started: float) -> None:
-        """Count, log (debug) and remember a refusal."""
-        self._observe(started, "temporary" if err.temporary else "rejected")
-        self._record("error" if err.temporary else "rejected", err.reason)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "token refused",
-                extra={
-                    "reason": err.reason,
-                    "issuer": err.issuer,
-                    "token": fingerprint(token),
-                    "detail": str(err),
-                },
-            )
-        self.cache.put_error(key, err)
-
-    def _accepted(
-        self,
-        key: bytes,
-        outcome: tuple[str, UserInfo, float] | None,
-        started: float,
-    ) -> UserInfo | None:
-        """Count and remember a verdict: the user, or ``None`` ("not mine")."""
         if outcome is None:
             self._record("not_mine", "not_mine")
             return None
         issuer, user, exp = outcome
         self._observe(started, "ok")
         self._record("ok", "ok")
-        user = self.cache.put_user(key, user, issuer=issuer, exp=exp)
-        metrics = self._metrics
+        user = cache.put_user(key, user, issuer=issuer, exp=exp)
         if metrics is not None:
-            metrics.cache_size.set(len(self.cache))
+            metrics.cache_size.set(len(cache))
         return user
 
     def _observe(self, started: float, result: str) -> None:

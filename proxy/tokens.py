@@ -60,7 +60,6 @@ __all__ = [
     "ParsedToken",
     "peek",
     "verify",
-    "verify_now",
 ]
 
 #: Headers that would let a token name its own key. Ignored on purpose, never fetched.
@@ -343,39 +342,6 @@ async def verify(
     candidates = keys.lookup(kid)
     if not candidates:
         candidates = await keys.refresh_unknown(kid)
-    return _verify_with(token, issuer, alg, candidates, now=now, leeway=leeway)
-
-
-def verify_now(
-    token: ParsedToken,
-    issuer: IssuerConfig,
-    keys: KeyResolver,
-    *,
-    now: float,
-    leeway: float,
-) -> Mapping[str, Any] | None:
-    """``verify`` without waiting: ``None`` when no loaded key has the token's
-    ``kid`` (the one case that needs I/O; then await ``verify``).
-
-    Why: a front end that gets its answer here needs no task per new token.
-    """
-    alg = check_header(token, issuer)
-    candidates = keys.lookup(token.kid)
-    if not candidates:
-        return None
-    return _verify_with(token, issuer, alg, candidates, now=now, leeway=leeway)
-
-
-def _verify_with(
-    token: ParsedToken,
-    issuer: IssuerConfig,
-    alg: str,
-    candidates: Sequence[VerificationKey],
-    *,
-    now: float,
-    leeway: float,
-) -> Mapping[str, Any]:
-    kid = token.kid
     if not candidates:
         raise UnknownKeyId(
             f"token: no key with kid {_kid_text(kid)} in the issuer's key set, "

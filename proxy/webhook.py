@@ -36,9 +36,9 @@ import logging
 import time
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, cast
+from typing import Any, Final
 
-from proxy.authn import LATER, Authenticator
+from proxy.authn import Authenticator
 from proxy.errors import TokenError
 from proxy.http1 import Answer, Limits, Request, Route, Server
 from proxy.kube import PerUser, UserInfo, status_body
@@ -170,10 +170,8 @@ class ReviewHandler:
     """``POST /authenticate``: the checks, the engine, the answer and its log line.
 
     Called by ``proxy.http1`` for each request. A review whose token has a
-    remembered verdict (the common case) or can be decided without I/O (a new
-    token signed by a loaded key, a bad one) is answered at once, without a
-    task; one whose key must be fetched first returns a coroutine that waits
-    for the engine.
+    remembered verdict (the common case) is answered at once, without a task;
+    any other returns a coroutine that waits for the engine.
     """
 
     def __init__(self, authenticator: Authenticator, settings: WebhookSettings) -> None:
@@ -204,15 +202,6 @@ class ReviewHandler:
             return self._refused(api_version, token, err, started)
         if user is not None:
             return self._verdict(api_version, token, user, asked, started)
-        # A new token: decided here unless its key must be fetched first.
-        try:
-            outcome = self._auth.validate_now(token, key)
-        except TokenError as err:
-            return self._refused(api_version, token, err, started)
-        if outcome is not LATER:
-            return self._verdict(
-                api_version, token, cast(UserInfo | None, outcome), asked, started
-            )
         return self._review(api_version, token, key, asked, started)
 
     def _check(self, request: Request) -> tuple[str, str, list[str]]:

@@ -9,8 +9,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import errors
-from proxy.authn import LATER, Authenticator
-from proxy.kube import UserInfo
+from proxy.authn import Authenticator
 from proxy.metrics import Metrics
 from tests.helpers import ISSUER, DictResolver, auth_config, authenticator_config
 from tests.keygen import SigningKey, claims_for, new_key, sign, sign_bytes
@@ -172,72 +171,3 @@ async def test_explain_says_everything(key: SigningKey) -> None:
     assert stranger.not_mine is not None
     assert "https://wrong.test/oauth2/default" in stranger.not_mine
     assert ISSUER in stranger.not_mine
-
-
-# --------------------------------------------------------------------------
-# validate_now: the same verdicts without waiting, or LATER
-
-
-def _misses(metrics: Metrics) -> float:
-    return sample(metrics, "kube_oidc_gate_token_cache_requests_total", outcome="miss")
-
-
-def test_validate_now_decides_a_new_token_of_a_loaded_key(key: SigningKey) -> None:
-    auth, resolver, metrics = make(key)
-    token = sign(key, claims_for(ISSUER))
-    cache_key, user = auth.lookup(token)
-    assert user is None
-    decided = auth.validate_now(token, cache_key)
-    assert isinstance(decided, UserInfo)
-    assert decided.username == f"{ISSUER}#00u1alice"
-    assert resolver.refreshes == 0
-    assert _misses(metrics) == 1
-    assert sample(metrics, "kube_oidc_gate_authentications_total", result="ok") == 1
-    assert auth.lookup(token)[1] is decided, "remembered like validate's"
-
-
-@pytest.mark.parametrize(
-    ("claims", "reason"),
-    [({"exp": 1_000_000}, "expired"), ({"aud": "nobody"}, "audience_mismatch")],
-    ids=["expired", "wrong-audience"],
-)
-def test_validate_now_refuses_and_remembers_like_validate(
-    key: SigningKey, claims: dict[str, object], reason: str
-) -> None:
-    auth, _, metrics = make(key)
-    token = sign(key, {**claims_for(ISSUER), **claims})
-    cache_key, _ = auth.lookup(token)
-    with pytest.raises(errors.TokenError) as refused:
-        auth.validate_now(token, cache_key)
-    assert refused.value.reason == reason
-    assert _misses(metrics) == 1
-    with pytest.raises(errors.TokenError):
-        auth.lookup(token)
-
-
-def test_validate_now_leaves_a_token_of_no_configured_issuer_alone(
-    key: SigningKey,
-) -> None:
-    auth, _, _ = make(key)
-    claims = claims_for(ISSUER)
-    claims["iss"] = "https://someone.else.test"
-    token = sign(key, claims)
-    assert auth.validate_now(token, auth.lookup(token)[0]) is None
-
-
-async def test_validate_now_says_later_for_an_unknown_kid_and_changes_nothing(
-    key: SigningKey,
-) -> None:
-    auth, resolver, metrics = make(key)
-    rotated = new_key("RS256")
-    resolver.publish_on_refresh(key, rotated)
-    token = sign(rotated, claims_for(ISSUER))
-    cache_key, _ = auth.lookup(token)
-    assert auth.validate_now(token, cache_key) is LATER
-    assert resolver.refreshes == 0, "no I/O without waiting"
-    assert _misses(metrics) == 0
-    assert len(auth.cache) == 0
-    user = await auth.validate(token, cache_key)
-    assert user is not None
-    assert resolver.refreshes == 1
-    assert _misses(metrics) == 1
