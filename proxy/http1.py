@@ -289,6 +289,8 @@ class Server:
         self._sweeper: asyncio.Task[None] | None = None
         self._date_second = -1
         self._date = b""
+        #: Connections with answers queued this loop iteration (see ``_Connection.queue``).
+        self._dirty: list[_Connection] = []
 
     # -- listening --------------------------------------------------------
 
@@ -370,6 +372,18 @@ class Server:
             self._date_second = now
         return self._date
 
+    def mark(self, conn: _Connection) -> None:
+        """Have ``conn``'s queued output written at the end of this iteration."""
+        dirty = self._dirty
+        dirty.append(conn)
+        if len(dirty) == 1:
+            conn.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        for conn in dirty:
+            conn.flush()
+
     def refusal(self, status: int, message: str) -> Answer:
         """A server-made answer (no route ran): a ``Status`` body, then close."""
         return Answer(status, self.error_body(status, message), close=True)
@@ -381,22 +395,33 @@ class _Connection(asyncio.Protocol):
     __slots__ = (
         "_buffer",
         "_busy",
+        "_close_after",
+        "_closing",
         "_drained",
         "_head",
         "_loop",
+        "_marked",
+        "_out",
         "_paused_reading",
         "_paused_writing",
         "_server",
         "_stream",
         "_transport",
         "deadline",
+        "loop",
         "peer",
     )
 
     def __init__(self, server: Server) -> None:
         self._server = server
-        self._loop = asyncio.get_running_loop()
+        self.loop = self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
+        #: Output queued this iteration, written by ``flush`` (see ``queue``).
+        self._out: list[bytes] = []
+        self._marked = False
+        #: Close once the queued output is written; read nothing more meanwhile.
+        self._close_after = False
+        self._closing = False
         self._buffer = bytearray()
         self._head: _Head | None = None
         self._busy = False
@@ -428,10 +453,13 @@ class _Connection(asyncio.Protocol):
         self._server.connections.discard(self)
         self._transport = None
         self._buffer.clear()
+        self._out.clear()
         self.deadline = 0.0
         self._wake_writer()
 
     def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
         self._buffer += data
         if self._busy or self._paused_writing:
             self._throttle()
@@ -472,17 +500,61 @@ class _Connection(asyncio.Protocol):
             return
         if self._buffer:
             log.info("connection closed: request head not complete in time")
-        self._transport.close()
+        self._close_soon()
 
     def close_if_idle(self) -> None:
         """Close now unless a request is being handled or has begun to arrive."""
         if self._transport is not None and not self._busy and not self._buffer:
-            self._transport.close()
+            self.flush()
+            if self._transport is not None:
+                self._transport.close()
 
     def abort(self) -> None:
         """Drop the connection (the drain is over, or an answer broke off)."""
+        self._out.clear()
         if self._transport is not None:
             self._transport.abort()
+
+    # -- output -----------------------------------------------------------
+
+    def queue(self, data: bytes) -> None:
+        """Queue ``data``; it is written at the end of this loop iteration.
+
+        Why not write at once: the answers of one iteration then leave
+        together, after its reads. Measured under load (64 connections), a
+        cached review's CPU fell from ~45 to ~35 µs, most of it in ``send``:
+        a write spaced between reads more often wakes the peer on its own.
+        """
+        self._out.append(data)
+        if not self._marked:
+            self._marked = True
+            self._server.mark(self)
+
+    def flush(self) -> None:
+        """Write what is queued (in order), then close if an answer said so."""
+        self._marked = False
+        out = self._out
+        transport = self._transport
+        if transport is None:
+            out.clear()
+            return
+        if out:
+            self._out = []
+            transport.write(out[0] if len(out) == 1 else b"".join(out))
+        if self._close_after:
+            self._close_after = False
+            transport.close()
+
+    def _close_soon(self) -> None:
+        """Close after the queued output; read and answer nothing more."""
+        self._closing = True
+        self._close_after = True
+        self._head = None
+        self._buffer.clear()
+        self.deadline = 0.0
+        if not self._marked:
+            self._marked = True
+            self._server.mark(self)
 
     # -- streamed answers -------------------------------------------------
 
@@ -519,7 +591,7 @@ class _Connection(asyncio.Protocol):
             head.append(b"Connection: close\r\n")
             request.keep_alive = False
         head.append(b"\r\n")
-        transport.write(b"".join(head))
+        self.queue(b"".join(head))
 
     async def send(self, data: bytes) -> None:
         transport = self._transport
@@ -527,10 +599,13 @@ class _Connection(asyncio.Protocol):
             raise ConnectionResetError("http: the client has gone")
         if not data:
             return
+        # Written at once, after what is queued: a stream's pace is the
+        # client's, and backpressure needs the transport to see the bytes.
         if self._stream == "chunked":
-            transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self._out.append(b"%x\r\n%s\r\n" % (len(data), data))
         else:
-            transport.write(data)
+            self._out.append(data)
+        self.flush()
         while self._paused_writing and self._transport is not None:
             waiter = self._drained = self._loop.create_future()
             await waiter
@@ -542,7 +617,7 @@ class _Connection(asyncio.Protocol):
         if transport is None:
             raise ConnectionResetError("http: the client has gone")
         if self._stream == "chunked":
-            transport.write(b"0\r\n\r\n")
+            self.queue(b"0\r\n\r\n")
 
     def _stream_finished(self, request: Request) -> None:
         """After a streamed answer: keep the connection, or close it."""
@@ -557,10 +632,7 @@ class _Connection(asyncio.Protocol):
             transport.abort()
             return
         if not request.keep_alive or self._server.draining:
-            self._head = None
-            self._buffer.clear()
-            self.deadline = 0.0
-            transport.close()
+            self._close_soon()
             return
         self.deadline = self._loop.time() + self._server.limits.head_timeout
 
@@ -573,6 +645,8 @@ class _Connection(asyncio.Protocol):
         factory = server.fallback
         if transport is None or factory is None:  # pragma: no cover - callers check
             return
+        # Earlier answers go out before anything the fallback writes.
+        self.flush()
         data = bytes(self._buffer)
         self._buffer.clear()
         self._head = None
@@ -610,7 +684,7 @@ class _Connection(asyncio.Protocol):
     def _process(self) -> None:
         """Answer every complete request buffered, in order, until one must wait."""
         server = self._server
-        while self._transport is not None and not self._busy:
+        while self._transport is not None and not self._busy and not self._closing:
             if self._paused_writing:
                 self._throttle()
                 return
@@ -675,7 +749,7 @@ class _Connection(asyncio.Protocol):
                 and self._transport is not None
             ):
                 head.continue_sent = True
-                self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                self.queue(b"HTTP/1.1 100 Continue\r\n\r\n")
             return None
         body = bytes(buffer[: head.length])
         del buffer[: head.length]
@@ -851,12 +925,9 @@ class _Connection(asyncio.Protocol):
             head.append(b"Connection: close\r\n")
         head.append(b"\r\n")
         head.append(body)
-        transport.write(b"".join(head))
+        self.queue(b"".join(head))
         if close:
-            self._head = None
-            self._buffer.clear()
-            self.deadline = 0.0
-            transport.close()
+            self._close_soon()
             return
         self.deadline = self._loop.time() + server.limits.head_timeout
 
