@@ -296,6 +296,29 @@ async def test_expect_100_continue_is_answered_before_the_body() -> None:
         assert len(recorder.seen) == 1
 
 
+async def test_queued_output_keeps_its_order_across_pipelined_requests() -> None:
+    """Answers are written at the end of a loop iteration: an interim 100
+    for a later request must still follow the answer to an earlier one, and
+    an answer that closes must go out whole before the connection ends.
+    """
+    async with serving() as (_, recorder, port):
+        reader, writer = await _open(port)
+        second = _post(b"second", extra="Expect: 100-continue\r\n")
+        writer.write(_post(b"first") + second[: -len(b"second")])
+        status, _, body = await _response(reader)
+        assert (status, json.loads(body)["body"]) == (200, "first")
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b"second" + _post(b"third", extra="Connection: close\r\n"))
+        for expected in ("second", "third"):
+            status, headers, body = await _response(reader)
+            assert (status, json.loads(body)["body"]) == (200, expected)
+        assert headers.get("connection") == "close"
+        assert await _closed(reader)
+        assert len(recorder.seen) == 3
+        writer.close()
+
+
 async def test_body_split_across_packets_is_reassembled() -> None:
     async with serving() as (_, _recorder, port):
         reader, writer = await _open(port)
@@ -448,6 +471,7 @@ ON_UVLOOP = [
     test_request_id_is_the_clients_or_a_fresh_one_and_survives_a_wait,
     test_unknown_path_is_404_and_wrong_method_405_keeping_the_connection,
     test_expect_100_continue_is_answered_before_the_body,
+    test_queued_output_keeps_its_order_across_pipelined_requests,
     test_an_idle_keep_alive_connection_is_closed_after_the_head_timeout,
     test_drain_finishes_in_flight_answers_and_closes_idle_connections,
     test_a_client_that_does_not_read_stops_being_read,
