@@ -288,7 +288,8 @@ class PooledResponse:
     """The API server's answer: status, reason, headers and a body to read.
 
     ``body`` is the whole body when it was read before ``send`` returned (a
-    ``Content-Length`` within the buffer bound); otherwise ``None`` and the
+    ``Content-Length`` within the buffer bound, or nothing to read: ``b""``
+    for ``HEAD``, 204, 304 and a zero length); otherwise ``None`` and the
     body comes from ``read_chunk``. Call ``close`` when done (``release`` is
     automatic once the body is read completely); ``async with`` does it.
     """
@@ -767,6 +768,8 @@ class ConnectionPool:
                 writer=writer,
             )
             if mode == _NONE or (mode == _LENGTH and length == 0):
+                # Nothing to read (HEAD, 204, 304, a zero length): a whole body.
+                response.body = b""
                 response._finish()
             elif mode == _LENGTH and length <= self.buffer_limit:
                 response.body = await conn.read_exactly(length)
