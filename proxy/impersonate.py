@@ -968,10 +968,6 @@ class _ProxyHandler:
                         _response_headers(upstream.headers, body_length=False).items()
                     )
                     body = upstream.body
-                    if body is None and upstream.complete:
-                        # Nothing to read (204, 304, a zero length): a whole
-                        # answer, never a chunked stream.
-                        body = b""
                     entry.status = upstream.status
                     if body is not None:
                         entry.bytes_out = len(body)
@@ -1207,13 +1203,13 @@ class _ProxyHandler:
                             body=body,
                             headers=_response_headers(upstream.headers),
                         )
-                    response = web.StreamResponse(
-                        status=upstream.status, reason=upstream.reason
+                    response = await _prepared(
+                        request,
+                        upstream.status,
+                        upstream.reason,
+                        upstream.headers,
+                        entry,
                     )
-                    response.headers.extend(_response_headers(upstream.headers))
-                    await response.prepare(request)
-                    entry.status = upstream.status
-                    entry.prepared = True
                     await _relay_pooled(upstream, response.write, entry)
                     await response.write_eof()
         except (TimeoutError, _UpstreamBroken, _ClientLeft, ConnectionError) as err:
@@ -1246,13 +1242,13 @@ class _ProxyHandler:
                     head_timeout=settings.request_timeout,
                 ) as upstream:
                     self._count_upstream(str(upstream.status))
-                    response = web.StreamResponse(
-                        status=upstream.status, reason=upstream.reason
+                    response = await _prepared(
+                        request,
+                        upstream.status,
+                        upstream.reason,
+                        upstream.headers,
+                        entry,
                     )
-                    response.headers.extend(_response_headers(upstream.headers))
-                    await response.prepare(request)
-                    entry.status = upstream.status
-                    entry.prepared = True
                     self._stream_started(entry)
                     try:
                         copy = self._copy_body(upstream, response, entry, long_running)
@@ -1370,6 +1366,24 @@ class _ProxyHandler:
         entry.status = raw.status
         entry.bytes_out = len(body)
         return answer
+
+
+async def _prepared(
+    request: web.Request,
+    status: int,
+    reason: str | None,
+    headers: _Headers,
+    entry: _Entry,
+) -> web.StreamResponse:
+    """Send the API server's status and headers to an aiohttp-lane client; the
+    body follows piece by piece.
+    """
+    response = web.StreamResponse(status=status, reason=reason)
+    response.headers.extend(_response_headers(headers))
+    await response.prepare(request)
+    entry.status = status
+    entry.prepared = True
+    return response
 
 
 async def _relay_pooled(
