@@ -53,7 +53,7 @@ def _host_port(value: str, flag: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_common(p: argparse.ArgumentParser, *, serving: bool = False) -> None:
     g = p.add_argument_group("logging")
     g.add_argument(
         "--log-format",
@@ -67,6 +67,17 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         default="info",
         help="Least severe level logged (default info). Debug may show identities, never credentials.",
     )
+    if serving:
+        g.add_argument(
+            "--refusal-log-limit",
+            type=int,
+            default=10,
+            metavar="N",
+            help="Refused requests (or token reviews) each process logs in full per "
+            "cause and second (default 10); the rest are counted in one "
+            '"refusals not logged" line per cause and second. Accepted requests are '
+            "always logged; 0 logs every refusal.",
+        )
 
 
 def _add_serving(p: argparse.ArgumentParser, *, default_port: int) -> None:
@@ -145,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Start a built-in DEVELOPMENT issuer on loopback and authenticate its "
         "tokens; prints a demo token and a curl command. Never in production.",
     )
-    _add_common(wh)
+    _add_common(wh, serving=True)
 
     px = sub.add_parser(
         "proxy", help="Serve an impersonating reverse proxy in front of the API server."
@@ -153,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_auth_arguments(px)
     _add_serving(px, default_port=6443)
     _add_proxy_arguments(px)
-    _add_common(px)
+    _add_common(px, serving=True)
 
     ct = sub.add_parser(
         "check-token", help="Explain why a token is accepted or refused."
@@ -311,6 +322,10 @@ def _serve_settings(ns: argparse.Namespace, *, reuse_port: bool) -> ServeSetting
         )
     if ns.shutdown_grace_period < 0:
         raise ConfigError("config: --shutdown-grace-period must be >= 0")
+    if ns.refusal_log_limit < 0:
+        raise ConfigError(
+            f"config: --refusal-log-limit must be >= 0, got {ns.refusal_log_limit}"
+        )
     return ServeSettings(
         bind_address=ns.bind_address or ("127.0.0.1" if dev else "0.0.0.0"),  # noqa: S104
         secure_port=ns.secure_port,
@@ -466,6 +481,8 @@ async def _serve_async(
         await engine.close()
         if dev_issuer is not None:
             await dev_issuer.close()
+        # The counts of refusals not logged yet, before the final line.
+        flush_logs()
     log.info("stopped")
     return 0
 
@@ -488,7 +505,12 @@ async def _front_end(
         audiences = tuple(
             a.strip() for a in ns.webhook_audiences.split(",") if a.strip()
         )
-        app = webhook_app(engine, WebhookSettings(audiences=audiences))
+        app = webhook_app(
+            engine,
+            WebhookSettings(
+                audiences=audiences, refusal_log_limit=ns.refusal_log_limit
+            ),
+        )
         on_ready = None
         if dev_issuer is not None:
             on_ready = _dev_banner(dev_issuer, cert)

@@ -100,7 +100,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from proxy import http1, tunnel
 from proxy.errors import TokenError, UpstreamError
 from proxy.kube import SYSTEM_AUTHENTICATED, PerUser, UserInfo, status_body
-from proxy.log import RequestLog
+from proxy.log import RefusalLimiter, RequestLog
 from proxy.metrics import Metrics
 from proxy.upstream import RawResponse, Upstream
 from proxy.upstream_pool import PooledResponse
@@ -257,6 +257,9 @@ class ProxySettings:
     sar_timeout: float = 10.0
     #: Largest total size of a request's headers (names + values) accepted.
     max_header_bytes: int = 256 * 1024
+    #: The proxy's own refusals logged in full per cause and second; the rest
+    #: are counted in one line (``proxy.log.RefusalLimiter``); 0 logs all.
+    refusal_log_limit: int = 10
 
 
 class TokenAuthenticator(Protocol):
@@ -272,7 +275,12 @@ class TokenAuthenticator(Protocol):
 
 
 class _Refusal(Exception):
-    """A request the proxy answers itself; ``detail`` is for the log only."""
+    """A request the proxy answers itself; ``detail`` is for the log only.
+
+    ``cause`` is what the refusal log limit counts by: the detail, unless that
+    names a figure of this request (a size, a header's name), when it is the
+    message.
+    """
 
     def __init__(
         self,
@@ -281,12 +289,14 @@ class _Refusal(Exception):
         detail: str = "",
         *,
         headers: Mapping[str, str] | None = None,
+        cause: str = "",
     ) -> None:
         super().__init__(detail or message)
         self.status = status
         self.message = message
         self.detail = detail
         self.headers = dict(headers or {})
+        self.cause = cause or detail or message
 
 
 #: The few refusal bodies there are, encoded once each (the messages are fixed
@@ -512,9 +522,19 @@ def _requested_identity(headers: _Headers, settings: ProxySettings) -> _Identity
     if not settings.allow_client_impersonation:
         raise _Refusal(403, "impersonation is not allowed through this proxy")
     if count > settings.max_impersonation_values:
-        raise _Refusal(431, "too many impersonation headers", f"{count} values")
+        raise _Refusal(
+            431,
+            "too many impersonation headers",
+            f"{count} values",
+            cause="too many impersonation headers",
+        )
     if unknown:
-        raise _Refusal(400, "unknown impersonation header", f"headers {unknown!r}")
+        raise _Refusal(
+            400,
+            "unknown impersonation header",
+            f"headers {unknown!r}",
+            cause="unknown impersonation header",
+        )
     if len(users) != 1 or not users[0] or len(uids) > 1:
         raise _Refusal(400, "impersonation requires exactly one Impersonate-User")
     return _Identity(
@@ -692,6 +712,7 @@ class _Entry:
         "as_user",
         "bytes_in",
         "bytes_out",
+        "cause",
         "detail",
         "groups_count",
         "kind",
@@ -723,6 +744,8 @@ class _Entry:
         self.prepared = False
         #: Why the proxy refused the request (its own refusals only).
         self.detail = ""
+        #: What the refusal log limit counts it by (its own refusals only).
+        self.cause = ""
 
     def fields(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -769,6 +792,7 @@ class _ProxyHandler:
         self._metrics = metrics
         self._stopping = stopping
         self._identities = PerUser(self._checked_headers, limit=_IDENTITY_CACHE)
+        self._limiter = RefusalLimiter(access_log, limit=settings.refusal_log_limit)
         # The engine's two steps, when the authenticator has them (the lean
         # lane answers a cached verdict without a task); ``authenticate`` else.
         lookup = getattr(authenticator, "lookup", None)
@@ -779,6 +803,10 @@ class _ProxyHandler:
         self._validate: Callable[[str, bytes], Awaitable[UserInfo | None]] | None = (
             validate if self._lookup is not None else None
         )
+
+    async def cleanup(self, _: web.Application) -> None:
+        """Report the refusals not logged yet (the app is stopping)."""
+        self._limiter.flush()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Serve one request (the route's handler)."""
@@ -825,6 +853,7 @@ class _ProxyHandler:
             # Said once, in the request's access line (a refused token is the
             # common refusal, and a flood of them should cost one line each).
             entry.detail = err.detail or err.message
+            entry.cause = err.cause
             entry.status = err.status
             return err.status, err.message, err.headers
         log.warning("upstream failed", extra={"status": err.status, "detail": str(err)})
@@ -1001,7 +1030,12 @@ class _ProxyHandler:
         if entry.status == 0:
             entry.status = 499
             entry.outcome = "client_closed" if entry.outcome == "ok" else entry.outcome
-        access_log.info("request", entry.fields())
+        # Every admitted request is logged; the proxy's own refusals are
+        # limited per cause (a replayed bad token must not buy a line each).
+        if not entry.cause or self._limiter.admit(
+            (("status", entry.status), ("cause", entry.cause))
+        ):
+            access_log.info("request", entry.fields())
         if self._metrics is not None:
             self._metrics.child(
                 self._metrics.http_requests, "proxy", str(entry.status)
@@ -1040,7 +1074,12 @@ class _ProxyHandler:
     ) -> tuple[str, list[str] | None]:
         """The checks before authentication: size, target, exactly one credential."""
         if size > self._settings.max_header_bytes:
-            raise _Refusal(431, "request headers too large", f"{size} bytes")
+            raise _Refusal(
+                431,
+                "request headers too large",
+                f"{size} bytes",
+                cause="request headers too large",
+            )
         if not target.startswith("/"):
             raise _Refusal(400, "bad request target")
         websocket = upgrade is not None and upgrade.lower() == "websocket"
@@ -1456,6 +1495,7 @@ def add_proxy_routes(
     """
     handler = _ProxyHandler(authenticator, upstream, settings, metrics, stopping)
     app.router.add_route("*", "/{path:.*}", handler.handle)
+    app.on_cleanup.append(handler.cleanup)
     app[LEAN_LANE] = LeanLane(
         route=http1.Route(handler.handle_lean, methods=None),
         admit=handler.lean_admits,

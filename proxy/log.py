@@ -18,13 +18,16 @@ import os
 import sys
 import time
 import weakref
+from collections.abc import Callable
 from itertools import islice
-from typing import Any, Final, TextIO
+from typing import Any, Final, Protocol, TextIO
 
 __all__ = [
     "REQUEST_ID",
+    "EventLog",
     "JSONFormatter",
     "LoopBatchingHandler",
+    "RefusalLimiter",
     "RequestLog",
     "TextFormatter",
     "configure_logging",
@@ -309,8 +312,126 @@ class RequestLog:
         return handler
 
 
+#: A refusal's cause: the (field, value) pairs its summary line carries.
+Cause = tuple[tuple[str, Any], ...]
+
+
+class EventLog(Protocol):
+    """Where a ``RefusalLimiter`` reports (a ``RequestLog``)."""
+
+    def info(self, event: str, fields: dict[str, Any]) -> None:
+        """Log ``event`` with ``fields`` at info level."""
+
+
+class RefusalLimiter:
+    """At most ``limit`` full log lines per cause and second; the rest counted.
+
+    Why: a client that replays a refused token, or a flood of forged ones,
+    would otherwise buy one log line per request. That line is the largest
+    single part of what a remembered refusal costs (about a quarter of its
+    CPU), and a flood of them can fill the log pipeline that operators need
+    to see everything else. Go services get the same protection from zap's
+    sampler (the first N entries per message and second); unlike it, nothing
+    is lost silently here: for each cause that went over its limit in a
+    period, one ``refusals not logged`` line says how many were left out, at
+    the period's end (or when ``flush_logs`` runs at exit). The metrics count
+    every refusal, and accepted requests are never limited: each of them is
+    logged, as an audit trail needs.
+
+    A cause is a small tuple of (field, value) pairs chosen by the caller
+    (status and reason, never the token). Causes are tracked per period and
+    at most ``max_causes`` of them: past that a new cause is logged in full,
+    so a flood of distinct causes cannot hide one. ``limit`` 0 logs every
+    refusal.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_clock",
+        "_counts",
+        "_ends",
+        "_limit",
+        "_log",
+        "_max_causes",
+        "_period",
+        "_timer",
+    )
+
+    def __init__(
+        self,
+        log: EventLog,
+        *,
+        limit: int,
+        period: float = 1.0,
+        max_causes: int = 1024,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._log = log
+        self._limit = limit
+        self._period = period
+        self._max_causes = max_causes
+        self._clock = clock
+        self._counts: dict[Cause, int] = {}
+        self._ends = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        _LIMITERS.add(self)
+
+    def admit(self, cause: Cause) -> bool:
+        """Whether this refusal gets its full line (else it is only counted)."""
+        if self._limit <= 0:
+            return True
+        now = self._clock()
+        if now >= self._ends:
+            self.flush()
+            self._ends = now + self._period
+        counts = self._counts
+        seen = counts.get(cause, 0)
+        if seen < self._limit:
+            if seen or len(counts) < self._max_causes:
+                counts[cause] = seen + 1
+            return True
+        counts[cause] = seen + 1
+        if self._timer is None:
+            self._schedule(self._ends - now)
+        return False
+
+    def flush(self) -> None:
+        """Log the counts of the refusals left out so far, and start afresh."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        counts, self._counts = self._counts, {}
+        limit = self._limit
+        for cause, seen in counts.items():
+            if seen > limit:
+                fields = dict(cause)
+                fields["not_logged"] = seen - limit
+                fields["period_s"] = self._period
+                self._log.info("refusals not logged", fields)
+
+    def _schedule(self, delay: float) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # reported at the next period, or by flush_logs at exit
+        self._timer = loop.call_later(max(delay, 0.0), self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        self.flush()
+        self._ends = 0.0
+
+
+#: Every limiter alive, so ``flush_logs`` reports what each left out.
+_LIMITERS: Final[weakref.WeakSet[RefusalLimiter]] = weakref.WeakSet()
+
+
 def flush_logs() -> None:
-    """Write every queued log line now (before ``os._exit``, or a fork)."""
+    """Write every queued log line now (before ``os._exit``, or a fork),
+    with the counts of refusals not logged so far.
+    """
+    for limiter in list(_LIMITERS):
+        limiter.flush()
     for handler in list(_BATCHING):
         handler.flush()
 

@@ -131,6 +131,7 @@ def proxy_settings_from_args(ns: argparse.Namespace) -> ProxySettings:
         request_timeout=ns.request_timeout,
         stream_idle_timeout=ns.stream_idle_timeout,
         tunnel_idle_timeout=ns.stream_idle_timeout,
+        refusal_log_limit=ns.refusal_log_limit,
     )
 
 

@@ -42,7 +42,7 @@ from proxy.authn import Authenticator
 from proxy.errors import TokenError
 from proxy.http1 import Answer, Limits, Request, Route, Server
 from proxy.kube import PerUser, UserInfo, status_body
-from proxy.log import RequestLog, fingerprint
+from proxy.log import RefusalLimiter, RequestLog, fingerprint
 from proxy.metrics import Metrics
 
 __all__ = ["TOKENREVIEW_VERSIONS", "ReviewHandler", "WebhookSettings", "webhook_server"]
@@ -69,6 +69,9 @@ class WebhookSettings:
     retry_after: int = 5
     #: The whole body must arrive within this long (slow-body bound).
     body_timeout: float = 10.0
+    #: Reviews not accepted that are logged in full per cause and second; the
+    #: rest are counted in one line (``proxy.log.RefusalLimiter``); 0 logs all.
+    refusal_log_limit: int = 10
 
 
 class _BadReview(Exception):
@@ -178,6 +181,7 @@ class ReviewHandler:
         self._auth = authenticator
         self._settings = settings
         self._accepted = PerUser(_accepted_status, limit=_MEMO_ENTRIES)
+        self._limiter = RefusalLimiter(_REVIEW_LOG, limit=settings.refusal_log_limit)
 
     def _audiences(self, asked: Sequence[str]) -> tuple[list[str] | None, bool]:
         served = self._settings.audiences
@@ -294,8 +298,8 @@ class ReviewHandler:
         status = {"authenticated": True, "user": user.to_dict(), "audiences": audiences}
         return _answer(api_version, status)
 
-    @staticmethod
     def _log(
+        self,
         token: str,
         result: str,
         *,
@@ -305,6 +309,11 @@ class ReviewHandler:
         issuer: str | None = None,
         detail: str = "",
     ) -> None:
+        # Every accepted review is logged; the others are limited per cause.
+        if result != "ok" and not self._limiter.admit(
+            (("result", result), ("reason", reason), ("issuer", issuer))
+        ):
+            return
         fields: dict[str, Any] = {
             "result": result,
             "reason": reason,

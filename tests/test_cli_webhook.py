@@ -110,6 +110,53 @@ def test_dev_issuer_cannot_be_mixed_with_a_real_issuer(tmp_path: Path) -> None:
     assert "mutually exclusive" in "".join(proc.stderr)
 
 
+async def test_refusals_past_the_limit_are_counted_not_logged(
+    issuer: FakeIssuer, tmp_path: Path
+) -> None:
+    port = free_port()
+    good = issuer.token(groups=["naxslabs-admins"])
+    forged = sign(new_key(), claims_for(issuer.url, "kubernetes"))
+    with Proc(
+        *webhook_args(issuer, tmp_path, port, "--refusal-log-limit", "2")
+    ) as proc:
+        await proc.await_log("jwks keys loaded", timeout=20)
+        await proc.await_log("serving", timeout=20)
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=client_ssl(tmp_path))
+        ) as s:
+            for token in [forged] * 10 + [good] * 3:
+                async with s.post(
+                    f"https://127.0.0.1:{port}/authenticate", json=review_body(token)
+                ) as r:
+                    assert r.status == 200
+                    review = parse_review(await r.text())
+                    assert review.status.authenticated is (token == good)
+        # The count of what was left out is said at the latest on the way out.
+        assert proc.stop() == 0
+    events = proc.logs()
+    reviews = [e for e in events if e.get("event") == "token review"]
+    rejected = [e for e in reviews if e["result"] == "rejected"]
+    summaries = [e for e in events if e.get("event") == "refusals not logged"]
+    assert [e["result"] for e in reviews].count("ok") == 3, "accepted: all logged"
+    assert 2 <= len(rejected) < 10
+    assert summaries
+    assert {(e["result"], e["reason"], e["issuer"]) for e in summaries} == {
+        ("rejected", rejected[0]["reason"], issuer.url)
+    }
+    assert len(rejected) + sum(e["not_logged"] for e in summaries) == 10
+    assert all(forged not in line and good not in line for line in proc.stderr)
+
+
+def test_a_negative_refusal_log_limit_is_refused(
+    issuer: FakeIssuer, tmp_path: Path
+) -> None:
+    with Proc(
+        *webhook_args(issuer, tmp_path, free_port(), "--refusal-log-limit", "-1")
+    ) as proc:
+        assert proc.popen.wait(20) == 2
+    assert "--refusal-log-limit must be >= 0, got -1" in "".join(proc.stderr)
+
+
 async def test_two_workers_share_the_port(issuer: FakeIssuer, tmp_path: Path) -> None:
     port, probe_port = free_port(), free_port()
     token = issuer.token(groups=["naxslabs-admins"])

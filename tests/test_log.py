@@ -16,6 +16,7 @@ from proxy.log import (
     REQUEST_ID,
     JSONFormatter,
     LoopBatchingHandler,
+    RefusalLimiter,
     RequestLog,
     flush_logs,
     new_request_id,
@@ -252,3 +253,133 @@ async def test_request_log_respects_levels_and_filters(
     await asyncio.sleep(0)
     assert as_configured.getvalue() == ""
     assert dropped == ["filtered"]
+
+
+# -- the refusal limiter --------------------------------------------------------
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _Lines:
+    """A RequestLog stand-in that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, dict[str, object]]] = []
+
+    def info(self, event: str, fields: dict[str, object]) -> None:
+        self.lines.append((event, fields))
+
+
+def _limiter(lines: _Lines, clock: _Clock, **kw: int) -> RefusalLimiter:
+    return RefusalLimiter(lines, clock=clock, period=1.0, **kw)
+
+
+EXPIRED = (("status", 401), ("cause", "token_expired"))
+BADSIG = (("status", 401), ("cause", "signature_invalid"))
+
+
+def test_the_first_refusals_of_a_cause_are_logged_then_counted() -> None:
+    lines, clock = _Lines(), _Clock()
+    limiter = _limiter(lines, clock, limit=3)
+    admitted = [limiter.admit(EXPIRED) for _ in range(10)]
+    assert admitted == [True] * 3 + [False] * 7
+    # Another cause has its own allowance.
+    assert [limiter.admit(BADSIG) for _ in range(4)] == [True] * 3 + [False]
+    assert lines.lines == [], "nothing is said about them before the period ends"
+    clock.now += 1.0
+    assert limiter.admit(EXPIRED), "a new period starts afresh"
+    assert lines.lines == [
+        (
+            "refusals not logged",
+            {"status": 401, "cause": "token_expired", "not_logged": 7, "period_s": 1.0},
+        ),
+        (
+            "refusals not logged",
+            {
+                "status": 401,
+                "cause": "signature_invalid",
+                "not_logged": 1,
+                "period_s": 1.0,
+            },
+        ),
+    ]
+
+
+def test_a_cause_within_its_limit_gets_no_summary_line() -> None:
+    lines, clock = _Lines(), _Clock()
+    limiter = _limiter(lines, clock, limit=3)
+    for _ in range(3):
+        assert limiter.admit(EXPIRED)
+    clock.now += 5
+    limiter.flush()
+    assert lines.lines == []
+
+
+def test_limit_zero_logs_every_refusal() -> None:
+    lines, clock = _Lines(), _Clock()
+    limiter = _limiter(lines, clock, limit=0)
+    assert all(limiter.admit(EXPIRED) for _ in range(1000))
+    limiter.flush()
+    assert lines.lines == []
+
+
+def test_causes_past_the_table_size_are_logged_in_full() -> None:
+    """A flood of distinct causes cannot push a new one out of the log."""
+    lines, clock = _Lines(), _Clock()
+    limiter = _limiter(lines, clock, limit=1, max_causes=4)
+    for n in range(4):
+        assert limiter.admit((("cause", f"c{n}"),))
+    # The table is full: an unseen cause is logged every time, not counted.
+    assert all(limiter.admit((("cause", "late"),)) for _ in range(5))
+    # Those in the table are still limited.
+    assert not limiter.admit((("cause", "c0"),))
+
+
+async def test_the_count_is_reported_when_the_period_ends_without_more_refusals() -> (
+    None
+):
+    lines = _Lines()
+    limiter = RefusalLimiter(lines, limit=1, period=0.05)
+    assert limiter.admit(EXPIRED)
+    assert not limiter.admit(EXPIRED)
+    assert not limiter.admit(EXPIRED)
+    await asyncio.sleep(0.02)
+    assert lines.lines == []
+    for _ in range(100):  # bounded: 2 s at most
+        if lines.lines:
+            break
+        await asyncio.sleep(0.02)
+    assert lines.lines == [
+        (
+            "refusals not logged",
+            {
+                "status": 401,
+                "cause": "token_expired",
+                "not_logged": 2,
+                "period_s": 0.05,
+            },
+        )
+    ]
+    assert limiter.admit(EXPIRED), "and the next period starts afresh"
+
+
+def test_flush_logs_reports_what_was_left_out() -> None:
+    lines, clock = _Lines(), _Clock()
+    limiter = _limiter(lines, clock, limit=1)
+    for _ in range(3):
+        limiter.admit(EXPIRED)
+    flush_logs()
+    assert lines.lines == [
+        (
+            "refusals not logged",
+            {"status": 401, "cause": "token_expired", "not_logged": 2, "period_s": 1.0},
+        )
+    ]
+    flush_logs()
+    assert len(lines.lines) == 1, "reported once"

@@ -255,6 +255,17 @@ def _sample(metrics: Metrics, name: str, result: str) -> float:
     return 0.0
 
 
+def _sample_labels(metrics: Metrics, name: str, **labels: str) -> float:
+    total = 0.0
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        for sample in family.samples:
+            if sample.name == name and all(
+                sample.labels.get(k) == v for k, v in labels.items()
+            ):
+                total += sample.value
+    return total
+
+
 _ACCESS_FIELDS = frozenset(
     {"user", "groups_count", "verb", "method", "path", "status", "mode", "detail"}
 )
@@ -413,6 +424,53 @@ async def test_a_replayed_refusal_is_answered_alike_from_the_cache(
     assert lines[0]["detail"]
     assert hits == {"miss": 1, "hit": 2}
     assert stack.fake.requests == []
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "aiohttp"])
+async def test_replayed_refusals_are_logged_up_to_the_limit_then_counted(
+    tmp_path: Path,
+    ca: trustme.CA,
+    caplog: pytest.LogCaptureFixture,
+    lean: bool,
+) -> None:
+    caplog.set_level(logging.INFO, logger="proxy.access")
+    settings = ProxySettings(refusal_log_limit=2)
+    async with run_proxy(tmp_path, ca, settings=settings, lean=lean) as stack:
+        bad = {"Authorization": f"Bearer {stack.token(exp=1_000_000)}"}
+        good = {"Authorization": f"Bearer {stack.token()}"}
+        statuses = []
+        for headers in [bad] * 8 + [good] * 3 + [{}] * 3:
+            async with stack.client.get(stack.url + PODS, headers=headers) as r:
+                statuses.append(r.status)
+                await r.read()
+        counted = {
+            code: _sample_labels(
+                stack.metrics, "kube_oidc_gate_http_requests_total", code=code
+            )
+            for code in ("200", "401")
+        }
+    # Every request is answered and counted; only the log lines are limited.
+    assert statuses == [401] * 8 + [200] * 3 + [401] * 3
+    assert counted == {"200": 3, "401": 11}
+    lines = [vars(rec) for rec in caplog.records if rec.name == "proxy.access"]
+    requests = [x for x in lines if x["msg"] == "request"]
+    summaries = [x for x in lines if x["msg"] == "refusals not logged"]
+    by_cause: dict[str, int] = {}
+    for x in requests:
+        if x["status"] == 401:
+            by_cause[x["detail"]] = by_cause.get(x["detail"], 0) + 1
+    for x in summaries:
+        assert x["status"] == 401
+        assert x["period_s"] == 1.0
+        by_cause[x["cause"]] = by_cause.get(x["cause"], 0) + x["not_logged"]
+    # Each refusal is either in the log or in a count, per cause; accepted
+    # requests are all there.
+    assert by_cause == {"expired": 8, "no bearer token": 3}
+    assert [x["status"] for x in requests].count(200) == 3
+    # Two full lines per cause and period: the 8 replays took under 4 periods.
+    expired_lines = [x for x in requests if x.get("detail") == "expired"]
+    assert 2 <= len(expired_lines) < 8
+    assert any(x["cause"] == "expired" for x in summaries)
 
 
 # --------------------------------------------------------------------------
