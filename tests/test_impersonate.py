@@ -10,6 +10,7 @@ import hashlib
 import ipaddress
 import json
 import logging
+import re
 import struct
 import tracemalloc
 from collections.abc import AsyncIterator
@@ -25,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.errors import KeysUnavailable
 from proxy.impersonate import (
     ProxySettings,
+    _has_blank,
     classify_request,
     escape_extra_key,
 )
@@ -1225,3 +1227,15 @@ async def test_identity_headers_follow_each_user_across_repeated_tokens(
         else:
             alice_seen = ("oidc:alice", list(groups))
             assert seen == [alice_seen, bob_seen, alice_seen, bob_seen, alice_seen]
+
+
+def test_a_blank_anywhere_in_a_token_is_found_as_re_finds_it() -> None:
+    """The token check's fast scan agrees with ``re``'s ``\\s`` on every code point."""
+    blanks = frozenset(chr(c) for c in range(0x110000) if re.fullmatch(r"\s", chr(c)))
+    assert {"\u00a0", "\u3000", "\x1f"} <= blanks
+    others = (chr(c) for c in range(0x110000) if chr(c) not in blanks)
+    assert not any(_has_blank(f"a{c}b") for c in others)
+    for c in blanks:
+        for text in (c, c * 2, f"{c}abc", f"abc{c}", f"a{c}bc", f"a{c}b{c}c"):
+            assert _has_blank(text), repr(text)
+    assert not _has_blank("")
