@@ -402,12 +402,22 @@ class RefusalLimiter:
             self._timer = None
         counts, self._counts = self._counts, {}
         limit = self._limit
-        for cause, seen in counts.items():
-            if seen > limit:
+        left_out = [
+            (cause, seen - limit) for cause, seen in counts.items() if seen > limit
+        ]
+        if not left_out:
+            return
+        # Called while some request is being answered, the summary is not
+        # about that request: it must not carry its id.
+        context = REQUEST_ID.set("")
+        try:
+            for cause, count in left_out:
                 fields = dict(cause)
-                fields["not_logged"] = seen - limit
+                fields["not_logged"] = count
                 fields["period_s"] = self._period
                 self._log.info("refusals not logged", fields)
+        finally:
+            REQUEST_ID.reset(context)
 
     def _schedule(self, delay: float) -> None:
         try:

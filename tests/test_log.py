@@ -383,3 +383,24 @@ def test_flush_logs_reports_what_was_left_out() -> None:
     ]
     flush_logs()
     assert len(lines.lines) == 1, "reported once"
+
+
+def test_a_summary_logged_during_a_request_does_not_carry_its_id() -> None:
+    seen: list[str] = []
+
+    class _Ids(_Lines):
+        def info(self, event: str, fields: dict[str, object]) -> None:
+            seen.append(REQUEST_ID.get())
+
+    lines, clock = _Ids(), _Clock()
+    limiter = _limiter(lines, clock, limit=1)
+    limiter.admit(EXPIRED)
+    limiter.admit(EXPIRED)
+    clock.now += 1
+    token = REQUEST_ID.set("rid-of-a-later-request")
+    try:
+        limiter.admit(EXPIRED)  # the period rolls over inside this request
+        assert REQUEST_ID.get() == "rid-of-a-later-request"
+    finally:
+        REQUEST_ID.reset(token)
+    assert seen == [""]
