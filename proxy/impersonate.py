@@ -859,7 +859,7 @@ class _ProxyHandler:
         """The answer to a refusal or an upstream failure, recorded in ``entry``."""
         if isinstance(err, _Refusal):
             # Said once, in the request's access line (a refused token is the
-            # common refusal, and a flood of them should cost one line each).
+            # common refusal): at most one line each, none past the limit.
             entry.detail = err.detail or err.message
             entry.cause = err.cause
             entry.status = err.status

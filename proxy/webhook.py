@@ -198,7 +198,10 @@ class ReviewHandler:
         try:
             api_version, token, asked = self._check(request)
         except _BadReview as bad:
-            log.info("review refused", extra={"status": bad.status, "detail": str(bad)})
+            if self._limiter.admit((("result", "bad_review"), ("status", bad.status))):
+                log.info(
+                    "review refused", extra={"status": bad.status, "detail": str(bad)}
+                )
             return _failure(bad.status, str(bad))
         try:
             key, user = self._auth.lookup(token)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -203,6 +204,53 @@ async def test_malformed_reviews_get_400s(
     assert status == code
     assert message in text
     assert '"kind": "Status"' in text
+
+
+async def test_refused_reviews_are_logged_up_to_the_limit_then_counted(
+    issuer: FakeIssuer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="proxy.webhook")
+    settings = WebhookSettings(refusal_log_limit=1)
+    forged = sign(new_key(), claims_for(issuer.url, "kubernetes"))
+    async with running_webhook(
+        issuer_auth_config(issuer.url, issuer.ca_pem), tmp_path, settings=settings
+    ) as wh:
+        await wait_ready(wh.engine)
+        for _ in range(5):
+            status, _, _ = await wh.post("{}", headers={"Content-Type": "text/plain"})
+            assert status == 415
+            review = await wh.review(forged)
+            assert review.status.authenticated is False
+        good = await wh.review(token_for(issuer))
+        assert good.status.authenticated is True
+
+        def tally() -> dict[tuple[object, object], int]:
+            out: dict[tuple[object, object], int] = {}
+            for rec in caplog.records:
+                fields = vars(rec)
+                if rec.msg == "review refused":
+                    key = ("bad_review", fields["status"])
+                elif rec.msg == "token review" and fields["result"] != "ok":
+                    key = (fields["result"], fields["reason"])
+                elif rec.msg == "refusals not logged":
+                    key = (fields["result"], fields.get("status", fields.get("reason")))
+                    out[key] = out.get(key, 0) + fields["not_logged"]
+                    continue
+                else:
+                    continue
+                out[key] = out.get(key, 0) + 1
+            return out
+
+        # The counts come at the end of the period (1 s): wait for them, bounded.
+        for _ in range(60):
+            if tally() == {("bad_review", 415): 5, ("rejected", "unknown_kid"): 5}:
+                break
+            await asyncio.sleep(0.05)
+        assert tally() == {("bad_review", 415): 5, ("rejected", "unknown_kid"): 5}
+    full = [r for r in caplog.records if r.msg in ("review refused", "token review")]
+    assert sum(vars(r).get("result") == "rejected" for r in full) < 5
+    assert sum(r.msg == "review refused" for r in full) < 5
+    assert sum(vars(r).get("result") == "ok" for r in full) == 1
 
 
 async def test_wrong_method(webhook: RunningWebhook) -> None:
