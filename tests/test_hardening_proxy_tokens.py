@@ -18,6 +18,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from proxy.impersonate import ProxySettings
 from tests.fakes.issuer import FakeIssuer
 from tests.hardening_harness import PODS, Gate, running_gate, secrets_of
 from tests.hostile import corpus
@@ -38,7 +39,10 @@ async def issuer() -> AsyncIterator[FakeIssuer]:
 
 @pytest.fixture
 async def gate(issuer: FakeIssuer, tmp_path: Path) -> AsyncIterator[Gate]:
-    async with running_gate(tmp_path, "proxy", issuer) as g:
+    # Every refusal's own access line is what these tests read: none is
+    # left out for the log limit (tested in test_proxy_lanes).
+    settings = ProxySettings(refusal_log_limit=0)
+    async with running_gate(tmp_path, "proxy", issuer, proxy_settings=settings) as g:
         issuer.reset_counts()
         yield g
 
