@@ -447,10 +447,9 @@ async def test_unread_response_is_not_returned_to_the_pool() -> None:
     assert server.connections == 2
 
 
-async def test_unreachable_is_503() -> None:
-    async with serving() as server:
-        port = server.port
-    pool = ConnectionPool(
+def _offline_pool(port: int = 1) -> ConnectionPool:
+    """A pool for a port nothing listens on (nothing is connected until a send)."""
+    return ConnectionPool(
         host="127.0.0.1",
         port=port,
         ssl_context=None,
@@ -458,25 +457,18 @@ async def test_unreachable_is_503() -> None:
         resolver=None,
         limit=0,
         keepalive_timeout=30,
-        host_header="x",
+        host_header="api.test",
     )
+
+
+async def test_unreachable_is_503() -> None:
+    async with serving() as server:
+        port = server.port
+    pool = _offline_pool(port)
     with pytest.raises(UpstreamError) as info:
         await pool.send("GET", "/", [], connect_timeout=5)
     assert info.value.status == 503
     await pool.close()
-
-
-def _offline_pool() -> ConnectionPool:
-    return ConnectionPool(
-        host="127.0.0.1",
-        port=1,
-        ssl_context=None,
-        server_hostname=None,
-        resolver=None,
-        limit=0,
-        keepalive_timeout=30,
-        host_header="api.test",
-    )
 
 
 @pytest.mark.parametrize(
