@@ -1254,13 +1254,21 @@ def compute_targets(scenarios: list[dict[str, Any]]) -> list[dict[str, Any]]:
         )
 
     def cpu_ratio(
-        target: str, label: str, ours: str, base: str, threshold: float
+        target: str,
+        label: str,
+        ours: str,
+        base: str,
+        threshold: float,
+        *,
+        cores: float = 1.0,
     ) -> None:
-        """Throughput ratio if each server had a core to itself: base CPU / our CPU."""
+        """Throughput ratio if each server had its cores to itself: base CPU /
+        our CPU, times how many more cores ours would have (``cores``).
+        """
         a, b = _find(scenarios, ours), _find(scenarios, base)
         ca = a.get("server_cpu_us_per_request") if a else None
         cb = b.get("server_cpu_us_per_request") if b else None
-        raw = cb / ca if ca and cb else None
+        raw = cores * cb / ca if ca and cb else None
         value = None if raw is None else round(raw, 3)
         out.append(
             {
@@ -1379,6 +1387,16 @@ def compute_targets(scenarios: list[dict[str, Any]]) -> list[dict[str, Any]]:
         "echo-2",
         "echo-1",
         1.7,
+    )
+    cpu_ratio(
+        "4",
+        "webhook cached, CPU capacity of 2 workers / 1 worker: 2 x CPU per request "
+        "with 1 / with 2 (for information: the scaling with a core per worker and "
+        "the load generator elsewhere)",
+        "webhook-cached-2",
+        "webhook-cached-1",
+        1.7,
+        cores=2.0,
     )
     cpu_ratio(
         "3",

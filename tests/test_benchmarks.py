@@ -190,6 +190,32 @@ def test_ratio_targets(webhook_rps: float | None, met: bool | None) -> None:
 
 
 @pytest.mark.parametrize(
+    ("cpu_two", "value", "met"),
+    [(40.0, 1.8, True), (44.0, 1.636, False)],
+    ids=["scales", "contends"],
+)
+def test_capacity_scaling_counts_the_second_core(
+    cpu_two: float, value: float, met: bool
+) -> None:
+    """2 workers that each spend what 1 worker spends per request would do
+    twice its work with a core each: 2 x 36 / 40 = 1.8.
+    """
+    scenarios = [
+        _load("webhook-cached-1", 20000.0, server_cpu_us_per_request=36.0),
+        _load("webhook-cached-2", 28000.0, server_cpu_us_per_request=cpu_two),
+    ]
+    t = _target(compute_targets(scenarios), "webhook cached, CPU capacity")
+    assert (t["value"], t["met"], t["kind"], t["informational"]) == (
+        value,
+        met,
+        "cpu_ratio",
+        True,
+    )
+    throughput = _target(compute_targets(scenarios), "webhook cached: 2 workers")
+    assert throughput["value"] == 1.4, "the throughput ratio stays what it was"
+
+
+@pytest.mark.parametrize(
     ("status", "met"),
     [("ok", True), ("skipped", None), ("error", None)],
     ids=["ran", "skipped-is-not-measured", "error-is-not-measured"],
