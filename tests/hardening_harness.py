@@ -55,7 +55,7 @@ from proxy.metrics import Metrics
 from proxy.upstream import Upstream, UpstreamSettings
 from proxy.webhook import WebhookSettings
 from tests.fakes.apiserver import FakeAPIServer, status
-from tests.fakes.apiserver_harness import upstream_kubeconfig
+from tests.fakes.apiserver_harness import PODS, upstream_kubeconfig
 from tests.fakes.issuer import FakeIssuer
 from tests.hostile import ALGS, AUDIENCE
 from tests.keygen import SigningKey
@@ -71,7 +71,6 @@ __all__ = [
     "wait_until",
 ]
 
-PODS = "/api/v1/namespaces/default/pods"
 
 #: Fast retries so outage and recovery cases finish in well under a second.
 FAST_KEYSET = KeySetSettings(retry_min=0.05, retry_max=0.2, fetch_timeout=2.0)

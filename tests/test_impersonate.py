@@ -35,7 +35,9 @@ from proxy.metrics import Metrics
 from proxy.upstream import Upstream, UpstreamSettings
 from tests.fakes.apiserver import ABORT
 from tests.fakes.apiserver_harness import (
+    PODS,
     PROXY_TOKEN,
+    WHOAMI,
     Stack,
     mappings,
     run_proxy,
@@ -45,8 +47,6 @@ from tests.fakes.apiserver_raw import serve_raw_upgrade
 from tests.helpers import ISSUER
 from tests.keygen import claims_for, new_key, sign
 
-WHOAMI = "/apis/authentication.k8s.io/v1/selfsubjectreviews"
-PODS = "/api/v1/namespaces/default/pods"
 SAR = "/apis/authorization.k8s.io/v1/subjectaccessreviews"
 
 

@@ -13,6 +13,7 @@ import trustme
 
 from proxy.impersonate import ProxySettings
 from tests.fakes.apiserver_harness import (
+    PODS,
     PROXY_TOKEN,
     Stack,
     kubectl_path,
@@ -28,9 +29,7 @@ pytestmark = [
     pytest.mark.skipif(kubectl_path() is None, reason="kubectl binary not installed"),
 ]
 
-WHOAMI = "/apis/authentication.k8s.io/v1/selfsubjectreviews"
 SAR = "/apis/authorization.k8s.io/v1/subjectaccessreviews"
-PODS = "/api/v1/namespaces/default/pods"
 
 
 @pytest.fixture(scope="module")

@@ -24,14 +24,14 @@ from proxy.impersonate import LEAN_LANE, ProxySettings, add_proxy_routes
 from proxy.metrics import Metrics
 from proxy.upstream import Upstream, UpstreamSettings
 from tests.fakes.apiserver_harness import (
+    PODS,
+    WHOAMI,
     Stack,
     client_ssl,
     run_proxy,
     upstream_kubeconfig,
 )
 
-WHOAMI = "/apis/authentication.k8s.io/v1/selfsubjectreviews"
-PODS = "/api/v1/namespaces/default/pods"
 CONFIGMAPS = "/api/v1/namespaces/default/configmaps"
 
 

@@ -24,13 +24,12 @@ from proxy.authn import Authenticator
 from proxy.errors import MalformedToken, TokenError
 from proxy.impersonate import ProxySettings, escape_extra_key
 from proxy.upstream import Upstream, UpstreamSettings
-from tests.fakes.apiserver_harness import Stack, client_ssl, run_proxy
+from tests.fakes.apiserver_harness import WHOAMI, Stack, client_ssl, run_proxy
 from tests.fakes.apiserver_raw import serve_raw_upgrade
 from tests.helpers import ISSUER, DictResolver, auth_config, authenticator_config
 from tests.keygen import claims_for, new_key, sign
 from tests.webhook_harness import issuer_auth_config, running_webhook
 
-WHOAMI = "/apis/authentication.k8s.io/v1/selfsubjectreviews"
 SAR = "/apis/authorization.k8s.io/v1/subjectaccessreviews"
 
 

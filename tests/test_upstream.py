@@ -20,10 +20,13 @@ from multidict import CIMultiDict
 from proxy.errors import ConfigError, UpstreamError
 from proxy.upstream import Upstream, UpstreamSettings
 from tests.fakes.apiserver import FakeAPIServer, serve_apiserver
-from tests.fakes.apiserver_harness import PROXY_TOKEN, run_proxy, upstream_kubeconfig
+from tests.fakes.apiserver_harness import (
+    PROXY_TOKEN,
+    WHOAMI,
+    run_proxy,
+    upstream_kubeconfig,
+)
 from tests.fakes.apiserver_raw import serve_raw_upgrade
-
-WHOAMI = "/apis/authentication.k8s.io/v1/selfsubjectreviews"
 
 
 @pytest.fixture(scope="module")

@@ -56,6 +56,9 @@ __all__ = [
 ]
 
 PROXY_TOKEN = "proxy-sa-token-1"
+#: Paths the proxy tests request.
+WHOAMI = "/apis/authentication.k8s.io/v1/selfsubjectreviews"
+PODS = "/api/v1/namespaces/default/pods"
 
 
 def mappings(user_prefix: str = "oidc:", group_prefix: str = "oidc:") -> ClaimMappings:
