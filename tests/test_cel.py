@@ -1116,7 +1116,11 @@ def same_json(left: object, right: object) -> bool:
     """Equality that treats NaN as equal to itself and ints beyond int64 as doubles."""
     if isinstance(right, float) and math.isnan(right):
         return isinstance(left, float) and math.isnan(left)
-    if isinstance(right, int) and not isinstance(right, bool) and abs(right) >= 2**63:
+    if (
+        isinstance(right, int)
+        and not isinstance(right, bool)
+        and not (-(2**63) <= right < 2**63)
+    ):
         return isinstance(left, float) and left == float(right)
     if isinstance(right, list):
         return (
