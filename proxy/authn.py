@@ -25,10 +25,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.admission import Admission
 from proxy.cache import ResultCache, detached
 from proxy.claims import map_claims
 from proxy.config import AuthConfig, JWTAuthenticatorConfig
-from proxy.errors import MalformedToken, TokenError
+from proxy.errors import MalformedToken, Overloaded, TokenError
 from proxy.kube import UserInfo
 from proxy.log import fingerprint
 from proxy.metrics import Metrics
@@ -74,6 +75,7 @@ class Authenticator:
         self._metrics = metrics
         self._clock = clock
         self.cache = ResultCache(config.cache, clock=clock, monotonic=monotonic)
+        self.admission = Admission(config.admission, monotonic=monotonic)
 
     def _record(self, result: str, reason: str) -> None:
         if self._metrics is not None:
@@ -126,6 +128,7 @@ class Authenticator:
         if metrics is not None:
             metrics.child(metrics.cache_requests, "hit").inc()
         if isinstance(hit, UserInfo):
+            self.admission.hit()
             self._record("ok", "ok")
             return key, hit
         self._record("rejected", hit.reason)
@@ -139,6 +142,9 @@ class Authenticator:
         metrics = self._metrics
         if metrics is not None:
             metrics.child(metrics.cache_requests, "miss").inc()
+        admission = self.admission
+        if not admission.ready():
+            await self._wait_turn(admission)
         started = time.perf_counter()
         try:
             parsed = peek(token, max_bytes=self._config.max_token_bytes)
@@ -168,6 +174,18 @@ class Authenticator:
         if metrics is not None:
             metrics.cache_size.set(len(cache))
         return user
+
+    async def _wait_turn(self, admission: Admission) -> None:
+        metrics = self._metrics
+        try:
+            await admission.wait()
+        except Overloaded as err:
+            self._record("error", err.reason)
+            if metrics is not None:
+                metrics.child(metrics.new_token_waits, "shed").inc()
+            raise
+        if metrics is not None:
+            metrics.child(metrics.new_token_waits, "waited").inc()
 
     def _observe(self, started: float, result: str) -> None:
         if self._metrics is not None:

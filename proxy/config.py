@@ -68,6 +68,7 @@ __all__ = [
     "FILE_SIGNING_ALGS",
     "MAX_AUTHENTICATORS",
     "SUPPORTED_API_VERSIONS",
+    "AdmissionSettings",
     "AuthConfig",
     "CacheSettings",
     "ClaimMappings",
@@ -242,12 +243,30 @@ class CacheSettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class AdmissionSettings:
+    """Turns for new tokens while accepted users are answered from the cache.
+
+    See ``proxy.admission``: new tokens together start at most ``per_turn``
+    validations per turn of a worker's event loop while accepted tokens were
+    answered from the cache in the last ``warm_window`` seconds.
+    """
+
+    #: New tokens started per turn of the event loop; 0 turns the rule off.
+    per_turn: int = 1
+    #: Most new tokens waiting for a turn; one more is answered 503.
+    max_waiting: int = 1024
+    #: How long after an accepted cached answer the rule stays on (seconds).
+    warm_window: float = 1.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class AuthConfig:
     """Everything the authentication engine needs, from flags or from a file."""
 
     authenticators: tuple[JWTAuthenticatorConfig, ...]
     keyset: KeySetSettings = field(default_factory=KeySetSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
+    admission: AdmissionSettings = field(default_factory=AdmissionSettings)
     #: Leeway in seconds for ``exp``, ``nbf`` and ``iat``.
     leeway: float = 60.0
     #: Largest token (bytes) looked at; anything bigger is refused unread.
@@ -353,6 +372,7 @@ _OIDC_FLAGS: tuple[tuple[str, str], ...] = (
 _DEFAULT_USERNAME_CLAIM = "sub"
 _DEFAULT_KEYSET = KeySetSettings()
 _DEFAULT_CACHE = CacheSettings()
+_DEFAULT_ADMISSION = AdmissionSettings()
 _DEFAULT_LEEWAY = AuthConfig(authenticators=()).leeway
 
 
@@ -521,6 +541,31 @@ def add_auth_arguments(parser: argparse.ArgumentParser) -> None:
         ),
     )
     tuning.add_argument(
+        "--new-tokens-per-turn",
+        metavar="N",
+        type=int,
+        default=_DEFAULT_ADMISSION.per_turn,
+        help=(
+            "While accepted tokens are answered from the cache, tokens never seen "
+            "before start at most N validations per turn of a worker's event "
+            "loop, where each client of a remembered token gets one answer; the "
+            "others wait their turn in order. Keeps a flood of new (junk) tokens "
+            "from slowing down the users already logged in. 0 turns it off "
+            "(default %(default)s)."
+        ),
+    )
+    tuning.add_argument(
+        "--new-token-queue",
+        metavar="N",
+        type=int,
+        default=_DEFAULT_ADMISSION.max_waiting,
+        help=(
+            "Most new tokens waiting for a turn per worker; one more is answered "
+            "503 with Retry-After, which kube-apiserver and kubectl retry "
+            "(default %(default)s)."
+        ),
+    )
+    tuning.add_argument(
         "--clock-skew",
         metavar="SECONDS",
         type=float,
@@ -548,7 +593,7 @@ def auth_config_from_args(
     in one ``ConfigError``.
     """
     problems: list[str] = []
-    keyset, cache, leeway = _tuning_from_args(ns, problems)
+    keyset, cache, admission, leeway = _tuning_from_args(ns, problems)
     file: str | None = getattr(ns, "authentication_config", None)
     given = _flags_given(ns)
 
@@ -586,7 +631,9 @@ def auth_config_from_args(
     if problems:
         raise ConfigError(problems)
     assert config is not None
-    return replace(config, keyset=keyset, cache=cache, leeway=leeway)
+    return replace(
+        config, keyset=keyset, cache=cache, admission=admission, leeway=leeway
+    )
 
 
 def apply_tuning_args(config: AuthConfig, ns: argparse.Namespace) -> AuthConfig:
@@ -595,10 +642,12 @@ def apply_tuning_args(config: AuthConfig, ns: argparse.Namespace) -> AuthConfig:
     For callers that build the authenticators themselves (``--dev``).
     """
     problems: list[str] = []
-    keyset, cache, leeway = _tuning_from_args(ns, problems)
+    keyset, cache, admission, leeway = _tuning_from_args(ns, problems)
     if problems:
         raise ConfigError(problems)
-    return replace(config, keyset=keyset, cache=cache, leeway=leeway)
+    return replace(
+        config, keyset=keyset, cache=cache, admission=admission, leeway=leeway
+    )
 
 
 def _number(
@@ -628,7 +677,7 @@ def _number(
 
 def _tuning_from_args(
     ns: argparse.Namespace, problems: list[str]
-) -> tuple[KeySetSettings, CacheSettings, float]:
+) -> tuple[KeySetSettings, CacheSettings, AdmissionSettings, float]:
     cooldown = _number(
         ns,
         "jwks_unknown_kid_cooldown",
@@ -658,22 +707,34 @@ def _tuning_from_args(
         allow_zero=True,
     )
     leeway = _number(ns, "clock_skew", _DEFAULT_LEEWAY, problems, allow_zero=True)
-    size = getattr(ns, "token_cache_size", None)
-    if size is None:
-        size = _DEFAULT_CACHE.max_entries
-    elif not isinstance(size, int) or isinstance(size, bool) or size < 1:
-        problems.append(
-            "config: --token-cache-size: must be an integer of 1 or more "
-            f"(got {size!r})"
-        )
-        size = _DEFAULT_CACHE.max_entries
+    size = _count(ns, "token_cache_size", _DEFAULT_CACHE.max_entries, 1, problems)
+    per_turn = _count(
+        ns, "new_tokens_per_turn", _DEFAULT_ADMISSION.per_turn, 0, problems
+    )
+    queue = _count(ns, "new_token_queue", _DEFAULT_ADMISSION.max_waiting, 1, problems)
     keyset = replace(
         _DEFAULT_KEYSET, unknown_kid_cooldown=cooldown, fetch_timeout=timeout
     )
     cache = replace(
         _DEFAULT_CACHE, max_entries=size, success_ttl=success, failure_ttl=failure
     )
-    return keyset, cache, leeway
+    admission = replace(_DEFAULT_ADMISSION, per_turn=per_turn, max_waiting=queue)
+    return keyset, cache, admission, leeway
+
+
+def _count(
+    ns: argparse.Namespace, dest: str, default: int, least: int, problems: list[str]
+) -> int:
+    value = getattr(ns, dest, None)
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        flag = "--" + dest.replace("_", "-")
+        problems.append(
+            f"config: {flag}: must be an integer of {least} or more (got {value!r})"
+        )
+        return default
+    return value
 
 
 def _legacy_authenticator(

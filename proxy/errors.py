@@ -20,6 +20,7 @@ passed to a constructor here.
     │   ├── AlgorithmNotAllowed     alg outside the allowlist, or key/alg mismatch
     │   ├── UnknownKeyId            no key for the token's kid, even after refetch
     │   ├── KeysUnavailable         the issuer's keys were never loaded (retry)
+    │   ├── Overloaded              too many new tokens wait for a turn (retry)
     │   ├── SignatureInvalid
     │   ├── TokenExpired
     │   ├── TokenNotYetValid        nbf / iat in the future
@@ -48,6 +49,7 @@ __all__ = [
     "KeysUnavailable",
     "MalformedToken",
     "MissingClaim",
+    "Overloaded",
     "ProxyError",
     "SignatureInvalid",
     "TokenError",
@@ -133,6 +135,17 @@ class KeysUnavailable(TokenError):
     """The issuer's keys have never been loaded; the answer may change soon."""
 
     reason = "keys_unavailable"
+    temporary = True
+
+
+class Overloaded(TokenError):
+    """Too many new tokens wait for their turn (``proxy.admission``); retry soon.
+
+    Says nothing about the token, so it is temporary: answered 503 with
+    ``Retry-After`` and never remembered.
+    """
+
+    reason = "overloaded"
     temporary = True
 
 

@@ -89,6 +89,13 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.new_token_waits = Counter(
+            "kube_oidc_gate_new_token_waits",
+            "New tokens that waited for their turn behind accepted cached users "
+            "(waited), or were refused with 503 because the queue was full (shed).",
+            ["outcome"],
+            registry=r,
+        )
         self.jwks_fetches = Counter(
             "kube_oidc_gate_jwks_fetches",
             "Discovery and JWKS fetches by issuer hash and result.",

@@ -74,6 +74,13 @@ class WebhookSettings:
     refusal_log_limit: int = 10
 
 
+#: What the API server's log shows for a 503 (the detail goes to ours).
+_TEMPORARY: Final = {
+    "keys_unavailable": "webhook: issuer keys are not loaded yet; retry",
+    "overloaded": "webhook: too many new tokens are waiting for their turn; retry",
+}
+
+
 class _BadReview(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -251,7 +258,7 @@ class ReviewHandler:
             )
             return _failure(
                 503,
-                "webhook: issuer keys are not loaded yet; retry",
+                _TEMPORARY.get(err.reason, "webhook: temporarily unavailable; retry"),
                 headers=(("Retry-After", str(self._settings.retry_after)),),
             )
         self._log(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -10,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import errors
 from proxy.authn import Authenticator
+from proxy.config import AdmissionSettings
 from proxy.metrics import Metrics
 from tests.helpers import ISSUER, DictResolver, auth_config, authenticator_config
 from tests.keygen import SigningKey, claims_for, new_key, sign, sign_bytes
@@ -171,3 +173,83 @@ async def test_explain_says_everything(key: SigningKey) -> None:
     assert stranger.not_mine is not None
     assert "https://wrong.test/oauth2/default" in stranger.not_mine
     assert ISSUER in stranger.not_mine
+
+
+async def _new_tokens_in_turns(auth: Authenticator, tokens: list[str]) -> list[int]:
+    """Validate ``tokens`` at once; how many were done after each turn of the loop."""
+    done: list[int] = []
+
+    async def one(token: str) -> None:
+        await auth.authenticate(token)
+        done.append(1)
+
+    tasks = [asyncio.create_task(one(t)) for t in tokens]
+    progress = []
+    for _ in range(100):
+        await asyncio.sleep(0)
+        progress.append(len(done))
+        if all(t.done() for t in tasks):
+            break
+    await asyncio.gather(*tasks)
+    return progress
+
+
+def _tokens(key: SigningKey, n: int) -> list[str]:
+    return [sign(key, claims_for(ISSUER, sub=f"user{i}")) for i in range(n)]
+
+
+async def test_new_tokens_take_turns_behind_remembered_users(key: SigningKey) -> None:
+    auth, _, metrics = make(key)
+    remembered = sign(key, claims_for(ISSUER))
+    await auth.authenticate(remembered)
+    _, user = auth.lookup(remembered)  # an accepted user answered from the cache
+    assert user is not None
+    progress = await _new_tokens_in_turns(auth, _tokens(key, 6))
+    steps = [b - a for a, b in zip([0, *progress], progress, strict=False)]
+    assert max(steps) == 1, progress
+    assert progress[-1] == 6
+    assert (
+        sample(metrics, "kube_oidc_gate_new_token_waits_total", outcome="waited") == 5
+    )
+
+
+async def test_replayed_refusals_do_not_hold_back_new_tokens(key: SigningKey) -> None:
+    auth, _, metrics = make(key)
+    bad = sign(new_key("RS256"), claims_for(ISSUER))
+    with pytest.raises(errors.UnknownKeyId):
+        await auth.authenticate(bad)
+    with pytest.raises(errors.UnknownKeyId):
+        auth.lookup(bad)  # a cached refusal: not a user to protect
+    progress = await _new_tokens_in_turns(auth, _tokens(key, 6))
+    assert progress[0] == 6, progress
+    assert (
+        sample(metrics, "kube_oidc_gate_new_token_waits_total", outcome="waited") == 0
+    )
+
+
+async def test_a_full_turn_queue_refuses_for_now_and_remembers_nothing(
+    key: SigningKey,
+) -> None:
+    metrics = Metrics()
+    auth = Authenticator(
+        auth_config(admission=AdmissionSettings(per_turn=1, max_waiting=1)),
+        {ISSUER: DictResolver(key)},
+        metrics=metrics,
+    )
+    remembered = sign(key, claims_for(ISSUER))
+    await auth.authenticate(remembered)
+    auth.lookup(remembered)
+    first, second, third = _tokens(key, 3)
+    results = await asyncio.gather(
+        *(auth.authenticate(t) for t in (first, second, third)), return_exceptions=True
+    )
+    refused = [r for r in results if isinstance(r, errors.Overloaded)]
+    assert len(refused) == 1
+    assert isinstance(results[2], errors.Overloaded)
+    assert refused[0].temporary
+    assert all(r is not None and not isinstance(r, Exception) for r in results[:2])
+    labels = {"result": "error", "reason": "overloaded"}
+    assert sample(metrics, "kube_oidc_gate_authentications_total", **labels) == 1
+    assert sample(metrics, "kube_oidc_gate_new_token_waits_total", outcome="shed") == 1
+    # Not remembered: the same token is accepted once there is room.
+    assert await auth.authenticate(third) is not None

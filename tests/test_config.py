@@ -21,6 +21,7 @@ from proxy.config import (
     DEFAULT_SIGNING_ALGS,
     FILE_SIGNING_ALGS,
     MAX_AUTHENTICATORS,
+    AdmissionSettings,
     AuthConfig,
     CacheSettings,
     ClaimValidationRule,
@@ -519,6 +520,7 @@ def test_tunable_defaults_come_from_the_dataclasses() -> None:
     config = flags_config()
     assert config.keyset == KeySetSettings()
     assert config.cache == CacheSettings()
+    assert config.admission == AdmissionSettings()
     assert config.leeway == AuthConfig(authenticators=()).leeway
     assert config.keyset.unknown_kid_cooldown == 30.0
 
@@ -537,8 +539,13 @@ def test_tunables_applied() -> None:
         "3",
         "--clock-skew",
         "0",
+        "--new-tokens-per-turn",
+        "0",
+        "--new-token-queue",
+        "64",
     )
     assert config.keyset == KeySetSettings(unknown_kid_cooldown=45.0, fetch_timeout=2.5)
+    assert config.admission == AdmissionSettings(per_turn=0, max_waiting=64)
     assert config.cache == CacheSettings(
         max_entries=10, success_ttl=0.0, failure_ttl=3.0
     )
@@ -556,6 +563,8 @@ def test_tunables_applied() -> None:
         ("--token-cache-success-ttl", "-1", "0 or more"),
         ("--token-cache-failure-ttl", "-0.5", "0 or more"),
         ("--clock-skew", "-1", "0 or more"),
+        ("--new-tokens-per-turn", "-1", "integer of 0 or more"),
+        ("--new-token-queue", "0", "integer of 1 or more"),
     ],
     ids=[
         "cooldown-zero",
@@ -566,6 +575,8 @@ def test_tunables_applied() -> None:
         "success-ttl-negative",
         "failure-ttl-negative",
         "clock-skew-negative",
+        "per-turn-negative",
+        "queue-zero",
     ],
 )
 def test_tunables_validated(flag: str, value: str, needle: str) -> None:

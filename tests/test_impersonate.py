@@ -23,7 +23,7 @@ import trustme
 from aiohttp import WSMsgType
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.errors import KeysUnavailable
+from proxy.errors import KeysUnavailable, Overloaded, TokenError
 from proxy.impersonate import (
     ProxySettings,
     _has_blank,
@@ -411,14 +411,25 @@ async def test_reserved_username_is_refused(tmp_path: Path, ca: trustme.CA) -> N
 
 
 class _Unready:
+    def __init__(self, error: TokenError) -> None:
+        self.error = error
+
     async def authenticate(self, token: str) -> UserInfo | None:
-        raise KeysUnavailable("jwks: keys not loaded yet")
+        raise self.error
 
 
-async def test_keys_not_loaded_is_503_with_retry_after(
-    tmp_path: Path, ca: trustme.CA
+@pytest.mark.parametrize(
+    "error",
+    [
+        KeysUnavailable("jwks: keys not loaded yet"),
+        Overloaded("authn: 1024 new tokens are already waiting for their turn; retry"),
+    ],
+    ids=["keys-not-loaded", "new-token-queue-full"],
+)
+async def test_temporary_refusals_are_503_with_retry_after(
+    tmp_path: Path, ca: trustme.CA, error: TokenError
 ) -> None:
-    async with run_proxy(tmp_path, ca, authenticator=_Unready()) as stack:
+    async with run_proxy(tmp_path, ca, authenticator=_Unready(error)) as stack:
         async with stack.client.get(stack.url + PODS, headers=stack.bearer()) as r:
             assert r.status == 503
             assert r.headers["Retry-After"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import ssl
@@ -15,6 +16,7 @@ import pytest
 import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.config import AdmissionSettings
 from proxy.webhook import WebhookSettings
 from tests.fakes.issuer import FakeIssuer
 from tests.keygen import claims_for, new_key, sign
@@ -529,3 +531,76 @@ def test_remembered_answers_stay_bounded_and_exact() -> None:
     # An equal but distinct object is encoded afresh, and equally.
     twin = UserInfo(username="u1", groups=("g1",))
     assert memo(twin) == memo(users[1])
+
+
+async def _remembered_traffic(
+    wh: RunningWebhook, token: str, stop: asyncio.Event, answered: list[int]
+) -> None:
+    for _ in range(10_000):
+        if stop.is_set():
+            return
+        review = await wh.review(token)
+        assert review.status.authenticated is True
+        answered.append(1)
+
+
+async def test_new_tokens_wait_their_turn_behind_remembered_users_and_all_pass(
+    issuer: FakeIssuer, tmp_path: Path
+) -> None:
+    config = dataclasses.replace(
+        issuer_auth_config(issuer.url, issuer.ca_pem),
+        admission=AdmissionSettings(per_turn=1),
+    )
+    async with running_webhook(config, tmp_path) as wh:
+        await wait_ready(wh.engine)
+        remembered = token_for(issuer)
+        assert (await wh.review(remembered)).status.authenticated is True
+        stop, answered = asyncio.Event(), list[int]()
+        users = [
+            asyncio.create_task(_remembered_traffic(wh, remembered, stop, answered))
+            for _ in range(8)
+        ]
+        try:
+            news = [token_for(issuer, sub=f"new{i}") for i in range(40)]
+            reviews = await asyncio.gather(*(wh.review(t) for t in news))
+        finally:
+            stop.set()
+            await asyncio.gather(*users)
+        assert [r.status.user.username for r in reviews] == [
+            f"oidc:new{i}" for i in range(40)
+        ]
+        assert answered, "the remembered user was answered meanwhile"
+        text = wh.metrics.render().decode()
+        waited = metric(
+            wh, text, "kube_oidc_gate_new_token_waits_total", outcome="waited"
+        )
+        assert waited > 0
+
+
+async def test_a_full_turn_queue_answers_503_and_a_retry_passes(
+    issuer: FakeIssuer, tmp_path: Path
+) -> None:
+    config = dataclasses.replace(
+        issuer_auth_config(issuer.url, issuer.ca_pem),
+        admission=AdmissionSettings(per_turn=1, max_waiting=1),
+    )
+    async with running_webhook(config, tmp_path) as wh:
+        await wait_ready(wh.engine)
+        remembered = token_for(issuer)
+        assert (await wh.review(remembered)).status.authenticated is True
+        news = [token_for(issuer, sub=f"new{i}") for i in range(12)]
+        bodies = [review_body(t) for t in news]
+        answers = await asyncio.gather(
+            wh.review(remembered), *(wh.post(b) for b in bodies)
+        )
+        shed = [a for a in answers[1:] if a[0] == 503]
+        assert shed, "twelve at once with room for one waiting: some are refused"
+        for _, text, headers in shed:
+            assert "too many new tokens are waiting for their turn" in text
+            assert headers["Retry-After"] == "5"
+        text = wh.metrics.render().decode()
+        assert metric(
+            wh, text, "kube_oidc_gate_new_token_waits_total", outcome="shed"
+        ) == len(shed)
+        for token in news:  # not remembered as refused: every retry passes
+            assert (await wh.review(token)).status.authenticated is True
