@@ -163,10 +163,14 @@ class Authenticator:
                     },
                 )
             cache.put_error(key, err)
+            if not err.temporary:
+                admission.outcome(accepted=False)
             raise
         if outcome is None:
+            admission.outcome(accepted=False)
             self._record("not_mine", "not_mine")
             return None
+        admission.outcome(accepted=True)
         issuer, user, exp = outcome
         self._observe(started, "ok")
         self._record("ok", "ok")

@@ -244,19 +244,20 @@ class CacheSettings:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AdmissionSettings:
-    """Turns for new tokens while accepted users are answered from the cache.
+    """Turns for new tokens while junk floods in beside remembered users.
 
     See ``proxy.admission``: new tokens together start at most ``per_turn``
     validations per turn of a worker's event loop while accepted tokens were
-    answered from the cache in the last ``warm_window`` seconds.
+    answered from the cache in the last ``window`` seconds and most new tokens
+    of the last one or two windows were refused or not ours.
     """
 
     #: New tokens started per turn of the event loop; 0 turns the rule off.
     per_turn: int = 1
     #: Most new tokens waiting for a turn; one more is answered 503.
     max_waiting: int = 1024
-    #: How long after an accepted cached answer the rule stays on (seconds).
-    warm_window: float = 1.0
+    #: Seconds over which remembered users and new tokens' outcomes are seen.
+    window: float = 1.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,4 +1,4 @@
-"""Turns for new tokens: bounded per turn while accepted users are served, FIFO, bounded queue."""
+"""Turns for new tokens: per turn while junk floods in beside remembered users; FIFO; bounded."""
 
 from __future__ import annotations
 
@@ -21,6 +21,14 @@ class Clock:
 
 def admission(clock: Clock, **kw: int | float) -> Admission:
     return Admission(AdmissionSettings(**kw), monotonic=clock)  # type: ignore[arg-type]
+
+
+def flooded(adm: Admission, junk: int = 5) -> Admission:
+    """Remembered users are being served, and recent new tokens were junk."""
+    adm.hit()
+    for _ in range(junk):
+        adm.outcome(accepted=False)
+    return adm
 
 
 async def start_all(
@@ -64,8 +72,7 @@ async def test_while_users_are_served_new_tokens_start_per_turn_in_order(
     per_turn: int,
 ) -> None:
     clock = Clock()
-    adm = admission(clock, per_turn=per_turn)
-    adm.hit()
+    adm = flooded(admission(clock, per_turn=per_turn))
     started: list[int] = []
     tasks = await start_all(adm, 12, started)
     progress = await turns_until_done(tasks, started)
@@ -79,15 +86,13 @@ async def test_while_users_are_served_new_tokens_start_per_turn_in_order(
 
 async def test_turn_off_with_zero() -> None:
     clock = Clock()
-    adm = admission(clock, per_turn=0)
-    adm.hit()
+    adm = flooded(admission(clock, per_turn=0))
     assert all(adm.ready() for _ in range(100))
 
 
 async def test_waiters_all_go_once_remembered_traffic_stops() -> None:
     clock = Clock()
-    adm = admission(clock, per_turn=1, warm_window=1.0)
-    adm.hit()
+    adm = flooded(admission(clock, per_turn=1, window=1.0))
     started: list[int] = []
     tasks = await start_all(adm, 10, started)
     await asyncio.sleep(0)
@@ -102,8 +107,7 @@ async def test_waiters_all_go_once_remembered_traffic_stops() -> None:
 
 async def test_a_full_queue_refuses_at_once_and_changes_nothing() -> None:
     clock = Clock()
-    adm = admission(clock, per_turn=1, max_waiting=3)
-    adm.hit()
+    adm = flooded(admission(clock, per_turn=1, max_waiting=3))
     started: list[int] = []
     tasks = await start_all(adm, 4, started)
     await asyncio.sleep(0)  # one started, three wait
@@ -121,8 +125,7 @@ async def test_a_full_queue_refuses_at_once_and_changes_nothing() -> None:
 
 async def test_a_waiter_whose_client_left_gives_its_turn_to_the_next() -> None:
     clock = Clock()
-    adm = admission(clock, per_turn=1)
-    adm.hit()
+    adm = flooded(admission(clock, per_turn=1))
     started: list[int] = []
     tasks = await start_all(adm, 4, started)
     await asyncio.sleep(0)
@@ -134,3 +137,40 @@ async def test_a_waiter_whose_client_left_gives_its_turn_to_the_next() -> None:
     # that started nobody would repeat a count).
     assert progress == [1, 2, 3]
     assert tasks[1].cancelled()
+
+
+async def test_a_wave_of_logins_is_not_held_back() -> None:
+    """New tokens that are mostly accepted are logins, not a flood: no turns."""
+    clock = Clock()
+    adm = admission(clock, per_turn=1)
+    adm.hit()
+    for accepted in (True, True, False):
+        adm.outcome(accepted=accepted)
+    started: list[int] = []
+    await start_all(adm, 20, started)
+    await asyncio.sleep(0)
+    assert len(started) == 20
+    assert adm.waited == 0
+
+
+async def test_the_rule_follows_what_new_tokens_turn_out_to_be() -> None:
+    clock = Clock()
+    adm = admission(clock, per_turn=1, window=1.0)
+    adm.hit()
+    adm.outcome(accepted=True)
+    assert adm.ready()
+    adm.outcome(accepted=False)
+    assert adm.ready(), "one refusal against one acceptance is no flood"
+    adm.outcome(accepted=False)
+    assert adm.ready(), "the first start of this turn"
+    assert not adm.ready(), "junk now outnumbers logins: one start per turn"
+    # The window before still counts; two windows later it is forgotten.
+    clock.now += 1.2
+    adm.hit()
+    await asyncio.sleep(0)  # a new turn
+    assert adm.ready()
+    assert not adm.ready()
+    clock.now += 2.5
+    adm.hit()
+    await asyncio.sleep(0)
+    assert all(adm.ready() for _ in range(10))

@@ -544,7 +544,32 @@ async def _remembered_traffic(
         answered.append(1)
 
 
-async def test_new_tokens_wait_their_turn_behind_remembered_users_and_all_pass(
+def _strangers(n: int) -> list[str]:
+    """Tokens of an issuer nobody configured: "not ours", like most junk."""
+    key = new_key("RS256")
+    return [
+        sign(key, claims_for("https://stranger.test", "kubernetes", sub=f"s{i}"))
+        for i in range(n)
+    ]
+
+
+async def _reviews_beside_remembered_traffic(
+    wh: RunningWebhook, remembered: str, tokens: list[str]
+) -> tuple[list[Any], int]:
+    stop, answered = asyncio.Event(), list[int]()
+    users = [
+        asyncio.create_task(_remembered_traffic(wh, remembered, stop, answered))
+        for _ in range(8)
+    ]
+    try:
+        reviews = await asyncio.gather(*(wh.review(t) for t in tokens))
+    finally:
+        stop.set()
+        await asyncio.gather(*users)
+    return reviews, len(answered)
+
+
+async def test_during_a_junk_flood_new_tokens_wait_their_turn_and_all_pass(
     issuer: FakeIssuer, tmp_path: Path
 ) -> None:
     config = dataclasses.replace(
@@ -555,19 +580,13 @@ async def test_new_tokens_wait_their_turn_behind_remembered_users_and_all_pass(
         await wait_ready(wh.engine)
         remembered = token_for(issuer)
         assert (await wh.review(remembered)).status.authenticated is True
-        stop, answered = asyncio.Event(), list[int]()
-        users = [
-            asyncio.create_task(_remembered_traffic(wh, remembered, stop, answered))
-            for _ in range(8)
-        ]
-        try:
-            news = [token_for(issuer, sub=f"new{i}") for i in range(40)]
-            reviews = await asyncio.gather(*(wh.review(t) for t in news))
-        finally:
-            stop.set()
-            await asyncio.gather(*users)
-        assert [r.status.user.username for r in reviews] == [
-            f"oidc:new{i}" for i in range(40)
+        logins = [token_for(issuer, sub=f"new{i}") for i in range(10)]
+        reviews, answered = await _reviews_beside_remembered_traffic(
+            wh, remembered, _strangers(40) + logins
+        )
+        assert [r.status.authenticated for r in reviews[:40]] == [False] * 40
+        assert [r.status.user.username for r in reviews[40:]] == [
+            f"oidc:new{i}" for i in range(10)
         ]
         assert answered, "the remembered user was answered meanwhile"
         text = wh.metrics.render().decode()
@@ -575,6 +594,27 @@ async def test_new_tokens_wait_their_turn_behind_remembered_users_and_all_pass(
             wh, text, "kube_oidc_gate_new_token_waits_total", outcome="waited"
         )
         assert waited > 0
+
+
+async def test_a_wave_of_logins_beside_remembered_users_does_not_wait(
+    issuer: FakeIssuer, tmp_path: Path
+) -> None:
+    config = dataclasses.replace(
+        issuer_auth_config(issuer.url, issuer.ca_pem),
+        admission=AdmissionSettings(per_turn=1),
+    )
+    async with running_webhook(config, tmp_path) as wh:
+        await wait_ready(wh.engine)
+        remembered = token_for(issuer)
+        assert (await wh.review(remembered)).status.authenticated is True
+        logins = [token_for(issuer, sub=f"new{i}") for i in range(40)]
+        reviews, _ = await _reviews_beside_remembered_traffic(wh, remembered, logins)
+        assert all(r.status.authenticated for r in reviews)
+        text = wh.metrics.render().decode()
+        assert (
+            metric(wh, text, "kube_oidc_gate_new_token_waits_total", outcome="waited")
+            == 0
+        )
 
 
 async def test_a_full_turn_queue_answers_503_and_a_retry_passes(
@@ -588,6 +628,8 @@ async def test_a_full_turn_queue_answers_503_and_a_retry_passes(
         await wait_ready(wh.engine)
         remembered = token_for(issuer)
         assert (await wh.review(remembered)).status.authenticated is True
+        for junk in _strangers(5):
+            assert (await wh.review(junk)).status.authenticated is False
         news = [token_for(issuer, sub=f"new{i}") for i in range(12)]
         bodies = [review_body(t) for t in news]
         answers = await asyncio.gather(
