@@ -834,6 +834,60 @@ def group_flood(ctx: Ctx) -> None:
     )
 
 
+def _logins(ctx: Ctx, name: str, description: str, beside: bool) -> None:
+    """New valid tokens on all but one connection, alone or beside a remembered one."""
+    s = ctx.settings
+    with webhook(ctx, 1, name) as svc:
+        url = f"{svc.url}{REVIEW}"
+        logins = Load(
+            url=url,
+            duration=s.duration,
+            connections=s.connections - 1,
+            threads=1,
+            tokens=ctx.cold_files[0],
+            check="review",
+        )
+        remembered = Load(
+            url=url,
+            duration=s.duration,
+            connections=1,
+            threads=1,
+            tokens=ctx.files["one"],
+        )
+        warm = start_wrk(remembered) if beside else None
+        hit0, miss0 = _cache_counts(svc)
+        result = run_wrk(logins, svc.proc.pids())
+        hit1, miss1 = _cache_counts(svc)
+        beside_rps = finish_wrk(warm, remembered)["rps"] if warm else None
+    served = (hit1 - hit0) + (miss1 - miss0)
+    _record(
+        ctx,
+        name,
+        "resilience",
+        description,
+        **_load_fields(result, logins),
+        remembered_rps=None if beside_rps is None else round(beside_rps, 1),
+        cold_fraction=round((miss1 - miss0) / served, 4) if served else None,
+    )
+
+
+def group_logins(ctx: Ctx) -> None:
+    """A wave of real logins beside a remembered client: not held back as a flood is."""
+    n = ctx.settings.connections - 1
+    _logins(
+        ctx,
+        "webhook-logins-alone-1",
+        f"webhook, 1 worker, a new valid token on every request on {n} connections, alone",
+        beside=False,
+    )
+    _logins(
+        ctx,
+        "webhook-logins-beside-cached-1",
+        f"the same new valid tokens on {n} connections beside one connection of a cached token",
+        beside=True,
+    )
+
+
 def group_cache(ctx: Ctx) -> None:
     """The result cache under N distinct tokens: bounded, and bytes per entry."""
     from proxy.cache import ResultCache
@@ -1487,6 +1541,14 @@ def compute_targets(scenarios: list[dict[str, Any]]) -> list[dict[str, Any]]:
         "webhook-valid-undisturbed-1",
         0.8,
     )
+    ratio(
+        "6",
+        "new valid tokens beside one cached client / alone (for information: "
+        "a wave of logins is not held back as a flood is)",
+        "webhook-logins-beside-cached-1",
+        "webhook-logins-alone-1",
+        0.8,
+    )
     return out
 
 
@@ -1584,6 +1646,7 @@ GROUPS: dict[str, Callable[[Ctx], None]] = {
     "webhook": group_webhook,
     "rotation": group_rotation,
     "flood": group_flood,
+    "logins": group_logins,
     "cache": group_cache,
     "proxy": group_proxy,
 }
