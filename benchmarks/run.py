@@ -1284,6 +1284,24 @@ def _find(scenarios: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
     return None
 
 
+#: Least share of a cold run's requests that must carry a token never seen.
+COLD_ENOUGH = 0.99
+
+
+def _require_cold(checks: list[dict[str, Any]], cold: dict[str, Any] | None) -> None:
+    """T2 is not judged on a run whose token pool wrapped into cache hits."""
+    fraction = cold.get("cold_fraction") if cold else None
+    if fraction is None or fraction >= COLD_ENOUGH:
+        return
+    for c in checks:
+        if c.get("numerator") == "webhook-cold-1":
+            c["met"] = None
+            c["invalid"] = (
+                f"only {fraction:.1%} of the requests carried a new token (the pool "
+                f"wrapped; at least {COLD_ENOUGH:.0%} needed)"
+            )
+
+
 def compute_targets(scenarios: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every issue-7 target as a check: value, threshold, met (None = not measured)."""
     out: list[dict[str, Any]] = []
@@ -1396,6 +1414,7 @@ def compute_targets(scenarios: list[dict[str, Any]]) -> list[dict[str, Any]]:
         "echo-1",
         0.50,
     )
+    _require_cold(out, _find(scenarios, "webhook-cold-1"))
     ratio(
         "3",
         "proxy cached, 2 workers / Apache + mod_auth_openidc",
@@ -1635,6 +1654,8 @@ def _print_targets(targets: list[dict[str, Any]]) -> None:
         print(
             f"  [{mark}] T{t['target']} {t['check']}: {t['value']} ({t['op']} {t['threshold']})"
         )
+        if t.get("invalid"):
+            print(f"         not judged: {t['invalid']}")
 
 
 # --------------------------------------------------------------------------
@@ -1664,8 +1685,11 @@ def prepare(ctx: Ctx) -> None:
     (keys_dir / "ab.json").write_bytes(mint.jwks(a, b))
     (keys_dir / "b.json").write_bytes(mint.jwks(b))
     ctx.tokens_file("one", [mint.mint(key_a, a.kid, mint.claims(iss, 1))])
-    # Enough for the whole cold run: more than the best rate the echo server reaches.
-    pool = s.cold_pool or int(s.duration * 9000)
+    # Enough for a whole cold round at 15,000 req/s, half again the best cold
+    # rate seen here (~10,000): a pool that wraps turns new tokens into cache
+    # hits (9,000/s once let 14 % through). The report's ``cold_fraction``
+    # checks it, and T2 is not judged on a round that wrapped.
+    pool = s.cold_pool or int(s.duration * 15000)
     started = time.perf_counter()
     for r in range(s.rounds):
         tokens = mint.mint_many(a, iss, pool, start=1000 + r * pool)

@@ -397,3 +397,31 @@ def test_nginx_serves_an_escaped_body_byte_for_byte(tmp_path: Path) -> None:
     finally:
         proc.stop(timeout=5)
     assert got == (200, "text/plain; charset=utf-8", body)
+
+
+@pytest.mark.parametrize(
+    ("fraction", "met"),
+    [(1.0, True), (0.995, True), (0.8565, None)],
+    ids=["all-new", "a-few-hits", "the-pool-wrapped"],
+)
+def test_t2_is_not_judged_on_a_run_whose_tokens_were_not_new(
+    fraction: float, met: bool | None
+) -> None:
+    scenarios = [
+        {**_load("echo-1", 10000.0, "baseline"), "server_cpu_us_per_request": 45.0},
+        {
+            **_load("webhook-cold-1", 6000.0),
+            "server_cpu_us_per_request": 80.0,
+            "cold_fraction": fraction,
+        },
+    ]
+    targets = compute_targets(scenarios)
+    for label in ("webhook cold", "CPU per request, echo / webhook cold"):
+        t = _target(targets, label)
+        assert t["met"] is met
+        assert ("invalid" in t) is (met is None)
+    if met is None:
+        assert (
+            "85.7% of the requests carried a new token"
+            in _target(targets, "webhook cold")["invalid"]
+        )
