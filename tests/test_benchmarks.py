@@ -151,7 +151,10 @@ def test_quick_report_targets(quick_report: tuple[dict[str, Any], Path]) -> None
     for t in targets:
         assert set(t) >= {"target", "check", "value", "threshold", "op", "met"}
         assert t["met"] in (True, False, None)
-        assert (t["value"] is None) == (t["met"] is None), t
+        # A value is judged unless the run says why not (a quick run's small
+        # token pool wraps, so its cold path is not judged).
+        judged = t["met"] is not None or "invalid" in t
+        assert (t["value"] is not None) == judged, t
 
 
 def _load(
