@@ -198,6 +198,14 @@ def _tokens(key: SigningKey, n: int) -> list[str]:
     return [sign(key, claims_for(ISSUER, sub=f"user{i}")) for i in range(n)]
 
 
+async def _remember(auth: Authenticator, key: SigningKey) -> None:
+    """An accepted user, then answered from the cache: traffic to protect."""
+    remembered = sign(key, claims_for(ISSUER))
+    await auth.authenticate(remembered)
+    _, user = auth.lookup(remembered)
+    assert user is not None
+
+
 async def _not_ours(auth: Authenticator, n: int) -> None:
     stranger = new_key("RS256")
     for i in range(n):
@@ -209,10 +217,7 @@ async def test_new_tokens_take_turns_behind_remembered_users_during_a_flood(
     key: SigningKey,
 ) -> None:
     auth, _, metrics = make(key)
-    remembered = sign(key, claims_for(ISSUER))
-    await auth.authenticate(remembered)
-    _, user = auth.lookup(remembered)  # an accepted user answered from the cache
-    assert user is not None
+    await _remember(auth, key)
     await _not_ours(auth, 10)  # new tokens lately: junk, not logins
     waits = "kube_oidc_gate_new_token_waits_total"
     before = sample(metrics, waits, outcome="waited")
@@ -227,9 +232,7 @@ async def test_a_wave_of_logins_keeps_its_pace_beside_remembered_users(
     key: SigningKey,
 ) -> None:
     auth, _, metrics = make(key)
-    remembered = sign(key, claims_for(ISSUER))
-    await auth.authenticate(remembered)
-    auth.lookup(remembered)
+    await _remember(auth, key)
     progress = await _new_tokens_in_turns(auth, _tokens(key, 6))
     assert progress[0] == 6, progress
     assert (
@@ -261,9 +264,7 @@ async def test_a_full_turn_queue_refuses_for_now_and_remembers_nothing(
         {ISSUER: DictResolver(key)},
         metrics=metrics,
     )
-    remembered = sign(key, claims_for(ISSUER))
-    await auth.authenticate(remembered)
-    auth.lookup(remembered)
+    await _remember(auth, key)
     await _not_ours(auth, 5)
     first, second, third = _tokens(key, 3)
     results = await asyncio.gather(

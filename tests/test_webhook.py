@@ -8,6 +8,7 @@ import json
 import logging
 import ssl
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -553,6 +554,22 @@ def _strangers(n: int) -> list[str]:
     ]
 
 
+@asynccontextmanager
+async def _remembering_webhook(
+    issuer: FakeIssuer, tmp_path: Path, *, max_waiting: int = 1024
+) -> AsyncIterator[tuple[RunningWebhook, str]]:
+    """A webhook taking one new token per turn, and a token it has accepted."""
+    config = dataclasses.replace(
+        issuer_auth_config(issuer.url, issuer.ca_pem),
+        admission=AdmissionSettings(per_turn=1, max_waiting=max_waiting),
+    )
+    async with running_webhook(config, tmp_path) as wh:
+        await wait_ready(wh.engine)
+        remembered = token_for(issuer)
+        assert (await wh.review(remembered)).status.authenticated is True
+        yield wh, remembered
+
+
 async def _reviews_beside_remembered_traffic(
     wh: RunningWebhook, remembered: str, tokens: list[str]
 ) -> tuple[list[Any], int]:
@@ -572,14 +589,7 @@ async def _reviews_beside_remembered_traffic(
 async def test_during_a_junk_flood_new_tokens_wait_their_turn_and_all_pass(
     issuer: FakeIssuer, tmp_path: Path
 ) -> None:
-    config = dataclasses.replace(
-        issuer_auth_config(issuer.url, issuer.ca_pem),
-        admission=AdmissionSettings(per_turn=1),
-    )
-    async with running_webhook(config, tmp_path) as wh:
-        await wait_ready(wh.engine)
-        remembered = token_for(issuer)
-        assert (await wh.review(remembered)).status.authenticated is True
+    async with _remembering_webhook(issuer, tmp_path) as (wh, remembered):
         logins = [token_for(issuer, sub=f"new{i}") for i in range(10)]
         reviews, answered = await _reviews_beside_remembered_traffic(
             wh, remembered, _strangers(40) + logins
@@ -599,14 +609,7 @@ async def test_during_a_junk_flood_new_tokens_wait_their_turn_and_all_pass(
 async def test_a_wave_of_logins_beside_remembered_users_does_not_wait(
     issuer: FakeIssuer, tmp_path: Path
 ) -> None:
-    config = dataclasses.replace(
-        issuer_auth_config(issuer.url, issuer.ca_pem),
-        admission=AdmissionSettings(per_turn=1),
-    )
-    async with running_webhook(config, tmp_path) as wh:
-        await wait_ready(wh.engine)
-        remembered = token_for(issuer)
-        assert (await wh.review(remembered)).status.authenticated is True
+    async with _remembering_webhook(issuer, tmp_path) as (wh, remembered):
         logins = [token_for(issuer, sub=f"new{i}") for i in range(40)]
         reviews, _ = await _reviews_beside_remembered_traffic(wh, remembered, logins)
         assert all(r.status.authenticated for r in reviews)
@@ -620,14 +623,10 @@ async def test_a_wave_of_logins_beside_remembered_users_does_not_wait(
 async def test_a_full_turn_queue_answers_503_and_a_retry_passes(
     issuer: FakeIssuer, tmp_path: Path
 ) -> None:
-    config = dataclasses.replace(
-        issuer_auth_config(issuer.url, issuer.ca_pem),
-        admission=AdmissionSettings(per_turn=1, max_waiting=1),
-    )
-    async with running_webhook(config, tmp_path) as wh:
-        await wait_ready(wh.engine)
-        remembered = token_for(issuer)
-        assert (await wh.review(remembered)).status.authenticated is True
+    async with _remembering_webhook(issuer, tmp_path, max_waiting=1) as (
+        wh,
+        remembered,
+    ):
         for junk in _strangers(5):
             assert (await wh.review(junk)).status.authenticated is False
         news = [token_for(issuer, sub=f"new{i}") for i in range(12)]
