@@ -40,7 +40,6 @@ shared through a small bounded memo, so a hit costs a dictionary lookup.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from collections.abc import Callable
@@ -87,7 +86,6 @@ def detached(error: TokenError) -> TokenError:
 
 #: How many distinct users' ``UserInfo`` objects are kept for sharing.
 _USER_MEMO: Final = 4096
-_ENCODE: Final = json.JSONEncoder(separators=(",", ":")).encode
 
 
 class ResultCache:
@@ -157,7 +155,7 @@ class ResultCache:
     def _user(self, user_json: bytes) -> UserInfo:
         user = self._users.get(user_json)
         if user is None:
-            user = UserInfo.from_dict(json.loads(user_json))
+            user = UserInfo.from_json(user_json)
             self._remember_user(user_json, user)
         return user
 
@@ -181,7 +179,7 @@ class ResultCache:
         remaining = min(exp - self._clock(), self._settings.success_ttl)
         if remaining <= 0:
             return user
-        user_json = _ENCODE(user.to_dict()).encode()
+        user_json = user.to_json()
         self._refused.pop(key, None)
         self._accepted[key] = (
             self._monotonic() + remaining,

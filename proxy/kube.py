@@ -58,6 +58,9 @@ def status_body(code: int, message: str) -> bytes:
     ).encode()
 
 
+_ENCODE: Final = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def _empty_extra() -> MappingProxyType[str, tuple[str, ...]]:
     return MappingProxyType({})
 
@@ -74,6 +77,8 @@ class UserInfo:
     uid: str = ""
     groups: tuple[str, ...] = ()
     extra: MappingProxyType[str, tuple[str, ...]] = field(default_factory=_empty_extra)
+    #: ``to_json``'s bytes once computed: not part of the value.
+    _json: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> UserInfo:
@@ -85,6 +90,27 @@ class UserInfo:
             groups=tuple(data.get("groups", ())),
             extra=MappingProxyType({k: tuple(v) for k, v in extra.items()}),
         )
+
+    @classmethod
+    def from_json(cls, encoded: bytes) -> UserInfo:
+        """The inverse of ``to_json``, remembering ``encoded`` as the encoding."""
+        user = cls.from_dict(json.loads(encoded))
+        object.__setattr__(user, "_json", encoded)
+        return user
+
+    def to_json(self) -> bytes:
+        """``to_dict`` as compact JSON, encoded once per object.
+
+        A newly accepted token needs its user encoded twice: for the result
+        cache's entry and for the webhook's answer. Encoding is a few
+        microseconds of a cold review's budget, so the first encoding is kept
+        on the (otherwise immutable) object and both use it.
+        """
+        encoded = self._json
+        if encoded is None:
+            encoded = _ENCODE(self.to_dict()).encode()
+            object.__setattr__(self, "_json", encoded)
+        return encoded
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON shape of ``status.user`` in a TokenReview (empty fields omitted)."""

@@ -41,7 +41,7 @@ from typing import Any, Final
 from proxy.authn import Authenticator
 from proxy.errors import TokenError
 from proxy.http1 import Answer, Limits, Request, Route, Server
-from proxy.kube import PerUser, UserInfo, status_body
+from proxy.kube import UserInfo, status_body
 from proxy.log import RefusalLimiter, RequestLog, fingerprint
 from proxy.metrics import Metrics
 
@@ -159,14 +159,16 @@ def _answer_raw(api_version: str, status: bytes) -> Answer:
     return Answer(200, _ENVELOPES[api_version] + status + b"}")
 
 
-#: How many users' encoded answers are kept (more are rare: the users whose
-#: tokens are in the result cache and in use right now).
-_MEMO_ENTRIES: Final = 4096
+#: The accepted status around the user's JSON, which ``UserInfo.to_json``
+#: encodes once per user object (the result cache hands out the same object
+#: for every request with the same token, and the cache's entry needed the
+#: same encoding), so an answer is concatenated, never encoded.
+_ACCEPTED_HEAD: Final = b'{"authenticated":true,"user":'
 
 
 def _accepted_status(user: UserInfo) -> bytes:
-    """``{"authenticated":true,"user":...}``: encoded once per cached user."""
-    return _ENCODE({"authenticated": True, "user": user.to_dict()}).encode()
+    """``{"authenticated":true,"user":...}`` from the user's remembered encoding."""
+    return _ACCEPTED_HEAD + user.to_json() + b"}"
 
 
 def _failure(
@@ -187,7 +189,6 @@ class ReviewHandler:
     def __init__(self, authenticator: Authenticator, settings: WebhookSettings) -> None:
         self._auth = authenticator
         self._settings = settings
-        self._accepted = PerUser(_accepted_status, limit=_MEMO_ENTRIES)
         self._limiter = RefusalLimiter(_REVIEW_LOG, limit=settings.refusal_log_limit)
 
     def _audiences(self, asked: Sequence[str]) -> tuple[list[str] | None, bool]:
@@ -304,7 +305,7 @@ class ReviewHandler:
             )
         self._log(token, "ok", reason="ok", user=user, started=started)
         if audiences is None:
-            return _answer_raw(api_version, self._accepted(user))
+            return _answer_raw(api_version, _accepted_status(user))
         status = {"authenticated": True, "user": user.to_dict(), "audiences": audiences}
         return _answer(api_version, status)
 

@@ -222,6 +222,9 @@ def test_a_user_evicted_from_the_memo_is_rebuilt_equal(user: UserInfo) -> None:
     assert hit is not None
     assert hit.user == user
     assert hit.user is not user
+    # Rebuilt around the stored bytes: its answer is the same, not re-encoded.
+    assert hit.user.to_json() is user.to_json()
+    assert "_json" not in repr(hit.user)
 
 
 def test_a_new_token_of_a_known_user_gets_the_known_user_object() -> None:

@@ -515,23 +515,36 @@ async def test_repeated_and_interleaved_tokens_get_their_own_user(
     assert len(bodies["bob"]) == 1
 
 
-def test_remembered_answers_stay_bounded_and_exact() -> None:
-    from proxy.kube import PerUser, UserInfo
-    from proxy.webhook import _MEMO_ENTRIES, _accepted_status
+def test_accepted_status_is_the_users_encoding_exactly() -> None:
+    from types import MappingProxyType
 
-    memo = PerUser(_accepted_status, limit=_MEMO_ENTRIES)
+    from proxy.kube import UserInfo
+    from proxy.webhook import _accepted_status
+
     users = [
-        UserInfo(username=f"u{i}", groups=(f"g{i}",)) for i in range(_MEMO_ENTRIES + 10)
+        UserInfo(username="u1", groups=("g1",)),
+        UserInfo(username='q"uote\\ \u2603', uid="7", groups=()),
+        UserInfo(
+            username="x",
+            extra=MappingProxyType({"k": ("a", "b"), "scopes.example.com": ("c",)}),
+        ),
     ]
     for user in users:
-        assert json.loads(memo(user)) == {
-            "authenticated": True,
-            "user": {"username": user.username, "groups": list(user.groups)},
-        }
-    assert len(memo) <= _MEMO_ENTRIES
+        status = _accepted_status(user)
+        assert json.loads(status) == {"authenticated": True, "user": user.to_dict()}
+        # The same bytes a fresh encoding of the whole status gives.
+        assert (
+            status
+            == json.dumps(
+                {"authenticated": True, "user": user.to_dict()}, separators=(",", ":")
+            ).encode()
+        )
+        # Encoded once: the second answer reuses the first encoding.
+        assert user.to_json() is user.to_json()
     # An equal but distinct object is encoded afresh, and equally.
     twin = UserInfo(username="u1", groups=("g1",))
-    assert memo(twin) == memo(users[1])
+    assert twin == users[0]
+    assert _accepted_status(twin) == _accepted_status(users[0])
 
 
 async def _remembered_traffic(
