@@ -21,6 +21,7 @@ import contextlib
 import gc
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -398,12 +399,16 @@ def _serve_mode(ns: argparse.Namespace) -> int:
             "config: --dev brings its own issuer and is mutually exclusive with "
             "--authentication-config and the --oidc-* flags"
         )
+    metrics_dir: str | None = None
     if ns.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-        # Set before prometheus_client is imported so every worker writes its
-        # samples where any worker's /metrics can aggregate them.
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(
-            prefix="kube-oidc-gate-metrics-"
-        )
+        from proxy.metrics import enable_multiprocess
+
+        # Before the fork, so every worker writes its samples where any
+        # worker's /metrics can aggregate them. prometheus_client is imported
+        # by now and chose its in-memory value store: the environment variable
+        # alone would leave every worker's samples out of every scrape.
+        metrics_dir = tempfile.mkdtemp(prefix="kube-oidc-gate-metrics-")
+        enable_multiprocess(metrics_dir)
     settings = _serve_settings(ns, reuse_port=ns.workers > 1)
     cert, key, generated = _tls(ns, settings.bind_address)
     if generated:
@@ -419,7 +424,13 @@ def _serve_mode(ns: argparse.Namespace) -> int:
         _install_uvloop()
         return asyncio.run(_serve_async(ns, config, settings, cert, key))
 
-    return _run_processes(ns.workers, run_one)
+    try:
+        return _run_processes(ns.workers, run_one)
+    finally:
+        # Only the parent gets here (a worker leaves with os._exit): the
+        # samples die with the pod's processes, so their files go too.
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def _install_uvloop() -> None:

@@ -11,10 +11,12 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakes.issuer import FakeIssuer
 from tests.keygen import claims_for, jwks, new_key, sign
@@ -160,8 +162,11 @@ def test_a_negative_refusal_log_limit_is_refused(
 async def test_two_workers_share_the_port(issuer: FakeIssuer, tmp_path: Path) -> None:
     port, probe_port = free_port(), free_port()
     token = issuer.token(groups=["naxslabs-admins"])
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
     with Proc(
-        *webhook_args(issuer, tmp_path, port, "--workers", "2", probe_port=probe_port)
+        *webhook_args(issuer, tmp_path, port, "--workers", "2", probe_port=probe_port),
+        env={"TMPDIR": str(tmp)},
     ) as proc:
         await proc.await_log("jwks keys loaded", count=2, timeout=20)
         # Keys can load before the listener is up: wait for both.
@@ -181,14 +186,45 @@ async def test_two_workers_share_the_port(issuer: FakeIssuer, tmp_path: Path) ->
                     await asyncio.sleep(0.05)
                     continue
                 assert parse_review(await r.text()).status.authenticated is True
-        pids = {
+        answered = [
             e["pid"]
             for e in proc.logs()
             if e.get("event") == "token review" and e.get("result") == "ok"
-        }
+        ]
+        pids = set(answered)
         assert len(pids) == 2, f"answers came from {pids}"
         assert proc.pid not in pids, "the parent only supervises"
+        # A scrape answered by either worker counts both workers' reviews.
+        counted = await _scraped_ok_reviews(probe_port, len(answered))
+        assert counted == len(answered)
+        shared = [p.name for p in tmp.iterdir()]
+        assert len(shared) == 1
+        assert shared[0].startswith("kube-oidc-gate-metrics-")
         assert proc.stop() == 0
+    assert list(tmp.iterdir()) == [], "the shared samples are removed at exit"
+
+
+async def _scraped_ok_reviews(probe_port: int, want: float) -> float:
+    """The accepted reviews /metrics reports, once it reports ``want`` (or 5 s)."""
+    counted = 0.0
+    deadline = time.monotonic() + 5
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(force_close=True)
+    ) as s:
+        while time.monotonic() < deadline:
+            async with s.get(f"http://127.0.0.1:{probe_port}/metrics") as r:
+                text = await r.text()
+            counted = sum(
+                sample.value
+                for family in text_string_to_metric_families(text)
+                for sample in family.samples
+                if sample.name == "kube_oidc_gate_authentications_total"
+                and sample.labels.get("result") == "ok"
+            )
+            if counted >= want:
+                break
+            await asyncio.sleep(0.1)
+    return counted
 
 
 async def test_sigterm_lets_in_flight_reviews_finish(
