@@ -40,7 +40,7 @@ from proxy.impersonate import LEAN_LANE, ProxySettings, add_proxy_routes
 from proxy.keyset import KeySets
 from proxy.kube import status_body
 from proxy.log import REQUEST_ID, issuer_hash, new_request_id
-from proxy.metrics import CONTENT_TYPE, Metrics
+from proxy.metrics import CONTENT_TYPE, FLUSH_INTERVAL, Metrics
 from proxy.upstream import Upstream
 from proxy.webhook import WebhookSettings, webhook_server
 
@@ -123,12 +123,34 @@ class Engine:
     session: aiohttp.ClientSession
     metrics: Metrics
     owns_session: bool = True
+    flusher: asyncio.Task[None] | None = None
 
     async def close(self) -> None:
-        """Stop the refreshers, then close the HTTP client."""
+        """Stop the refreshers and the metrics flusher, then close the HTTP client."""
+        if self.flusher is not None:
+            self.flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.flusher
+        # The last counts, so a worker that stops leaves them in the registry.
+        self.metrics.flush()
         await self.keysets.close()
         if self.owns_session:
             await self.session.close()
+
+
+async def _flush_metrics(metrics: Metrics, interval: float) -> None:
+    """Flush the tallies every ``interval``: other workers' scrapes read them.
+
+    With ``--workers N`` every worker writes its counters to the shared
+    directory and any worker may answer a scrape; one that only flushed when
+    it served a scrape itself would leave its counts out of the others'.
+    """
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            metrics.flush()
+        except Exception:  # counting must not stop for a bug
+            log.exception("metrics flush failed (likely a bug)")
 
 
 async def start_engine(
@@ -136,6 +158,7 @@ async def start_engine(
     *,
     metrics: Metrics,
     session: aiohttp.ClientSession | None = None,
+    flush_interval: float = FLUSH_INTERVAL,
 ) -> Engine:
     """Build the engine and start fetching keys (returns at once; never fails on I/O)."""
     owns = session is None
@@ -167,6 +190,7 @@ async def start_engine(
         session=session,
         metrics=metrics,
         owns_session=owns,
+        flusher=asyncio.create_task(_flush_metrics(metrics, flush_interval)),
     )
 
 
@@ -393,7 +417,6 @@ def probe_app(
         return web.Response(text=text + "".join(f"- warning: {w}\n" for w in warnings))
 
     async def metrics(_: web.Request) -> web.Response:
-        engine.metrics.cache_size.set(len(engine.authenticator.cache))
         now = time.time()
         for ks in engine.keysets:
             if ks.last_success is not None:

@@ -32,7 +32,7 @@ from proxy.config import AuthConfig, JWTAuthenticatorConfig
 from proxy.errors import MalformedToken, Overloaded, TokenError
 from proxy.kube import UserInfo
 from proxy.log import fingerprint
-from proxy.metrics import Metrics
+from proxy.metrics import Metrics, null_tally
 from proxy.tokens import KeyResolver, ParsedToken, peek, verify
 
 __all__ = ["Authenticator", "Verdict"]
@@ -76,10 +76,24 @@ class Authenticator:
         self._clock = clock
         self.cache = ResultCache(config.cache, clock=clock, monotonic=monotonic)
         self.admission = Admission(config.admission, monotonic=monotonic)
+        # The counts of every request, bound once (``proxy.metrics.Tally``).
+        if metrics is None:
+            self._hits, self._misses, self._oks = (null_tally() for _ in range(3))
+        else:
+            self._hits = metrics.tally(metrics.cache_requests, "hit")
+            self._misses = metrics.tally(metrics.cache_requests, "miss")
+            self._oks = metrics.tally(metrics.authentications, "ok", "ok")
+            metrics.on_flush(self._report_size)
+
+    def _report_size(self) -> None:
+        assert self._metrics is not None
+        self._metrics.cache_size.set(len(self.cache))
 
     def _record(self, result: str, reason: str) -> None:
         if self._metrics is not None:
-            self._metrics.child(self._metrics.authentications, result, reason).inc()
+            self._metrics.tally(
+                self._metrics.authentications, result, reason
+            ).count += 1
 
     async def _validate(
         self, parsed: ParsedToken
@@ -124,12 +138,10 @@ class Authenticator:
         hit = cache.verdict(key)
         if hit is None:
             return key, None
-        metrics = self._metrics
-        if metrics is not None:
-            metrics.child(metrics.cache_requests, "hit").inc()
+        self._hits.count += 1
         if isinstance(hit, UserInfo):
             self.admission.hit()
-            self._record("ok", "ok")
+            self._oks.count += 1
             return key, hit
         self._record("rejected", hit.reason)
         # A fresh copy: raising the cached object itself would hang this
@@ -139,9 +151,7 @@ class Authenticator:
     async def validate(self, token: str, key: bytes) -> UserInfo | None:
         """Validate a token ``lookup`` found no verdict for, and remember the result."""
         cache = self.cache
-        metrics = self._metrics
-        if metrics is not None:
-            metrics.child(metrics.cache_requests, "miss").inc()
+        self._misses.count += 1
         admission = self.admission
         if not admission.ready():
             await self._wait_turn(admission)
@@ -173,11 +183,8 @@ class Authenticator:
         admission.outcome(accepted=True)
         issuer, user, exp = outcome
         self._observe(started, "ok")
-        self._record("ok", "ok")
-        user = cache.put_user(key, user, issuer=issuer, exp=exp)
-        if metrics is not None:
-            metrics.cache_size.set(len(cache))
-        return user
+        self._oks.count += 1
+        return cache.put_user(key, user, issuer=issuer, exp=exp)
 
     async def _wait_turn(self, admission: Admission) -> None:
         metrics = self._metrics
@@ -186,10 +193,10 @@ class Authenticator:
         except Overloaded as err:
             self._record("error", err.reason)
             if metrics is not None:
-                metrics.child(metrics.new_token_waits, "shed").inc()
+                metrics.tally(metrics.new_token_waits, "shed").count += 1
             raise
         if metrics is not None:
-            metrics.child(metrics.new_token_waits, "waited").inc()
+            metrics.tally(metrics.new_token_waits, "waited").count += 1
 
     def _observe(self, started: float, result: str) -> None:
         if self._metrics is not None:

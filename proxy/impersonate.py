@@ -1045,13 +1045,13 @@ class _ProxyHandler:
         ):
             access_log.info("request", entry.fields())
         if self._metrics is not None:
-            self._metrics.child(
+            self._metrics.tally(
                 self._metrics.http_requests, "proxy", str(entry.status)
-            ).inc()
+            ).count += 1
 
     def _count_upstream(self, label: str) -> None:
         if self._metrics is not None:
-            self._metrics.child(self._metrics.upstream_requests, label).inc()
+            self._metrics.tally(self._metrics.upstream_requests, label).count += 1
 
     async def _admit(
         self,

@@ -8,6 +8,7 @@ Label values come from closed sets (result, reason code, HTTP code) or from
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import (
@@ -20,7 +21,14 @@ from prometheus_client import (
     values,
 )
 
-__all__ = ["CONTENT_TYPE", "Metrics", "enable_multiprocess"]
+__all__ = [
+    "CONTENT_TYPE",
+    "FLUSH_INTERVAL",
+    "Metrics",
+    "Tally",
+    "enable_multiprocess",
+    "null_tally",
+]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -44,6 +52,45 @@ _LATENCY_BUCKETS = (
 )
 
 
+#: Seconds between a serving process's flushes of its tallies (``Tally``).
+FLUSH_INTERVAL = 1.0
+
+
+class Tally:
+    """One counter's increments, kept in a plain int until ``Metrics.flush``.
+
+    Why: the hot paths count every request two or three times, and each
+    ``Counter.inc`` of prometheus_client takes a lock and, with ``--workers N``,
+    writes a memory-mapped file: 0.25 µs a call in one process, 0.8 µs with
+    several, and about 4 µs of a new token's review in all. ``count += 1`` on
+    a tally costs a few hundredths of that. The totals reach the registry
+    before every scrape this process serves (``render``) and, so that a scrape
+    answered by another worker sees them too, at least every
+    ``FLUSH_INTERVAL`` seconds; a counter is read as a rate over minutes, so a
+    second's delay changes nothing an alert or a graph shows.
+    """
+
+    __slots__ = ("_child", "count")
+
+    def __init__(self, child: Any) -> None:
+        self._child = child
+        #: Increments since the last flush: add to it directly.
+        self.count = 0
+
+    def flush(self) -> None:
+        """Add what was counted since the last flush to the counter."""
+        n = self.count
+        if n:
+            self.count = 0
+            if self._child is not None:
+                self._child.inc(n)
+
+
+def null_tally() -> Tally:
+    """A tally that is never flushed into a counter (no ``Metrics`` given)."""
+    return Tally(None)
+
+
 def enable_multiprocess(directory: str) -> None:
     """Make every ``Metrics`` created from now on share samples through ``directory``.
 
@@ -62,6 +109,8 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._tallies: dict[tuple[int, tuple[str, ...]], Tally] = {}
+        self._hooks: list[Callable[[], None]] = []
         r = self.registry
         self.authentications = Counter(
             "kube_oidc_gate_authentications",
@@ -171,14 +220,40 @@ class Metrics:
             found = self._children[key] = metric.labels(*values)
         return found
 
+    def tally(self, counter: Any, *values: str) -> Tally:
+        """The ``Tally`` of ``counter.labels(*values)`` (one per label set).
+
+        Hot paths bind theirs once and add to ``count``; the others look it
+        up here each time, which is a dictionary lookup.
+        """
+        key = (id(counter), values)
+        found = self._tallies.get(key)
+        if found is None:
+            found = self._tallies[key] = Tally(self.child(counter, *values))
+        return found
+
+    def on_flush(self, hook: Callable[[], None]) -> None:
+        """Call ``hook`` at every flush: for gauges read off a live value."""
+        self._hooks.append(hook)
+
+    def flush(self) -> None:
+        """Move every tally's counts into its counter and run the flush hooks."""
+        for tally in list(self._tallies.values()):
+            tally.flush()
+        for hook in self._hooks:
+            hook()
+
     def render(self) -> bytes:
-        """The registry in Prometheus text exposition format.
+        """The registry in Prometheus text exposition format, flushed first.
 
         With ``--workers N`` the CLI sets ``PROMETHEUS_MULTIPROC_DIR`` before
         this library is imported; every worker then writes its samples there
         and any worker's ``/metrics`` answers with the sum over all of them, so
-        a scrape that lands on either process sees the whole pod.
+        a scrape that lands on either process sees the whole pod (the other
+        workers' tallies as of their last flush, at most ``FLUSH_INTERVAL``
+        seconds old).
         """
+        self.flush()
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             combined = CollectorRegistry()
             multiprocess.MultiProcessCollector(combined)  # type: ignore[no-untyped-call]

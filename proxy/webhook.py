@@ -43,7 +43,7 @@ from proxy.errors import TokenError
 from proxy.http1 import Answer, Limits, Request, Route, Server
 from proxy.kube import UserInfo, status_body
 from proxy.log import RefusalLimiter, RequestLog, fingerprint
-from proxy.metrics import Metrics
+from proxy.metrics import Metrics, Tally
 
 __all__ = ["TOKENREVIEW_VERSIONS", "ReviewHandler", "WebhookSettings", "webhook_server"]
 
@@ -350,9 +350,16 @@ def webhook_server(
 ) -> Server:
     """The webhook's listener: ``POST /authenticate`` on ``proxy.http1``."""
 
+    tallies: dict[tuple[str, int], Tally] = {}
+
     def count(handler: str, code: int) -> None:
         if metrics is not None:
-            metrics.child(metrics.http_requests, handler, str(code)).inc()
+            tally = tallies.get((handler, code))
+            if tally is None:
+                tally = tallies[handler, code] = metrics.tally(
+                    metrics.http_requests, handler, str(code)
+                )
+            tally.count += 1
 
     limits = Limits(
         max_body_bytes=settings.max_body_bytes,

@@ -1,0 +1,127 @@
+"""Counting on the hot path: tallies reach the registry by every scrape and every second."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from proxy.app import start_engine
+from proxy.authn import Authenticator
+from proxy.metrics import Metrics, null_tally
+from tests.fakes.issuer import FakeIssuer
+from tests.helpers import ISSUER, DictResolver, auth_config, authenticator_config
+from tests.keygen import claims_for, new_key, sign
+from tests.test_authn import sample
+from tests.test_rotation import engine_for
+from tests.webhook_harness import issuer_auth_config, wait_ready
+
+OK = {"result": "ok", "reason": "ok"}
+
+
+def _registry(metrics: Metrics, name: str, **labels: str) -> float:
+    """The registry's value as it stands, without the flush a render does."""
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def test_a_tally_reaches_its_counter_at_the_flush_and_only_once() -> None:
+    metrics = Metrics()
+    tally = metrics.tally(metrics.authentications, "rejected", "expired")
+    assert metrics.tally(metrics.authentications, "rejected", "expired") is tally
+    for _ in range(5):
+        tally.count += 1
+    name = "kube_oidc_gate_authentications_total"
+    labels = {"result": "rejected", "reason": "expired"}
+    assert _registry(metrics, name, **labels) == 0
+    metrics.flush()
+    assert _registry(metrics, name, **labels) == 5
+    assert tally.count == 0
+    metrics.flush()
+    assert _registry(metrics, name, **labels) == 5
+    tally.count += 2
+    # A render (a scrape) flushes first.
+    assert sample(metrics, name, **labels) == 7
+
+
+def test_a_null_tally_counts_into_nothing() -> None:
+    tally = null_tally()
+    tally.count += 3
+    tally.flush()
+    assert tally.count == 0
+
+
+async def test_the_authenticators_counts_and_cache_size_are_in_every_render() -> None:
+    key = new_key("RS256")
+    metrics = Metrics()
+    auth = Authenticator(
+        auth_config(authenticator_config()),
+        {ISSUER: DictResolver(key)},
+        metrics=metrics,
+    )
+    token = sign(key, claims_for(ISSUER))
+    for _ in range(3):
+        assert await auth.authenticate(token) is not None
+    assert sample(metrics, "kube_oidc_gate_authentications_total", **OK) == 3
+    assert (
+        sample(metrics, "kube_oidc_gate_token_cache_requests_total", outcome="miss")
+        == 1
+    )
+    assert (
+        sample(metrics, "kube_oidc_gate_token_cache_requests_total", outcome="hit") == 2
+    )
+    # The gauge is read off the cache at the flush, not set per request.
+    assert sample(metrics, "kube_oidc_gate_token_cache_entries") == 1
+    auth.cache.clear()
+    assert sample(metrics, "kube_oidc_gate_token_cache_entries") == 0
+
+
+async def test_a_serving_engine_flushes_without_a_scrape_and_at_close(
+    issuer: FakeIssuer,
+) -> None:
+    # What another worker's scrape depends on: nothing here renders.
+    engine = await engine_for(issuer)
+    metrics = engine.metrics
+    name = "kube_oidc_gate_authentications_total"
+    try:
+        assert await engine.authenticator.authenticate(issuer.token()) is not None
+        assert _registry(metrics, name, **OK) == 0
+        deadline = time.monotonic() + 5
+        while _registry(metrics, name, **OK) < 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert _registry(metrics, name, **OK) == 1
+        assert await engine.authenticator.authenticate(issuer.token()) is not None
+    finally:
+        await engine.close()
+    # The count of the last second is not lost when the worker stops.
+    assert _registry(metrics, name, **OK) == 2
+    assert engine.flusher is not None
+    assert engine.flusher.done()
+
+
+async def test_a_short_flush_interval_is_honoured(issuer: FakeIssuer) -> None:
+    engine = await start_engine(
+        issuer_auth_config(issuer.url, None), metrics=Metrics(), flush_interval=0.05
+    )
+    try:
+        await wait_ready(engine)
+        tally = engine.metrics.tally(engine.metrics.http_requests, "x", "200")
+        tally.count += 1
+        await asyncio.sleep(0.3)
+        assert (
+            _registry(
+                engine.metrics,
+                "kube_oidc_gate_http_requests_total",
+                handler="x",
+                code="200",
+            )
+            == 1
+        )
+    finally:
+        await engine.close()
+
+
+@pytest.fixture(autouse=True)
+def _no_multiprocess(monkeypatch: pytest.MonkeyPatch) -> None:
+    # These tests read one process's registry.
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
