@@ -200,9 +200,9 @@ class Authenticator:
 
     def _observe(self, started: float, result: str) -> None:
         if self._metrics is not None:
-            self._metrics.child(self._metrics.validation_latency, result).observe(
-                time.perf_counter() - started
-            )
+            self._metrics.histogram_tally(
+                self._metrics.validation_latency, result
+            ).observe(time.perf_counter() - started)
 
     async def explain(self, token: str) -> Verdict:
         """Validate without the cache and say everything learnt, for a person."""

@@ -271,7 +271,7 @@ class Server:
         *,
         limits: Limits,
         error_body: Callable[[int, str], bytes],
-        on_answer: Callable[[str, int], None] | None = None,
+        on_answer: Callable[[str, int, float], None] | None = None,
         default: Route | None = None,
         fallback: Callable[[], asyncio.Protocol] | None = None,
         admit: Admit | None = None,
@@ -408,6 +408,7 @@ class _Connection(asyncio.Protocol):
         "_paused_reading",
         "_paused_writing",
         "_server",
+        "_started",
         "_stream",
         "_transport",
         "deadline",
@@ -433,6 +434,9 @@ class _Connection(asyncio.Protocol):
         #: The streamed answer under way: ``None``, ``"length"``, ``"chunked"``
         #: or ``"close"`` (delimited by closing, for an HTTP/1.0 client).
         self._stream: str | None = None
+        #: ``perf_counter`` when the request being answered was dispatched; 0:
+        #: none (a refusal before a whole request arrived takes no time).
+        self._started = 0.0
         #: Resolved when writing may go on (``resume_writing``) or never will.
         self._drained: asyncio.Future[None] | None = None
         #: Loop time by which the current wait (head or body) must end; 0: none.
@@ -576,7 +580,7 @@ class _Connection(asyncio.Protocol):
             raise RuntimeError("http: an answer is already under way")
         server = self._server
         if server.on_answer is not None:
-            server.on_answer("other", status)
+            server.on_answer("other", status, self._elapsed())
         head = [
             b"HTTP/1.1 %d %s\r\n"
             % (status, (reason or _REASONS.get(status, "")).encode("latin-1")),
@@ -827,6 +831,7 @@ class _Connection(asyncio.Protocol):
         )
 
     def _dispatch(self, request: Request) -> None:
+        self._started = time.perf_counter()
         server = self._server
         route = server.routes.get(request.path, server.default)
         if route is None:
@@ -864,6 +869,11 @@ class _Connection(asyncio.Protocol):
         server.inflight.add(task)
         task.add_done_callback(lambda t: self._finished(t, name, request))
 
+    def _elapsed(self) -> float:
+        """Seconds since the request being answered was dispatched (once)."""
+        started, self._started = self._started, 0.0
+        return time.perf_counter() - started if started else 0.0
+
     def _finished(
         self, task: asyncio.Task[Answer | None], name: str, request: Request
     ) -> None:
@@ -899,7 +909,7 @@ class _Connection(asyncio.Protocol):
         server = self._server
         transport = self._transport
         if server.on_answer is not None:
-            server.on_answer(name or "other", answer.status)
+            server.on_answer(name or "other", answer.status, self._elapsed())
         if transport is None:
             return
         close = (

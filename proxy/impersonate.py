@@ -1048,6 +1048,15 @@ class _ProxyHandler:
             self._metrics.tally(
                 self._metrics.http_requests, "proxy", str(entry.status)
             ).count += 1
+            if entry.kind is None:
+                # A stream's time to its headers was taken when they went out.
+                self._observe_duration(entry)
+
+    def _observe_duration(self, entry: _Entry) -> None:
+        assert self._metrics is not None
+        self._metrics.histogram_tally(self._metrics.http_duration, "proxy").observe(
+            time.monotonic() - entry.started_at
+        )
 
     def _count_upstream(self, label: str) -> None:
         if self._metrics is not None:
@@ -1212,6 +1221,7 @@ class _ProxyHandler:
             return
         access_log.info("request started", entry.fields())
         if self._metrics is not None:
+            self._observe_duration(entry)
             self._metrics.inflight_streams.labels(entry.kind).inc()
 
     def _stream_ended(self, entry: _Entry) -> None:

@@ -8,6 +8,7 @@ Label values come from closed sets (result, reason code, HTTP code) or from
 from __future__ import annotations
 
 import os
+from bisect import bisect_left
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +25,7 @@ from prometheus_client import (
 __all__ = [
     "CONTENT_TYPE",
     "FLUSH_INTERVAL",
+    "HistogramTally",
     "Metrics",
     "Tally",
     "enable_multiprocess",
@@ -86,6 +88,45 @@ class Tally:
                 self._child.inc(n)
 
 
+class HistogramTally:
+    """One histogram's observations, bucketed in plain ints until the flush.
+
+    The same saving as ``Tally`` for the two latency histograms, whose
+    ``observe`` walks the buckets in Python under a lock per bucket and sum.
+    prometheus_client has no public call to add counts to a bucket, so the
+    flush adds to the child's bucket and sum values directly (``_buckets``,
+    ``_sum``, ``_upper_bounds``: its layout since 0.1; ``tests/test_metrics.py``
+    renders the result and fails if that layout changes). A bucket holds the
+    observations up to and including its bound, as ``observe`` files them.
+    """
+
+    __slots__ = ("_bounds", "_child", "_counts", "_sum")
+
+    def __init__(self, child: Any) -> None:
+        self._child = child
+        self._bounds: list[float] = list(child._upper_bounds)
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        """Count one observation of ``amount`` (seconds)."""
+        self._counts[bisect_left(self._bounds, amount)] += 1
+        self._sum += amount
+
+    def flush(self) -> None:
+        """Add the observations since the last flush to the histogram."""
+        counts = self._counts
+        if not any(counts):
+            return
+        self._counts = [0] * len(counts)
+        total, self._sum = self._sum, 0.0
+        buckets = self._child._buckets
+        for i, n in enumerate(counts):
+            if n:
+                buckets[i].inc(n)
+        self._child._sum.inc(total)
+
+
 def null_tally() -> Tally:
     """A tally that is never flushed into a counter (no ``Metrics`` given)."""
     return Tally(None)
@@ -110,6 +151,7 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._tallies: dict[tuple[int, tuple[str, ...]], Tally] = {}
+        self._histograms: dict[tuple[int, tuple[str, ...]], HistogramTally] = {}
         self._hooks: list[Callable[[], None]] = []
         r = self.registry
         self.authentications = Counter(
@@ -232,6 +274,15 @@ class Metrics:
             found = self._tallies[key] = Tally(self.child(counter, *values))
         return found
 
+    def histogram_tally(self, histogram: Any, *values: str) -> HistogramTally:
+        """The ``HistogramTally`` of ``histogram.labels(*values)`` (one per label set)."""
+        key = (id(histogram), values)
+        found = self._histograms.get(key)
+        if found is None:
+            child = self.child(histogram, *values)
+            found = self._histograms[key] = HistogramTally(child)
+        return found
+
     def on_flush(self, hook: Callable[[], None]) -> None:
         """Call ``hook`` at every flush: for gauges read off a live value."""
         self._hooks.append(hook)
@@ -240,6 +291,8 @@ class Metrics:
         """Move every tally's counts into its counter and run the flush hooks."""
         for tally in list(self._tallies.values()):
             tally.flush()
+        for histogram in list(self._histograms.values()):
+            histogram.flush()
         for hook in self._hooks:
             hook()
 

@@ -50,12 +50,15 @@ async def serving(
     limits: Limits | None = None,
     ssl_context: ssl.SSLContext | None = None,
     counted: list[tuple[str, int]] | None = None,
+    timed: list[float] | None = None,
 ) -> AsyncIterator[tuple[Server, _Recorder, int]]:
     recorder = _Recorder()
 
-    def count(name: str, code: int) -> None:
+    def count(name: str, code: int, seconds: float) -> None:
         if counted is not None:
             counted.append((name, code))
+        if timed is not None:
+            timed.append(seconds)
 
     server = Server(
         {"/authenticate": Route(recorder)},
@@ -142,6 +145,30 @@ async def test_pipelined_requests_are_answered_in_order_even_when_one_waits() ->
         bodies = [json.loads((await _response(reader))[2])["body"] for _ in range(3)]
         assert bodies == ["first", "second", "third"]
         writer.close()
+
+
+async def test_each_answer_reports_the_time_since_its_request_was_whole() -> None:
+    counted: list[tuple[str, int]] = []
+    timed: list[float] = []
+    async with serving(counted=counted, timed=timed) as (_, recorder, port):
+        reader, writer = await _open(port)
+        writer.write(_post(b"quick"))
+        await _response(reader)
+        recorder.slow = True
+        writer.write(_post(b"waits"))
+        await asyncio.sleep(0.2)
+        recorder.release.set()
+        await _response(reader)
+        # Refused by the parser: no whole request, so no time of its own
+        # (not the time since the previous request).
+        writer.write(b"garbage\r\n\r\n")
+        await _response(reader)
+        writer.close()
+    assert counted == [("authenticate", 200), ("authenticate", 200), ("other", 400)]
+    quick, waited, refused = timed
+    assert 0 < quick < 0.1
+    assert 0.2 <= waited < 2
+    assert refused == 0
 
 
 async def test_request_id_is_the_clients_or_a_fresh_one_and_survives_a_wait() -> None:

@@ -260,6 +260,9 @@ async def test_upstream_status_and_headers_are_relayed(stack: Stack) -> None:
         )
         == 1
     )
+    duration = "kube_oidc_gate_http_request_duration_seconds"
+    assert metric(stack.metrics, f"{duration}_count", handler="proxy") == 1
+    assert 0 < metric(stack.metrics, f"{duration}_sum", handler="proxy") < 5
 
 
 # --------------------------------------------------------------------------
@@ -743,6 +746,9 @@ async def _watch_and_leave(stack: Stack) -> None:
         assert (
             metric(stack.metrics, "kube_oidc_gate_inflight_streams", kind="watch") == 1
         )
+        # A stream is timed to its headers, once, while it is still open.
+        duration = "kube_oidc_gate_http_request_duration_seconds"
+        assert metric(stack.metrics, f"{duration}_count", handler="proxy") == 1
         r.close()
     await asyncio.wait_for(stack.fake.watch_closed.wait(), 5)
     for _ in range(50):
@@ -750,6 +756,7 @@ async def _watch_and_leave(stack: Stack) -> None:
             break
         await asyncio.sleep(0.05)
     assert metric(stack.metrics, "kube_oidc_gate_inflight_streams", kind="watch") == 0
+    assert metric(stack.metrics, f"{duration}_count", handler="proxy") == 1
 
 
 async def test_long_running_requests_have_no_total_timeout(

@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import start_engine
 from proxy.authn import Authenticator
@@ -125,3 +126,49 @@ async def test_a_short_flush_interval_is_honoured(issuer: FakeIssuer) -> None:
 def _no_multiprocess(monkeypatch: pytest.MonkeyPatch) -> None:
     # These tests read one process's registry.
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+
+
+def _histogram_samples(metrics: Metrics, name: str) -> dict[tuple[str, str], float]:
+    """Every sample of the histogram ``name``: (sample name, le) -> value."""
+    return {
+        (sample.name, sample.labels.get("le", "")): sample.value
+        for family in text_string_to_metric_families(metrics.render().decode())
+        for sample in family.samples
+        if family.name == name
+    }
+
+
+def test_a_histogram_tally_renders_exactly_as_observe_would() -> None:
+    """Bounds included (``le``), cumulative buckets, count and sum: compared with a
+    twin fed by prometheus_client's own ``observe`` (fails if its layout changes)."""
+    tallied, observed = Metrics(), Metrics()
+    tally = tallied.histogram_tally(tallied.validation_latency, "ok")
+    child = observed.child(observed.validation_latency, "ok")
+    # On bounds, between them, below the first and beyond the last.
+    values = [0.0, 0.0001, 0.00011, 0.0005, 0.0024, 0.0025, 1.0, 9.99, 10.0, 11.0, 60.0]
+    for round_ in range(2):
+        for v in values[round_::2]:
+            tally.observe(v)
+            child.observe(v)
+        name = "kube_oidc_gate_validation_duration_seconds"
+        mine = _histogram_samples(tallied, name)
+        theirs = _histogram_samples(observed, name)
+        assert {
+            k: v for k, v in mine.items() if "created" not in k[0]
+        } == pytest.approx({k: v for k, v in theirs.items() if "created" not in k[0]})
+    assert mine[(f"{name}_bucket", "0.0001")] == 2
+    assert mine[(f"{name}_bucket", "+Inf")] == len(values)
+    assert mine[(f"{name}_count", "")] == len(values)
+
+
+def test_a_histogram_tally_waits_for_the_flush() -> None:
+    metrics = Metrics()
+    tally = metrics.histogram_tally(metrics.http_duration, "authenticate")
+    assert metrics.histogram_tally(metrics.http_duration, "authenticate") is tally
+    tally.observe(0.002)
+    name = "kube_oidc_gate_http_request_duration_seconds_count"
+    assert _registry(metrics, name, handler="authenticate") == 0
+    metrics.flush()
+    assert _registry(metrics, name, handler="authenticate") == 1
+    metrics.flush()
+    assert _registry(metrics, name, handler="authenticate") == 1

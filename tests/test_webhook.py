@@ -415,6 +415,13 @@ async def test_metrics_follow_the_answers(
         )
         == 5
     )
+    # Every answer timed; the two new tokens' validations timed too.
+    duration = "kube_oidc_gate_http_request_duration_seconds"
+    assert metric(webhook, text, f"{duration}_count", handler="authenticate") == 5
+    assert 0 < metric(webhook, text, f"{duration}_sum", handler="authenticate") < 5
+    validation = "kube_oidc_gate_validation_duration_seconds"
+    assert metric(webhook, text, f"{validation}_count", result="ok") == 1
+    assert metric(webhook, text, f"{validation}_count", result="rejected") == 1
     assert metric(webhook, text, "kube_oidc_gate_jwks_keys") == 1
     assert metric(webhook, text, "kube_oidc_gate_issuer_ready") == 1
     assert (
