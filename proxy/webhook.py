@@ -43,7 +43,7 @@ from proxy.errors import TokenError
 from proxy.http1 import Answer, Limits, Request, Route, Server
 from proxy.kube import UserInfo, status_body
 from proxy.log import RefusalLimiter, RequestLog, fingerprint
-from proxy.metrics import HistogramTally, Metrics, Tally
+from proxy.metrics import Metrics
 
 __all__ = ["TOKENREVIEW_VERSIONS", "ReviewHandler", "WebhookSettings", "webhook_server"]
 
@@ -350,23 +350,10 @@ def webhook_server(
 ) -> Server:
     """The webhook's listener: ``POST /authenticate`` on ``proxy.http1``."""
 
-    tallies: dict[tuple[str, int], Tally] = {}
-    durations: dict[str, HistogramTally] = {}
-
     def count(handler: str, code: int, seconds: float) -> None:
         if metrics is not None:
-            tally = tallies.get((handler, code))
-            if tally is None:
-                tally = tallies[handler, code] = metrics.tally(
-                    metrics.http_requests, handler, str(code)
-                )
-            tally.count += 1
-            duration = durations.get(handler)
-            if duration is None:
-                duration = durations[handler] = metrics.histogram_tally(
-                    metrics.http_duration, handler
-                )
-            duration.observe(seconds)
+            metrics.tally(metrics.http_requests, handler, str(code)).count += 1
+            metrics.histogram_tally(metrics.http_duration, handler).observe(seconds)
 
     limits = Limits(
         max_body_bytes=settings.max_body_bytes,
