@@ -1282,50 +1282,45 @@ class _ProxyHandler:
     ) -> web.StreamResponse:
         if entry.kind is None:
             return await self._forward_pooled(request, headers, entry)
+        # A long-running request (watch, log stream): no total timeout, only
+        # the head's and, while streaming, the idle one.
         settings = self._settings
-        long_running = entry.kind is not None
         response: web.StreamResponse | None = None
         data = request.content if request.body_exists else None
         try:
-            async with asyncio.timeout(
-                None if long_running else settings.request_timeout
-            ):
-                async with self._upstream.request(
-                    request.method,
-                    request.raw_path,
-                    headers=headers,
-                    data=data,
-                    connect_timeout=settings.connect_timeout,
-                    head_timeout=settings.request_timeout,
-                ) as upstream:
-                    self._count_upstream(str(upstream.status))
-                    response = await _prepared(
-                        request,
-                        upstream.status,
-                        upstream.reason,
-                        upstream.headers,
-                        entry,
-                    )
-                    self._stream_started(entry)
+            async with self._upstream.request(
+                request.method,
+                request.raw_path,
+                headers=headers,
+                data=data,
+                connect_timeout=settings.connect_timeout,
+                head_timeout=settings.request_timeout,
+            ) as upstream:
+                self._count_upstream(str(upstream.status))
+                response = await _prepared(
+                    request,
+                    upstream.status,
+                    upstream.reason,
+                    upstream.headers,
+                    entry,
+                )
+                self._stream_started(entry)
+                try:
+                    copy = self._copy_body(upstream, response, entry)
                     try:
-                        copy = self._copy_body(upstream, response, entry, long_running)
-                        if long_running:
-                            try:
-                                finished = await _unless_client_leaves(
-                                    request, copy, self._stopping
-                                )
-                            except _Stopping:
-                                # End the chunked body properly: a watch client
-                                # sees the stream end and re-watches elsewhere.
-                                entry.outcome = "shutdown"
-                            else:
-                                if finished is None:
-                                    raise _ClientLeft
-                        else:
-                            await copy
-                        await response.write_eof()
-                    finally:
-                        self._stream_ended(entry)
+                        finished = await _unless_client_leaves(
+                            request, copy, self._stopping
+                        )
+                    except _Stopping:
+                        # End the chunked body properly: a watch client
+                        # sees the stream end and re-watches elsewhere.
+                        entry.outcome = "shutdown"
+                    else:
+                        if finished is None:
+                            raise _ClientLeft
+                    await response.write_eof()
+                finally:
+                    self._stream_ended(entry)
         except (TimeoutError, _UpstreamBroken, _ClientLeft, ConnectionError) as err:
             _relay_ended(
                 err, response is not None, functools.partial(_abort, request), entry
@@ -1339,9 +1334,8 @@ class _ProxyHandler:
         upstream: aiohttp.ClientResponse,
         response: web.StreamResponse,
         entry: _Entry,
-        long_running: bool,
     ) -> bool:
-        idle = self._settings.stream_idle_timeout if long_running else 0.0
+        idle = self._settings.stream_idle_timeout
         while True:
             try:
                 if idle > 0:
