@@ -171,8 +171,9 @@ class ResultCache:
 
         Returns the user object to use from now on: an equal one already
         remembered (the same person with a new token) if there is one, so
-        that what the front ends derive per user object (``kube.PerUser``: the
-        webhook's encoded answer, the proxy's headers) is reused.
+        that what the front ends derive per user object (the JSON that
+        ``UserInfo.to_json`` keeps for the webhook's answer, the proxy's
+        headers through ``kube.PerUser``) is reused.
         """
         if self._max <= 0:
             return user

@@ -131,8 +131,9 @@ class PerUser(Generic[T]):
     """Something derived from a ``UserInfo``, computed once per user object.
 
     The result cache hands every request that presents the same token the same
-    ``UserInfo`` object, so what the front ends derive from it (the webhook's
-    encoded answer, the proxy's ``Impersonate-*`` headers) can be derived once.
+    ``UserInfo`` object, so what a front end derives from it (the proxy's
+    ``Impersonate-*`` headers) can be derived once. (The webhook's answer needs
+    only the user's JSON, which ``UserInfo.to_json`` keeps on the object.)
     Keyed by object identity, since ``extra`` makes the value unhashable; each
     entry holds its user, so the id cannot be reused while it is remembered.
     Bounded: the oldest entry goes first.
