@@ -28,7 +28,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from proxy import __version__
+from proxy import COMPILED, __version__
 from proxy.config import add_auth_arguments, apply_tuning_args, auth_config_from_args
 from proxy.errors import ConfigError, ProxyError
 from proxy.log import configure_logging, flush_logs
@@ -137,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Log in to Kubernetes with your OIDC identity provider.",
     )
     parser.add_argument(
-        "--version", action="version", version=f"%(prog)s {__version__}"
+        "--version",
+        action="version",
+        version=f"%(prog)s {__version__} (compiled: {'yes' if COMPILED else 'no'})",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -322,7 +322,10 @@ class Server:
             reuse_port=reuse_port or None,
         )
         self._sweeper = asyncio.create_task(self._sweep())
-        return int(self._server.sockets[0].getsockname()[1])
+        # typeshed types ``sockets`` as a tuple but uvloop's is a list, which a
+        # compiled build (``make compiled``) would refuse: read it untyped.
+        listening: Any = self._server
+        return int(listening.sockets[0].getsockname()[1])
 
     async def drain(self, grace: float) -> None:
         """Stop accepting; finish in-flight requests within ``grace``; close all.

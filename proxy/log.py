@@ -20,7 +20,9 @@ import time
 import weakref
 from collections.abc import Callable
 from itertools import islice
-from typing import Any, Final, Protocol, TextIO
+from typing import Any, ClassVar, Final, Protocol, TextIO
+
+from mypy_extensions import mypyc_attr
 
 __all__ = [
     "REQUEST_ID",
@@ -51,9 +53,9 @@ class _Process:
     ``getrandom`` call per request. They correlate lines; they are not secrets.
     """
 
-    pid = os.getpid()
-    prefix = os.urandom(4).hex()
-    counter = itertools.count(1)
+    pid: ClassVar[int] = os.getpid()
+    prefix: ClassVar[str] = os.urandom(4).hex()
+    counter: ClassVar[itertools.count[int]] = itertools.count(1)
 
     @classmethod
     def renew(cls) -> None:
@@ -180,6 +182,9 @@ class TextFormatter(logging.Formatter):
 _BATCHING: Final[weakref.WeakSet[LoopBatchingHandler]] = weakref.WeakSet()
 
 
+# A plain Python class even when compiled (``make compiled``): weak references
+# to a compiled subclass of a library class crash mypyc's runtime.
+@mypyc_attr(native_class=False)
 class LoopBatchingHandler(logging.StreamHandler[TextIO]):
     """A stream handler that writes the lines of one event-loop iteration at once.
 
@@ -323,6 +328,9 @@ class EventLog(Protocol):
         """Log ``event`` with ``fields`` at info level."""
 
 
+# Plain Python when compiled: ``_LIMITERS`` holds weak references to it, which
+# mypyc's native classes do not support.
+@mypyc_attr(native_class=False)
 class RefusalLimiter:
     """At most ``limit`` full log lines per cause and second; the rest counted.
 
