@@ -152,6 +152,14 @@ def _versions() -> dict[str, str]:
     ):
         with contextlib.suppress(Exception):
             out[pkg] = version(pkg)
+    # Which build of the service ran: the mypyc-compiled wheel (``make bench``
+    # runs it from build/compiled) or the plain sources.
+    res = subprocess.run(
+        [GATE, "--version"], check=False, capture_output=True, text=True, timeout=30
+    )
+    out["kube-oidc-gate build"] = (
+        "compiled" if "(compiled: yes)" in res.stdout else "plain Python"
+    )
     wrk = wrk_path()
     if wrk:
         res = subprocess.run(
@@ -1622,7 +1630,8 @@ def write_plot(report: dict[str, Any], path: Path) -> bool:
     m = report["machine"]
     fig.suptitle(
         f"kube-oidc-gate benchmarks ({report['mode']}): {m['nproc']} CPUs, Python {m['versions'].get('python')}, "
-        f"aiohttp {m['versions'].get('aiohttp')}, uvloop {m['versions'].get('uvloop')}; grey = baselines, red = Apache peer"
+        f"aiohttp {m['versions'].get('aiohttp')}, uvloop {m['versions'].get('uvloop')}, "
+        f"{m['versions'].get('kube-oidc-gate build', '?')} build; grey = baselines, red = Apache peer"
         f"\n{upstream_summary(report)}",
         fontsize=9,
     )
