@@ -115,10 +115,12 @@ def _parse_review(body: bytes) -> tuple[str, str, list[str]]:
     if not token.isascii():
         try:
             token.encode()
-        except UnicodeEncodeError as err:
+        except UnicodeEncodeError as unencodable:
             # A lone surrogate escape (``\ud800``): valid JSON, not valid text;
             # kube-apiserver never sends one, and no token can be hashed with it.
-            raise _BadReview(400, "webhook: spec.token is not valid unicode") from err
+            raise _BadReview(
+                400, "webhook: spec.token is not valid unicode"
+            ) from unencodable
     audiences = spec.get("audiences") or []
     if not isinstance(audiences, list) or not all(
         isinstance(a, str) for a in audiences
