@@ -90,6 +90,23 @@ def test_single_character_mutation_never_authenticates_a_changed_token(
         assert result is None or isinstance(result, TokenError)
 
 
+#: The claims the engine reads itself: their values reach typed code, which a
+#: compiled build (mypyc) checks at run time, so each must fail typed.
+STANDARD_CLAIMS = [
+    "iss",
+    "aud",
+    "exp",
+    "nbf",
+    "iat",
+    "sub",
+    "groups",
+    "jti",
+    "email",
+    "email_verified",
+    "preferred_username",
+]
+
+
 @PROFILE
 @given(
     header=st.dictionaries(
@@ -97,24 +114,7 @@ def test_single_character_mutation_never_authenticates_a_changed_token(
         json_values,
         max_size=5,
     ),
-    claims=st.dictionaries(
-        st.sampled_from(
-            [
-                "iss",
-                "aud",
-                "exp",
-                "nbf",
-                "iat",
-                "sub",
-                "groups",
-                "email",
-                "email_verified",
-                "jti",
-            ]
-        ),
-        json_values,
-        max_size=10,
-    ),
+    claims=st.dictionaries(st.sampled_from(STANDARD_CLAIMS), json_values, max_size=10),
     sig=st.binary(max_size=300),
 )
 def test_arbitrary_headers_and_claims_never_escape_the_error_tree(
@@ -139,23 +139,6 @@ def test_validly_signed_arbitrary_claims_map_or_fail_typed(
     token = sign(KEY, base)
     result = outcome(make_auth(), token)
     assert isinstance(result, UserInfo | TokenError), result
-
-
-#: The claims the engine reads itself: their values reach typed code, which a
-#: compiled build (mypyc) checks at run time, so each must fail typed.
-STANDARD_CLAIMS = [
-    "iss",
-    "aud",
-    "exp",
-    "nbf",
-    "iat",
-    "sub",
-    "groups",
-    "jti",
-    "email",
-    "email_verified",
-    "preferred_username",
-]
 
 
 @PROFILE
