@@ -313,6 +313,24 @@ def _apiserver_flags(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _clear_metrics_dir(directory: str) -> None:
+    """Start a user-given ``PROMETHEUS_MULTIPROC_DIR`` empty of earlier runs' samples."""
+    from proxy.metrics import clear_multiprocess_dir
+
+    try:
+        removed = clear_multiprocess_dir(directory)
+    except OSError as err:
+        raise ConfigError(
+            f"config: PROMETHEUS_MULTIPROC_DIR={directory!r} cannot be used for "
+            f"metrics: {err.strerror or err}"
+        ) from err
+    if removed:
+        log.info(
+            "metrics: removed an earlier run's sample files",
+            extra={"directory": directory, "files": removed},
+        )
+
+
 def _serve_settings(ns: argparse.Namespace, *, reuse_port: bool) -> ServeSettings:
     from proxy.app import ServeSettings
 
@@ -402,7 +420,10 @@ def _serve_mode(ns: argparse.Namespace) -> int:
             "--authentication-config and the --oidc-* flags"
         )
     metrics_dir: str | None = None
-    if ns.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+    given_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given_dir:
+        _clear_metrics_dir(given_dir)
+    elif ns.workers > 1:
         from proxy.metrics import enable_multiprocess
 
         # Before the fork, so every worker writes its samples where any

@@ -8,9 +8,10 @@ Label values come from closed sets (result, reason code, HTTP code) or from
 from __future__ import annotations
 
 import os
+import re
 from bisect import bisect_left
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from prometheus_client import (
     CollectorRegistry,
@@ -28,6 +29,7 @@ __all__ = [
     "HistogramTally",
     "Metrics",
     "Tally",
+    "clear_multiprocess_dir",
     "enable_multiprocess",
     "null_tally",
 ]
@@ -130,6 +132,33 @@ class HistogramTally:
 def null_tally() -> Tally:
     """A tally that is never flushed into a counter (no ``Metrics`` given)."""
     return Tally(None)
+
+
+#: The files prometheus_client writes in a multiprocess directory:
+#: ``<type>_<pid>.db``, a gauge's type carrying its mode (``gauge_livesum``).
+_SAMPLE_FILE: Final = re.compile(r"(?:counter|histogram|summary|gauge_[a-z]+)_\d+\.db")
+
+
+def clear_multiprocess_dir(directory: str) -> int:
+    """Remove an earlier run's sample files from ``directory``; return how many.
+
+    prometheus_client requires a multiprocess directory to be wiped before
+    the processes start: the files of exited processes are still summed (a
+    pod whose container restarts keeps its ``emptyDir``), and a new process
+    that gets an old pid (pid 1 in every container) would count on from its
+    predecessor's file. Only files named as that library names them are
+    removed; anything else in the directory is left alone. Raises
+    ``OSError`` when ``directory`` is not a directory.
+    """
+    removed = 0
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.is_file(follow_symlinks=False) and _SAMPLE_FILE.fullmatch(
+                entry.name
+            ):
+                os.unlink(entry.path)
+                removed += 1
+    return removed
 
 
 def enable_multiprocess(directory: str) -> None:

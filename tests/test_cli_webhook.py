@@ -204,6 +204,73 @@ async def test_two_workers_share_the_port(issuer: FakeIssuer, tmp_path: Path) ->
     assert list(tmp.iterdir()) == [], "the shared samples are removed at exit"
 
 
+def _earlier_run_counted(directory: Path, accepted: int) -> None:
+    """Leave sample files as an earlier run in ``directory`` would have (another
+    process: prometheus_client picks its multiprocess store at import)."""
+    script = (
+        "from prometheus_client import Counter, Gauge\n"
+        "c = Counter('kube_oidc_gate_authentications', '', ['result', 'reason'])\n"
+        f"c.labels('ok', 'ok').inc({accepted})\n"
+        "Gauge('kube_oidc_gate_g', '', multiprocess_mode='livesum').set(1)\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", script],
+        env={"PROMETHEUS_MULTIPROC_DIR": str(directory)},
+        check=True,
+        timeout=60,
+    )
+
+
+async def test_a_given_metrics_dir_starts_without_an_earlier_runs_counts(
+    issuer: FakeIssuer, tmp_path: Path
+) -> None:
+    # A container restart keeps its emptyDir: the old files must not count.
+    shared = tmp_path / "metrics"
+    shared.mkdir()
+    _earlier_run_counted(shared, 1000)
+    (shared / "README").write_text("not ours", encoding="utf-8")
+    assert len(list(shared.glob("*.db"))) == 2
+    port, probe_port = free_port(), free_port()
+    token = issuer.token(groups=["naxslabs-admins"])
+    with Proc(
+        *webhook_args(issuer, tmp_path, port, "--workers", "2", probe_port=probe_port),
+        env={"PROMETHEUS_MULTIPROC_DIR": str(shared)},
+    ) as proc:
+        await proc.await_log("serving", count=2, timeout=20)
+        ctx = client_ssl(tmp_path)
+        accepted = 0
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=ctx, force_close=True)
+        ) as s:
+            for _ in range(20):
+                async with s.post(
+                    f"https://127.0.0.1:{port}/authenticate", json=review_body(token)
+                ) as r:
+                    if r.status == 200:
+                        accepted += 1
+        assert accepted > 0
+        assert await _scraped_ok_reviews(probe_port, accepted) == accepted
+        (removed,) = [
+            e
+            for e in proc.logs()
+            if e.get("event") == "metrics: removed an earlier run's sample files"
+        ]
+        assert removed["files"] == 2
+        assert proc.stop() == 0
+    assert (shared / "README").read_text(encoding="utf-8") == "not ours"
+
+
+def test_a_metrics_dir_that_is_not_a_directory_stops_the_start(
+    tmp_path: Path,
+) -> None:
+    missing = tmp_path / "no-such-dir"
+    with Proc(
+        "webhook", "--dev", env={"PROMETHEUS_MULTIPROC_DIR": str(missing)}
+    ) as proc:
+        assert proc.popen.wait(20) == 2
+    assert f"PROMETHEUS_MULTIPROC_DIR='{missing}'" in "".join(proc.stderr)
+
+
 async def _scraped_ok_reviews(probe_port: int, want: float) -> float:
     """The accepted reviews /metrics reports, once it reports ``want`` (or 5 s)."""
     counted = 0.0

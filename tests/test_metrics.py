@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import start_engine
 from proxy.authn import Authenticator
-from proxy.metrics import Metrics, null_tally
+from proxy.metrics import Metrics, clear_multiprocess_dir, null_tally
 from tests.fakes.issuer import FakeIssuer
 from tests.helpers import ISSUER, DictResolver, auth_config, authenticator_config
 from tests.keygen import claims_for, new_key, sign
@@ -172,3 +173,28 @@ def test_a_histogram_tally_waits_for_the_flush() -> None:
     assert _registry(metrics, name, handler="authenticate") == 1
     metrics.flush()
     assert _registry(metrics, name, handler="authenticate") == 1
+
+
+def test_clearing_a_multiprocess_dir_removes_only_sample_files(tmp_path: Path) -> None:
+    for name in (
+        "counter_12.db",
+        "gauge_livesum_12.db",
+        "gauge_max_7.db",
+        "histogram_3.db",
+        "summary_1.db",
+    ):
+        (tmp_path / name).write_bytes(b"x")
+    kept = ["notes.txt", "counter_x.db", "counter_12.db.bak", "mycounter_1.db"]
+    for name in kept:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "histogram_9.db").mkdir()  # not a file: left alone
+    assert clear_multiprocess_dir(str(tmp_path)) == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [*kept, "histogram_9.db"]
+    )
+    assert clear_multiprocess_dir(str(tmp_path)) == 0
+
+
+def test_clearing_a_missing_multiprocess_dir_raises(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        clear_multiprocess_dir(str(tmp_path / "missing"))
