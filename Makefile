@@ -75,4 +75,4 @@ image:
 	docker build -t kube-oidc-gate:dev .
 
 clean:
-	rm -rf $(VENV) tests/e2e/provider/node_modules .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) build tests/e2e/provider/node_modules .mypy_cache .ruff_cache .pytest_cache
