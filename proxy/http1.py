@@ -25,10 +25,16 @@ What it accepts, and nothing else (anything else is refused with a Kubernetes
 - header names that are RFC 9110 tokens, values without control characters, no
   obsolete line folding, no bare ``CR`` or ``LF``; the whole head within
   ``max_head_bytes`` and ``max_headers`` (431 beyond);
-- bodies delimited by one ``Content-Length`` (conflicting values: 400); a
-  ``Transfer-Encoding`` is refused with 411 (kube-apiserver always sends a
-  length), so there is no chunked decoder to get wrong and no ambiguity for
-  request smuggling;
+- bodies delimited by one ``Content-Length``; ``proxy.framing`` refuses with
+  400 any ambiguity (a second length, even equal; a length with a
+  ``Transfer-Encoding``; any coding but ``chunked``) and any method the
+  Kubernetes API does not serve; a ``chunked`` body is refused with 411
+  (kube-apiserver always sends a length), so there is no chunked decoder to
+  get wrong. With a fallback, a malformed or ambiguous request is refused
+  here too, never handed on: a second parser must not get to read it its
+  own way;
+- no body in an answer to ``HEAD`` (refusals included), nor with 1xx, 204 or
+  304;
 - ``Expect: 100-continue`` is honoured; other expectations get 417.
 
 Bounds, all enforced by one sweeper per server rather than a timer per request:
@@ -58,6 +64,7 @@ from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple, cast
 
+from proxy import framing
 from proxy.log import REQUEST_ID, new_request_id
 
 __all__ = ["Admit", "Answer", "Handler", "Limits", "Request", "Route", "Server"]
@@ -223,10 +230,11 @@ _REQUEST_LINE: Final = re.compile(rb"(" + _TOKEN + rb") (/[\x21-\x7e]*) HTTP/1\.
 #: matters for a kilobyte-long ``Authorization`` value (4.96 -> 0.79 µs).
 _FIELD: Final = re.compile(r"(" + _TOKEN.decode() + r"):(.*)\r\n")
 _REASONS: Final = {s.value: s.phrase for s in http.HTTPStatus}
-#: Fields of a relayed answer this server writes itself.
-_FRAMING: Final = frozenset({"content-length", "transfer-encoding", "connection"})
-#: Answers that never have a body nor a length (RFC 9110 §6.4.1).
-_BODYLESS: Final = frozenset({204, 304})
+#: Fields of a relayed answer this server writes itself (``proxy.framing``).
+_FRAMING: Final = framing.HOP_BY_HOP | framing.FRAMING
+#: Refusals that mean "beyond this lane's limits" (a head too large, a chunked
+#: body, a body too large), not "wrong": the fallback may serve those.
+_BEYOND_LIMITS: Final = frozenset({411, 413, 431})
 #: ``_next_request``'s word for "this connection goes to the fallback".
 _HANDOFF: Final = object()
 
@@ -256,9 +264,10 @@ class Server:
 
     With a ``fallback`` (a protocol factory, for the proxy: aiohttp's
     connection handler), this server is a fast lane in front of a general
-    one. A request it would refuse (a chunked body, an oversized head, a
-    malformed one), a head that is not plain ASCII, and one ``admit`` declines
-    (an upgrade, a watch) are not refused: the connection is handed, at that
+    one. A request beyond this lane's limits (a chunked body, a body over
+    ``max_body_bytes``, an oversized head), a head that is not plain ASCII,
+    and one ``admit`` declines (an upgrade, a watch) are not refused: the
+    connection is handed, at that
     request's first byte, to a protocol from ``fallback``, which keeps it for
     the rest of its life. Only one parser ever reads a given byte, and the
     handover happens between requests, when every earlier answer has been
@@ -589,7 +598,9 @@ class _Connection(asyncio.Protocol):
             % (status, (reason or _REASONS.get(status, "")).encode("latin-1")),
         ]
         _relayed_fields(head, headers, server.date)
-        if length is not None:
+        if framing.bodyless(request.method, status):
+            self._stream = "none"
+        elif length is not None:
             head.append(b"Content-Length: %d\r\n" % length)
             self._stream = "length"
         elif request.http11:
@@ -607,7 +618,7 @@ class _Connection(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError("http: the client has gone")
-        if not data:
+        if not data or self._stream == "none":
             return
         # Written at once, after what is queued: a stream's pace is the
         # client's, and backpressure needs the transport to see the bytes.
@@ -742,8 +753,13 @@ class _Connection(asyncio.Protocol):
                     return _HANDOFF
                 try:
                     head = self._parse_head(raw)
-                except _Refused:
-                    return _HANDOFF
+                except _Refused as refused:
+                    # Beyond this lane's limits, not wrong: the fallback's.
+                    # Anything wrong is refused here, never handed on for a
+                    # second parser to read its own way.
+                    if refused.status in _BEYOND_LIMITS:
+                        return _HANDOFF
+                    raise
                 admit = server.admit
                 if admit is not None and not admit(
                     head.method, head.target, head.headers
@@ -796,26 +812,22 @@ class _Connection(asyncio.Protocol):
             text = value.strip(" \t")
             pairs.append((original, text))
             if key in headers:
-                if key == "content-length":
-                    if headers[key] != text:
-                        raise _Refused(400, "http: conflicting Content-Length")
-                    continue
                 if key == "host":
                     raise _Refused(400, "http: more than one Host")  # RFC 9112 §3.2
                 # RFC 9110 §5.3: repeated fields combine as a list.
                 text = headers[key] + ", " + text
             headers[key] = text
+        method = match.group(1).decode("ascii")
+        try:
+            framed = framing.check_request(method, pairs)
+        except framing.AmbiguousRequest as err:
+            raise _Refused(err.status, str(err)) from None
         http10 = match.group(3) == b"0"
         if not http10 and "host" not in headers:
             raise _Refused(400, "http: HTTP/1.1 request without Host")
-        if "transfer-encoding" in headers:
+        if framed.chunked:
             raise _Refused(411, "http: a Content-Length is required")
-        length = 0
-        if "content-length" in headers:
-            declared = headers["content-length"]
-            if not declared.isdigit() or not declared.isascii() or len(declared) > 18:
-                raise _Refused(400, "http: malformed Content-Length")
-            length = int(declared)
+        length = framed.length or 0
         if length > limits.max_body_bytes:
             raise _Refused(413, f"http: body larger than {limits.max_body_bytes} bytes")
         expect = headers.get("expect")
@@ -824,7 +836,7 @@ class _Connection(asyncio.Protocol):
         connection = headers.get("connection", "").lower()
         keep_alive = "keep-alive" in connection if http10 else "close" not in connection
         return _Head(
-            method=match.group(1).decode("ascii"),
+            method=method,
             target=match.group(2).decode("ascii"),
             headers=headers,
             fields=pairs,
@@ -920,6 +932,13 @@ class _Connection(asyncio.Protocol):
         )
         status = answer.status
         body = answer.body
+        # A refusal by the parser has no request: its method is the buffer's
+        # first word, which is all "HEAD" needs (RFC 9110 §9.3.2).
+        method = (
+            request.method
+            if request is not None
+            else ("HEAD" if self._buffer[:5] == b"HEAD " else "")
+        )
         head = [
             b"HTTP/1.1 %d %s\r\n"
             % (status, (answer.reason or _REASONS.get(status, "")).encode("latin-1"))
@@ -933,14 +952,13 @@ class _Connection(asyncio.Protocol):
                 head.append(b"%s: %s\r\n" % (key.encode(), value.encode()))
         else:
             _relayed_fields(head, answer.headers, server.date)
-            if status in _BODYLESS:
-                body = b""
-            else:
+            if not framing.bodyless("", status):
                 head.append(b"Content-Length: %d\r\n" % len(body))
         if close:
             head.append(b"Connection: close\r\n")
         head.append(b"\r\n")
-        head.append(body)
+        if not framing.bodyless(method, status):
+            head.append(body)
         self.queue(b"".join(head))
         if close:
             self._close_soon()

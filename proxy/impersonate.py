@@ -97,7 +97,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy import http1, tunnel
+from proxy import framing, http1, tunnel
 from proxy.errors import TokenError, UpstreamError
 from proxy.kube import SYSTEM_AUTHENTICATED, PerUser, UserInfo, status_body
 from proxy.log import RefusalLimiter, RequestLog
@@ -125,19 +125,6 @@ BEARER_PROTOCOL_PREFIX: Final = "base64url.bearer.authorization.k8s.io."
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-_HOP_BY_HOP: Final = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
 #: Dropped from every forwarded request, whatever the mode.
 _REQUEST_DROP: Final = frozenset(
     {
@@ -150,7 +137,7 @@ _REQUEST_DROP: Final = frozenset(
     }
 )
 #: What ``_forward_headers`` never forwards, by mode (names, name prefixes).
-_FORWARD_DROP_PASSTHROUGH: Final = _HOP_BY_HOP | _REQUEST_DROP
+_FORWARD_DROP_PASSTHROUGH: Final = framing.HOP_BY_HOP | framing.FRAMING | _REQUEST_DROP
 _FORWARD_DROP: Final = _FORWARD_DROP_PASSTHROUGH | {"authorization"}
 _FORWARD_DROP_PREFIXES_PASSTHROUGH: Final = ("x-remote-extra-",)
 _FORWARD_DROP_PREFIXES: Final = ("x-remote-extra-", "impersonate-")
@@ -623,11 +610,11 @@ def _forward_headers(
     prefixes = (
         _FORWARD_DROP_PREFIXES_PASSTHROUGH if passthrough else _FORWARD_DROP_PREFIXES
     )
-    extra = _connection_tokens(src)
+    # What the client's Connection names, never a framing, routing or
+    # identity field (proxy.framing): those follow the fixed rules above.
+    extra = set(framing.connection_tokens(src.getall("Connection", ())))
     if protocols is not None:
         extra.add("sec-websocket-protocol")
-    if upgrade is not None:
-        extra.add("content-length")
     out: list[tuple[str, str]] = []
     for name, value in src.items():
         lower = name.lower()
@@ -649,25 +636,52 @@ def _forward_headers(
 
 
 def _response_headers(
-    headers: _Headers, *, upgrade: bool = False, body_length: bool = True
+    headers: _Headers, *, upgrade: bool = False, length: int | None = None
 ) -> CIMultiDict[str]:
-    """The API server's response headers minus hop-by-hop ones and, when the
-    framing changes (an upgrade, a chunked or a re-serialised body), the length.
+    """The API server's response headers as we relay them: minus hop-by-hop
+    ones and every framing field (``proxy.framing``); ``length`` is the one
+    ``Content-Length`` we declare, when we know the body we relay has exactly
+    that many bytes (else the client's writer frames it).
     """
-    drop = _connection_tokens(headers)
-    chunked = "Transfer-Encoding" in headers
+    drop = framing.hop_by_hop(headers.getall("Connection", ()))
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
-        lower = name.lower()
-        if lower in _HOP_BY_HOP or lower in drop:
-            continue
-        if lower == "content-length" and (upgrade or chunked or not body_length):
+        if name.lower() in drop:
             continue
         out.add(name, value)
+    if length is not None:
+        out["Content-Length"] = str(length)
     if upgrade:
         out["Connection"] = "Upgrade"
         out["Upgrade"] = headers.get("Upgrade", "")
     return out
+
+
+def _declared_length(method: str, upstream: PooledResponse) -> int | None:
+    """The length to declare for a pooled answer: its body's exact length,
+    or for ``HEAD`` the length the API server declared (RFC 9110 §8.6: what a
+    ``GET`` would have had; the pool parsed it as one field of digits).
+    """
+    if method == "HEAD":
+        declared = upstream.headers.get("Content-Length")
+        return int(declared) if declared is not None else None
+    return upstream.body_length
+
+
+def _check_framing(request: web.Request) -> None:
+    """``framing.check_request`` on what aiohttp received, plus: an upgrade
+    carries no body (nothing before the ``101`` is forwarded, so a body could
+    only be read as the start of the tunnel by one side and not the other).
+    """
+    fields = [
+        (name.decode("latin-1"), value.decode("latin-1"))
+        for name, value in request.raw_headers
+    ]
+    framed = framing.check_request(request.method, fields)
+    if (framed.chunked or framed.length) and "upgrade" in _connection_tokens(
+        request.headers
+    ):
+        raise framing.AmbiguousRequest("http: a body on an upgrade request")
 
 
 def _client_gone(request: web.Request) -> bool:
@@ -818,6 +832,17 @@ class _ProxyHandler:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Serve one request (the route's handler)."""
+        try:
+            _check_framing(request)
+        except framing.AmbiguousRequest as err:
+            # The stream cannot be trusted past this request: answer, close.
+            entry = _Entry(request.method, request.path, "", None)
+            entry.status, entry.detail = err.status, str(err)
+            entry.cause = str(err)
+            self._finish(entry)
+            refusal = status_response(err.status, "bad request")
+            refusal.force_close()
+            return refusal
         upgrade = _upgrade_protocol(request.headers)
         verb, subresource = classify_request(
             request.method, request.path, request.query
@@ -986,24 +1011,22 @@ class _ProxyHandler:
         piece by piece otherwise.
         """
         settings = self._settings
-        declared = request.headers.get("content-length")
         started = False
         try:
             async with asyncio.timeout(settings.request_timeout):
+                # A bytes body: the pool declares exactly its length, whatever
+                # the client's fields said (http1 read exactly that many).
                 upstream = await self._upstream.fetch(
                     request.method,
                     request.target,
                     headers=headers,
                     body=request.body or None,
-                    content_length=int(declared) if declared is not None else None,
                     connect_timeout=settings.connect_timeout,
                     max_head_bytes=settings.max_header_bytes,
                 )
                 async with upstream:
                     self._count_upstream(str(upstream.status))
-                    relayed = tuple(
-                        _response_headers(upstream.headers, body_length=False).items()
-                    )
+                    relayed = tuple(_response_headers(upstream.headers).items())
                     body = upstream.body
                     entry.status = upstream.status
                     if body is not None:
@@ -1015,16 +1038,10 @@ class _ProxyHandler:
                             content_type=None,
                             reason=upstream.reason,
                         )
-                    length = upstream.headers.get("Content-Length")
                     request.start_stream(
                         upstream.status,
                         relayed,
-                        length=(
-                            int(length)
-                            if length is not None
-                            and "Transfer-Encoding" not in upstream.headers
-                            else None
-                        ),
+                        length=upstream.body_length,
                         reason=upstream.reason,
                     )
                     started = entry.prepared = True
@@ -1244,7 +1261,9 @@ class _ProxyHandler:
                     request.raw_path,
                     headers=headers,
                     body=request.content if request.body_exists else None,
-                    content_length=request.content_length,
+                    # handle() refused every request with more than one
+                    # framing field: this is the length aiohttp read by.
+                    body_length=request.content_length,
                     connect_timeout=settings.connect_timeout,
                     max_head_bytes=settings.max_header_bytes,
                 )
@@ -1258,7 +1277,10 @@ class _ProxyHandler:
                             status=upstream.status,
                             reason=upstream.reason,
                             body=body,
-                            headers=_response_headers(upstream.headers),
+                            headers=_response_headers(
+                                upstream.headers,
+                                length=_declared_length(request.method, upstream),
+                            ),
                         )
                     response = await _prepared(
                         request,
@@ -1266,6 +1288,7 @@ class _ProxyHandler:
                         upstream.reason,
                         upstream.headers,
                         entry,
+                        length=upstream.body_length,
                     )
                     await _relay_pooled(upstream, response.write, entry)
                     await response.write_eof()
@@ -1413,7 +1436,7 @@ class _ProxyHandler:
         except TimeoutError as err:
             raise UpstreamError("proxy: upgrade answer timed out", status=504) from err
         answer = web.Response(status=raw.status, reason=raw.reason, body=body)
-        answer.headers.extend(_response_headers(raw.headers, body_length=False))
+        answer.headers.extend(_response_headers(raw.headers))
         entry.status = raw.status
         entry.bytes_out = len(body)
         return answer
@@ -1425,12 +1448,15 @@ async def _prepared(
     reason: str | None,
     headers: _Headers,
     entry: _Entry,
+    *,
+    length: int | None = None,
 ) -> web.StreamResponse:
     """Send the API server's status and headers to an aiohttp-lane client; the
-    body follows piece by piece.
+    body follows piece by piece, under ``length`` when we know it exactly
+    (else chunked).
     """
     response = web.StreamResponse(status=status, reason=reason)
-    response.headers.extend(_response_headers(headers))
+    response.headers.extend(_response_headers(headers, length=length))
     await response.prepare(request)
     entry.status = status
     entry.prepared = True

@@ -63,6 +63,7 @@ from kubernetes.config.incluster_config import InClusterConfigLoader
 from multidict import CIMultiDict
 from yarl import URL
 
+from proxy import framing
 from proxy.config import is_loopback_host
 from proxy.errors import ConfigError, UpstreamError
 from proxy.upstream_pool import BodySource, ConnectionPool, PooledResponse
@@ -523,7 +524,9 @@ class Upstream:
         Nothing is added or decoded: no default headers, no redirects, no
         decompression, no cookies. Failures before the head are ``UpstreamError``;
         the response is released to the pool when fully read, closed otherwise.
+        ``headers`` carry no framing: aiohttp writes it from ``data``.
         """
+        _refuse_framing(headers)
         target = self._loaded()
         try:
             async with asyncio.timeout(head_timeout):
@@ -577,7 +580,7 @@ class Upstream:
         *,
         headers: Iterable[tuple[str, str]],
         body: bytes | BodySource | None = None,
-        content_length: int | None = None,
+        body_length: int | None = None,
         connect_timeout: float,
         head_timeout: float | None = None,
         max_head_bytes: int = 256 * 1024,
@@ -586,8 +589,8 @@ class Upstream:
         and return the answer once its head has arrived; the wire is what
         ``request`` sends and receives.
 
-        ``content_length`` is the value of the ``Content-Length`` among
-        ``headers``, if any. Close the response when done (``async with``).
+        ``headers`` carry no framing: the pool writes it from ``body`` (and
+        ``body_length``, a streamed body's exact length when known). Close the response when done (``async with``).
         Failures are ``UpstreamError`` with the status to answer;
         ``head_timeout`` unset leaves the bound to the caller's timeout.
         """
@@ -596,7 +599,7 @@ class Upstream:
             self.target(path_qs),
             headers,
             body=body,
-            content_length=content_length,
+            body_length=body_length,
             connect_timeout=connect_timeout,
             head_timeout=head_timeout,
             max_head_bytes=max_head_bytes,
@@ -615,8 +618,11 @@ class Upstream:
         """Send an upgrade request on a new connection and read the answer's head.
 
         ``headers`` are sent as given (the caller adds the credential it wants:
-        the proxy's own, or the client's in passthrough mode); ``Host`` is ours.
+        the proxy's own, or the client's in passthrough mode); ``Host`` is ours,
+        and so is the framing: none, since no body is forwarded before the
+        ``101`` (the bytes after it are the tunnel's).
         """
+        _refuse_framing(headers)
         target = self._loaded()
         url = target.base_url
         host = url.host
@@ -674,6 +680,21 @@ class Upstream:
             reader=reader,
             writer=writer,
         )
+
+
+def _refuse_framing(
+    headers: CIMultiDict[str] | Iterable[tuple[str, str]],
+) -> None:
+    """A caller's framing or ``Host`` beside ours is a bug: refuse it loudly
+    (``proxy.framing``, rule 1) rather than send two readings of one request.
+    """
+    names = (
+        headers.keys() if isinstance(headers, CIMultiDict) else (n for n, _ in headers)
+    )
+    for name in names:
+        lower = name.lower()
+        if lower in framing.FRAMING or lower == "host":
+            raise ValueError(f"upstream: {name!r} is the sender's to write")
 
 
 def _host_header(url: URL) -> str:

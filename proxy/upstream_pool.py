@@ -6,10 +6,13 @@ tracing hooks, a payload writer task), none of which the proxy needs. This
 client does what ``Upstream.request`` did on the wire and nothing more:
 
 - the request head is ``METHOD target HTTP/1.1``, ``Host`` first, then the
-  caller's headers in order, then the framing aiohttp would add: ``Content-Length:
-  0`` for a body-less method other than GET/HEAD/OPTIONS/TRACE,
-  ``Content-Length`` for a bytes body, ``Transfer-Encoding: chunked`` for a
-  streamed body of unknown length; text is UTF-8 (lone surrogates dropped, as
+  caller's headers in order, then one framing field computed from the body
+  actually sent (``proxy.framing.request_framing``): ``Content-Length: 0`` for
+  a body-less method other than GET/HEAD/OPTIONS/TRACE, ``Content-Length`` for
+  a bytes body or a streamed one of known length (cut at it),
+  ``Transfer-Encoding: chunked`` for a streamed body of unknown length. A
+  caller's header that would stand beside ours (framing, ``Host``,
+  hop-by-hop) is refused; text is UTF-8 (lone surrogates dropped, as
   aiohttp does) and a control character in a header is refused;
 - the response head is parsed strictly (``HTTP/1.0`` or ``1.1``, a three-digit
   status, token header names, no control characters, no folded lines, at most
@@ -56,6 +59,7 @@ from typing import Final, Protocol, cast
 from aiohttp.abc import AbstractResolver
 from multidict import CIMultiDict
 
+from proxy import framing
 from proxy.errors import UpstreamError
 
 __all__ = ["BodySource", "ConnectionPool", "PooledResponse"]
@@ -63,8 +67,8 @@ __all__ = ["BodySource", "ConnectionPool", "PooledResponse"]
 _CLOSE_WAIT: Final = 1.0
 #: Methods retried once after a stale pooled connection (safe to send twice).
 _RETRYABLE: Final = frozenset({"GET", "HEAD", "OPTIONS"})
-#: Methods for which aiohttp adds no ``Content-Length: 0`` to a body-less request.
-_NO_BODY_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+#: Fields only ``ConnectionPool.head`` writes (framing, routing, hop-by-hop).
+_OURS: Final = framing.FRAMING | framing.HOP_BY_HOP | {"host"}
 _MAX_LINE: Final = 8192
 _CHUNK_SIZE: Final = re.compile(
     rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\x00-\x08\x0a-\x1f\x7f]*)?"
@@ -304,6 +308,7 @@ class PooledResponse:
         "_reusable",
         "_writer",
         "body",
+        "body_length",
         "complete",
         "headers",
         "reason",
@@ -329,6 +334,10 @@ class PooledResponse:
         self.reason = reason
         self.headers = headers
         self.body: bytes | None = None
+        #: The exact length of the body as framed by the API server's
+        #: ``Content-Length`` (which ``read_chunk`` holds it to), ``None`` for
+        #: a chunked, close-delimited or absent body: what a relay may declare.
+        self.body_length = length if mode == _LENGTH else None
         self.complete = False
         self._mode = mode
         self._remaining = length
@@ -644,24 +653,32 @@ class ConnectionPool:
         headers: Iterable[tuple[str, str]],
         body: bytes | BodySource | None,
         *,
-        length: bool,
+        body_length: int | None = None,
     ) -> tuple[bytes, bool]:
         """The request head as bytes, and whether the body goes chunked.
 
-        ``length``: the caller's headers carry a ``Content-Length``.
+        The framing is ours (``proxy.framing.request_framing``): the length
+        of a bytes body, ``body_length`` for a streamed one (which is then
+        cut at that length), chunked for a streamed body of unknown length.
+        ``headers`` carrying a framing field or ``Host`` are a bug of the
+        caller and refused (``ValueError``), so no client's field can ever
+        stand beside ours.
         """
         lines = [f"{method} {target} HTTP/1.1", f"Host: {self._host_header}"]
-        lines.extend(f"{name}: {value}" for name, value in headers)
-        chunked = False
-        if body is None:
-            if method not in _NO_BODY_METHODS and not length:
-                lines.append("Content-Length: 0")
-        elif isinstance(body, bytes):
-            if not length:
-                lines.append(f"Content-Length: {len(body)}")
-        elif not length:
-            lines.append("Transfer-Encoding: chunked")
-            chunked = True
+        for name, value in headers:
+            if name.lower() in _OURS:
+                raise ValueError(f"upstream: {name!r} is the pool's to write")
+            lines.append(f"{name}: {value}")
+        if isinstance(body, bytes):
+            body_length = len(body)
+        elif body is None:
+            body_length = None
+        field = framing.request_framing(
+            method, body_length=body_length, streamed=body is not None
+        )
+        chunked = field is not None and field[0] == "Transfer-Encoding"
+        if field is not None:
+            lines.append(f"{field[0]}: {field[1]}")
         raw = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "ignore")
         # The only control characters allowed are a value's tabs and the line
         # breaks joined in here: deleting every other one, CR and LF included,
@@ -679,7 +696,7 @@ class ConnectionPool:
         headers: Iterable[tuple[str, str]],
         *,
         body: bytes | BodySource | None = None,
-        content_length: int | None = None,
+        body_length: int | None = None,
         connect_timeout: float,
         head_timeout: float | None = None,
         max_head_bytes: int = 256 * 1024,
@@ -687,12 +704,13 @@ class ConnectionPool:
         """Send one request and return the answer once its head has arrived.
 
         ``target`` is the request target as sent (path and query); ``headers``
-        go out as given, in order (no ``Host``, no ``Transfer-Encoding``);
-        ``content_length`` is the value of the caller's ``Content-Length``
-        header when it has one (a streamed body is then cut at that length).
+        go out as given, in order, and carry no framing and no ``Host`` (see
+        ``head``); ``body_length`` is the exact length of a streamed body when
+        it is known (the client declared it): that many bytes are sent, under
+        that ``Content-Length``, and a body that ends sooner fails the request.
         """
         head, chunked = self.head(
-            method, target, headers, body, length=content_length is not None
+            method, target, headers, body, body_length=body_length
         )
         retry = method in _RETRYABLE and (body is None or isinstance(body, bytes))
         outgoing = _Outgoing(
@@ -700,7 +718,7 @@ class ConnectionPool:
             head=head,
             body=body,
             chunked=chunked,
-            content_length=content_length,
+            content_length=None if chunked else body_length,
             max_head_bytes=max_head_bytes,
         )
         conn = await self._acquire(connect_timeout, fresh=False)

@@ -229,8 +229,26 @@ MALFORMED: list[tuple[str, bytes, int]] = [
         "smuggling-cl-te",
         b"POST /authenticate HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n"
         b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nX",
-        411,
+        400,
     ),
+    (
+        "equal-lengths",
+        b"POST /authenticate HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+        b"Content-Length: 3\r\n\r\nabc",
+        400,
+    ),
+    (
+        "length-list",
+        b"POST /authenticate HTTP/1.1\r\nHost: x\r\nContent-Length: 3, 3\r\n\r\nabc",
+        400,
+    ),
+    (
+        "te-obfuscated",
+        b"POST /authenticate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\n\r\n",
+        400,
+    ),
+    ("lower-case-method", b"post /authenticate HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    ("unknown-method", b"FOO /authenticate HTTP/1.1\r\nHost: x\r\n\r\n", 400),
     (
         "body-over-the-limit",
         b"POST /authenticate HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n",

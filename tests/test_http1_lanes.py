@@ -353,21 +353,6 @@ HANDOFFS: list[tuple[str, bytes, str, str, bytes]] = [
         b"",
     ),
     (
-        "absolute-form",
-        b"GET http://x/absolute HTTP/1.1\r\nHost: x\r\n\r\n",
-        "GET",
-        "/absolute",
-        b"",
-    ),
-    (
-        "unknown-expectation",
-        b"POST /expect HTTP/1.1\r\nHost: x\r\nExpect: magic\r\n"
-        b"Content-Length: 2\r\n\r\nok",
-        "POST",
-        "/expect",
-        b"ok",
-    ),
-    (
         "admit-declines-path",
         b"GET /watch/pods?watch=1 HTTP/1.1\r\nHost: x\r\n\r\n",
         "GET",
@@ -432,6 +417,66 @@ async def test_a_request_the_lane_would_refuse_goes_whole_to_the_fallback(
         assert fallback.events[0] == "made"
         assert server.handed_off == 1
         assert not server.connections, "the lane lets go of the connection"
+        assert lean.seen == []
+
+
+#: Requests that are wrong, not merely beyond the lane's limits: the lane
+#: refuses them itself and closes; a second parser never gets to read them.
+REFUSED_BY_THE_LANE: list[tuple[str, bytes, int]] = [
+    ("absolute-form", b"GET http://x/absolute HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    (
+        "unknown-expectation",
+        b"POST /expect HTTP/1.1\r\nHost: x\r\nExpect: magic\r\n"
+        b"Content-Length: 2\r\n\r\nok",
+        417,
+    ),
+    (
+        "equal-lengths",
+        b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+        b"Content-Length: 2\r\n\r\nok",
+        400,
+    ),
+    (
+        "length-and-chunked",
+        b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        400,
+    ),
+    (
+        "chunked-obfuscated",
+        b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n",
+        400,
+    ),
+    ("obs-fold", b"GET /x HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n 2\r\n\r\n", 400),
+    ("bare-lf", b"GET /x HTTP/1.1\r\nHost: x\nX-A: 1\r\n\r\n", 400),
+    ("lower-case-method", b"get /x HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    ("unknown-method", b"BREW /pot HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+]
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [r[1:] for r in REFUSED_BY_THE_LANE],
+    ids=[r[0] for r in REFUSED_BY_THE_LANE],
+)
+async def test_a_wrong_request_is_refused_by_the_lane_never_handed_on(
+    raw: bytes, status: int
+) -> None:
+    lean = _Lean()
+    fallbacks = _Recordings([raw])
+    async with (
+        serving(
+            default=Route(lean, methods=None), fallback=fallbacks, admit=_admit
+        ) as (server, port),
+        _connection(port) as (reader, writer),
+    ):
+        writer.write(raw + _get("/after"))
+        got, headers, _ = await _response(reader)
+        assert got == status
+        assert headers.get("connection") == "close"
+        assert await _until_closed(reader) == b"", "nothing after the refusal"
+        assert server.handed_off == 0
+        assert fallbacks.made == []
         assert lean.seen == []
 
 
@@ -720,7 +765,7 @@ async def test_the_default_route_takes_every_path_and_method_routes_come_first()
         for method, target in [
             ("GET", "/anything?x=1"),
             ("DELETE", "/a/b"),
-            ("BREW", "/pot"),
+            ("PATCH", "/pot"),
             ("POST", "/"),
         ]:
             writer.write(f"{method} {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())

@@ -488,7 +488,7 @@ def test_a_control_character_never_goes_out_in_a_head(bad: str, where: str) -> N
     else:
         target = f"/api{bad}v1"
     with pytest.raises(ValueError, match="forbidden control character"):
-        pool.head("GET", target, [(name, value)], None, length=False)
+        pool.head("GET", target, [(name, value)], None)
 
 
 def test_a_head_keeps_tabs_and_non_ascii_values() -> None:
@@ -502,7 +502,6 @@ def test_a_head_keeps_tabs_and_non_ascii_values() -> None:
             ("Authorization", "Bearer " + "t" * 1500),
         ],
         b"{}",
-        length=False,
     )
     assert not chunked
     assert head == (
@@ -512,6 +511,87 @@ def test_a_head_keeps_tabs_and_non_ascii_values() -> None:
         + b"t" * 1500
         + b"\r\nContent-Length: 2\r\n\r\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("method", "body", "body_length", "framing_line"),
+    [
+        ("GET", None, None, None),
+        ("DELETE", None, None, b"Content-Length: 0"),
+        ("POST", b"", None, b"Content-Length: 0"),
+        ("POST", b"abc", None, b"Content-Length: 3"),
+        # A bytes body is declared by its own length, whatever was claimed.
+        ("POST", b"abc", 52, b"Content-Length: 3"),
+        ("PATCH", "stream", 6, b"Content-Length: 6"),
+        ("PUT", "stream", None, b"Transfer-Encoding: chunked"),
+    ],
+    ids=[
+        "get",
+        "delete",
+        "post-empty",
+        "post-bytes",
+        "bytes-beat-a-claimed-length",
+        "stream-of-known-length",
+        "stream-chunked",
+    ],
+)
+def test_the_pool_writes_exactly_one_framing_field_of_its_own(
+    method: str, body: Any, body_length: int | None, framing_line: bytes | None
+) -> None:
+    pool = _offline_pool()
+    source = Chunks(b"abc", b"def") if body == "stream" else body
+    head, chunked = pool.head(
+        method, "/x", [("X-A", "1")], source, body_length=body_length
+    )
+    lines = head.split(b"\r\n")
+    framing = [
+        line
+        for line in lines
+        if line.lower().startswith((b"content-length:", b"transfer-encoding:"))
+    ]
+    assert framing == ([framing_line] if framing_line is not None else [])
+    assert chunked is (framing_line == b"Transfer-Encoding: chunked")
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["Content-Length", "content-length", "Transfer-Encoding", "Host", "Connection"],
+)
+def test_a_callers_framing_or_host_is_refused(name: str) -> None:
+    """The pool's framing is the only one: a caller's would stand beside it."""
+    pool = _offline_pool()
+    with pytest.raises(ValueError, match="the pool's to write"):
+        pool.head("POST", "/x", [(name, "5")], b"abc")
+
+
+async def test_a_streamed_body_shorter_than_its_length_fails_the_request() -> None:
+    received: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.append(await reader.readuntil(b"\r\n\r\n"))
+        with contextlib.suppress(Exception):
+            received.append(await reader.read(100))
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pool = _offline_pool(port)
+    try:
+        with pytest.raises(UpstreamError):
+            async with asyncio.timeout(5):
+                await pool.send(
+                    "PUT",
+                    "/x",
+                    [],
+                    body=Chunks(b"abc"),
+                    body_length=6,
+                    connect_timeout=5,
+                )
+    finally:
+        await pool.close()
+        server.close()
+        await server.wait_closed()
+    assert b"Content-Length: 6" in received[0]
 
 
 # --------------------------------------------------------------------------
@@ -545,7 +625,6 @@ WIRE_CASES: list[tuple[str, str, str, list[tuple[str, str]], Any]] = [
     ("delete-no-body", "DELETE", "/api/v1/x", [], None),
     ("post-no-body", "POST", "/x", [("X-A", "1"), ("X-A", "2")], None),
     ("post-bytes", "POST", "/x", [("Content-Type", "application/json")], b'{"a":1}'),
-    ("patch-stream-length", "PATCH", "/x", [("Content-Length", "6")], ("abc", "def")),
     ("put-stream-chunked", "PUT", "/x", [("X-Z", "z")], ("abc", "defg")),
     ("utf8-header", "GET", "/x", [("X-Name", "jürgen")], None),
     ("surrogate-header", "GET", "/x", [("X-Raw", "a\udcffb")], None),
@@ -589,7 +668,6 @@ async def test_request_wire_matches_aiohttp(
                 head_timeout=5,
             ) as old:
                 await old.read()
-            length = next((int(v) for k, v in headers if k == "Content-Length"), None)
             new = await upstream.fetch(
                 method,
                 path,
@@ -597,7 +675,6 @@ async def test_request_wire_matches_aiohttp(
                 body=Chunks(*(p.encode() for p in body))
                 if isinstance(body, tuple)
                 else body,
-                content_length=length,
                 connect_timeout=5,
             )
             async with new:
