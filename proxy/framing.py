@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Final
+from typing import ClassVar, Final
 
 __all__ = [
     "FRAMING",
@@ -92,7 +92,7 @@ class AmbiguousRequest(ValueError):
     The message names the rule, never the client's value.
     """
 
-    status = 400
+    status: ClassVar[int] = 400
 
 
 @dataclass(frozen=True, slots=True)

@@ -332,48 +332,87 @@ def _run(args: list[str], *, cwd: Path, env: dict[str, str]) -> str:
     return done.stdout
 
 
-@pytest.mark.slow
-def test_wheel_from_the_build_context_installs_and_starts(tmp_path: Path) -> None:
+def build_stage_command(parsed: tuple[dict[str, str], list[Stage]]) -> str:
+    """The build stage's ``RUN`` that makes the wheels, as written."""
+    (command,) = [r for r in parsed[1][0].all("RUN") if "pip wheel" in r]
+    return command
+
+
+def build_stage_env(parsed: tuple[dict[str, str], list[Stage]]) -> dict[str, str]:
+    """The build stage's ``ENV``."""
+    return _key_values(" ".join(parsed[1][0].all("ENV")))
+
+
+def clean_environment() -> dict[str, str]:
+    """This process's environment minus whatever points at the project's venv
+    or sources, so a command sees only what it is given.
+    """
     env = {
-        k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")
+        and not k.startswith(("PIP_", "MYPY", "HATCH_"))
     }
+    venv_bin = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join(
+        p for p in env.get("PATH", "").split(os.pathsep) if p != venv_bin
+    )
+    return env
+
+
+@pytest.mark.slow
+def test_wheel_from_the_build_context_installs_and_starts(
+    tmp_path: Path, dockerfile: tuple[dict[str, str], list[Stage]]
+) -> None:
+    """The build stage replayed as a builder runs it: a Python of its own with
+    nothing but pip (no stubs, no mypy, no hatch: the project's venv is out of
+    sight), the context ``.dockerignore`` sends at ``/src``, the stage's
+    ``ENV``, and its ``RUN`` line word for word (``/wheels`` moved under
+    ``tmp_path``). Until issue 18 this failed: mypyc's strict check had no
+    PyYAML stubs in pip's isolated build environment.
+    """
+    env = clean_environment()
     env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
 
-    # Build stage: the context as .dockerignore sends it, then `pip wheel --no-deps`.
-    context = tmp_path / "context"
+    # The builder's Python: a fresh venv with pip alone, whose `python` comes
+    # first on PATH as the image's does.
+    builder = tmp_path / "builder"
+    venv.EnvBuilder(with_pip=True, clear=True).create(builder)
+    listed = _run(
+        [str(builder / "bin" / "python"), "-m", "pip", "list", "--format=json"],
+        cwd=tmp_path,
+        env=env,
+    )
+    assert {p["name"].lower() for p in json.loads(listed)} <= {"pip", "setuptools"}
+
+    context = tmp_path / "src"
     for rel in build_context():
         target = context / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / rel, target)
     wheels = tmp_path / "wheels"
-    _run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(wheels), "."],
-        cwd=context,
-        env={**env, "HATCH_BUILD_HOOKS_ENABLE": "1"},
-    )
+    command = build_stage_command(dockerfile).replace("/wheels", str(wheels))
+    stage_env = {
+        **env,
+        **build_stage_env(dockerfile),
+        "PATH": f"{builder / 'bin'}{os.pathsep}{env['PATH']}",
+    }
+    _run(["bash", "-euc", command], cwd=context, env=stage_env)
+
     (wheel,) = wheels.glob("kube_oidc_gate-*.whl")
     assert wheel.name.startswith(f"kube_oidc_gate-{__version__}-cp311-")
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
     assert "proxy/cel_ext.lark" in names  # package data the CEL engine loads
-    assert [n for n in names if re.fullmatch(r"proxy/tokens\..*\.so", n)]
+    compiled = PYPROJECT["tool"]["hatch"]["build"]["targets"]["wheel"]["hooks"][
+        "mypyc"
+    ]["include"]
+    for module in compiled:
+        stem = Path(module).stem
+        assert [n for n in names if re.fullmatch(rf"proxy/{stem}\..*\.so", n)], stem
     assert not [n for n in names if n.startswith("tests/")]
-
-    # ... and every dependency as a binary wheel beside it (nothing compiled).
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--only-binary=:all:",
-            "--wheel-dir",
-            str(wheels),
-            str(wheel),
-        ],
-        cwd=tmp_path,
-        env=env,
-    )
+    # The stage's second command put every dependency beside it.
+    assert any(w.name.startswith("aiohttp-") for w in wheels.glob("*.whl"))
 
     # Runtime stage: a clean environment, only those wheels, no index; then
     # pip goes, and the command must still start.
