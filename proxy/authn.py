@@ -4,9 +4,20 @@ Three outcomes and no others (house rule 2):
 
 - a ``UserInfo``: the token is valid for one of the configured issuers;
 - ``None``: "not mine": the token's (unverified) ``iss`` names no configured
-  issuer, so another authenticator may take it; no error, nothing cached;
+  issuer and shares no host with one, so another authenticator may take it;
+  no error, nothing cached;
 - a ``TokenError``: the token claims to be from one of our issuers (or is not a
   JWT at all) and fails; its ``reason`` is counted and logged.
+
+A *near miss* is not "not mine": an ``iss`` on the host of a configured
+issuer that differs by a trailing slash, the scheme, case, port or path is
+refused as ``issuer_mismatch`` with both values (``IssuerMismatch``), because
+that is almost always a configuration mistake (an Okta custom domain, a
+slash) that kube-apiserver would report only as "invalid bearer token".
+Deliberate difference from kube-apiserver, whose authenticator says "not
+mine" there: in webhook mode the API server's other authenticators still get
+their turn either way (an error from one authenticator does not stop the
+union), so only the explanation changes.
 
 Routing by the unverified ``iss`` is safe because it only chooses which issuer's
 keys and rules to apply: a forged ``iss`` just selects keys that will not verify
@@ -21,7 +32,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+import urllib.parse
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,13 +41,13 @@ from proxy.admission import Admission
 from proxy.cache import ResultCache, detached
 from proxy.claims import map_claims
 from proxy.config import AuthConfig, JWTAuthenticatorConfig
-from proxy.errors import MalformedToken, Overloaded, TokenError
+from proxy.errors import IssuerMismatch, MalformedToken, Overloaded, TokenError
 from proxy.kube import UserInfo
 from proxy.log import fingerprint
 from proxy.metrics import Metrics, null_tally
 from proxy.tokens import KeyResolver, ParsedToken, peek, verify
 
-__all__ = ["Authenticator", "Verdict"]
+__all__ = ["Authenticator", "Verdict", "near_miss"]
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +110,11 @@ class Authenticator:
     async def _validate(
         self, parsed: ParsedToken
     ) -> tuple[str, UserInfo, float] | None:
-        auth = self._by_issuer.get(parsed.unverified_issuer or "")
+        iss = parsed.unverified_issuer
+        auth = self._by_issuer.get(iss or "")
         if auth is None:
+            if iss is not None:
+                _refuse_near_miss(iss, self._by_issuer)
             return None
         claims = await verify(
             parsed,
@@ -212,6 +227,11 @@ class Authenticator:
             return Verdict(error=err)
         iss = parsed.unverified_issuer
         header, claims = parsed.header, parsed.claims
+        if iss is not None and iss not in self._by_issuer:
+            try:
+                _refuse_near_miss(iss, self._by_issuer)
+            except IssuerMismatch as err:
+                return Verdict(header=header, claims=claims, error=err)
         if iss not in self._by_issuer:
             configured = ", ".join(f'"{u}"' for u in self._by_issuer)
             shown = f'"{iss}"' if iss is not None else "no string iss claim"
@@ -232,6 +252,17 @@ class Authenticator:
         assert outcome is not None
         return Verdict(header=header, claims=claims, issuer=iss, user=outcome[1])
 
+    def claimed_issuer(self, token: str) -> str | None:
+        """The token's unverified ``iss`` (a claim value: safe to log, never
+        the token), for the log line of a "not mine"; ``None`` when it has
+        no string ``iss`` or is not a JWT.
+        """
+        try:
+            iss = peek(token, max_bytes=self._config.max_token_bytes).unverified_issuer
+        except TokenError:
+            return None
+        return iss[:256] if iss is not None else None
+
     def forget_issuer(self, issuer: str) -> None:
         """Forget cached acceptances of ``issuer``: called when it withdraws a key.
 
@@ -240,3 +271,71 @@ class Authenticator:
         """
         dropped = self.cache.forget_issuer(issuer)
         log.info("result cache purged", extra={"issuer": issuer, "entries": dropped})
+
+
+def near_miss(iss: str, configured: Iterable[str]) -> tuple[str, str] | None:
+    """The configured issuer ``iss`` nearly is, and how they differ; ``None``
+    when ``iss`` shares a host with none of them (a stranger: "not mine").
+
+    Hosts compare case-insensitively (DNS does); among several issuers on
+    the host, the one with the smallest difference wins (a slash before a
+    path), so the message points at the likely intended one.
+    """
+    got = _split(iss)
+    if got is None:
+        return None
+    best: tuple[int, str, str] | None = None
+    for url in configured:
+        want = _split(url)
+        if want is None or want.hostname != got.hostname:
+            continue
+        rank, what = _difference(got, want, iss, url)
+        if best is None or rank < best[0]:
+            best = (rank, url, what)
+    return None if best is None else (best[1], best[2])
+
+
+def _split(url: str) -> urllib.parse.SplitResult | None:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a malformed port
+    except ValueError:
+        return None
+    return parts if parts.hostname else None
+
+
+def _difference(
+    got: urllib.parse.SplitResult,
+    want: urllib.parse.SplitResult,
+    iss: str,
+    url: str,
+) -> tuple[int, str]:
+    """(rank, words) of how two same-host issuer URLs differ; lower is nearer."""
+    if iss.lower() == url.lower():
+        return 0, "they differ in letter case"
+    if iss.rstrip("/") == url.rstrip("/"):
+        return 1, "they differ by a trailing slash"
+    if got.scheme != want.scheme and iss.partition(":")[2] == url.partition(":")[2]:
+        return 2, f"they differ in scheme ({got.scheme} vs {want.scheme})"
+    if got.port != want.port and got.path.rstrip("/") == want.path.rstrip("/"):
+        return 3, "they differ in port"
+    return 4, "same host, different path (another authorization server?)"
+
+
+def _refuse_near_miss(iss: str, configured: Iterable[str]) -> None:
+    """Raise ``IssuerMismatch`` when ``iss`` is a near miss (see the module docs)."""
+    found = near_miss(iss, configured)
+    if found is None:
+        return
+    expected, what = found
+    got = iss[:256]
+    raise IssuerMismatch(
+        f'token: issuer mismatch: the token\'s iss is "{got}", the configured issuer '
+        f'is "{expected}": {what}; the iss claim must equal --oidc-issuer-url / '
+        "issuer.url exactly (compare with the issuer in "
+        f"{expected.rstrip('/')}/.well-known/openid-configuration)",
+        issuer=expected,
+        expected=expected,
+        got=got,
+        near_miss=True,
+    )

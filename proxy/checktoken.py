@@ -3,8 +3,10 @@
 It runs the very engine the webhook and the proxy run (same configuration,
 same checks, same messages), without the result cache, and prints what it
 learnt: the decoded header and claims (the token itself is never printed), the
-times in words, and then the mapped user as JSON (exit 0) or the refusal with
-its reason code and a hint drawn from the troubleshooting table (exit 1).
+times in words, and then the mapped user as JSON (exit 0, with a warning line
+when the configured groups claim is absent) or the refusal with its reason
+code and a hint drawn from the troubleshooting table (exit 1). It logs only
+warnings, as text, by default: it talks to a person at a terminal.
 
 ``--offline --jwks-file F`` checks against a local JWK Set and makes no network
 request at all, for air-gapped debugging or a key set copied from the IdP.
@@ -15,7 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Final, TextIO
 
 import aiohttp
@@ -26,7 +28,7 @@ from proxy.jwk import load_jwks_file
 from proxy.keyset import KeySets, StaticKeySet
 from proxy.tokens import KeyResolver
 
-__all__ = ["HINTS", "check_token", "render"]
+__all__ = ["GROUPS_HINT", "HINTS", "check_token", "render", "warnings_for"]
 
 #: Reason code → what usually causes it and where to look. README's
 #: troubleshooting table says the same; keep them in step.
@@ -44,8 +46,9 @@ HINTS: Final[Mapping[str, str]] = {
     "expired": "get a fresh token (kubectl oidc-login get-token; or clear "
     "~/.kube/cache/oidc-login if an old token is stuck in the cache)",
     "not_yet_valid": "the clocks disagree: check NTP on this machine and the IdP",
-    "issuer_mismatch": "the iss claim must equal --oidc-issuer-url / issuer.url exactly; "
-    "with Okta, set the authorization server's issuer (custom domain or not) to match",
+    "issuer_mismatch": "the iss claim must equal --oidc-issuer-url / issuer.url exactly "
+    "(scheme, host, path, trailing slash, case); with Okta, compare with Security > API > "
+    "Authorization Servers > Issuer (a custom domain changes it)",
     "audience_mismatch": "the aud claim must contain --oidc-client-id / one of "
     "issuer.audiences; Okta ID tokens carry the client id, access tokens of a custom "
     "authorization server carry its audience (api://default)",
@@ -83,7 +86,41 @@ def _span(seconds: int) -> str:
     return f"{seconds // 86400}d"
 
 
-def render(verdict: Verdict, *, now: float, out: TextIO) -> int:
+#: What a token without its groups claim usually means, with Okta.
+GROUPS_HINT: Final = (
+    "Okta adds a groups claim only when the authorization server has one: "
+    "Security > API > Authorization Servers > (yours) > Claims > Add Claim, "
+    'name "groups", include in the ID token (Always), value type Groups, '
+    'filter Matches regex ".*" (or your prefix); for the org server, set the '
+    "app's Groups claim filter (Sign On tab). Without it the user has no groups "
+    "and RBAC bindings to groups do not apply."
+)
+
+
+def warnings_for(verdict: Verdict, config: AuthConfig) -> list[str]:
+    """What an accepted token lacks that the configuration expects: today a
+    missing groups claim, the first thing the seed article's troubleshooting
+    checks (the token passes; the user just has no groups).
+    """
+    if verdict.user is None or verdict.claims is None:
+        return []
+    for auth in config.authenticators:
+        if auth.issuer.url != verdict.issuer:
+            continue
+        groups = auth.claim_mappings.groups
+        if groups is None or groups.claim is None:
+            return []
+        if groups.claim not in verdict.claims:
+            return [
+                f'the token has no "{groups.claim}" claim (the configured groups '
+                f"claim), so the user gets no groups. {GROUPS_HINT}"
+            ]
+    return []
+
+
+def render(
+    verdict: Verdict, *, now: float, out: TextIO, warnings: Sequence[str] = ()
+) -> int:
     """Print ``verdict`` for a person and return the exit code (0 accepted, 1 not)."""
     if verdict.header is not None:
         out.write(
@@ -107,6 +144,8 @@ def render(verdict: Verdict, *, now: float, out: TextIO) -> int:
     if verdict.user is not None:
         out.write(f"result: accepted by issuer {verdict.issuer}\n")
         out.write(json.dumps(verdict.user.to_dict(), indent=2) + "\n")
+        for warning in warnings:
+            out.write(f"warning: {warning}\n")
         return 0
     if verdict.not_mine is not None:
         out.write("result: rejected (not_mine)\n")
@@ -134,7 +173,9 @@ async def check_token(
         static = StaticKeySet(load_jwks_file(jwks_file))
         resolvers: dict[str, KeyResolver] = dict.fromkeys(urls, static)
         verdict = await Authenticator(config, resolvers).explain(token)
-        return render(verdict, now=time.time(), out=out)
+        return render(
+            verdict, now=time.time(), out=out, warnings=warnings_for(verdict, config)
+        )
     async with aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=config.keyset.fetch_timeout),
         headers={"User-Agent": "kube-oidc-gate check-token"},
@@ -149,4 +190,6 @@ async def check_token(
             verdict = await authenticator.explain(token)
         finally:
             await keysets.close()
-    return render(verdict, now=time.time(), out=out)
+    return render(
+        verdict, now=time.time(), out=out, warnings=warnings_for(verdict, config)
+    )

@@ -54,19 +54,25 @@ def _host_port(value: str, flag: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104
 
 
-def _add_common(p: argparse.ArgumentParser, *, serving: bool = False) -> None:
+def _add_common(
+    p: argparse.ArgumentParser,
+    *,
+    serving: bool = False,
+    log_format: str = "json",
+    log_level: str = "info",
+) -> None:
     g = p.add_argument_group("logging")
     g.add_argument(
         "--log-format",
         choices=("json", "text"),
-        default="json",
-        help="Log line format (default json).",
+        default=log_format,
+        help=f"Log line format (default {log_format}).",
     )
     g.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
-        default="info",
-        help="Least severe level logged (default info). Debug may show identities, never credentials.",
+        default=log_level,
+        help=f"Least severe level logged (default {log_level}). Debug may show identities, never credentials.",
     )
     if serving:
         g.add_argument(
@@ -183,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument(
         "--jwks-file", help="A JWK Set file to verify against (with --offline)."
     )
-    _add_common(ct)
+    # A person at a terminal reads the verdict on stdout: only what went wrong
+    # on the way (a failed fetch) belongs on stderr, and as text.
+    _add_common(ct, log_format="text", log_level="warning")
 
     kc = sub.add_parser(
         "kubeconfig",

@@ -168,9 +168,33 @@ class TokenNotYetValid(TokenError):
 
 
 class IssuerMismatch(TokenError):
-    """The verified ``iss`` is not the configured issuer URL."""
+    """The token's ``iss`` is not the configured issuer URL.
+
+    Raised after the signature verified, or before it for a *near miss*: an
+    ``iss`` that names no configured issuer but shares a host with one (a
+    trailing slash, the scheme, case, port or path apart). kube-apiserver
+    calls that "not mine" and says nothing; an Okta custom domain or a slash
+    typo then looks like a token nobody knows. We say which issuer it nearly
+    was (``expected``) and what the token said (``got``, a claim value, safe
+    to log; never the token). ``near_miss`` marks the unverified kind, which
+    the proxy still passes through under ``--token-passthrough``.
+    """
 
     reason = "issuer_mismatch"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        issuer: str | None = None,
+        expected: str | None = None,
+        got: str | None = None,
+        near_miss: bool = False,
+    ) -> None:
+        super().__init__(message, issuer=issuer)
+        self.expected = expected
+        self.got = got
+        self.near_miss = near_miss
 
 
 class AudienceMismatch(TokenError):

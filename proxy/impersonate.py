@@ -98,7 +98,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy import framing, http1, tunnel
-from proxy.errors import TokenError, UpstreamError
+from proxy.errors import IssuerMismatch, TokenError, UpstreamError
 from proxy.kube import SYSTEM_AUTHENTICATED, PerUser, UserInfo, status_body
 from proxy.log import RefusalLimiter, RequestLog
 from proxy.metrics import Metrics
@@ -276,6 +276,7 @@ class _Refusal(Exception):
         *,
         headers: Mapping[str, str] | None = None,
         cause: str = "",
+        reason: str = "",
     ) -> None:
         super().__init__(detail or message)
         self.status = status
@@ -283,6 +284,8 @@ class _Refusal(Exception):
         self.detail = detail
         self.headers = dict(headers or {})
         self.cause = cause or detail or message
+        #: The engine's reason code, for a refused token.
+        self.reason = reason
 
 
 #: The few refusal bodies there are, encoded once each (the messages are fixed
@@ -291,15 +294,22 @@ _status_body: Final = functools.lru_cache(maxsize=256)(status_body)
 
 
 def _token_refusal(err: TokenError) -> _Refusal:
-    """A refused token's answer: 401, or 503 while the keys are not loaded."""
+    """A refused token's answer: 401, or 503 while the keys are not loaded.
+
+    The access line says the ``reason`` code and, as ``detail``, the engine's
+    message (claim values and issuers, never the token); the refusal log
+    limit counts by the reason alone, so distinct values cannot flood it.
+    """
     if err.temporary:
         return _Refusal(
             503,
             "authentication temporarily unavailable",
-            err.reason,
+            str(err),
             headers={"Retry-After": "5"},
+            cause=err.reason,
+            reason=err.reason,
         )
-    return _Refusal(401, "Unauthorized", err.reason)
+    return _Refusal(401, "Unauthorized", str(err), cause=err.reason, reason=err.reason)
 
 
 def status_response(
@@ -743,6 +753,7 @@ class _Entry:
         "outcome",
         "path",
         "prepared",
+        "reason",
         "started_at",
         "status",
         "user",
@@ -766,6 +777,8 @@ class _Entry:
         self.prepared = False
         #: Why the proxy refused the request (its own refusals only).
         self.detail = ""
+        #: The engine's reason code, for a refused token (troubleshooting.md).
+        self.reason = ""
         #: What the refusal log limit counts it by (its own refusals only).
         self.cause = ""
 
@@ -788,6 +801,8 @@ class _Entry:
             out["as_user"] = self.as_user
         if self.outcome != "ok":
             out["outcome"] = self.outcome
+        if self.reason:
+            out["reason"] = self.reason
         if self.detail:
             out["detail"] = self.detail
         return out
@@ -886,6 +901,7 @@ class _ProxyHandler:
             # Said once, in the request's access line (a refused token is the
             # common refusal): at most one line each, none past the limit.
             entry.detail = err.detail or err.message
+            entry.reason = err.reason
             entry.cause = err.cause
             entry.status = err.status
             return err.status, err.message, err.headers
@@ -938,9 +954,16 @@ class _ProxyHandler:
             )
             if self._lookup is not None:
                 key, user = self._lookup(token)
-        except (_Refusal, TokenError) as err:
-            refusal = _token_refusal(err) if isinstance(err, TokenError) else err
-            answer = self._lean_refusal(refusal, entry)
+        except TokenError as err:
+            if self._passes_through(err):
+                return self._lean(
+                    request, entry, src, token, key=key, user=None, foreign=True
+                )
+            answer = self._lean_refusal(_token_refusal(err), entry)
+            self._finish(entry)
+            return answer
+        except _Refusal as err:
+            answer = self._lean_refusal(err, entry)
             self._finish(entry)
             return answer
         except Exception:
@@ -949,6 +972,17 @@ class _ProxyHandler:
             self._finish(entry)
             return http1.Answer(500, _status_body(500, "internal error"))
         return self._lean(request, entry, src, token, key=key, user=user)
+
+    def _passes_through(self, err: TokenError) -> bool:
+        """Whether a refused token is still "not mine" here: a near-miss
+        issuer under ``--token-passthrough`` goes to the API server, which
+        may know that issuer (only our explanation of it changed).
+        """
+        return (
+            self._settings.token_passthrough
+            and isinstance(err, IssuerMismatch)
+            and err.near_miss
+        )
 
     def _lean_refusal(
         self, err: _Refusal | UpstreamError, entry: _Entry
@@ -969,19 +1003,22 @@ class _ProxyHandler:
         *,
         key: bytes | None,
         user: UserInfo | None,
+        foreign: bool = False,
     ) -> http1.Answer | None:
         """The rest of a lean request: validation on a cache miss, the checks
-        after it, the upstream exchange.
+        after it, the upstream exchange. ``foreign``: the token is known not
+        to be ours (``_passes_through``).
         """
         try:
-            if user is None:
+            if user is None and not foreign:
                 try:
                     if key is not None and self._validate is not None:
                         user = await self._validate(token, key)
                     else:
                         user = await self._authenticator.authenticate(token)
                 except TokenError as err:
-                    raise _token_refusal(err) from err
+                    if not self._passes_through(err):
+                        raise _token_refusal(err) from err
             headers = await self._admitted(
                 user,
                 src,
@@ -1095,10 +1132,12 @@ class _ProxyHandler:
         token, protocols = self._presented(
             src, size=size, target=target, upgrade=upgrade
         )
+        user: UserInfo | None = None
         try:
             user = await self._authenticator.authenticate(token)
         except TokenError as err:
-            raise _token_refusal(err) from err
+            if not self._passes_through(err):
+                raise _token_refusal(err) from err
         return await self._admitted(
             user, src, peer=peer, entry=entry, upgrade=upgrade, protocols=protocols
         )
@@ -1133,7 +1172,12 @@ class _ProxyHandler:
         settings = self._settings
         if user is None:
             if not settings.token_passthrough:
-                raise _Refusal(401, "Unauthorized", "token of no configured issuer")
+                raise _Refusal(
+                    401,
+                    "Unauthorized",
+                    "token of no configured issuer",
+                    reason="not_mine",
+                )
             if self._upstream.client_certificate:
                 # The API server would authenticate our certificate, not the
                 # client's token: the client would act as the proxy.

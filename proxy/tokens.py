@@ -372,6 +372,8 @@ async def verify(
         raise IssuerMismatch(
             f'token: issuer mismatch: expected "{issuer.url}", got "{got}"',
             issuer=issuer.url,
+            expected=issuer.url,
+            got=got,
         )
     _check_times(claims, issuer.url, now, leeway)
     _check_audience(claims, issuer)

@@ -286,7 +286,20 @@ class ReviewHandler:
         started: float,
     ) -> Answer:
         if user is None:
-            self._log(token, "not_mine", reason="not_mine", started=started)
+            # kube-apiserver logs only "invalid bearer token": say which
+            # issuer the token claims (a claim value, never the token).
+            claimed = self._auth.claimed_issuer(token)
+            self._log(
+                token,
+                "not_mine",
+                reason="not_mine",
+                started=started,
+                detail=(
+                    f'token: iss "{claimed}" is not a configured issuer'
+                    if claimed is not None
+                    else "token: no string iss claim"
+                ),
+            )
             return _answer(api_version, {"authenticated": False})
         audiences, ok = self._audiences(asked)
         if not ok:

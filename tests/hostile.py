@@ -1,7 +1,8 @@
 """The hostile token corpus: every case an attacker or a broken client may send.
 
 Each case is a token and the reason code it must be refused with (``not_mine``
-for tokens that name no configured issuer). The same corpus runs against
+for tokens that name no configured issuer nor one on its host;
+``issuer_mismatch`` for a near miss: a slash or case apart). The same corpus runs against
 ``check-token``, the engine, the webhook and the proxy, so a defence proven in
 one place is proven in all.
 """
@@ -160,8 +161,8 @@ def corpus(issuer: str, key: SigningKey) -> list[Case]:
     add("aud-object", sign(key, claims(aud={"a": 1})), "claim_invalid")
     add("aud-other", sign(key, claims(aud=["someone-else"])), "audience_mismatch")
     add("aud-missing", sign(key, claims(aud=...)), "claim_missing")
-    add("iss-trailing-slash", sign(key, claims(iss=issuer + "/")), "not_mine")
-    add("iss-other-case", sign(key, claims(iss=issuer.upper())), "not_mine")
+    add("iss-trailing-slash", sign(key, claims(iss=issuer + "/")), "issuer_mismatch")
+    add("iss-other-case", sign(key, claims(iss=issuer.upper())), "issuer_mismatch")
     add("groups-mixed-types", sign(key, claims(groups=["a", 1, None])), "claim_invalid")
     add("groups-thousands", sign(key, claims(groups=["g"] * 1100)), "claim_invalid")
     add("sub-number", sign(key, claims(sub=12345)), "claim_invalid")

@@ -67,8 +67,14 @@ async def test_routes_by_issuer(key: SigningKey) -> None:
 
 @pytest.mark.parametrize(
     "iss",
-    ["https://not-configured.test", ISSUER + "/", None, 42],
-    ids=["other", "trailing-slash", "absent", "int"],
+    [
+        "https://not-configured.test",
+        "https://issuer.example.test.evil/oauth2/default",
+        "not a url",
+        None,
+        42,
+    ],
+    ids=["other", "other-host-same-path", "not-a-url", "absent", "int"],
 )
 async def test_token_of_no_configured_issuer_is_not_mine(
     key: SigningKey, iss: object
@@ -83,6 +89,60 @@ async def test_token_of_no_configured_issuer_is_not_mine(
     assert (
         sample(metrics, "kube_oidc_gate_authentications_total", result="not_mine") == 1
     )
+
+
+@pytest.mark.parametrize(
+    ("iss", "words"),
+    [
+        (ISSUER + "/", "trailing slash"),
+        (ISSUER.replace("https:", "http:"), "scheme (http vs https)"),
+        (ISSUER.replace("issuer.example", "Issuer.Example"), "letter case"),
+        (ISSUER.replace("default", "Default"), "letter case"),
+        (ISSUER.replace(".test/", ".test:8443/"), "port"),
+        ("https://issuer.example.test", "different path"),
+        ("https://issuer.example.test/oauth2/aus1other", "different path"),
+    ],
+    ids=[
+        "slash",
+        "scheme",
+        "host-case",
+        "path-case",
+        "port",
+        "org-server",
+        "other-server",
+    ],
+)
+async def test_a_near_miss_issuer_is_refused_with_both_values(
+    key: SigningKey, iss: str, words: str
+) -> None:
+    """kube-apiserver would call these "not mine" and say nothing; they are
+    almost always a configuration mistake, so they get their own reason.
+    """
+    auth, resolver, metrics = make(key)
+    claims = claims_for(ISSUER)
+    claims["iss"] = iss
+    token = sign_bytes(key, json.dumps(claims).encode())
+    with pytest.raises(errors.IssuerMismatch) as caught:
+        await auth.authenticate(token)
+    err = caught.value
+    assert (err.expected, err.got, err.near_miss) == (ISSUER, iss, True)
+    assert f'iss is "{iss}"' in str(err)
+    assert f'configured issuer is "{ISSUER}"' in str(err)
+    assert words in str(err)
+    assert token not in str(err)
+    assert resolver.lookups == 0, "no key was looked at: the signature is not trusted"
+    assert (
+        sample(
+            metrics,
+            "kube_oidc_gate_authentications_total",
+            result="rejected",
+            reason="issuer_mismatch",
+        )
+        == 1
+    )
+    verdict = await auth.explain(token)
+    assert verdict.error is not None
+    assert verdict.error.reason == "issuer_mismatch"
 
 
 async def test_cache_hit_skips_verification(key: SigningKey) -> None:

@@ -359,6 +359,8 @@ def offline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "aud": claims_for(ISS, "another-client"),
         "expired": claims_for(ISS, "kubernetes", lifetime=-60),
         "foreign": claims_for("https://evil.example.test", "kubernetes"),
+        "slash": claims_for(ISS + "/", "kubernetes", groups=["g"]),
+        "no-groups": claims_for(ISS, "kubernetes"),
     }
     for name, claims in cases.items():
         (d / name).write_text(sign(key, claims))
@@ -385,8 +387,16 @@ AUTH = ["--oidc-issuer-url", ISS, "--oidc-client-id", "kubernetes", "--oidc-grou
         ),
         ("expired", 1, r"result: rejected \(expired\)"),
         ("foreign", 1, r'the token.s iss is "https://evil.example.test"'),
+        (
+            "slash",
+            1,
+            r"result: rejected \(issuer_mismatch\)\ntoken: issuer mismatch: the "
+            r'token.s iss is "https://login.example.test/oauth2/default/", the '
+            r'configured issuer is "https://login.example.test/oauth2/default": they '
+            r"differ by a trailing slash",
+        ),
     ],
-    ids=["accepted", "audience", "expired", "wrong-issuer"],
+    ids=["accepted", "audience", "expired", "wrong-issuer", "near-miss-issuer"],
 )
 def test_check_token_offline(
     offline: dict[str, str], case: str, code: int, expect: str
@@ -404,6 +414,39 @@ def test_check_token_offline(
     assert re.search(expect, result.stdout), result.stdout
     token = Path(offline[case]).read_text()
     assert token not in result.stdout + result.stderr
+
+
+def test_check_token_warns_when_the_groups_claim_is_missing(
+    offline: dict[str, str],
+) -> None:
+    """Accepted (exit 0), but the seed article's first troubleshooting step,
+    "is the groups claim there?", is answered without being asked.
+    """
+    args = ["check-token", *AUTH, "--offline", "--jwks-file", offline["jwks"]]
+    missing = run_cli(*args, "--token-file", offline["no-groups"])
+    assert missing.returncode == 0, missing.stderr
+    warning = re.search(r"^warning: .*$", missing.stdout, re.MULTILINE)
+    assert warning is not None, missing.stdout
+    assert 'no "groups" claim' in warning.group(0)
+    assert "Authorization Servers" in warning.group(0)
+    present = run_cli(*args, "--token-file", offline["good"])
+    assert present.returncode == 0
+    assert "warning:" not in present.stdout
+
+
+def test_check_token_logs_only_warnings_as_text(offline: dict[str, str]) -> None:
+    """A person at a terminal: the verdict on stdout, nothing routine on stderr."""
+    result = run_cli(
+        "check-token",
+        *AUTH,
+        "--offline",
+        "--jwks-file",
+        offline["jwks"],
+        "--token-file",
+        offline["good"],
+    )
+    assert result.returncode == 0
+    assert result.stderr == ""
 
 
 def test_check_token_reads_stdin(offline: dict[str, str]) -> None:
@@ -468,6 +511,10 @@ async def test_check_token_online_names_both_issuer_urls(issuer: FakeIssuer) -> 
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 1, err
     text = out.decode()
+    # The failed fetch is worth a warning on stderr: as text, for a person.
+    warned = err.decode().strip().splitlines()
+    assert warned
+    assert not any(line.startswith("{") for line in warned), warned
     assert "keys_unavailable" in text
     assert issuer.url in text
     assert "https://other.example.test/oauth2/default" in text

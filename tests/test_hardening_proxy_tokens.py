@@ -57,9 +57,11 @@ def logged(caplog: pytest.LogCaptureFixture) -> str:
 
 
 def refusal_details(caplog: pytest.LogCaptureFixture) -> list[str]:
-    """Why the proxy refused: the access line of each refused request says."""
+    """Why the proxy refused: the access line of each refused request says,
+    as a reason code for a refused token, else in its detail.
+    """
     return [
-        str(vars(r).get("detail"))
+        str(vars(r).get("reason") or vars(r).get("detail"))
         for r in caplog.records
         if r.name == "proxy.access" and "detail" in vars(r)
     ]

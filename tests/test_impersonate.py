@@ -1257,3 +1257,41 @@ def test_a_blank_anywhere_in_a_token_is_found_as_re_finds_it() -> None:
         for text in (c, c * 2, f"{c}abc", f"abc{c}", f"a{c}bc", f"a{c}b{c}c"):
             assert _has_blank(text), repr(text)
     assert not _has_blank("")
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "aiohttp"])
+async def test_a_near_miss_issuer_is_401_with_its_reason_and_both_values(
+    tmp_path: Path, ca: trustme.CA, lean: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="proxy.access")
+    async with run_proxy(tmp_path, ca, lean=lean) as stack:
+        token = sign(stack.key, claims_for(ISSUER + "/", groups=["devs"]))
+        code, body = await whoami(stack, {"Authorization": f"Bearer {token}"})
+        assert code == 401
+        _status_of(body, 401)
+        assert stack.fake.requests == []
+    (line,) = [vars(r) for r in caplog.records if r.msg == "request"]
+    assert line["reason"] == "issuer_mismatch"
+    assert f'"{ISSUER}/"' in line["detail"]
+    assert f'"{ISSUER}"' in line["detail"]
+    assert token not in str(line)
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "aiohttp"])
+async def test_passthrough_still_forwards_a_near_miss_issuer(
+    tmp_path: Path, ca: trustme.CA, lean: bool
+) -> None:
+    """Only the explanation changed: a token that nearly names our issuer is
+    still not ours to judge, and ``--token-passthrough`` lets the API server
+    (which may trust that issuer) decide, twice (the second from the cache).
+    """
+    async with run_proxy(
+        tmp_path, ca, settings=ProxySettings(token_passthrough=True), lean=lean
+    ) as stack:
+        near = sign(new_key(), claims_for(ISSUER + "/", sub="carol"))
+        stack.fake.user_tokens[near] = {"username": "carol", "groups": ["team"]}
+        for _ in range(2):
+            code, body = await whoami(stack, {"Authorization": f"Bearer {near}"})
+            assert code == 201
+            assert body["status"]["userInfo"]["username"] == "carol"
+        assert [r.bearer for r in stack.fake.requests] == [near, near]

@@ -665,3 +665,37 @@ async def test_a_full_turn_queue_answers_503_and_a_retry_passes(
         ) == len(shed)
         for token in news:  # not remembered as refused: every retry passes
             assert (await wh.review(token)).status.authenticated is True
+
+
+async def test_a_near_miss_issuer_is_explained_and_a_stranger_is_logged_with_its_iss(
+    issuer: FakeIssuer, webhook: RunningWebhook, caplog: pytest.LogCaptureFixture
+) -> None:
+    """kube-apiserver logs only "invalid bearer token" for both: the answer's
+    ``status.error`` (which it logs) names the near miss with both values, and
+    our log line says which issuer a stranger's token claims.
+    """
+    caplog.set_level(logging.INFO, logger="proxy.webhook")
+    near = issuer.url + "/"
+    review = await webhook.review(
+        sign(issuer.keys[0], claims_for(near, "kubernetes", groups=["g"]))
+    )
+    assert review.status.authenticated is False
+    assert review.status.error.startswith("issuer_mismatch: ")
+    assert f'"{near}"' in review.status.error
+    assert f'"{issuer.url}"' in review.status.error
+    stranger = sign(new_key(), claims_for("https://elsewhere.test", "kubernetes"))
+    review = await webhook.review(stranger)
+    assert review.status.authenticated is False
+    assert not review.status.error
+    lines = [vars(r) for r in caplog.records if r.msg == "token review"]
+    assert [(f["result"], f["reason"]) for f in lines] == [
+        ("rejected", "issuer_mismatch"),
+        ("not_mine", "not_mine"),
+    ]
+    assert near in lines[0]["detail"]
+    assert issuer.url in lines[0]["detail"]
+    assert (
+        lines[1]["detail"]
+        == 'token: iss "https://elsewhere.test" is not a configured issuer'
+    )
+    assert all(stranger not in str(f) for f in lines)
