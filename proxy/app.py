@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -34,10 +36,15 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from proxy.authn import Authenticator
-from proxy.config import AuthConfig
+from proxy.config import (
+    DEFAULT_PROBE_ADDRESS,
+    DEFAULT_WEBHOOK_PORT,
+    AuthConfig,
+)
+from proxy.errors import ConfigError
 from proxy.http1 import Server
 from proxy.impersonate import LEAN_LANE, ProxySettings, add_proxy_routes
-from proxy.keyset import KeySets
+from proxy.keyset import ClaimSourceClient, KeySets
 from proxy.kube import status_body
 from proxy.log import REQUEST_ID, issuer_hash, new_request_id
 from proxy.metrics import CONTENT_TYPE, FLUSH_INTERVAL, Metrics
@@ -48,6 +55,7 @@ __all__ = [
     "ConnectionGuard",
     "Engine",
     "ServeSettings",
+    "listen_problems",
     "listening",
     "probe_app",
     "proxy_app",
@@ -96,9 +104,9 @@ class ServeSettings:
     """Where and how the listeners run (the CLI's serving flags)."""
 
     bind_address: str = "0.0.0.0"  # noqa: S104 - a server listens on all interfaces by default
-    secure_port: int = 8443
-    probe_host: str = "0.0.0.0"  # noqa: S104
-    probe_port: int = 8080
+    secure_port: int = DEFAULT_WEBHOOK_PORT
+    probe_host: str = DEFAULT_PROBE_ADDRESS.rpartition(":")[0]
+    probe_port: int = int(DEFAULT_PROBE_ADDRESS.rpartition(":")[2])
     #: Time in-flight requests get to finish after SIGTERM.
     shutdown_grace_period: float = 30.0
     #: A connection must complete a request's headers within this long of
@@ -180,6 +188,7 @@ async def start_engine(
             for url in {a.issuer.url for a in config.authenticators}
         },
         metrics=metrics,
+        claim_sources=ClaimSourceClient(session),
     )
     for key_set in keysets:
         key_set.on_keys_withdrawn = authenticator.forget_issuer
@@ -464,14 +473,20 @@ async def serve(
     probe_runner = web.AppRunner(probes, access_log=None, handle_signals=False)
     await probe_runner.setup()
     try:
-        port = await listener.start()
+        try:
+            port = await listener.start()
+        except OSError as err:
+            raise _listen_error(err, settings, probe=False) from err
         probe_site = web.TCPSite(
             probe_runner,
             settings.probe_host,
             settings.probe_port,
             reuse_port=settings.reuse_port or None,
         )
-        await probe_site.start()
+        try:
+            await probe_site.start()
+        except OSError as err:
+            raise _listen_error(err, settings, probe=True) from err
         ports = (port, _bound_port(probe_runner))
         log.info(
             "serving",
@@ -494,6 +509,83 @@ async def serve(
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
+
+
+def _listen_error(err: OSError, settings: ServeSettings, *, probe: bool) -> ConfigError:
+    """One line for a listener that cannot bind: the address, its flag, what to do.
+
+    Without it the operator gets a traceback (one process) or nothing at all
+    (``--workers N``: the worker's exit code only).
+    """
+    if probe:
+        host, port = settings.probe_host, settings.probe_port
+        flags = change = "--probe-bind-address"
+    else:
+        host, port = settings.bind_address, settings.secure_port
+        flags, change = "--bind-address/--secure-port", "--secure-port"
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    where = f"listen: {address} ({flags})"
+    if err.errno == errno.EADDRINUSE:
+        text = (
+            f"{where} is already in use: stop what listens there, or choose "
+            f"another port with {change}"
+        )
+    elif err.errno == errno.EADDRNOTAVAIL:
+        text = (
+            f"{where}: {host} is not an address of this machine: give one of its "
+            "addresses, or 0.0.0.0 for all"
+        )
+    elif err.errno == errno.EACCES:
+        text = (
+            f"{where}: permission denied: a port below 1024 needs root or "
+            f"CAP_NET_BIND_SERVICE; choose a port of 1024 or above with {change}"
+        )
+    elif isinstance(err, socket.gaierror):
+        text = f"{where}: {host!r} does not resolve to an address of this machine"
+    else:
+        text = f"{where}: {(err.strerror or str(err)).lower()}"
+    return ConfigError(text)
+
+
+def listen_problems(settings: ServeSettings) -> list[str]:
+    """Bind both listeners' addresses once, without serving, and report failures.
+
+    The CLI calls this before any worker starts, so a taken port stops the
+    start with one line and exit code 2 whatever ``--workers`` is. It also
+    catches what the workers' own binds cannot: with ``--workers N`` they bind
+    with ``SO_REUSEPORT``, which the kernel lets join another process's
+    ``SO_REUSEPORT`` listener of the same user, so a second gate started by
+    mistake on the same port would silently share its connections. This bind
+    uses ``SO_REUSEADDR`` only (an earlier run's ``TIME_WAIT`` connections do
+    not block it), which any listener on the address refuses. Port 0 (any
+    free port) is not checked.
+    """
+    problems: list[str] = []
+    for probe, host, port in (
+        (False, settings.bind_address, settings.secure_port),
+        (True, settings.probe_host, settings.probe_port),
+    ):
+        if port == 0:
+            continue
+        try:
+            _try_bind(host, port)
+        except OSError as err:
+            problems.extend(_listen_error(err, settings, probe=probe).problems)
+    return problems
+
+
+def _try_bind(host: str, port: int) -> None:
+    """Bind (and close) a socket on every address ``host`` resolves to, as
+    ``loop.create_server`` would bind them."""
+    infos = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
 
 
 class _Http1Listener:

@@ -41,6 +41,7 @@ from proxy.admission import Admission
 from proxy.cache import ResultCache, detached
 from proxy.claims import map_claims
 from proxy.config import AuthConfig, JWTAuthenticatorConfig
+from proxy.distclaims import ClaimSourceFetcher, DistributedClaims
 from proxy.errors import IssuerMismatch, MalformedToken, Overloaded, TokenError
 from proxy.kube import UserInfo
 from proxy.log import fingerprint
@@ -75,6 +76,7 @@ class Authenticator:
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        claim_sources: ClaimSourceFetcher | None = None,
     ) -> None:
         self._config = config
         self._by_issuer: dict[str, JWTAuthenticatorConfig] = {
@@ -86,6 +88,11 @@ class Authenticator:
         self._keys = keys
         self._metrics = metrics
         self._clock = clock
+        # Without a fetcher (check-token --offline), a token whose groups
+        # live at a claim source is refused, never mapped without them.
+        self._distributed = DistributedClaims(
+            claim_sources, clock=clock, max_bytes=config.max_token_bytes
+        )
         self.cache = ResultCache(config.cache, clock=clock, monotonic=monotonic)
         self.admission = Admission(config.admission, monotonic=monotonic)
         # The counts of every request, bound once (``proxy.metrics.Tally``).
@@ -116,13 +123,12 @@ class Authenticator:
             if iss is not None:
                 _refuse_near_miss(iss, self._by_issuer)
             return None
+        keys = self._keys[auth.issuer.url]
+        leeway = self._config.leeway
         claims = await verify(
-            parsed,
-            auth.issuer,
-            self._keys[auth.issuer.url],
-            now=self._clock(),
-            leeway=self._config.leeway,
+            parsed, auth.issuer, keys, now=self._clock(), leeway=leeway
         )
+        claims = await self._distributed.expand(auth, claims, keys, leeway=leeway)
         user = map_claims(auth, claims)
         return auth.issuer.url, user, float(claims["exp"])
 
@@ -230,8 +236,8 @@ class Authenticator:
         if iss is not None and iss not in self._by_issuer:
             try:
                 _refuse_near_miss(iss, self._by_issuer)
-            except IssuerMismatch as err:
-                return Verdict(header=header, claims=claims, error=err)
+            except IssuerMismatch as mismatch:
+                return Verdict(header=header, claims=claims, error=mismatch)
         if iss not in self._by_issuer:
             configured = ", ".join(f'"{u}"' for u in self._by_issuer)
             shown = f'"{iss}"' if iss is not None else "no string iss claim"

@@ -25,7 +25,7 @@ import aiohttp
 from proxy.authn import Authenticator, Verdict
 from proxy.config import AuthConfig
 from proxy.jwk import load_jwks_file
-from proxy.keyset import KeySets, StaticKeySet
+from proxy.keyset import ClaimSourceClient, KeySets, StaticKeySet
 from proxy.tokens import KeyResolver
 
 __all__ = ["GROUPS_HINT", "HINTS", "check_token", "render", "warnings_for"]
@@ -57,6 +57,12 @@ HINTS: Final[Mapping[str, str]] = {
     "claim_invalid": "a claim has the wrong type or value (see the message)",
     "rule_failed": "a required claim or a claimValidationRules entry refused the token",
     "user_rule_failed": "a userValidationRules entry refused the mapped user",
+    "claim_source": "the token's groups live at a distributed claim source "
+    "(_claim_names/_claim_sources) that was refused or did not verify: the "
+    "endpoint must be https on the issuer's own host and answer a JWT of the "
+    "same issuer and audience (see the message)",
+    "claim_source_unavailable": "the distributed claim source did not answer "
+    "(network, timeout, non-2xx): retried on the next review",
     "not_mine": "the token's iss is not a configured issuer; compare it with "
     "--oidc-issuer-url / issuer.url character by character",
 }
@@ -185,7 +191,9 @@ async def check_token(
         )
         try:
             authenticator = Authenticator(
-                config, {u: keysets.get(u) for u in set(urls)}
+                config,
+                {u: keysets.get(u) for u in set(urls)},
+                claim_sources=ClaimSourceClient(session),
             )
             verdict = await authenticator.explain(token)
         finally:

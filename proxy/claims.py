@@ -2,8 +2,11 @@
 
 Pure: no I/O, no clock. The rules, in kube-apiserver's order:
 
-- username from a claim (plus prefix) or a CEL expression; an empty username is
-  refused. When the claim is ``email`` and ``email_verified`` is present, it must
+- username from a claim (plus prefix) or a CEL expression. An empty value is
+  kept, as kube-apiserver keeps it (its own test "user validation rule doesn't
+  fail when user info is empty" maps ``""``): in webhook mode the API server
+  decides; proxy mode refuses to impersonate an empty name (``impersonate``),
+  since an empty ``Impersonate-User`` would mean no impersonation. When the claim is ``email`` and ``email_verified`` is present, it must
   be ``true``: an unverified address would let anyone who can type an address at
   the IdP become that user.
 - groups from a claim that may be a string or a list of strings (``""``, ``[]``
@@ -22,7 +25,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, Final
 
-from proxy.cel import CompiledExpression
+from proxy.cel import CompiledExpression, Variables
 from proxy.config import (
     ClaimMappings,
     ClaimOrExpression,
@@ -58,11 +61,9 @@ def _show(value: object) -> str:
     return text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
 
 
-def _evaluate(
-    expr: CompiledExpression, activation: Mapping[str, object], issuer: str
-) -> object:
+def _evaluate(expr: CompiledExpression, scope: Variables, issuer: str) -> object:
     try:
-        return expr.evaluate(activation)
+        return expr.evaluate(scope)
     except ExpressionError as err:
         raise InvalidClaim(
             f"claims: {err}", claim=expr.field_path, issuer=issuer
@@ -70,20 +71,19 @@ def _evaluate(
 
 
 def _username(
-    m: PrefixedClaimOrExpression, claims: Mapping[str, Any], issuer: str
+    m: PrefixedClaimOrExpression,
+    claims: Mapping[str, Any],
+    scope: Variables,
+    issuer: str,
 ) -> str:
     if m.expression is not None:
-        value = _evaluate(m.expression, {"claims": claims}, issuer)
+        value = _evaluate(m.expression, scope, issuer)
         where = m.expression.field_path
         if not isinstance(value, str):
             raise InvalidClaim(
                 f"claims: {where} must return a string, got {type(value).__name__}",
                 claim="username",
                 issuer=issuer,
-            )
-        if not value:
-            raise InvalidClaim(
-                f"claims: {where} returned an empty username", claim="username"
             )
         return value
     claim = m.claim or "sub"
@@ -100,8 +100,6 @@ def _username(
             claim=claim,
             issuer=issuer,
         )
-    if not value:
-        raise InvalidClaim(f'claims: username claim "{claim}" is empty', claim=claim)
     if claim == "email" and "email_verified" in claims:
         verified = claims["email_verified"]
         if not isinstance(verified, bool):
@@ -135,9 +133,12 @@ def _string_list(value: object, what: str, claim: str, issuer: str) -> list[str]
 
 
 def _groups(
-    m: PrefixedClaimOrExpression | None, claims: Mapping[str, Any], issuer: str
+    m: PrefixedClaimOrExpression | None,
+    claims: Mapping[str, Any],
+    scope: Variables,
+    issuer: str,
 ) -> tuple[str, ...]:
-    groups = _mapped_groups(m, claims, issuer)
+    groups = _mapped_groups(m, claims, scope, issuer)
     if len(groups) > MAX_GROUPS:
         raise InvalidClaim(
             f"claims: {len(groups)} groups is more than the limit of {MAX_GROUPS}",
@@ -148,12 +149,15 @@ def _groups(
 
 
 def _mapped_groups(
-    m: PrefixedClaimOrExpression | None, claims: Mapping[str, Any], issuer: str
+    m: PrefixedClaimOrExpression | None,
+    claims: Mapping[str, Any],
+    scope: Variables,
+    issuer: str,
 ) -> tuple[str, ...]:
     if m is None:
         return ()
     if m.expression is not None:
-        value = _evaluate(m.expression, {"claims": claims}, issuer)
+        value = _evaluate(m.expression, scope, issuer)
         where = m.expression.field_path
         return tuple(_string_list(value, where, "groups", issuer))
     assert m.claim is not None
@@ -164,11 +168,16 @@ def _mapped_groups(
     return tuple(prefix + g for g in groups)
 
 
-def _uid(m: ClaimOrExpression | None, claims: Mapping[str, Any], issuer: str) -> str:
+def _uid(
+    m: ClaimOrExpression | None,
+    claims: Mapping[str, Any],
+    scope: Variables,
+    issuer: str,
+) -> str:
     if m is None:
         return ""
     if m.expression is not None:
-        value = _evaluate(m.expression, {"claims": claims}, issuer)
+        value = _evaluate(m.expression, scope, issuer)
         where = m.expression.field_path
     else:
         assert m.claim is not None
@@ -190,11 +199,11 @@ def _uid(m: ClaimOrExpression | None, claims: Mapping[str, Any], issuer: str) ->
 
 
 def _extra(
-    mappings: ClaimMappings, claims: Mapping[str, Any], issuer: str
+    mappings: ClaimMappings, claims: Mapping[str, Any], scope: Variables, issuer: str
 ) -> MappingProxyType[str, tuple[str, ...]]:
     out: dict[str, tuple[str, ...]] = {}
     for entry in mappings.extra:
-        value = _evaluate(entry.value_expression, {"claims": claims}, issuer)
+        value = _evaluate(entry.value_expression, scope, issuer)
         values = [
             v
             for v in _string_list(
@@ -211,10 +220,13 @@ def _extra(
 
 
 def _claim_rule(
-    rule: ClaimValidationRule, claims: Mapping[str, Any], issuer: str
+    rule: ClaimValidationRule,
+    claims: Mapping[str, Any],
+    scope: Variables,
+    issuer: str,
 ) -> None:
     if rule.expression is not None:
-        result = _evaluate(rule.expression, {"claims": claims}, issuer)
+        result = _evaluate(rule.expression, scope, issuer)
         if result is True:
             return
         if not isinstance(result, bool):
@@ -251,17 +263,22 @@ def _claim_rule(
         )
 
 
-def _user_rule(rule: UserValidationRule, user: UserInfo, issuer: str) -> None:
-    activation = {
-        "user": {
-            "username": user.username,
-            "uid": user.uid,
-            "groups": list(user.groups),
-            "extra": {k: list(v) for k, v in user.extra.items()},
+def _user_scope(user: UserInfo) -> Variables:
+    return Variables(
+        {
+            "user": {
+                "username": user.username,
+                "uid": user.uid,
+                "groups": list(user.groups),
+                "extra": {k: list(v) for k, v in user.extra.items()},
+            }
         }
-    }
+    )
+
+
+def _user_rule(rule: UserValidationRule, scope: Variables, issuer: str) -> None:
     try:
-        result = rule.expression.evaluate(activation)
+        result = rule.expression.evaluate(scope)
     except ExpressionError as err:
         raise UserRuleFailed(f"claims: {err}", issuer=issuer) from err
     if result is True:
@@ -283,14 +300,18 @@ def map_claims(config: JWTAuthenticatorConfig, claims: Mapping[str, Any]) -> Use
     """Map verified ``claims`` to a ``UserInfo`` or raise a ``TokenError`` naming why."""
     issuer = config.issuer.url
     m = config.claim_mappings
+    # One conversion of the claims (and of the user) serves every expression.
+    scope = Variables({"claims": claims})
     user = UserInfo(
-        username=_username(m.username, claims, issuer),
-        groups=_groups(m.groups, claims, issuer),
-        uid=_uid(m.uid, claims, issuer),
-        extra=_extra(m, claims, issuer),
+        username=_username(m.username, claims, scope, issuer),
+        groups=_groups(m.groups, claims, scope, issuer),
+        uid=_uid(m.uid, claims, scope, issuer),
+        extra=_extra(m, claims, scope, issuer),
     )
     for rule in config.claim_validation_rules:
-        _claim_rule(rule, claims, issuer)
-    for urule in config.user_validation_rules:
-        _user_rule(urule, user, issuer)
+        _claim_rule(rule, claims, scope, issuer)
+    if config.user_validation_rules:
+        user_scope = _user_scope(user)
+        for urule in config.user_validation_rules:
+            _user_rule(urule, user_scope, issuer)
     return user

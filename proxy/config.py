@@ -59,12 +59,15 @@ from urllib.parse import urlsplit
 import yaml
 from cryptography import x509
 
-from proxy.cel import CompiledExpression, compile_expression
+from proxy.cel import CompiledExpression, Returns, compile_expression
 from proxy.errors import ConfigError
 
 __all__ = [
     "ALLOWED_SIGNING_ALGS",
+    "DEFAULT_PROBE_ADDRESS",
+    "DEFAULT_PROXY_PORT",
     "DEFAULT_SIGNING_ALGS",
+    "DEFAULT_WEBHOOK_PORT",
     "FILE_SIGNING_ALGS",
     "MAX_AUTHENTICATORS",
     "SUPPORTED_API_VERSIONS",
@@ -83,6 +86,7 @@ __all__ = [
     "add_auth_arguments",
     "apply_tuning_args",
     "auth_config_from_args",
+    "file_problem",
     "is_loopback_host",
     "load_authentication_config",
     "parse_authentication_config",
@@ -117,6 +121,25 @@ FILE_SIGNING_ALGS: tuple[str, ...] = tuple(sorted(ALLOWED_SIGNING_ALGS))
 
 #: Most ``jwt`` authenticators one file may hold (kube-apiserver's limit).
 MAX_AUTHENTICATORS = 64
+
+# Default listen ports. A gate often runs beside the control plane (a webhook
+# as a static pod or on the host network, the bare command on a node), so none
+# of them may be a port that is already taken there: kube-apiserver (6443;
+# 8443 on minikube, 16443 on MicroK8s, 6444 and 9345 on k3s/RKE2), etcd
+# (2379-2381), the kubelet (10248, 10250), kube-proxy (10249, 10256),
+# kube-controller-manager (10257), kube-scheduler (10259), ingress controllers
+# (80, 443, 8080, 8443, 10254), Ceph daemons under Rook (6800-7300), MetalLB
+# (7472, 7946), the NodePort range (30000-32767) or the ephemeral range
+# (32768 and up). In a pod the ports are the pod's own, and the Service
+# publishes 443 in front of them.
+
+#: ``webhook --secure-port`` default.
+DEFAULT_WEBHOOK_PORT = 7443
+#: ``proxy --secure-port`` default: not the webhook's, so both modes can run
+#: side by side on one machine (a migration from one to the other).
+DEFAULT_PROXY_PORT = 7444
+#: ``--probe-bind-address`` default (plain HTTP: /healthz, /readyz, /metrics).
+DEFAULT_PROBE_ADDRESS = "0.0.0.0:7400"
 
 #: ``apiVersion`` values of an ``AuthenticationConfiguration`` we read; they
 #: share every field (see the module docstring for why v1alpha1 is here).
@@ -268,8 +291,10 @@ class AuthConfig:
     keyset: KeySetSettings = field(default_factory=KeySetSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)
-    #: Leeway in seconds for ``exp``, ``nbf`` and ``iat``.
-    leeway: float = 60.0
+    #: Clock skew allowed on ``nbf`` (seconds); go-oidc's fixed 5 minutes by
+    #: default. ``exp`` has no leeway and ``iat`` is not compared, as in
+    #: kube-apiserver.
+    leeway: float = 300.0
     #: Largest token (bytes) looked at; anything bigger is refused unread.
     max_token_bytes: int = 16 * 1024
     #: ``flags`` or ``file``: which form the configuration came in.
@@ -295,6 +320,30 @@ def is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def file_problem(
+    flag: str, path: str, remedy: str, *, component: str = "config"
+) -> str | None:
+    """What is wrong with the file ``flag`` names, or None when it can be read.
+
+    Every flag that names a file says the same three things when it cannot be
+    read: which flag and path, whether the file is missing, a directory or
+    unreadable, and ``remedy`` (what to give instead, or what leaving the flag
+    out does), so the operator fixes it without reading the code. The content
+    is checked later, by whoever parses it.
+    """
+    where = f"{component}: {flag} {json.dumps(path)}"
+    try:
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError:
+        return f"{where}: no such file; {remedy}"
+    except IsADirectoryError:
+        return f"{where}: is a directory, not a file; {remedy}"
+    except OSError as err:
+        return f"{where}: cannot read: {(err.strerror or str(err)).lower()}"
+    return None
 
 
 def url_problems(
@@ -572,8 +621,10 @@ def add_auth_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=_DEFAULT_LEEWAY,
         help=(
-            "Leeway allowed for the 'exp', 'nbf' and 'iat' claims, for clocks that "
-            "differ between the issuer and us (default %(default)s)."
+            "How far in the future a token's 'nbf' may be, for an issuer whose "
+            "clock runs ahead of ours (default %(default)s, kube-apiserver's "
+            "fixed 5 minutes). As in kube-apiserver, 'exp' has no leeway and "
+            "'iat' is not compared with the clock."
         ),
     )
 
@@ -746,23 +797,24 @@ def _legacy_authenticator(
     issuer_url: str | None = getattr(ns, "oidc_issuer_url", None) or None
     client_id: str | None = getattr(ns, "oidc_client_id", None) or None
 
-    if issuer_url is None or client_id is None:
-        if issuer_url is not None:
-            problems.append(
-                "config: --oidc-issuer-url and --oidc-client-id must be given "
-                "together: --oidc-client-id is missing"
-            )
-        elif client_id is not None:
-            problems.append(
-                "config: --oidc-issuer-url and --oidc-client-id must be given "
-                "together: --oidc-issuer-url is missing"
-            )
-        else:
-            given = ", ".join(_flags_given(ns))
-            problems.append(
-                f"config: {given}: need --oidc-issuer-url and --oidc-client-id"
-            )
-    else:
+    # A missing flag is one problem among the others, never a reason to stop
+    # looking: every check below runs whatever is missing here.
+    if issuer_url is not None and client_id is None:
+        problems.append(
+            "config: --oidc-issuer-url and --oidc-client-id must be given "
+            "together: --oidc-client-id is missing; give the client ID of the "
+            "identity provider's application (the audience tokens carry)"
+        )
+    elif client_id is not None and issuer_url is None:
+        problems.append(
+            "config: --oidc-issuer-url and --oidc-client-id must be given "
+            "together: --oidc-issuer-url is missing; give the issuer URL, exactly "
+            "as the tokens' iss claim says it"
+        )
+    elif issuer_url is None:
+        given = ", ".join(_flags_given(ns))
+        problems.append(f"config: {given}: need --oidc-issuer-url and --oidc-client-id")
+    if issuer_url is not None:
         problems.extend(
             f"config: --oidc-issuer-url: {json.dumps(issuer_url)}: {p}"
             for p in url_problems(issuer_url)
@@ -896,6 +948,15 @@ def _signing_algs(values: Sequence[str] | None, problems: list[str]) -> tuple[st
 
 def _read_ca_file(path: str | None, problems: list[str]) -> str | None:
     if path is None:
+        return None
+    unreadable = file_problem(
+        "--oidc-ca-file",
+        path,
+        "give the PEM bundle of the CA that signed the issuer's TLS certificate, "
+        "or leave --oidc-ca-file out to trust the system's CAs",
+    )
+    if unreadable is not None:
+        problems.append(unreadable)
         return None
     try:
         with open(path, "rb") as f:
@@ -1059,9 +1120,50 @@ def _decode(text: str, source: str) -> object:
         return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as err:
         detail = " ".join(str(err).replace('in "<unicode string>", ', "").split())
+        hint = _quote_hint(text, err)
         raise ConfigError(
-            f"config: {source}: not valid YAML or JSON: {detail}"
+            f"config: {source}: not valid YAML or JSON: {detail}{hint}"
         ) from err
+
+
+#: ``key: value:`` where the second colon is the one YAML refused: the value
+#: (``okta:``) is a plain scalar that ends in, or holds, ``": "``.
+_UNQUOTED_COLON = re.compile(
+    r"([A-Za-z_][\w.-]*)\s*:\s+([^\s'\"{}\[\],#:][^{}\[\],#]*?)\s*$"
+)
+
+
+def _quote_hint(text: str, err: yaml.YAMLError) -> str:
+    """A hint for the commonest YAML mistake in this file: ``prefix: okta:``.
+
+    YAML ends a plain value at ``": "`` or at a ``:`` that ends the line, so
+    an unquoted prefix with a trailing colon is read as a second key on the
+    same line ("mapping values are not allowed here"; in a flow mapping,
+    "expected ',' or '}'"). kube-apiserver refuses the same file; it is
+    the value that needs quotes, which neither message says.
+    """
+    mark = getattr(err, "problem_mark", None)
+    if mark is None:
+        return ""
+    lines = text.splitlines()
+    if not 0 <= mark.line < len(lines):
+        return ""
+    line = lines[mark.line]
+    if line[mark.column : mark.column + 1] != ":":
+        return ""
+    found = _UNQUOTED_COLON.search(line[: mark.column])
+    if found is None:
+        return ""
+    after = line[mark.column :]
+    if "{" in line[: mark.column] or "[" in line[: mark.column]:
+        tail = re.split(r"[,}\]]", after, maxsplit=1)[0]
+    else:
+        tail = after.split(" #", 1)[0]
+    value = found.group(2) + tail.rstrip()
+    return (
+        f' (quote a value that ends in ":" or holds ": ", as in '
+        f"{found.group(1)}: {json.dumps(value)})"
+    )
 
 
 def _child(path: str, name: str) -> str:
@@ -1162,12 +1264,17 @@ class _FileReader:
         return value
 
     def compile(
-        self, source: str, *, variables: tuple[str, ...], field_path: str
+        self,
+        source: str,
+        *,
+        variables: tuple[str, ...],
+        field_path: str,
+        returns: Returns,
     ) -> CompiledExpression | None:
-        """Compile with ``proxy.cel``; its problems join ours, under our source."""
+        """Compile with ``proxy.cel``, type included; its problems join ours."""
         try:
             return compile_expression(
-                source, variables=variables, field_path=field_path
+                source, variables=variables, field_path=field_path, returns=returns
             )
         except ConfigError as err:
             for problem in err.problems:
@@ -1291,7 +1398,7 @@ class _FileReader:
         url = self.string(m, "url", path) or ""
         if not url:
             if "url" not in m or m.get("url") in (None, ""):
-                self.required(f"{path}.url")
+                self.required(f"{path}.url", "URL is required")
         else:
             for detail in url_problems(url):
                 self.invalid(f"{path}.url", url, detail)
@@ -1388,7 +1495,7 @@ class _FileReader:
                     self.invalid(
                         f"{rpath}.message",
                         message,
-                        "may not be specified when claim is set",
+                        "message can't be set when claim is set",
                     )
                 if claim in seen_claims:
                     self.duplicate(f"{rpath}.claim", claim)
@@ -1401,14 +1508,17 @@ class _FileReader:
                     self.invalid(
                         f"{rpath}.requiredValue",
                         required_value,
-                        "may not be specified when expression is set",
+                        "requiredValue can't be set when expression is set",
                     )
                 if expression in seen_expressions:
                     self.duplicate(f"{rpath}.expression", expression)
                     continue
                 seen_expressions.add(expression)
                 compiled = self.compile(
-                    expression, variables=("claims",), field_path=f"{rpath}.expression"
+                    expression,
+                    variables=("claims",),
+                    field_path=f"{rpath}.expression",
+                    returns=Returns.BOOL,
                 )
                 if compiled is not None:
                     rules.append(
@@ -1417,7 +1527,7 @@ class _FileReader:
         return tuple(rules)
 
     def prefixed(
-        self, raw: object, path: str, *, required: bool
+        self, raw: object, path: str, *, required: bool, returns: Returns
     ) -> PrefixedClaimOrExpression | None:
         m = self.obj(raw, path, _PREFIXED_FIELDS)
         claim = self.string(m, "claim", path) or ""
@@ -1430,10 +1540,13 @@ class _FileReader:
                 self.invalid(
                     f"{path}.prefix",
                     prefix,
-                    "may not be specified when expression is set",
+                    "prefix can't be set when expression is set",
                 )
             compiled = self.compile(
-                expression, variables=("claims",), field_path=f"{path}.expression"
+                expression,
+                variables=("claims",),
+                field_path=f"{path}.expression",
+                returns=returns,
             )
             if compiled is not None and prefix is None:
                 return PrefixedClaimOrExpression(expression=compiled)
@@ -1455,8 +1568,15 @@ class _FileReader:
     ) -> ClaimMappings | None:
         m = self.obj(raw, path, _MAPPINGS_FIELDS)
         start = len(self.problems)
-        username = self.prefixed(m.get("username"), f"{path}.username", required=True)
-        groups = self.prefixed(m.get("groups"), f"{path}.groups", required=False)
+        username = self.prefixed(
+            m.get("username"),
+            f"{path}.username",
+            required=True,
+            returns=Returns.STRING,
+        )
+        groups = self.prefixed(
+            m.get("groups"), f"{path}.groups", required=False, returns=Returns.STRINGS
+        )
 
         uid: ClaimOrExpression | None = None
         u = self.obj(m.get("uid"), f"{path}.uid", _CLAIM_OR_EXPR_FIELDS)
@@ -1469,6 +1589,7 @@ class _FileReader:
                 uid_expression,
                 variables=("claims",),
                 field_path=f"{path}.uid.expression",
+                returns=Returns.STRING,
             )
             if compiled is not None:
                 uid = ClaimOrExpression(expression=compiled)
@@ -1498,12 +1619,13 @@ class _FileReader:
             seen.add(key)
             value_expression = self.string(e, "valueExpression", epath) or ""
             if not value_expression:
-                self.required(f"{epath}.valueExpression")
+                self.required(f"{epath}.valueExpression", "valueExpression is required")
                 continue
             compiled = self.compile(
                 value_expression,
                 variables=("claims",),
                 field_path=f"{epath}.valueExpression",
+                returns=Returns.STRINGS,
             )
             if compiled is not None:
                 out.append(ExtraMapping(key=key, value_expression=compiled))
@@ -1533,7 +1655,7 @@ class _FileReader:
             if not _HTTP_PATH.fullmatch(rest):
                 self.invalid(path, rest, "Invalid path: must be an RFC 3986 path")
         if key != key.lower():
-            self.invalid(path, key, "must be lowercase")
+            self.invalid(path, key, "key must be lowercase")
         if any(
             domain == d or domain.endswith("." + d) for d in _RESERVED_EXTRA_DOMAINS
         ):
@@ -1582,14 +1704,17 @@ class _FileReader:
             expression = self.string(r, "expression", rpath) or ""
             message = self.string(r, "message", rpath) or ""
             if not expression:
-                self.required(f"{rpath}.expression")
+                self.required(f"{rpath}.expression", "expression is required")
                 continue
             if expression in seen:
                 self.duplicate(f"{rpath}.expression", expression)
                 continue
             seen.add(expression)
             compiled = self.compile(
-                expression, variables=("user",), field_path=f"{rpath}.expression"
+                expression,
+                variables=("user",),
+                field_path=f"{rpath}.expression",
+                returns=Returns.BOOL,
             )
             if compiled is not None:
                 rules.append(UserValidationRule(expression=compiled, message=message))

@@ -23,11 +23,13 @@ passed to a constructor here.
     │   ├── Overloaded              too many new tokens wait for a turn (retry)
     │   ├── SignatureInvalid
     │   ├── TokenExpired
-    │   ├── TokenNotYetValid        nbf / iat in the future
+    │   ├── TokenNotYetValid        nbf in the future (beyond --clock-skew)
     │   ├── IssuerMismatch
     │   ├── AudienceMismatch
     │   ├── MissingClaim
     │   ├── InvalidClaim            present but of the wrong type or value
+    │   ├── ClaimSourceError        a distributed claim cannot be resolved
+    │   │   └── ClaimSourceUnavailable  its endpoint failed to answer (retry)
     │   ├── ClaimRuleFailed         claimValidationRules / required claims
     │   └── UserRuleFailed          userValidationRules
     ├── ExpressionError             a CEL expression failed to evaluate
@@ -40,6 +42,8 @@ __all__ = [
     "AlgorithmNotAllowed",
     "AudienceMismatch",
     "ClaimRuleFailed",
+    "ClaimSourceError",
+    "ClaimSourceUnavailable",
     "ConfigError",
     "DiscoveryError",
     "ExpressionError",
@@ -156,13 +160,13 @@ class SignatureInvalid(TokenError):
 
 
 class TokenExpired(TokenError):
-    """``exp`` is in the past (beyond the leeway)."""
+    """``exp`` is in the past (no leeway, as go-oidc and kube-apiserver)."""
 
     reason = "expired"
 
 
 class TokenNotYetValid(TokenError):
-    """``nbf`` or ``iat`` is in the future (beyond the leeway)."""
+    """``nbf`` is in the future beyond the leeway (``iat`` is never compared, as go-oidc)."""
 
     reason = "not_yet_valid"
 
@@ -221,6 +225,27 @@ class InvalidClaim(TokenError):
     def __init__(self, message: str, *, claim: str, issuer: str | None = None):
         super().__init__(message, issuer=issuer)
         self.claim = claim
+
+
+class ClaimSourceError(TokenError):
+    """A distributed claim (OIDC Core §5.6.2) was refused or did not verify.
+
+    Also the egress policy's refusal: an endpoint off the issuer's origin is
+    never called (``proxy.distclaims``).
+    """
+
+    reason = "claim_source"
+
+
+class ClaimSourceUnavailable(ClaimSourceError):
+    """The claim source did not answer usefully (network, timeout, status).
+
+    Says nothing about the token, so it is temporary: the webhook answers
+    503 and the API server retries; the result cache does not remember it.
+    """
+
+    reason = "claim_source_unavailable"
+    temporary = True
 
 
 class ClaimRuleFailed(TokenError):

@@ -27,6 +27,11 @@ IdP outage must not log everyone out); it is recorded in ``last_error`` and
 retried with exponential backoff and jitter. ``ready`` means "keys were loaded
 at least once" and is what ``/readyz`` reports. Start-up never fails because an
 issuer is unreachable: the service runs, reports not-ready, and keeps trying.
+
+``ClaimSourceClient`` is the other egress to an issuer: the ``GET`` of a
+distributed claim's endpoint (``proxy.distclaims`` decides whether to call it
+and verifies the answer), on the same session, with the issuer's CA bundle, a
+timeout, a size limit and no redirects.
 """
 
 from __future__ import annotations
@@ -46,12 +51,27 @@ from typing import Final
 import aiohttp
 
 from proxy.config import IssuerConfig, KeySetSettings, is_loopback_host
-from proxy.errors import DiscoveryError, KeySetError, KeysUnavailable
+from proxy.errors import (
+    ClaimSourceUnavailable,
+    DiscoveryError,
+    KeySetError,
+    KeysUnavailable,
+)
 from proxy.jwk import VerificationKey, parse_jwks
 from proxy.log import issuer_hash
 from proxy.metrics import Metrics
 
-__all__ = ["IssuerKeySet", "KeySets", "StaticKeySet"]
+__all__ = [
+    "CLAIM_SOURCE_TIMEOUT",
+    "ClaimSourceClient",
+    "IssuerKeySet",
+    "KeySets",
+    "StaticKeySet",
+]
+
+#: Whole-request timeout of one distributed-claim fetch: a token review waits
+#: for it, and kube-apiserver's webhook client gives up after 10 s.
+CLAIM_SOURCE_TIMEOUT: Final = 5.0
 
 logger = logging.getLogger(__name__)
 
@@ -681,3 +701,71 @@ class StaticKeySet:
     async def refresh_unknown(self, kid: str | None) -> Sequence[VerificationKey]:
         """Same as ``lookup``: a static set cannot learn new keys."""
         return self._index.lookup(kid)
+
+
+class ClaimSourceClient:
+    """``GET`` a distributed claim's endpoint (``proxy.distclaims.ClaimSourceFetcher``).
+
+    The caller has already applied the egress policy; this adds the bounds:
+    ``timeout`` for the whole request, ``max_bytes`` for the body, no
+    redirect (it could leave the issuer's origin), the issuer's CA bundle,
+    and the source's ``access_token`` as the bearer only when it has one.
+    """
+
+    def __init__(
+        self, session: aiohttp.ClientSession, *, timeout: float = CLAIM_SOURCE_TIMEOUT
+    ) -> None:
+        self._session = session
+        self._timeout = timeout
+        self._ssl: dict[str, ssl.SSLContext | bool] = {}
+
+    def _context(self, issuer: IssuerConfig) -> ssl.SSLContext | bool:
+        ctx = self._ssl.get(issuer.url)
+        if ctx is None:
+            try:
+                ctx = _ssl_context(issuer)
+            except KeySetError as err:
+                raise ClaimSourceUnavailable(str(err), issuer=issuer.url) from err
+            self._ssl[issuer.url] = ctx
+        return ctx
+
+    async def fetch(
+        self, endpoint: str, access_token: str, *, issuer: IssuerConfig, max_bytes: int
+    ) -> bytes:
+        """The body of a 2xx answer; ``ClaimSourceUnavailable`` for anything else."""
+        headers = {"Accept": "application/jwt"}
+        if access_token:
+            headers["Authorization"] = f"Bearer {access_token}"
+        where = f"claims: claim source {endpoint[:256]}"
+
+        def fail(detail: str) -> ClaimSourceUnavailable:
+            return ClaimSourceUnavailable(f"{where}: {detail}", issuer=issuer.url)
+
+        try:
+            async with (
+                asyncio.timeout(self._timeout),
+                self._session.get(
+                    endpoint,
+                    ssl=self._context(issuer),
+                    headers=headers,
+                    allow_redirects=False,
+                ) as resp,
+            ):
+                # kube-apiserver takes 200-226 (http.StatusIMUsed) as success.
+                if not 200 <= resp.status <= 226:
+                    raise fail(f"answered http {resp.status}, expected 2xx")
+                length = resp.content_length
+                if length is not None and length > max_bytes:
+                    raise fail(
+                        f"answer is {length} bytes, over the limit of {max_bytes} bytes"
+                    )
+                body = bytearray()
+                async for chunk in resp.content.iter_chunked(_CHUNK_BYTES):
+                    body += chunk
+                    if len(body) > max_bytes:
+                        raise fail(f"answer is over the limit of {max_bytes} bytes")
+        except TimeoutError as err:
+            raise fail(f"no answer within {self._timeout:g}s") from err
+        except aiohttp.ClientError as err:
+            raise fail(f"fetch failed: {type(err).__name__}: {err}") from err
+        return bytes(body)

@@ -477,5 +477,3 @@ def configure_logging(*, level: str = "info", fmt: str = "json") -> None:
     logging._srcfile = None
     # aiohttp's own access log would duplicate ours and carries raw paths.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    # celpy logs every evaluation step at debug: noise, and it could show claims.
-    logging.getLogger("celpy").setLevel(logging.WARNING)

@@ -10,18 +10,25 @@ PyJWT still parses JWKs (``proxy.jwk``) and signs test tokens.
 
 Order of checks, cheapest first, every one a typed ``TokenError``:
 
-1. size, three non-empty base64url parts (``peek``);
+1. size, three non-empty base64url parts (``peek``), each in its one canonical
+   encoding (no padding, zero trailing bits);
 2. header: a JSON object, ``alg`` in the issuer's allowlist (never ``none``, never
    HS*), no ``crit`` (we implement no extensions, so RFC 7515 says refuse);
    ``jku``/``x5u``/``jwk``/``x5c`` are ignored: keys come only from the issuer's
    configured JWKS, never from the token;
 3. payload: a JSON object with no duplicate names;
 4. key by ``kid`` from the ``KeyResolver`` (an unknown kid may refetch, under a
-   cooldown the resolver enforces); the key's type must fit ``alg``;
-5. signature;
-6. ``iss`` exact, ``exp`` required and in the future (no leeway, as
-   kube-apiserver), ``nbf``/``iat`` not in the future beyond the leeway,
-   ``aud`` match-any.
+   cooldown the resolver enforces; ``"kid": ""`` is no kid, so every key is
+   tried, as go-oidc does); the key's type must fit ``alg``;
+5. signature: an RSA signature must be exactly the modulus length, as Go's
+   ``rsa.VerifyPKCS1v15``/``rsa.VerifyPSS`` require (``cryptography`` would
+   accept one missing its leading zero bytes: a second text of one token);
+6. ``iss`` exact (``accounts.google.com`` also stands for
+   ``https://accounts.google.com``, for that issuer only, as go-oidc), ``exp``
+   required and not past (no leeway), ``nbf`` not later than now plus the
+   leeway (``--clock-skew``, default 300 s: go-oidc's fixed 5 minutes), ``iat``
+   only type-checked (go-oidc never compares it with the clock; ``null`` is
+   refused as Go's decoder refuses it), ``aud`` match-any.
 """
 
 from __future__ import annotations
@@ -54,15 +61,22 @@ from proxy.errors import (
 from proxy.jwk import VerificationKey
 
 __all__ = [
+    "GOOGLE_ISSUER",
     "IGNORED_HEADERS",
     "KeyResolver",
     "ParsedToken",
+    "coalesce_issuer",
     "peek",
     "verify",
 ]
 
 #: Headers that would let a token name its own key. Ignored on purpose, never fetched.
 IGNORED_HEADERS: Final = frozenset({"jku", "x5u", "jwk", "x5c"})
+
+#: The one issuer whose tokens may carry a scheme-less ``iss`` (OpenID Connect
+#: Core §15.6.2; go-oidc and kube-apiserver accept it for this issuer only).
+GOOGLE_ISSUER: Final = "https://accounts.google.com"
+_GOOGLE_ISSUER_NO_SCHEME: Final = "accounts.google.com"
 
 #: Year 9999: later "dates" are garbage, and floats lose whole seconds beyond 2**53.
 _MAX_NUMERIC_DATE: Final = 253402300799.0
@@ -71,6 +85,8 @@ _MAX_NUMERIC_DATE: Final = 253402300799.0
 #: 1.04 µs for a regular expression's character-class scan.
 _B64URL: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 _TO_STD: Final = bytes.maketrans(b"-_", b"+/")
+#: Unused low bits of the last character, by the length of the final quantum.
+_UNUSED_BITS: Final = (0, 0, 0x0F, 0x03)
 
 #: Stateless descriptors, built once instead of per verification.
 _HASHES: Final[Mapping[str, hashes.HashAlgorithm]] = {
@@ -109,15 +125,31 @@ class ParsedToken:
 
     @property
     def unverified_issuer(self) -> str | None:
-        """The ``iss`` claim before verification: only for routing, never trusted."""
+        """The ``iss`` claim before verification: only for routing, never trusted.
+
+        Coalesced as kube-apiserver's ``untrustedIssuer`` does (see
+        ``coalesce_issuer``).
+        """
         iss = self.claims.get("iss")
-        return iss if isinstance(iss, str) else None
+        return coalesce_issuer(iss) if isinstance(iss, str) else None
 
     @property
     def kid(self) -> str | None:
-        """The header's ``kid`` when it is a string."""
+        """The header's ``kid`` when it is a non-empty string.
+
+        ``""`` is no kid: go-oidc then tries every key, and so do we.
+        """
         kid = self.header.get("kid")
-        return kid if isinstance(kid, str) else None
+        return kid if isinstance(kid, str) and kid else None
+
+
+def coalesce_issuer(iss: str) -> str:
+    """``https://accounts.google.com`` for Google's legacy ``accounts.google.com``.
+
+    Kubernetes routes and verifies such tokens as Google's (OpenID Connect
+    Core §15.6.2); no other issuer gets a scheme-less alias.
+    """
+    return GOOGLE_ISSUER if iss == _GOOGLE_ISSUER_NO_SCHEME else iss
 
 
 def _b64decode(part: bytes, what: str) -> bytes:
@@ -125,9 +157,18 @@ def _b64decode(part: bytes, what: str) -> bytes:
         raise MalformedToken(f"token: {what} is not base64url (RFC 7515 §2)")
     padded = part.translate(_TO_STD) + b"=" * (-len(part) % 4)
     try:
-        return binascii.a2b_base64(padded, strict_mode=True)
+        decoded = binascii.a2b_base64(padded, strict_mode=True)
     except binascii.Error as err:
         raise MalformedToken(f"token: {what} is not valid base64url") from err
+    # The last character of a 2- or 3-character tail carries 4 or 2 unused
+    # bits; RFC 4648 §3.5 lets a decoder refuse them unless zero, and we do,
+    # so one byte string has one encoding (one token, one text).
+    unused = _UNUSED_BITS[len(part) % 4]
+    if unused and _B64URL.index(part[-1]) & unused:
+        raise MalformedToken(
+            f"token: {what} is not canonical base64url (non-zero trailing bits)"
+        )
+    return decoded
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -210,6 +251,12 @@ def _signature_ok(key: VerificationKey, alg: str, data: bytes, sig: bytes) -> bo
             k.verify(sig, data)
             return True
         digest = _HASHES[alg[2:]]
+        if alg.startswith(("RS", "PS")):
+            assert isinstance(k, rsa.RSAPublicKey)
+            # RFC 8017 §8.1.2/§8.2.2 step 1: exactly k octets. OpenSSL pads a
+            # short one with zeros, which would make the token text ambiguous.
+            if len(sig) != (k.key_size + 7) // 8:
+                return False
         if alg.startswith("RS"):
             assert isinstance(k, rsa.RSAPublicKey)
             k.verify(sig, data, _PKCS1, digest)
@@ -232,14 +279,18 @@ def _signature_ok(key: VerificationKey, alg: str, data: bytes, sig: bytes) -> bo
 
 
 def _numeric_date(claims: Mapping[str, Any], name: str, issuer: str) -> float | None:
-    value = claims.get(name)
-    if value is None:
+    if name not in claims:
+        return None
+    value = claims[name]
+    if value is None and name == "nbf":
+        # go-oidc decodes nbf into a pointer, so null is "absent"; exp and
+        # iat are values whose decoder refuses null.
         return None
     # bool is an int subclass: "exp": true is not a date.
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidClaim(
             f'token: "{name}" must be a NumericDate (a JSON number), got '
-            f"{type(value).__name__}",
+            f"{'null' if value is None else type(value).__name__}",
             claim=name,
             issuer=issuer,
         )
@@ -259,23 +310,24 @@ def _numeric_date(claims: Mapping[str, Any], name: str, issuer: str) -> float | 
 def _check_times(
     claims: Mapping[str, Any], issuer: str, now: float, leeway: float
 ) -> None:
+    """go-oidc's rules: ``exp`` without leeway, ``nbf`` with it, ``iat`` unchecked."""
     exp = _numeric_date(claims, "exp", issuer)
     if exp is None:
         raise MissingClaim(
             'token: required claim "exp" is missing', claim="exp", issuer=issuer
         )
-    if now >= exp:
+    if now > exp:
         raise TokenExpired(
             f"token: expired {int(now - exp)}s ago (exp {int(exp)})", issuer=issuer
         )
-    for name in ("nbf", "iat"):
-        when = _numeric_date(claims, name, issuer)
-        if when is not None and when > now + leeway:
-            raise TokenNotYetValid(
-                f'token: "{name}" is {int(when - now)}s in the future '
-                f"(allowed clock skew {int(leeway)}s)",
-                issuer=issuer,
-            )
+    nbf = _numeric_date(claims, "nbf", issuer)
+    if nbf is not None and nbf > now + leeway:
+        raise TokenNotYetValid(
+            f'token: "nbf" is {int(nbf - now)}s in the future '
+            f"(allowed clock skew {int(leeway)}s)",
+            issuer=issuer,
+        )
+    _numeric_date(claims, "iat", issuer)
 
 
 def _check_audience(claims: Mapping[str, Any], issuer: IssuerConfig) -> None:
@@ -367,7 +419,9 @@ async def verify(
         )
     claims = token.claims
     iss = claims.get("iss")
-    if iss != issuer.url:
+    if iss != issuer.url and not (
+        issuer.url == GOOGLE_ISSUER and iss == _GOOGLE_ISSUER_NO_SCHEME
+    ):
         got = iss[:256] if isinstance(iss, str) else type(iss).__name__
         raise IssuerMismatch(
             f'token: issuer mismatch: expected "{issuer.url}", got "{got}"',

@@ -428,3 +428,36 @@ def test_t2_is_not_judged_on_a_run_whose_tokens_were_not_new(
             "85.7% of the requests carried a new token"
             in _target(targets, "webhook cold")["invalid"]
         )
+
+
+def test_cel_benchmark_quick_report(tmp_path: Path) -> None:
+    """``benchmarks.cel --quick``: every expression compiles and evaluates, in seconds."""
+    baseline = REPO / "benchmarks" / "report" / "cel-celpy.json"
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.cel",
+            "--quick",
+            "--out",
+            str(tmp_path),
+            "--baseline",
+            str(baseline),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert res.returncode == 0, res.stderr
+    report = json.loads((tmp_path / "cel.json").read_text())
+    assert report["mode"] == "quick"
+    assert "cel-expr-python" in report["versions"]
+    rows = report["expressions"]
+    assert rows
+    for row in rows:
+        assert row["status"] == "ok", row
+        for key in ("compile_us", "eval_us", "eval_shared_us"):
+            assert row[key] > 0
+        assert set(row["speedup"]) == {"compile", "eval"}

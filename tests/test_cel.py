@@ -1,20 +1,20 @@
-"""CEL for AuthenticationConfiguration: the Kubernetes documentation's expressions,
-the optional syntax and ``sets`` library added to celpy, errors and their messages,
-``selected_fields``, and a property test over random claims."""
+"""CEL for AuthenticationConfiguration on cel-expr-python: the Kubernetes
+documentation's expressions, the regressions of issue 20, property-name escapes,
+the ``sets`` library, optionals, type checks at load with Kubernetes' messages,
+evaluation errors, ``selected_fields``, and a property test over random claims."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy import cel
-from proxy.cel import CompiledExpression, compile_expression
+from proxy import cel_source
+from proxy.cel import CompiledExpression, Returns, Variables, compile_expression
 from proxy.errors import ConfigError, ExpressionError
 
 PATH = "jwt[0].claimMappings.username.expression"
@@ -31,6 +31,8 @@ CLAIMS: dict[str, Any] = {
     "email": "alice@example.com",
     "email_verified": True,
     "roles": "admin,dev",
+    "other_roles": "ops , audit",
+    "is_admin": True,
     "tenant": "t-42",
     "groups": ["dev", "admin"],
     "realm_access": {"roles": ["offline_access", "uma_authorization"]},
@@ -39,13 +41,21 @@ CLAIMS: dict[str, Any] = {
     "score": 0.5,
     "count": 3,
     "flag": False,
+    "kubernetes.io": {
+        "namespace": "kube-system",
+        "serviceaccount": {"name": "coredns", "uid": "a087d5a0"},
+    },
+    "data": [{"groups.io": "gen1"}],
+    "x-tenant/id": "t-7",
+    "a__b": "double underscore",
+    "namespace": "reserved word",
 }
 
 USER: dict[str, Any] = {
     "username": "oidc:alice",
     "uid": "00u1alice",
     "groups": ["oidc:dev", "oidc:admin"],
-    "extra": {"example.com/tenant": ["t-42"]},
+    "extra": {"example.com/tenant": ["t-42"], "example.org/foo": ["bar", "baz"]},
 }
 
 
@@ -300,21 +310,259 @@ def test_documented_expressions(
 
 
 # --------------------------------------------------------------------------
+# Issue 20: a parenthesised sub-expression that is not a constant failed at
+# evaluation ("unsupported construct"), so every token was refused.
+
+REPORTED = [
+    ("not-in-groups", "!('bar' in user.groups)", "user", USER, True),
+    (
+        "not-in-groups-member",
+        "!('oidc:dev' in user.groups)",
+        "user",
+        USER,
+        False,
+    ),
+    ("ternary-true", '(claims.is_admin) ? "true" : ""', "claims", CLAIMS, "true"),
+    (
+        "ternary-false",
+        '(claims.is_admin) ? "true" : ""',
+        "claims",
+        with_claims(is_admin=False),
+        "",
+    ),
+    (
+        "split-concat-map",
+        '(claims.roles.split(",") + claims.other_roles.split(",")).map(r, r.trim())',
+        "claims",
+        CLAIMS,
+        ["admin", "dev", "ops", "audit"],
+    ),
+    (
+        "kubernetes-groups-example",
+        '(claims.roles.split(",") + claims.other_roles.split(","))'
+        '.map(role, "groups:" + role)',
+        "claims",
+        with_claims(roles="foo,bar", other_roles="baz,qux"),
+        ["groups:foo", "groups:bar", "groups:baz", "groups:qux"],
+    ),
+    ("parenthesised-select", "(claims).sub", "claims", CLAIMS, "00u1alice"),
+    ("parenthesised-call", "(claims.sub).startsWith('00u')", "claims", CLAIMS, True),
+]
+
+
+@pytest.mark.parametrize(
+    ("source", "variable", "value", "expected"),
+    [case[1:] for case in REPORTED],
+    ids=[case[0] for case in REPORTED],
+)
+def test_reported_wrong_refusals(
+    source: str, variable: str, value: dict[str, Any], expected: object
+) -> None:
+    assert run(source, value, variable=variable) == expected
+
+
+# --------------------------------------------------------------------------
+# Property-name escapes, as kube-apiserver decodes them (its own test cases:
+# "deeply nested claim - success - service account payload" and "claims
+# payload with deep use of __dot__" in oidc_test.go)
+
+ESCAPES = [
+    ("dot", "claims.kubernetes__dot__io.namespace", "claims", "kube-system"),
+    (
+        "dot-deep",
+        "claims.kubernetes__dot__io.serviceaccount.name",
+        "claims",
+        "coredns",
+    ),
+    (
+        "dot-service-account-username",
+        '"system:serviceaccount:" + claims.kubernetes__dot__io.namespace + ":" '
+        "+ claims.kubernetes__dot__io.serviceaccount.name",
+        "claims",
+        "system:serviceaccount:kube-system:coredns",
+    ),
+    ("dot-inside-list", "claims.data[0].groups__dot__io", "claims", "gen1"),
+    ("dash-and-slash", "claims.x__dash__tenant__slash__id", "claims", "t-7"),
+    ("underscores", "claims.a__underscores__b", "claims", "double underscore"),
+    ("reserved-word", "claims.__namespace__", "claims", "reserved word"),
+    ("has-escaped", "has(claims.kubernetes__dot__io)", "claims", True),
+    ("has-escaped-absent", "has(claims.example__dot__com)", "claims", False),
+    (
+        "has-escaped-nested",
+        "has(claims.kubernetes__dot__io.serviceaccount.uid)",
+        "claims",
+        True,
+    ),
+    (
+        "optional-escaped",
+        "claims.?kubernetes__dot__io.namespace.orValue('none')",
+        "claims",
+        "kube-system",
+    ),
+    (
+        "optional-escaped-absent",
+        "claims.?example__dot__com.orValue('none')",
+        "claims",
+        "none",
+    ),
+    (
+        "index-is-literal",
+        'claims["kubernetes.io"]["namespace"]',
+        "claims",
+        "kube-system",
+    ),
+    ("plain-name-untouched", "claims.sub", "claims", "00u1alice"),
+    ("escape-in-string-untouched", "'claims.a__dot__b'", "claims", "claims.a__dot__b"),
+    (
+        "user-extra",
+        "user.extra.example__dot__org__slash__foo",
+        "user",
+        ["bar", "baz"],
+    ),
+    (
+        "user-extra-size",
+        "user.extra.example__dot__org__slash__foo.size() == 2",
+        "user",
+        True,
+    ),
+    (
+        "user-extra-has",
+        "has(user.extra.example__dot__com__slash__tenant)",
+        "user",
+        True,
+    ),
+    (
+        "user-extra-optional-missing",
+        'user.extra[?"example.com/missing"].orValue([]) == []',
+        "user",
+        True,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("source", "variable", "expected"),
+    [case[1:] for case in ESCAPES],
+    ids=[case[0] for case in ESCAPES],
+)
+def test_property_name_escapes(source: str, variable: str, expected: object) -> None:
+    value = CLAIMS if variable == "claims" else USER
+    assert run(source, value, variable=variable) == expected
+
+
+UNESCAPE = [
+    ("plain", "sub", "sub"),
+    ("dot", "kubernetes__dot__io", "kubernetes.io"),
+    ("dash", "x__dash__y", "x-y"),
+    ("slash", "a__slash__b", "a/b"),
+    ("underscores", "a__underscores__b", "a__b"),
+    ("several", "a__dot__b__dash__c__slash__d", "a.b-c/d"),
+    ("keyword", "__namespace__", "namespace"),
+    ("keyword-true", "__true__", "true"),
+    ("keyword-not-whole", "a__namespace__", None),
+    ("unknown-escape", "a__b__c", None),
+    ("single-double-underscore", "a__b", "a__b"),
+    ("leading-underscores", "__a", "__a"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [case[1:] for case in UNESCAPE],
+    ids=[case[0] for case in UNESCAPE],
+)
+def test_unescape_as_kubernetes(name: str, expected: str | None) -> None:
+    assert cel_source.unescape(name) == expected
+
+
+REWRITES = [
+    ("select", "claims.a__dot__b", 'claims["a.b"]'),
+    ("optional-select", "claims.?a__dot__b", 'claims[?"a.b"]'),
+    ("has", "has(claims.x.a__dot__b)", '(claims.x[?"a.b"].hasValue())'),
+    ("has-user-field", "has(user.uid) && true", "(true)&&true"),
+    ("method-name-kept", "claims.x.a__dot__b()", "claims.x.a__dot__b()"),
+    ("string-kept", "'.a__dot__b'", "'.a__dot__b'"),
+    ("comment-kept", "claims.x // .a__dot__b", "claims.x // .a__dot__b"),
+    ("unknown-escape-kept", "claims.a__b__c", "claims.a__b__c"),
+    ("untokenisable-kept", "claims.a__dot__b #", "claims.a__dot__b #"),
+]
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [case[1:] for case in REWRITES],
+    ids=[case[0] for case in REWRITES],
+)
+def test_rewrite(source: str, expected: str) -> None:
+    assert cel_source.rewrite(source, fields_of=("user",)).text == expected
+
+
+# --------------------------------------------------------------------------
+# The sets library (cel-go's ext.Sets, part of the Kubernetes environment)
+
+SETS = [
+    ("contains", "sets.contains([1, 2, 3, 4], [2, 3])", True),
+    ("contains-missing", "sets.contains([1, 2, 3, 4], [2, 5])", False),
+    ("contains-empty", "sets.contains([1], [])", True),
+    ("contains-empty-both", "sets.contains([], [])", True),
+    ("contains-duplicates", "sets.contains([1], [1, 1])", True),
+    ("contains-cross-numeric", "sets.contains([claims.count], [3.0])", True),
+    ("contains-bool-is-not-int", "sets.contains([claims.flag], [0])", False),
+    ("contains-lists", "sets.contains([[1], [2]], [[2]])", True),
+    (
+        "contains-maps",
+        "sets.contains([claims.realm_access], "
+        "[{'roles': ['offline_access', 'uma_authorization']}])",
+        True,
+    ),
+    ("equivalent", "sets.equivalent([1, 2], [2, 1, 1])", True),
+    ("equivalent-not", "sets.equivalent([1, 2], [1])", False),
+    ("equivalent-empty", "sets.equivalent([], [])", True),
+    ("intersects", "sets.intersects([1, 2], [2, 3])", True),
+    ("intersects-not", "sets.intersects([1], [2])", False),
+    ("intersects-empty", "sets.intersects([], [1])", False),
+    ("claims-groups", 'sets.intersects(claims.groups, ["admin", "ops"])', True),
+]
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [case[1:] for case in SETS],
+    ids=[case[0] for case in SETS],
+)
+def test_sets(source: str, expected: bool) -> None:
+    assert run(source) is expected
+
+
+def test_sets_element_types_are_checked_at_load() -> None:
+    with pytest.raises(
+        ConfigError, match=r"found no matching overload for 'sets\.contains'"
+    ):
+        compile_expression(
+            "sets.contains([1], ['a'])", variables=("claims",), field_path=PATH
+        )
+
+
+# --------------------------------------------------------------------------
 # Semantics: optionals, numbers, equality, errors as values, macros, functions
 
 
 SEMANTICS = [
     # optionals
-    ("optional-result-present", "claims.?sub", "00u1alice"),
-    ("optional-result-absent", "claims.?nope", None),
+    ("optional-result-present", "claims.?sub.orValue(null)", "00u1alice"),
+    ("optional-result-absent", "claims.?nope.orValue(null)", None),
     (
         "optional-select-propagates",
-        "claims.?realm_access.roles",
+        "claims.?realm_access.roles.orValue(null)",
         ["offline_access", "uma_authorization"],
     ),
-    ("optional-select-propagates-none", "claims.?nope.roles", None),
-    ("optional-select-presence-tested", "claims.?realm_access.nope", None),
-    ("optional-index-propagates", "claims.?groups[1]", "admin"),
+    ("optional-select-propagates-none", "claims.?nope.roles.orValue(null)", None),
+    (
+        "optional-select-presence-tested",
+        "claims.?realm_access.nope.orValue(null)",
+        None,
+    ),
+    ("optional-index-propagates", "claims.?groups[1].orValue(null)", "admin"),
     ("optional-of-value", "optional.of('v').value()", "v"),
     ("optional-or-first", "optional.of(1).or(optional.of(2)).value()", 1),
     ("optional-or-second", "optional.none().or(optional.of(2)).value()", 2),
@@ -327,7 +575,7 @@ SEMANTICS = [
     ("optional-of-null", "optional.of(null).hasValue()", True),
     # or / orValue are lazy: a present optional never evaluates the alternative
     ("or-value-lazy", "claims.?sub.orValue(claims.missing)", "00u1alice"),
-    ("or-lazy", "claims.?sub.or(claims.?missing.map(x, x)).value()", "00u1alice"),
+    ("or-lazy", "claims.?sub.or(optional.of(claims.missing)).value()", "00u1alice"),
     # numbers: JSON ints stay int, comparisons cross int/double
     ("int-minus-int", "claims.exp - claims.nbf", 86400),
     ("int-gt-double", "claims.exp > 1.5e9", True),
@@ -410,8 +658,6 @@ SEMANTICS = [
     ("index-of-absent", "'hello'.indexOf('z')", -1),
     ("last-index-of", "'hello mellow'.lastIndexOf('ello')", 7),
     ("last-index-of-offset", "'hello mellow'.lastIndexOf('ello', 6)", 1),
-    ("list-index-of", "claims.groups.indexOf('admin')", 1),
-    ("list-last-index-of", "['a', 'b', 'a'].lastIndexOf('a')", 2),
     ("starts-with", "claims.email.startsWith('alice@')", True),
     ("ends-with", "claims.email.endsWith('@example.com')", True),
     ("contains", "claims.email.contains('@')", True),
@@ -438,14 +684,17 @@ def test_semantics(source: str, expected: object) -> None:
 
 
 def test_integers_beyond_int64_become_doubles() -> None:
-    claims = {"big": 2**64}
-    assert run("type(claims.big) == double && claims.big > 1", claims) is True
+    claims = {"big": 2**64, "edge": 2**63, "small": -(2**63) - 1}
+    assert run("type(claims.big) == double && claims.big > 1.0", claims) is True
+    assert run("type(claims.edge) == double", claims) is True
+    assert run("type(claims.small) == double", claims) is True
+    assert run("claims.big", claims) == float(2**64)
 
 
 def test_float_claims_compare_with_ints_but_do_not_mix_in_arithmetic() -> None:
     claims = {"exp": 1_700_086_400.0, "nbf": 1_700_000_000}
     assert run("claims.exp > claims.nbf", claims) is True
-    with pytest.raises(ExpressionError, match=r"no such overload: double - int"):
+    with pytest.raises(ExpressionError, match=r"no such overload"):
         run("claims.exp - claims.nbf <= 86400", claims)
 
 
@@ -479,7 +728,7 @@ def test_results_are_plain_python(source: str, kind: type) -> None:
 
 
 def assert_plain(value: object) -> None:
-    """No celpy type survives, however deep (StringType is a str subclass)."""
+    """No runtime type survives, however deep."""
     assert type(value) in (str, bool, int, float, type(None), list, dict)
     if isinstance(value, list):
         for item in value:
@@ -491,162 +740,67 @@ def assert_plain(value: object) -> None:
 
 
 # --------------------------------------------------------------------------
-# Evaluation failures: ExpressionError naming the path, never the values
+# Evaluation failures at request time: ExpressionError naming the path and the
+# expression, as kube-apiserver's "expression '...' resulted in error: ..."
 
 SECRET = "s3cr3t-claim-value"
 
 FAILURES = [
-    ("missing-key", "claims.nope", {}, "no such key: 'nope' (line 1, column 8)"),
-    ("missing-nested", "claims.realm_access.nope", CLAIMS, "no such key: 'nope'"),
-    ("missing-in-list", "[claims.nope]", {}, "no such key: 'nope'"),
-    ("missing-or-false", "claims.nope || false", {}, "no such key: 'nope'"),
-    ("has-on-missing-parent", "has(claims.a.b)", {}, "no such key: 'a'"),
-    ("select-on-string", "claims.sub.foo", {"sub": SECRET}, "a string has no fields"),
+    ("missing-key", "claims.nope", {}, "resulted in error: no such key: nope"),
+    (
+        "missing-nested",
+        "claims.realm_access.nope",
+        CLAIMS,
+        "resulted in error: no such key: nope",
+    ),
+    ("missing-in-list", "[claims.nope]", {}, "no such key: nope"),
+    ("missing-or-false", "claims.nope || false", {}, "no such key: nope"),
+    ("has-on-missing-parent", "has(claims.a.b)", {}, "no such key: a"),
+    (
+        "missing-escaped",
+        "claims.kubernetes__dot__io",
+        {},
+        "no such key: kubernetes.io",
+    ),
+    ("select-on-string", "claims.sub.foo", {"sub": SECRET}, "resulted in error"),
     (
         "wrong-type-method",
         "claims.sub.startsWith('x')",
         {"sub": 7},
-        "no such overload: startsWith(int, string)",
+        "no such overload",
     ),
     (
         "wrong-type-arithmetic",
         "claims.exp - claims.nbf <= 86400",
         {"exp": SECRET, "nbf": 1},
-        "no such overload: string - int",
+        "no such overload",
     ),
-    (
-        "wrong-type-concat",
-        "claims.sub + 1",
-        {"sub": SECRET},
-        "no such overload: string + int",
-    ),
-    (
-        "wrong-type-compare",
-        "claims.sub < 1",
-        {"sub": SECRET},
-        "no such overload: string < int",
-    ),
-    ("wrong-type-not", "!claims.sub", {"sub": SECRET}, "no such overload: !string"),
-    (
-        "wrong-type-in",
-        "'a' in claims.sub",
-        {"sub": SECRET},
-        "no such overload: string in string",
-    ),
-    (
-        "wrong-type-macro",
-        "claims.sub.all(x, true)",
-        {"sub": SECRET},
-        "all() needs a list or a map, got a string",
-    ),
+    ("wrong-type-concat", "claims.sub + 1", {"sub": SECRET}, "no such overload"),
+    ("wrong-type-not", "!claims.sub", {"sub": SECRET}, "no such overload"),
+    ("wrong-type-in", "'a' in claims.sub", {"sub": SECRET}, "no such overload"),
     (
         "wrong-type-sets",
         "sets.contains(claims.sub, ['a'])",
         {"sub": SECRET},
-        "no such overload: sets.contains(string, list)",
+        "no such overload",
     ),
-    (
-        "predicate-not-bool",
-        "claims.groups.all(g, g)",
-        {"groups": [SECRET]},
-        "the predicate of all() gave a string",
-    ),
-    (
-        "condition-not-bool",
-        "claims.sub ? 1 : 2",
-        {"sub": SECRET},
-        "the condition of ?: is a string",
-    ),
-    (
-        "or-not-bool",
-        "false || claims.sub",
-        {"sub": SECRET},
-        "no such overload: || on a string",
-    ),
-    (
-        "int-of-string",
-        "int(claims.sub)",
-        {"sub": SECRET},
-        "invalid argument: int(string)",
-    ),
-    ("division-by-zero", "claims.count / 0", {"count": 1}, "division by zero"),
-    ("modulo-by-zero", "claims.count % 0", {"count": 1}, "division by zero"),
-    (
-        "overflow",
-        "claims.count * 9223372036854775807",
-        {"count": 2},
-        "integer overflow",
-    ),
-    (
-        "index-out-of-range",
-        "claims.groups[2]",
-        {"groups": ["a"]},
-        "index out of range: 2",
-    ),
-    (
-        "index-negative",
-        "claims.groups[-1]",
-        {"groups": ["a"]},
-        "index out of range: -1",
-    ),
-    (
-        "index-not-int",
-        "claims.groups['a']",
-        {"groups": ["a"]},
-        "a list index must be an int",
-    ),
-    (
-        "index-bool",
-        "claims.groups[true]",
-        {"groups": ["a"]},
-        "a list index must be an int, not a bool",
-    ),
+    ("predicate-not-bool", "claims.groups.all(g, g)", {"groups": [SECRET]}, "error"),
+    ("condition-not-bool", "claims.sub ? 1 : 2", {"sub": SECRET}, "error"),
+    ("int-of-string", "int(claims.sub)", {"sub": SECRET}, "cannot convert"),
+    ("division-by-zero", "claims.count / 0", {"count": 1}, "divide by zero"),
+    ("modulo-by-zero", "claims.count % 0", {"count": 1}, "modulus by zero"),
+    ("overflow", "claims.count * 9223372036854775807", {"count": 2}, "overflow"),
+    ("index-out-of-range", "claims.groups[2]", {"groups": ["a"]}, "index"),
     ("none-value", "claims.?nope.value()", {}, "optional.none() dereference"),
+    ("bad-regex", "claims.sub.matches('[')", {"sub": SECRET}, "regular expression"),
     (
-        "or-value-on-plain",
-        "claims.sub.orValue('x')",
-        {"sub": SECRET},
-        "no such overload: string.orValue()",
-    ),
-    (
-        "substring-range",
-        "claims.sub.substring(50)",
-        {"sub": SECRET},
-        "substring: index out of range: 50",
-    ),
-    (
-        "substring-reversed",
-        "claims.sub.substring(3, 1)",
-        {"sub": SECRET},
-        "substring: invalid substring range: start 3 > end 1",
-    ),
-    (
-        "char-at-range",
-        "claims.sub.charAt(-1)",
-        {"sub": SECRET},
-        "charAt: index out of range: -1",
-    ),
-    (
-        "index-of-offset-range",
-        "claims.sub.indexOf('a', 99)",
-        {"sub": SECRET},
-        "indexOf: index out of range: 99",
-    ),
-    ("bad-regex", "claims.sub.matches('[')", {"sub": SECRET}, "match error"),
-    (
-        "mixed-arithmetic",
-        "claims.count + 0.5",
-        {"count": 1},
-        "no such overload: int + double",
-    ),
-    (
-        "result-not-json",
+        "result-bytes",
         "b'bytes'",
         {},
-        "the result is a bytes, which has no json form",
+        "the result is bytes, which has no json form",
     ),
-    ("result-type", "type(claims)", {}, "the result is a type, which has no json form"),
-    ("duplicate-map-key", "{'a': 1, 'a': 2}", {}, "duplicate map key: 'a'"),
+    ("result-type", "type(claims)", {}, "the result is type, which has no json form"),
+    ("result-optional", "claims.?sub", {"sub": "x"}, "the result cannot be read"),
 ]
 
 
@@ -661,44 +815,55 @@ def test_evaluation_failures(
     with pytest.raises(ExpressionError) as caught:
         run(source, claims)
     message = str(caught.value)
-    assert message.startswith(f"cel: {PATH}: ")
+    assert message.startswith(f"cel: {PATH}: expression {source!r}")
     assert fragment in message
-    detail = message.removeprefix(f"cel: {PATH}: ")
-    assert detail[0].islower()
     assert SECRET not in message
     assert "\n" not in message
 
 
 ACTIVATION_FAILURES = [
-    ("variable-missing", {}, "no value for variable 'claims'"),
+    ("variable-missing", "claims", {}, "no value for variable 'claims'"),
+    ("user-missing", "user", {}, "no value for variable 'user'"),
+    ("user-not-object", "user", {"user": "alice"}, "variable 'user' must be an object"),
     (
-        "variable-not-json",
-        {"claims": {1, 2}},
-        "variable 'claims': a value of type set is not json",
+        "user-field-missing",
+        "user",
+        {"user": {"username": "a"}},
+        "variable 'user' has no field 'uid'",
     ),
 ]
 
 
 @pytest.mark.parametrize(
-    ("activation", "fragment"),
+    ("variable", "activation", "fragment"),
     [case[1:] for case in ACTIVATION_FAILURES],
     ids=[case[0] for case in ACTIVATION_FAILURES],
 )
-def test_activation_failures(activation: dict[str, Any], fragment: str) -> None:
-    expression = compile_expression(
-        "claims.sub", variables=("claims",), field_path=PATH
-    )
-    with pytest.raises(
-        ExpressionError, match=f"^{re.escape(f'cel: {PATH}: {fragment}')}$"
-    ):
+def test_activation_failures(
+    variable: str, activation: dict[str, Any], fragment: str
+) -> None:
+    source = "claims.sub" if variable == "claims" else "user.uid"
+    expression = compile_expression(source, variables=(variable,), field_path=PATH)
+    with pytest.raises(ExpressionError) as caught:
         expression.evaluate(activation)
+    assert str(caught.value) == f"cel: {PATH}: {fragment}"
 
 
-def test_a_non_json_value_inside_the_claims_fails_only_when_reached() -> None:
-    expression = compile_expression("claims.x", variables=("claims",), field_path=PATH)
-    assert expression.evaluate({"claims": {"x": 1, "y": object()}}) == 1
-    with pytest.raises(ExpressionError, match="a value of type object is not json"):
-        expression.evaluate({"claims": {"x": object()}})
+@pytest.mark.parametrize(
+    "claims",
+    [{"sub": "a\x00b"}, {"a\x00b": "x"}, {"groups": ["ok", "a\x00"]}],
+    ids=["value", "key", "in-a-list"],
+)
+def test_a_nul_character_is_refused_not_cut(claims: dict[str, Any]) -> None:
+    """The runtime's conversion would read "a\\x00b" as "a": refuse instead."""
+    expression = compile_expression("claims", variables=("claims",), field_path=PATH)
+    with pytest.raises(ExpressionError, match="NUL character"):
+        expression.evaluate({"claims": claims})
+
+
+def test_a_lone_surrogate_reads_as_go_decodes_it() -> None:
+    """Python's json keeps "\\ud800" as a lone surrogate; Go makes it U+FFFD."""
+    assert run("claims", {"a\ud800": "b\udfff"}) == {"a\ufffd": "b\ufffd"}
 
 
 def test_deeply_nested_claims_are_an_expression_error() -> None:
@@ -706,196 +871,168 @@ def test_deeply_nested_claims_are_an_expression_error() -> None:
     for _ in range(5000):
         nested = [nested]
     expression = compile_expression("claims.x", variables=("claims",), field_path=PATH)
-    with pytest.raises(ExpressionError, match="nests too deeply"):
+    with pytest.raises(ExpressionError, match="variable 'claims' nests too deeply"):
         expression.evaluate({"claims": {"x": nested}})
 
 
 # --------------------------------------------------------------------------
-# Compile failures: ConfigError naming the path, the problem and its position
-
+# Load time: compile errors and result types, in Kubernetes' words
+# (field.Invalid(path, expression, "compilation failed: ..." / "must evaluate
+# to bool")), at the expression's field path.
 
 COMPILE_FAILURES = [
     (
         "syntax-end",
         "claims.hd ==",
         ("claims",),
-        ["syntax error at line 1, column 13: unexpected end of expression"],
-    ),
-    (
-        "syntax-token",
-        "claims.(hd)",
-        ("claims",),
-        ["syntax error at line 1, column 8: unexpected '('"],
-    ),
-    (
-        "syntax-character",
-        "claims.hd = 'x'",
-        ("claims",),
-        ["syntax error at line 1, column 11: unexpected character '='"],
+        'Invalid value: "claims.hd ==": compilation failed: ERROR: <input>:1:13: '
+        "Syntax error: mismatched input '<EOF>'",
     ),
     (
         "syntax-second-line",
         "claims.hd ==\n  'a' +",
         ("claims",),
-        ["syntax error at line 2, column 8: unexpected end of expression"],
+        "compilation failed: ERROR: <input>:2:8: Syntax error",
     ),
+    ("syntax-empty", "", ("claims",), "compilation failed: ERROR: <input>:1:1"),
     (
-        "syntax-empty",
-        "",
+        "syntax-after-an-escape",
+        "claims.kubernetes__dot__io.x +",
         ("claims",),
-        ["syntax error at line 1, column 1: unexpected end of expression"],
+        "compilation failed: ERROR: <input>:1:31: Syntax error",
     ),
     (
         "user-in-claims-rule",
         "user.username == 'x'",
         ("claims",),
-        ["undeclared reference to 'user' (line 1, column 1)"],
+        "compilation failed: ERROR: <input>:1:5: undeclared reference to "
+        "'user.username'",
     ),
     (
         "claims-in-user-rule",
         "claims.sub == user.username",
         ("user",),
-        ["undeclared reference to 'claims' (line 1, column 1)"],
+        "compilation failed: ERROR: <input>:1:7: undeclared reference to 'claims.sub'",
     ),
     (
-        "unknown-variable-in-macro",
-        "claims.groups.all(g, h)",
-        ("claims",),
-        ["undeclared reference to 'h' (line 1, column 22)"],
+        "user-unknown-field",
+        "user.foo == 'x'",
+        ("user",),
+        "undeclared reference to 'user.foo'",
     ),
     (
-        "macro-variable-out-of-scope",
-        "claims.groups.all(g, true) && g",
-        ("claims",),
-        ["undeclared reference to 'g' (line 1, column 31)"],
+        "user-field-type",
+        "user.groups[0] + 1 == 2",
+        ("user",),
+        "found no matching overload for '_+_' applied to '(string, int)'",
     ),
     (
         "unknown-function",
-        "lower(claims.sub)",
+        "foo(claims.b)",
         ("claims",),
-        ["undeclared reference to function 'lower' (line 1, column 1)"],
+        "undeclared reference to 'foo'",
     ),
     (
-        "unknown-method",
-        "claims.sub.toUpper()",
+        "kubernetes-library-not-available",
+        "claims.url.isURL()",
         ("claims",),
-        ["undeclared reference to function 'toUpper' (line 1, column 12)"],
-    ),
-    (
-        "unknown-namespace-function",
-        "sets.union(claims.a, [])",
-        ("claims",),
-        ["undeclared reference to function 'sets.union'"],
-    ),
-    (
-        "namespace-alone",
-        "optional.none",
-        ("claims",),
-        ["undeclared reference to 'optional'"],
-    ),
-    (
-        "wrong-arity-method",
-        "claims.sub.split()",
-        ("claims",),
-        ["'split' takes 2 or 3 arguments (a method's receiver counts as one), got 1"],
-    ),
-    (
-        "wrong-arity-function",
-        "size(claims.a, claims.b)",
-        ("claims",),
-        ["'size' takes 1 arguments"],
-    ),
-    (
-        "wrong-arity-or-value",
-        "claims.?a.orValue()",
-        ("claims",),
-        ["'orValue' takes 2 arguments"],
-    ),
-    (
-        "wrong-arity-macro",
-        "claims.groups.map(g)",
-        ("claims",),
-        ["map() takes 2 or 3 arguments, got 1"],
-    ),
-    (
-        "macro-variable-not-a-name",
-        "claims.groups.all('g', true)",
-        ("claims",),
-        ["the first argument of all() must be a variable name"],
-    ),
-    (
-        "has-not-a-selection",
-        "has(claims)",
-        ("claims",),
-        ["has() takes one field selection such as has(claims.email)"],
-    ),
-    (
-        "has-index",
-        "has(claims['email'])",
-        ("claims",),
-        ["has() takes one field selection"],
-    ),
-    (
-        "has-optional",
-        "has(claims.?email)",
-        ("claims",),
-        ["has() takes one field selection"],
-    ),
-    (
-        "invalid-literal",
-        "claims.n == 99999999999999999999",
-        ("claims",),
-        ["invalid literal '99999999999999999999' (line 1, column 13)"],
-    ),
-    (
-        "message-construction",
-        "Foo{a: 1}",
-        ("claims",),
-        ["message construction is not supported"],
-    ),
-    (
-        "root-scope-name",
-        ".claims.sub",
-        ("claims",),
-        ["a leading '.' (root-scope name) is not supported"],
-    ),
-    (
-        "every-problem-reported",
-        "user.a + foo(claims.b)",
-        ("claims",),
-        [
-            "undeclared reference to 'user' (line 1, column 1)",
-            "undeclared reference to function 'foo' (line 1, column 10)",
-        ],
+        "undeclared reference to 'isURL'",
     ),
 ]
 
 
 @pytest.mark.parametrize(
-    ("source", "variables", "fragments"),
+    ("source", "variables", "fragment"),
     [case[1:] for case in COMPILE_FAILURES],
     ids=[case[0] for case in COMPILE_FAILURES],
 )
 def test_compile_failures(
-    source: str, variables: tuple[str, ...], fragments: list[str]
+    source: str, variables: tuple[str, ...], fragment: str
 ) -> None:
     with pytest.raises(ConfigError) as caught:
         compile_expression(source, variables=variables, field_path=PATH)
-    problems = caught.value.problems
-    assert len(problems) == len(fragments)
-    for problem, fragment in zip(problems, fragments, strict=True):
-        assert problem.startswith(f"config: {PATH}: ")
-        assert fragment in problem
+    (problem,) = caught.value.problems
+    assert problem.startswith(f"config: {PATH}: Invalid value: ")
+    assert fragment in problem
+    assert "INVALID_ARGUMENT" not in problem
 
 
-def test_invalid_variable_name_is_refused() -> None:
-    with pytest.raises(ConfigError, match=re.escape("invalid variable name 'a.b'")):
-        compile_expression("true", variables=("a.b",), field_path=PATH)
+RULE = "jwt[0].claimValidationRules[0].expression"
+
+LOAD_TYPES = [
+    # rules must be bool, exactly (Kubernetes: ast.OutputType() == BoolType)
+    ("rule-dyn-claim", "claims.foo", ("claims",), Returns.BOOL, False),
+    ("rule-user-username", "user.username", ("user",), Returns.BOOL, False),
+    (
+        "rule-optional-or-value",
+        "claims.?email_verified.orValue(true)",
+        ("claims",),
+        Returns.BOOL,
+        False,
+    ),
+    ("rule-string", "'yes'", ("claims",), Returns.BOOL, False),
+    ("rule-comparison", "claims.hd == 'example.com'", ("claims",), Returns.BOOL, True),
+    (
+        "rule-optional-compared",
+        "claims.?email_verified.orValue(true) == true",
+        ("claims",),
+        Returns.BOOL,
+        True,
+    ),
+    ("rule-has", "has(claims.hd)", ("claims",), Returns.BOOL, True),
+    ("rule-user-has", "has(user.uid) && user.uid != ''", ("user",), Returns.BOOL, True),
+    ("rule-user-in", "!('bar' in user.groups)", ("user",), Returns.BOOL, True),
+    # username and uid: string (or dyn: known only per token)
+    ("string-dyn", "claims.sub", ("claims",), Returns.STRING, True),
+    ("string-concat", "'oidc:' + claims.sub", ("claims",), Returns.STRING, True),
+    ("string-int", "claims.count + 1", ("claims",), Returns.STRING, False),
+    ("string-bool", "claims.hd == 'x'", ("claims",), Returns.STRING, False),
+    ("string-list", "claims.roles.split(',')", ("claims",), Returns.STRING, False),
+    ("string-optional", "claims.?sub", ("claims",), Returns.STRING, False),
+    ("string-null", "null", ("claims",), Returns.STRING, False),
+    # groups and extra values: string or list of strings (null: none)
+    ("strings-list", "claims.roles.split(',')", ("claims",), Returns.STRINGS, True),
+    ("strings-dyn-list", "claims.groups.map(g, g)", ("claims",), Returns.STRINGS, True),
+    ("strings-string", "claims.tenant", ("claims",), Returns.STRINGS, True),
+    ("strings-null", "null", ("claims",), Returns.STRINGS, True),
+    ("strings-empty", "[]", ("claims",), Returns.STRINGS, True),
+    ("strings-ints", "[1, 2]", ("claims",), Returns.STRINGS, False),
+    ("strings-map", "{'a': 'b'}", ("claims",), Returns.STRINGS, False),
+    ("strings-bool", "claims.flag == true", ("claims",), Returns.STRINGS, False),
+    ("any-anything", "[1, 2]", ("claims",), Returns.ANY, True),
+]
+
+
+@pytest.mark.parametrize(
+    ("source", "variables", "returns", "accepted"),
+    [case[1:] for case in LOAD_TYPES],
+    ids=[case[0] for case in LOAD_TYPES],
+)
+def test_result_types_checked_at_load(
+    source: str, variables: tuple[str, ...], returns: Returns, accepted: bool
+) -> None:
+    if accepted:
+        compile_expression(
+            source, variables=variables, field_path=RULE, returns=returns
+        )
+        return
+    with pytest.raises(ConfigError) as caught:
+        compile_expression(
+            source, variables=variables, field_path=RULE, returns=returns
+        )
+    quoted = source.replace('"', '\\"')
+    assert caught.value.problems == (
+        f'config: {RULE}: Invalid value: "{quoted}": must evaluate to {returns.value}',
+    )
+
+
+def test_only_the_two_kubernetes_environments_exist() -> None:
+    with pytest.raises(ValueError, match="variables must be"):
+        compile_expression("true", variables=("a",), field_path=PATH)
 
 
 # --------------------------------------------------------------------------
-# selected_fields: read from the tree, for the email_verified rule
-
+# selected_fields: for the email_verified rule
 
 SELECTED = [
     ("dot", "claims.email", ("claims",), {("claims", "email")}),
@@ -910,6 +1047,7 @@ SELECTED = [
     ("raw-string-index", "claims[r'email']", ("claims",), {("claims", "email")}),
     ("has", "has(claims.email)", ("claims",), {("claims", "email")}),
     ("parenthesised", "(claims).email", ("claims",), {("claims", "email")}),
+    ("escaped", "claims.e__dash__mail", ("claims",), {("claims", "e-mail")}),
     (
         "username-with-verified",
         "claims.email_verified ? claims.email : claims.sub",
@@ -940,12 +1078,6 @@ SELECTED = [
         ("claims",),
         {("claims", "groups")},
     ),
-    (
-        "shadowed-variable",
-        "claims.groups.exists(claims, claims.email == 'x')",
-        ("claims",),
-        {("claims", "groups")},
-    ),
     ("computed-index", "claims[claims.key]", ("claims",), {("claims", "key")}),
     ("in-is-not-a-selection", "'email' in claims", ("claims",), set()),
     (
@@ -955,10 +1087,10 @@ SELECTED = [
         {("claims", "sub")},
     ),
     (
-        "function-argument",
-        "size(claims.groups) > 0",
+        "comment-mentions",
+        "claims.sub // claims.email",
         ("claims",),
-        {("claims", "groups")},
+        {("claims", "sub")},
     ),
     ("user", "user.username.startsWith('x')", ("user",), {("user", "username")}),
 ]
@@ -977,7 +1109,7 @@ def test_selected_fields(
 
 
 # --------------------------------------------------------------------------
-# The compiled value
+# The compiled value and its variables
 
 
 def test_compiled_expression_is_a_frozen_comparable_value() -> None:
@@ -992,24 +1124,25 @@ def test_compiled_expression_is_a_frozen_comparable_value() -> None:
         first.source = "claims.email"  # type: ignore[misc]
 
 
-def test_evaluation_does_not_parse() -> None:
-    expression = compile_expression(
-        "claims.groups.map(g, g + '!')", variables=("claims",), field_path=PATH
-    )
-    before = cel._parser.cache_info()
-    for _ in range(3):
-        assert expression.evaluate({"claims": CLAIMS}) == ["dev!", "admin!"]
-    assert cel._parser.cache_info() == before
-
-
 def test_one_compiled_expression_serves_many_activations() -> None:
     expression = compile_expression(
         "claims.?email.orValue(claims.sub)", variables=("claims",), field_path=PATH
     )
     assert expression.evaluate({"claims": {"email": "a@b", "sub": "s"}}) == "a@b"
     assert expression.evaluate({"claims": {"sub": "s"}}) == "s"
-    with pytest.raises(ExpressionError, match="no such key: 'sub'"):
+    with pytest.raises(ExpressionError, match="no such key: sub"):
         expression.evaluate({"claims": {}})
+
+
+def test_one_variables_value_serves_many_expressions() -> None:
+    scope = Variables({"claims": CLAIMS})
+    sources = ["claims.sub", "claims.hd == 'example.com'", "claims.groups.size()"]
+    results = [
+        compile_expression(s, variables=("claims",), field_path=PATH).evaluate(scope)
+        for s in sources
+    ]
+    assert results == ["00u1alice", True, 2]
+    assert scope.activation("claims") is scope.activation("claims")
 
 
 def test_a_hand_built_value_cannot_be_evaluated() -> None:
@@ -1019,12 +1152,12 @@ def test_a_hand_built_value_cannot_be_evaluated() -> None:
 
 
 def test_the_activation_is_not_modified() -> None:
-    claims: dict[str, Any] = {"groups": ["a"], "m": {"k": [1]}}
+    claims: dict[str, Any] = {"groups": ["a"], "m": {"k": [1]}, "big": 2**70}
     snapshot = repr(claims)
     run("claims.groups + ['b']", claims)
     run("claims.m.k.map(x, x + 1)", claims)
+    run("claims.big > 1.0", claims)
     assert repr(claims) == snapshot
-    assert type(claims["groups"][0]) is str
 
 
 # --------------------------------------------------------------------------
@@ -1047,23 +1180,27 @@ PROPERTY_EXPRESSIONS = [
             "claims.?a.?b.orValue('d')",
             "claims.groups.filter(g, g.size() > 1).size() > 0",
             "[claims.tenant]",
+            "claims.kubernetes__dot__io.namespace",
             "claims",
         ]
     )
 ]
 
+#: Text without NUL or lone surrogates, which the runtime cannot take as they
+#: are (each tested on its own above).
+TEXT = st.characters(blacklist_characters="\x00", blacklist_categories=["Cs"])
 JSON_SCALARS = (
     st.none()
     | st.booleans()
     | st.integers(min_value=-(2**70), max_value=2**70)
     | st.floats(allow_nan=True, allow_infinity=True)
-    | st.text(max_size=8)
+    | st.text(TEXT, max_size=8)
 )
 JSON_VALUES = st.recursive(
     JSON_SCALARS,
     lambda inner: (
         st.lists(inner, max_size=4)
-        | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+        | st.dictionaries(st.text(TEXT, max_size=6), inner, max_size=4)
     ),
     max_leaves=12,
 )
@@ -1081,10 +1218,11 @@ CLAIM_NAMES = st.sampled_from(
         "realm_access",
         "a",
         "tenant",
+        "kubernetes.io",
     ]
 )
 RANDOM_CLAIMS = st.dictionaries(
-    CLAIM_NAMES | st.text(max_size=5), JSON_VALUES, max_size=8
+    CLAIM_NAMES | st.text(TEXT, max_size=5), JSON_VALUES, max_size=8
 )
 
 
@@ -1093,9 +1231,10 @@ RANDOM_CLAIMS = st.dictionaries(
 def test_random_claims_give_a_value_or_an_expression_error(
     claims: dict[str, Any],
 ) -> None:
+    scope = Variables({"claims": claims})
     for expression in PROPERTY_EXPRESSIONS:
         try:
-            result = expression.evaluate({"claims": claims})
+            result = expression.evaluate(scope)
         except ExpressionError as err:
             message = str(err)
         else:

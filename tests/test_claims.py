@@ -45,6 +45,15 @@ def expr(source: str, path: str = "jwt[0].claimMappings.username.expression") ->
 
 
 USERNAME_OK = [
+    # kube-apiserver keeps an empty value the mapping produced (issue 20).
+    ("claim-empty-kept", claim("sub"), {"sub": ""}, ""),
+    ("claim-empty-with-prefix", claim("sub", "oidc:"), {"sub": ""}, "oidc:"),
+    (
+        "expression-empty-kept",
+        PrefixedClaimOrExpression(expression=expr("claims.username")),
+        {"username": ""},
+        "",
+    ),
     ("sub-with-issuer-prefix", claim("sub", f"{ISSUER}#"), {}, f"{ISSUER}#00u1alice"),
     ("sub-no-prefix", claim("sub", None), {}, "00u1alice"),
     (
@@ -94,7 +103,6 @@ USERNAME_BAD: list[
         errors.InvalidClaim,
         "must be a string, got int",
     ),
-    ("claim-empty", claim("sub"), {"sub": ""}, errors.InvalidClaim, "is empty"),
     (
         "email-unverified",
         claim("email"),
@@ -362,3 +370,197 @@ def test_user_validation_rules(
     else:
         with pytest.raises(errors.UserRuleFailed, match=failure):
             map_claims(cfg, {**BASE, **extra})
+
+
+# --- CEL at request time on cel-expr-python (issue 20) ---------------------------------------
+
+
+def cel_mapping(field: str, source: str) -> ClaimMappings:
+    """A mapping whose ``field`` (username, groups, uid, extra) is the CEL ``source``."""
+    path = f"jwt[0].claimMappings.{field}.expression"
+    if field == "username":
+        return mapping(
+            username=PrefixedClaimOrExpression(expression=expr(source, path))
+        )
+    if field == "groups":
+        return mapping(groups=PrefixedClaimOrExpression(expression=expr(source, path)))
+    if field == "uid":
+        return mapping(uid=ClaimOrExpression(expression=expr(source, path)))
+    key = "example.com/value"
+    path = "jwt[0].claimMappings.extra[0].valueExpression"
+    return mapping(extra=(ExtraMapping(key=key, value_expression=expr(source, path)),))
+
+
+def mapped(field: str, user: Any) -> object:
+    if field == "username":
+        return user.username
+    if field == "groups":
+        return user.groups
+    if field == "uid":
+        return user.uid
+    return user.extra.get("example.com/value")
+
+
+SERVICE_ACCOUNT = {
+    "kubernetes.io": {
+        "namespace": "kube-system",
+        "serviceaccount": {"name": "coredns", "uid": "a087d5a0"},
+    }
+}
+
+CEL_MAPPINGS = [
+    (
+        "ternary-parenthesised",
+        "extra",
+        '(claims.is_admin) ? "true" : ""',
+        {"is_admin": True},
+        ("true",),
+    ),
+    (
+        "ternary-parenthesised-false",
+        "extra",
+        '(claims.is_admin) ? "true" : ""',
+        {"is_admin": False},
+        None,
+    ),
+    (
+        "split-concat-trim",
+        "groups",
+        '(claims.roles.split(",") + claims.other_roles.split(",")).map(r, r.trim())',
+        {"roles": "a, b", "other_roles": " c"},
+        ("a", "b", "c"),
+    ),
+    (
+        "escaped-namespace",
+        "username",
+        '"system:serviceaccount:" + claims.kubernetes__dot__io.namespace + ":" '
+        "+ claims.kubernetes__dot__io.serviceaccount.name",
+        SERVICE_ACCOUNT,
+        "system:serviceaccount:kube-system:coredns",
+    ),
+    (
+        "escaped-uid",
+        "uid",
+        "claims.kubernetes__dot__io.serviceaccount.uid",
+        SERVICE_ACCOUNT,
+        "a087d5a0",
+    ),
+    (
+        "optional-or-value",
+        "groups",
+        "claims.?groups.orValue([])",
+        {},
+        (),
+    ),
+    (
+        "sets-in-a-mapping",
+        "extra",
+        'sets.intersects(claims.amr, ["mfa"]) ? "mfa" : "pwd"',
+        {"amr": ["pwd", "mfa"]},
+        ("mfa",),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("field", "source", "extra", "want"),
+    [c[1:] for c in CEL_MAPPINGS],
+    ids=[c[0] for c in CEL_MAPPINGS],
+)
+def test_cel_mappings(
+    field: str, source: str, extra: dict[str, Any], want: object
+) -> None:
+    cfg = authenticator_config(mappings=cel_mapping(field, source))
+    assert mapped(field, map_claims(cfg, {**BASE, **extra})) == want
+
+
+CEL_REQUEST_ERRORS = [
+    (
+        "missing-claim-without-optional",
+        "username",
+        "claims.nickname",
+        {},
+        "jwt[0].claimMappings.username.expression: expression 'claims.nickname' "
+        "resulted in error: no such key: nickname",
+    ),
+    (
+        "missing-escaped-claim",
+        "uid",
+        "claims.kubernetes__dot__io.serviceaccount.uid",
+        {},
+        "no such key: kubernetes.io",
+    ),
+    (
+        "dyn-username-not-a-string",
+        "username",
+        "claims.count",
+        {"count": 3},
+        "jwt[0].claimMappings.username.expression must return a string",
+    ),
+    (
+        "dyn-groups-not-strings",
+        "groups",
+        "claims.count",
+        {"count": 3},
+        "must be a string or a list of strings",
+    ),
+    (
+        "nul-in-a-claim",
+        "username",
+        "claims.sub",
+        {"sub": "a\x00b"},
+        "NUL character",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("field", "source", "extra", "message"),
+    [c[1:] for c in CEL_REQUEST_ERRORS],
+    ids=[c[0] for c in CEL_REQUEST_ERRORS],
+)
+def test_cel_errors_refuse_the_token_with_the_reason(
+    field: str, source: str, extra: dict[str, Any], message: str
+) -> None:
+    cfg = authenticator_config(mappings=cel_mapping(field, source))
+    with pytest.raises(errors.InvalidClaim) as info:
+        map_claims(cfg, {**BASE, **extra})
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("source", "groups", "accepted"),
+    [
+        ("!('bar' in user.groups)", ["foo"], True),
+        ("!('bar' in user.groups)", ["bar"], False),
+        ("has(user.uid) && user.groups.size() > 0", ["foo"], True),
+        ("user.extra.example__dot__com__slash__value[0] == 'v'", ["foo"], True),
+    ],
+    ids=["not-in-accepts", "not-in-refuses", "has-user-field", "escaped-extra-key"],
+)
+def test_cel_user_rules(source: str, groups: list[str], accepted: bool) -> None:
+    rule = UserValidationRule(
+        expression=compile_expression(
+            source,
+            variables=("user",),
+            field_path="jwt[0].userValidationRules[0].expression",
+        )
+    )
+    cfg = authenticator_config(
+        mappings=mapping(
+            groups=claim("groups"),
+            extra=(
+                ExtraMapping(
+                    key="example.com/value",
+                    value_expression=expr("'v'", "jwt[0].claimMappings.extra[0]"),
+                ),
+            ),
+        ),
+        user_validation_rules=(rule,),
+    )
+    claims = {**BASE, "groups": groups}
+    if accepted:
+        map_claims(cfg, claims)
+    else:
+        with pytest.raises(errors.UserRuleFailed, match=r"userValidationRules\[0\]"):
+            map_claims(cfg, claims)

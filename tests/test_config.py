@@ -300,8 +300,8 @@ def test_legacy_ca_file_read(tmp_path: Path, ca_pem: str) -> None:
 @pytest.mark.parametrize(
     ("content", "needle"),
     [
-        (None, "cannot read"),
-        ("directory", "cannot read"),
+        (None, "no such file; give the PEM bundle of the CA"),
+        ("directory", "is a directory, not a file; give the PEM bundle"),
         (
             b"hello, not a certificate\n",
             "not a valid PEM CA bundle: no PEM CERTIFICATE block",
@@ -366,6 +366,38 @@ def test_legacy_issuer_and_client_id_go_together(argv: list[str], needle: str) -
 def test_legacy_empty_username_claim_refused() -> None:
     (problem,) = legacy_problems("--oidc-username-claim", "")
     assert problem == "config: --oidc-username-claim: must not be empty"
+
+
+@pytest.mark.parametrize(
+    "missing",
+    ["--oidc-client-id", "--oidc-issuer-url"],
+    ids=["client-id-missing", "issuer-missing"],
+)
+def test_a_missing_flag_does_not_hide_the_other_problems(missing: str) -> None:
+    given = {"--oidc-issuer-url": "http://issuer.example.com", "--oidc-client-id": "k"}
+    del given[missing]
+    problems = flag_problems(
+        [
+            *(item for pair in given.items() for item in pair),
+            "--oidc-signing-algs",
+            "HS256",
+            "--oidc-groups-prefix",
+            "g:",
+            "--oidc-ca-file",
+            "/nonexistent/ca.pem",
+        ]
+    )
+    expected = [
+        f"{missing} is missing",
+        "--oidc-groups-prefix needs --oidc-groups-claim",
+        '--oidc-signing-algs: "HS256" is refused',
+        '--oidc-ca-file "/nonexistent/ca.pem": no such file',
+    ]
+    if missing == "--oidc-client-id":
+        expected.insert(1, "URL scheme must be https")
+    assert len(problems) == len(expected), problems
+    for problem, needle in zip(problems, expected, strict=True):
+        assert needle in problem
 
 
 def test_legacy_problems_are_all_listed() -> None:
@@ -952,7 +984,7 @@ VALIDATION_CASES: list[tuple[str, str, str, int]] = [
     (
         "url-missing",
         doc(entry(issuer="audiences: [k]")),
-        "jwt[0].issuer.url: Required value",
+        "jwt[0].issuer.url: Required value: URL is required",
         1,
     ),
     (
@@ -1104,9 +1136,8 @@ VALIDATION_CASES: list[tuple[str, str, str, int]] = [
                 more="claimValidationRules: [{claim: hd, requiredValue: x, message: m}]"
             )
         ),
-        'jwt[0].claimValidationRules[0].message: Invalid value: "m": may not be '
-        "specified "
-        "when claim is set",
+        'jwt[0].claimValidationRules[0].message: Invalid value: "m": message can\'t '
+        "be set when claim is set",
         1,
     ),
     (
@@ -1117,8 +1148,8 @@ VALIDATION_CASES: list[tuple[str, str, str, int]] = [
                 "requiredValue: x}]"
             )
         ),
-        'jwt[0].claimValidationRules[0].requiredValue: Invalid value: "x": may not be '
-        "specified when expression is set",
+        'jwt[0].claimValidationRules[0].requiredValue: Invalid value: "x": '
+        "requiredValue can't be set when expression is set",
         1,
     ),
     (
@@ -1182,9 +1213,8 @@ VALIDATION_CASES: list[tuple[str, str, str, int]] = [
     (
         "username-prefix-with-expression",
         doc(entry(mappings="username: {expression: claims.sub, prefix: 'x:'}")),
-        'jwt[0].claimMappings.username.prefix: Invalid value: "x:": may not be '
-        "specified "
-        "when expression is set",
+        'jwt[0].claimMappings.username.prefix: Invalid value: "x:": prefix can\'t '
+        "be set when expression is set",
         1,
     ),
     # claimMappings.groups and uid
@@ -1216,9 +1246,8 @@ VALIDATION_CASES: list[tuple[str, str, str, int]] = [
         doc(
             entry(mappings=f"{USERNAME}\ngroups: {{expression: claims.g, prefix: ''}}")
         ),
-        'jwt[0].claimMappings.groups.prefix: Invalid value: "": may not be specified '
-        "when "
-        "expression is set",
+        'jwt[0].claimMappings.groups.prefix: Invalid value: "": prefix can\'t be set '
+        "when expression is set",
         1,
     ),
     (
@@ -1270,9 +1299,8 @@ VALIDATION_CASES: list[tuple[str, str, str, int]] = [
                 "valueExpression: claims.t}]"
             )
         ),
-        'jwt[0].claimMappings.extra[0].key: Invalid value: "example.com/Tenant": must '
-        "be "
-        "lowercase",
+        'jwt[0].claimMappings.extra[0].key: Invalid value: "example.com/Tenant": key '
+        "must be lowercase",
         1,
     ),
     (
@@ -1314,14 +1342,16 @@ VALIDATION_CASES: list[tuple[str, str, str, int]] = [
     (
         "extra-value-expression-missing",
         doc(entry(mappings=f"{USERNAME}\nextra: [{{key: example.com/a}}]")),
-        "jwt[0].claimMappings.extra[0].valueExpression: Required value",
+        "jwt[0].claimMappings.extra[0].valueExpression: Required value: "
+        "valueExpression is required",
         1,
     ),
     # userValidationRules
     (
         "user-rule-expression-missing",
         doc(entry(more="userValidationRules: [{message: m}]")),
-        "jwt[0].userValidationRules[0].expression: Required value",
+        "jwt[0].userValidationRules[0].expression: Required value: expression is "
+        "required",
         1,
     ),
     (
@@ -1395,6 +1425,96 @@ VALIDATION_CASES: list[tuple[str, str, str, int]] = [
             entry(more="claimValidationRules: [{expression: 'user.username == \"x\"'}]")
         ),
         "jwt[0].claimValidationRules[0].expression",
+        1,
+    ),
+    # CEL in Kubernetes' words: compilation failed: <cel-go's issues text>
+    (
+        "cel-syntax-error-kubernetes-text",
+        doc(entry(mappings="username: {expression: 'claims.sub +'}")),
+        'jwt[0].claimMappings.username.expression: Invalid value: "claims.sub +": '
+        "compilation failed: ERROR: <input>:1:13: Syntax error: mismatched input "
+        "'<EOF>'",
+        1,
+    ),
+    (
+        "cel-user-unknown-field",
+        doc(entry(more="userValidationRules: [{expression: 'user.foo == \"x\"'}]")),
+        'jwt[0].userValidationRules[0].expression: Invalid value: "user.foo == '
+        '\\"x\\"": compilation failed: ERROR: <input>:1:5: undeclared reference to '
+        "'user.foo'",
+        1,
+    ),
+    # CEL types at load time: rules must be bool (Kubernetes' check and message)
+    (
+        "cel-claim-rule-not-bool",
+        doc(entry(more="claimValidationRules: [{expression: claims.foo}]")),
+        'jwt[0].claimValidationRules[0].expression: Invalid value: "claims.foo": '
+        "must evaluate to bool",
+        1,
+    ),
+    (
+        "cel-claim-rule-optional-not-bool",
+        doc(
+            entry(
+                more="claimValidationRules: "
+                "[{expression: 'claims.?email_verified.orValue(true)'}]"
+            )
+        ),
+        "jwt[0].claimValidationRules[0].expression: Invalid value: "
+        '"claims.?email_verified.orValue(true)": must evaluate to bool',
+        1,
+    ),
+    (
+        "cel-user-rule-not-bool",
+        doc(entry(more="userValidationRules: [{expression: user.username}]")),
+        'jwt[0].userValidationRules[0].expression: Invalid value: "user.username": '
+        "must evaluate to bool",
+        1,
+    ),
+    (
+        "cel-second-rule-not-bool",
+        doc(
+            entry(
+                more="claimValidationRules: [{expression: 'claims.hd == \"x\"'}, "
+                "{expression: claims.hd}]"
+            )
+        ),
+        'jwt[0].claimValidationRules[1].expression: Invalid value: "claims.hd": '
+        "must evaluate to bool",
+        1,
+    ),
+    # mappings of a type that can never be right (we check them at load; see docs)
+    (
+        "cel-username-not-string",
+        doc(entry(mappings="username: {expression: 'claims.n + 1'}")),
+        'jwt[0].claimMappings.username.expression: Invalid value: "claims.n + 1": '
+        "must evaluate to string",
+        1,
+    ),
+    (
+        "cel-uid-not-string",
+        doc(entry(mappings=f"{USERNAME}\nuid: {{expression: 'claims.sub == \"x\"'}}")),
+        'jwt[0].claimMappings.uid.expression: Invalid value: "claims.sub == \\"x\\"": '
+        "must evaluate to string",
+        1,
+    ),
+    (
+        "cel-groups-not-strings",
+        doc(entry(mappings=f"{USERNAME}\ngroups: {{expression: '[1, 2]'}}")),
+        'jwt[0].claimMappings.groups.expression: Invalid value: "[1, 2]": '
+        "must evaluate to one of [string list(string)]",
+        1,
+    ),
+    (
+        "cel-extra-not-strings",
+        doc(
+            entry(
+                mappings=f"{USERNAME}\nextra: [{{key: example.com/a, "
+                "valueExpression: 'claims.?a'}]"
+            )
+        ),
+        'jwt[0].claimMappings.extra[0].valueExpression: Invalid value: "claims.?a": '
+        "must evaluate to one of [string list(string)]",
         1,
     ),
     # apiVersion and kind
@@ -1533,6 +1653,32 @@ def test_undecodable_files(text: str, needle: str) -> None:
     (problem,) = file_problems(text)
     assert problem.startswith(f"config: {SRC}: ")
     assert needle in problem
+
+
+@pytest.mark.parametrize(
+    ("mappings", "hint"),
+    [
+        ("username:\n  claim: sub\n  prefix: okta:", 'prefix: "okta:"'),
+        ("username:\n  claim: sub\n  prefix: okta:  # ours", 'prefix: "okta:"'),
+        ("username:\n  claim: sub\n  prefix: okta:user:", 'prefix: "okta:user:"'),
+        ("username:\n  claim: sub\n  prefix: a: b", 'prefix: "a: b"'),
+        ("username: {claim: sub, prefix: okta:}", 'prefix: "okta:"'),
+    ],
+    ids=["trailing-colon", "with-comment", "two-colons", "colon-space", "flow"],
+)
+def test_an_unquoted_colon_in_a_value_gets_a_quoting_hint(
+    mappings: str, hint: str
+) -> None:
+    """YAML reads ``prefix: okta:`` as a second key; kube-apiserver refuses the
+    file too. The message says to quote the value, as it should be written."""
+    (problem,) = file_problems(doc(entry(mappings=mappings)))
+    assert problem.startswith(f"config: {SRC}: not valid YAML or JSON: ")
+    assert problem.endswith(f", as in {hint})"), problem
+
+
+def test_other_yaml_errors_get_no_quoting_hint() -> None:
+    (problem,) = file_problems("jwt: [\n")
+    assert "quote" not in problem
 
 
 def test_missing_file_is_named(tmp_path: Path) -> None:

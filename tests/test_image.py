@@ -53,7 +53,10 @@ OCI_LABELS = (
     "org.opencontainers.image.licenses",
 )
 #: Bound on every command the slow test runs (pip may fetch from the index).
-COMMAND_TIMEOUT = 300
+#: The wheel build compiles the request path with mypyc and gcc: about a minute
+#: on an idle machine, and past 300 s on a loaded 2-core CI machine, where it
+#: once failed for no other reason. A hang still ends the test.
+COMMAND_TIMEOUT = 900
 
 
 # --------------------------------------------------------------------------
@@ -303,7 +306,7 @@ def test_build_context_is_only_what_the_wheel_needs() -> None:
         (".git/HEAD", True),
         ("proxy/__pycache__/cli.cpython-311.pyc", True),
         ("proxy/cli.py", False),
-        ("proxy/cel_ext.lark", False),
+        ("proxy/py.typed", False),
         ("pyproject.toml", False),
     ],
     ids=str,
@@ -403,7 +406,7 @@ def test_wheel_from_the_build_context_installs_and_starts(
     assert wheel.name.startswith(f"kube_oidc_gate-{__version__}-cp311-")
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
-    assert "proxy/cel_ext.lark" in names  # package data the CEL engine loads
+    assert "proxy/py.typed" in names  # package data beside the modules
     compiled = PYPROJECT["tool"]["hatch"]["build"]["targets"]["wheel"]["hooks"][
         "mypyc"
     ]["include"]

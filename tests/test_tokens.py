@@ -12,10 +12,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from proxy import errors
-from proxy.config import ALLOWED_SIGNING_ALGS
+from proxy.config import ALLOWED_SIGNING_ALGS, IssuerConfig
 from proxy.tokens import peek, verify
 from tests.helpers import CLIENT_ID, ISSUER, DictResolver, issuer_config
-from tests.keygen import SigningKey, claims_for, new_key, sign
+from tests.keygen import SigningKey, claims_for, new_key, sign, sign_bytes
 
 NOW = time.time()
 
@@ -38,7 +38,7 @@ async def run(
     algs: tuple[str, ...] = ("RS256",),
     audiences: tuple[str, ...] = (CLIENT_ID,),
     now: float = NOW,
-    leeway: float = 60,
+    leeway: float = 300,
 ) -> Any:
     parsed = peek(token, max_bytes=16384)
     cfg = issuer_config(algs=algs, audiences=audiences)
@@ -299,7 +299,7 @@ async def test_token_without_kid_tries_every_key(rsa_key: SigningKey) -> None:
 CLAIM_CASES: list[tuple[str, dict[str, Any], type[errors.TokenError], str]] = [
     ("exp-missing", {"exp": None}, errors.MissingClaim, '"exp" is missing'),
     ("expired", {"exp": NOW - 5}, errors.TokenExpired, "expired"),
-    ("expired-at-exp", {"exp": NOW}, errors.TokenExpired, "expired"),
+    ("expired-a-second-ago", {"exp": NOW - 1}, errors.TokenExpired, "expired"),
     ("exp-string", {"exp": str(int(NOW) + 60)}, errors.InvalidClaim, "NumericDate"),
     ("exp-bool", {"exp": True}, errors.InvalidClaim, "NumericDate"),
     ("exp-huge", {"exp": 10**30}, errors.InvalidClaim, "out of range"),
@@ -307,7 +307,8 @@ CLAIM_CASES: list[tuple[str, dict[str, Any], type[errors.TokenError], str]] = [
     ("exp-negative", {"exp": -1}, errors.TokenExpired, "expired"),
     ("nbf-future", {"nbf": NOW + 600}, errors.TokenNotYetValid, '"nbf" is'),
     ("nbf-string", {"nbf": "soon"}, errors.InvalidClaim, '"nbf"'),
-    ("iat-future", {"iat": NOW + 600}, errors.TokenNotYetValid, '"iat" is'),
+    ("nbf-beyond-five-minutes", {"nbf": NOW + 301}, errors.TokenNotYetValid, "300s"),
+    ("iat-string", {"iat": "0"}, errors.InvalidClaim, '"iat"'),
     ("aud-missing", {"aud": None}, errors.MissingClaim, '"aud" is missing'),
     (
         "aud-other",
@@ -354,7 +355,10 @@ async def test_registered_claims(
 ACCEPTED = [
     ("aud-in-list", {"aud": ["other", CLIENT_ID]}),
     ("nbf-within-leeway", {"nbf": NOW + 30}),
+    ("nbf-within-five-minutes", {"nbf": NOW + 299}),
     ("iat-within-leeway", {"iat": NOW + 30}),
+    ("iat-far-future-is-not-checked", {"iat": NOW + 86400}),
+    ("exp-equals-now", {"exp": NOW}),
     ("no-nbf-no-iat", {"nbf": None, "iat": None}),
     ("exp-float", {"exp": NOW + 60.5}),
 ]
@@ -383,3 +387,117 @@ async def test_match_any_of_several_audiences(rsa_key: SigningKey) -> None:
         token, DictResolver(rsa_key), audiences=(CLIENT_ID, "api://default")
     )
     assert claims["aud"] == "api://default"
+
+
+# --- issue 20: one textual form per token, go-oidc's claim rules -------------------
+
+
+def _split(token: str) -> tuple[str, str, bytes]:
+    h, p, s = token.split(".")
+    return h, p, base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+
+
+def _signed_with_leading_zero(key: SigningKey) -> str:
+    """A real token whose RSA signature starts with a zero byte (1 in 256)."""
+    for n in range(20_000):
+        token = sign(key, claims_for(ISSUER, CLIENT_ID, now=NOW, jti=str(n)))
+        if _split(token)[2][0] == 0:
+            return token
+    raise AssertionError("no signature with a leading zero byte")  # pragma: no cover
+
+
+@pytest.mark.parametrize("alg", ["RS256", "PS256"], ids=["rs256", "ps256"])
+async def test_rsa_signature_must_be_exactly_the_modulus_length(alg: str) -> None:
+    key = new_key(alg)
+    token = _signed_with_leading_zero(key)
+    resolver = DictResolver(key)
+    assert (await run(token, resolver, algs=(alg,)))["sub"] == "00u1alice"
+    h, p, sig = _split(token)
+    for other in (sig[1:], b"\x00" + sig):
+        with pytest.raises(errors.SignatureInvalid):
+            await run(f"{h}.{p}.{b64(other)}", resolver, algs=(alg,))
+
+
+def _with_payload(claims: str, key: SigningKey) -> str:
+    return sign_bytes(key, claims.encode())
+
+
+NULL_DATE_CASES = [
+    ("iat-null-refused", '"iat": null', errors.InvalidClaim, '"iat".*null'),
+    ("exp-null-refused", '"exp": null', errors.InvalidClaim, '"exp".*null'),
+    ("nbf-null-is-absent", '"nbf": null', None, ""),
+]
+
+
+@pytest.mark.parametrize(
+    ("member", "error", "message"),
+    [c[1:] for c in NULL_DATE_CASES],
+    ids=[c[0] for c in NULL_DATE_CASES],
+)
+async def test_null_dates_as_go_decodes_them(
+    rsa_key: SigningKey,
+    member: str,
+    error: type[errors.TokenError] | None,
+    message: str,
+) -> None:
+    claims = claims_for(ISSUER, CLIENT_ID, now=NOW)
+    name = member.split('"')[1]
+    claims.pop(name)
+    if name != "exp":
+        claims.setdefault("exp", int(NOW) + 3600)
+    text = json.dumps(claims)[:-1] + ", " + member + "}"
+    token = _with_payload(text, rsa_key)
+    if error is None:
+        assert (await run(token, DictResolver(rsa_key)))["sub"] == "00u1alice"
+    else:
+        with pytest.raises(error, match=message):
+            await run(token, DictResolver(rsa_key))
+
+
+async def test_empty_kid_is_no_kid_and_tries_every_key(rsa_key: SigningKey) -> None:
+    other = new_key("RS256")
+    token = sign(rsa_key, claims_for(ISSUER, now=NOW), headers={"kid": ""})
+    resolver = DictResolver(other, rsa_key)
+    assert (await run(token, resolver))["sub"] == "00u1alice"
+    assert resolver.refreshes == 0
+
+
+GOOGLE = "https://accounts.google.com"
+GOOGLE_CASES = [
+    ("google-legacy-iss-accepted", GOOGLE, "accounts.google.com", None),
+    ("google-iss-accepted", GOOGLE, GOOGLE, None),
+    ("other-issuer-no-alias", ISSUER, ISSUER.removeprefix("https://"), "mismatch"),
+    ("google-slash-no-alias", GOOGLE + "/", "accounts.google.com", "mismatch"),
+]
+
+
+@pytest.mark.parametrize(
+    ("url", "iss", "error"),
+    [c[1:] for c in GOOGLE_CASES],
+    ids=[c[0] for c in GOOGLE_CASES],
+)
+async def test_legacy_google_issuer_only_for_google(
+    rsa_key: SigningKey, url: str, iss: str, error: str | None
+) -> None:
+    token = sign(rsa_key, claims_for(iss, CLIENT_ID, now=NOW))
+    parsed = peek(token, max_bytes=16384)
+    cfg = IssuerConfig(url=url, audiences=(CLIENT_ID,))
+    if error is None:
+        assert parsed.unverified_issuer == url
+        claims = await verify(parsed, cfg, DictResolver(rsa_key), now=NOW, leeway=300)
+        assert claims["iss"] == iss
+    else:
+        with pytest.raises(errors.IssuerMismatch):
+            await verify(parsed, cfg, DictResolver(rsa_key), now=NOW, leeway=300)
+
+
+async def test_clock_skew_governs_nbf_only(rsa_key: SigningKey) -> None:
+    ahead = sign(rsa_key, claims_for(ISSUER, CLIENT_ID, now=NOW + 200))
+    expired = sign(
+        rsa_key, claims_for(ISSUER, CLIENT_ID, now=NOW - 3700, lifetime=3600)
+    )
+    assert (await run(ahead, DictResolver(rsa_key), leeway=300))["sub"]
+    with pytest.raises(errors.TokenNotYetValid, match="allowed clock skew 60s"):
+        await run(ahead, DictResolver(rsa_key), leeway=60)
+    with pytest.raises(errors.TokenExpired):
+        await run(expired, DictResolver(rsa_key), leeway=3600)

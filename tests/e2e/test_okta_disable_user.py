@@ -4,8 +4,9 @@ The article says disabling a user in Okta removes cluster access
 "immediately". With locally validated JWTs it does not: the provider stops
 issuing tokens at once (the login is refused), but a token issued before is a
 signed statement that stays valid until its ``exp``, and kube-oidc-gate (like
-kube-apiserver's own OIDC authenticator) accepts it until then, plus the
-``--clock-skew`` leeway. With Okta's one-hour ID tokens that is up to an hour;
+kube-apiserver's own OIDC authenticator) accepts it until then (``exp`` has
+no leeway; ``--clock-skew`` applies to ``nbf`` only). With Okta's one-hour ID
+tokens that is up to an hour;
 a later issue brings revocation. The user's test token here lives 4 seconds
 so the whole window fits in the test, run against the installed webhook.
 """
