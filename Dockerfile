@@ -52,7 +52,8 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
  && kube-oidc-gate --version | grep -F "(compiled: yes)"
 USER 65532:65532
 WORKDIR /tmp
-# 8443 webhook, 6443 proxy (TLS); 8080 plain-HTTP probes and /metrics.
-EXPOSE 8443 6443 8080
+# 7443 webhook, 7444 proxy (TLS); 7400 plain-HTTP probes and /metrics: the
+# defaults, chosen to be free on a control-plane node (docs/configuration.md).
+EXPOSE 7443 7444 7400
 ENTRYPOINT ["kube-oidc-gate"]
 CMD ["--help"]

@@ -25,15 +25,26 @@ import shutil
 import signal
 import sys
 import tempfile
+import traceback
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final, NoReturn, TypeAlias, TypeVar
 
 from proxy import COMPILED, __version__
-from proxy.config import add_auth_arguments, apply_tuning_args, auth_config_from_args
+from proxy.config import (
+    DEFAULT_PROBE_ADDRESS,
+    DEFAULT_PROXY_PORT,
+    DEFAULT_WEBHOOK_PORT,
+    add_auth_arguments,
+    apply_tuning_args,
+    auth_config_from_args,
+    file_problem,
+)
 from proxy.errors import ConfigError, ProxyError
 from proxy.log import configure_logging, flush_logs
 
 if TYPE_CHECKING:
+    import ssl
+
     from aiohttp import web
 
     from proxy.app import Engine, ServeSettings
@@ -98,11 +109,14 @@ def _add_serving(p: argparse.ArgumentParser, *, default_port: int) -> None:
         "--secure-port",
         type=int,
         default=default_port,
-        help=f"TLS port (default {default_port}).",
+        help=f"TLS port (default {default_port}, chosen to be free on a control-plane "
+        "node: kube-apiserver has 6443, and no Kubernetes component, ingress "
+        "controller or NodePort uses this one).",
     )
     g.add_argument(
         "--tls-cert-file",
-        help="PEM certificate (chain) to serve; with --tls-private-key-file.",
+        help="PEM certificate (chain) to serve; with --tls-private-key-file. Without "
+        "both, a self-signed certificate is generated in --cert-dir (and reused).",
     )
     g.add_argument("--tls-private-key-file", help="PEM private key of --tls-cert-file.")
     g.add_argument(
@@ -120,7 +134,8 @@ def _add_serving(p: argparse.ArgumentParser, *, default_port: int) -> None:
         "--probe-bind-address",
         default=None,
         help="HOST:PORT of the plain-HTTP listener for /healthz, /readyz and /metrics "
-        "(default 0.0.0.0:8080; 127.0.0.1:0 with --dev). It never carries tokens.",
+        f"(default {DEFAULT_PROBE_ADDRESS}, a port nothing in Kubernetes uses, unlike "
+        "8080; 127.0.0.1:0 with --dev). It never carries tokens.",
     )
     g.add_argument(
         "--workers",
@@ -151,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     wh = sub.add_parser("webhook", help="Serve kube-apiserver's TokenReview webhook.")
     add_auth_arguments(wh)
-    _add_serving(wh, default_port=8443)
+    _add_serving(wh, default_port=DEFAULT_WEBHOOK_PORT)
     g = wh.add_argument_group("webhook")
     g.add_argument(
         "--webhook-audiences",
@@ -171,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         "proxy", help="Serve an impersonating reverse proxy in front of the API server."
     )
     add_auth_arguments(px)
-    _add_serving(px, default_port=6443)
+    _add_serving(px, default_port=DEFAULT_PROXY_PORT)
     _add_proxy_arguments(px)
     _add_common(px, serving=True)
 
@@ -195,32 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     kc = sub.add_parser(
         "kubeconfig",
-        help="Print a kubeconfig for the API server's webhook or for users.",
+        help="Print a kubeconfig for the API server's webhook, for users, or for "
+        "the proxy itself.",
     )
     kcs = kc.add_subparsers(dest="kind", required=True, metavar="KIND")
-    kw = kcs.add_parser(
-        "webhook", help="The file for --authentication-token-webhook-config-file."
-    )
-    kw.add_argument(
-        "--url", required=True, help="https://HOST:PORT/authenticate of this webhook."
-    )
-    kw.add_argument(
-        "--ca-file",
-        required=True,
-        help="CA that signed the webhook's serving certificate.",
-    )
-    kw.add_argument("--client-cert", help="Client certificate the API server presents.")
-    kw.add_argument("--client-key", help="Key of --client-cert.")
-    ku = kcs.add_parser(
-        "user", help="The end-user kubeconfig with the oidc-login exec credential."
-    )
-    ku.add_argument(
-        "--server", required=True, help="The API server (or this proxy) URL."
-    )
-    ku.add_argument("--oidc-issuer-url", required=True)
-    ku.add_argument("--oidc-client-id", required=True)
-    ku.add_argument("--ca-file", help="CA of --server.")
-    ku.add_argument("--context-name", default="oidc")
+    _add_kubeconfig_webhook(kcs)
+    _add_kubeconfig_user(kcs)
+    _add_kubeconfig_proxy(kcs)
 
     af = sub.add_parser(
         "apiserver-flags", help="Print the kube-apiserver configuration equal to ours."
@@ -233,6 +229,155 @@ def build_parser() -> argparse.ArgumentParser:
         help="--oidc-* flags (when expressible) or an AuthenticationConfiguration file.",
     )
     return parser
+
+
+_Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def _add_kubeconfig_webhook(kcs: _Subparsers) -> None:
+    kw = kcs.add_parser(
+        "webhook",
+        help="The file for kube-apiserver's --authentication-token-webhook-config-file.",
+        description="Print the kubeconfig kube-apiserver reads to reach this "
+        "webhook; its header names the kube-apiserver flags to give with it.",
+    )
+    kw.add_argument(
+        "--url",
+        required=True,
+        metavar="URL",
+        help="Required. https://HOST[:PORT]/authenticate of this webhook, as "
+        "kube-apiserver reaches it (it posts to the URL as given).",
+    )
+    kw.add_argument(
+        "--ca-file",
+        required=True,
+        metavar="FILE",
+        help="Required. CA that signed the webhook's serving certificate (embedded).",
+    )
+    kw.add_argument(
+        "--client-cert",
+        metavar="FILE",
+        help="Client certificate kube-apiserver presents, for a webhook run with "
+        "--client-ca-file (default: none). With --client-key.",
+    )
+    kw.add_argument(
+        "--client-key",
+        metavar="FILE",
+        help="Unencrypted key of --client-cert (default: none).",
+    )
+
+
+def _add_kubeconfig_user(kcs: _Subparsers) -> None:
+    from proxy.kubeconfig import KUBELOGIN_COMMAND, LISTEN_ADDRESS
+
+    ku = kcs.add_parser(
+        "user",
+        help="The end-user kubeconfig that logs in with kubelogin.",
+        description="Print the kubeconfig users log in with: its exec credential "
+        f"runs kubelogin ({KUBELOGIN_COMMAND} get-token) with --listen-address="
+        f"{LISTEN_ADDRESS}, the redirect URI to register at the IdP. The file "
+        "holds no secret.",
+    )
+    ku.add_argument(
+        "--server",
+        required=True,
+        metavar="URL",
+        help="Required. The URL kubectl talks to: this proxy's in proxy mode, the "
+        "API server's in webhook mode.",
+    )
+    ku.add_argument(
+        "--oidc-issuer-url",
+        required=True,
+        metavar="URL",
+        help="Required. The issuer kubelogin logs in to, exactly as the IdP's "
+        "discovery document says it (https; for Okta "
+        "https://ORG.okta.com/oauth2/default, with no trailing '/').",
+    )
+    ku.add_argument(
+        "--oidc-client-id",
+        required=True,
+        metavar="ID",
+        help="Required. The client ID of the IdP's app (Okta: the native app's); "
+        "not a secret.",
+    )
+    ku.add_argument(
+        "--ca-file",
+        metavar="FILE",
+        help="CA of --server, embedded (default: none: the system's trusted CAs).",
+    )
+    ku.add_argument(
+        "--context-name",
+        metavar="NAME",
+        help="Name of the context and of its cluster and user entries (default: "
+        "oidc@ and --server's host, e.g. oidc@gate.example.com:7444). Files with "
+        "different names merge safely with KUBECONFIG=a:b kubectl config view "
+        "--flatten.",
+    )
+    ku.add_argument(
+        "--allow-issuer-trailing-slash",
+        action="store_true",
+        help="Accept an --oidc-issuer-url ending in '/' (default: refused, as a "
+        "typo). Only for an IdP whose issuer really ends in '/', such as Auth0.",
+    )
+
+
+def _add_kubeconfig_proxy(kcs: _Subparsers) -> None:
+    from proxy.kubeconfig import DEFAULT_PROXY_NAMESPACE, DEFAULT_PROXY_SERVICE_ACCOUNT
+
+    kp = kcs.add_parser(
+        "proxy",
+        help="The proxy's own kubeconfig outside the cluster (or, with "
+        "--print-rbac, its service account and RBAC).",
+        description="Print the --kubeconfig of a proxy that runs outside the "
+        "cluster: the API server and a token of the proxy's service account. "
+        "With --print-rbac, print that service account and the RBAC that lets it "
+        "impersonate and do nothing else; apply it first and make the token.",
+    )
+    kp.add_argument(
+        "--server",
+        metavar="URL",
+        help="The API server's URL (required unless --print-rbac).",
+    )
+    kp.add_argument(
+        "--ca-file",
+        metavar="FILE",
+        help="CA of the API server, embedded (default: none: the system's trusted "
+        "CAs). kubectl get configmap kube-root-ca.crt gives the cluster's.",
+    )
+    kp.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="The service account's token, embedded (required unless "
+        "--print-rbac): kubectl create token, or a service-account-token "
+        "Secret's for one that does not expire.",
+    )
+    kp.add_argument(
+        "--namespace",
+        default=DEFAULT_PROXY_NAMESPACE,
+        metavar="NS",
+        help=f"Namespace of the service account (default {DEFAULT_PROXY_NAMESPACE}, "
+        "as in deploy/).",
+    )
+    kp.add_argument(
+        "--service-account",
+        default=DEFAULT_PROXY_SERVICE_ACCOUNT,
+        metavar="NAME",
+        help="The service account (default "
+        f"{DEFAULT_PROXY_SERVICE_ACCOUNT}, as in deploy/); the token must be its.",
+    )
+    kp.add_argument(
+        "--print-rbac",
+        action="store_true",
+        help="Print the ServiceAccount, ClusterRole and ClusterRoleBinding instead "
+        "of a kubeconfig (default: off).",
+    )
+    kp.add_argument(
+        "--authentication-config",
+        metavar="FILE",
+        help="With --print-rbac: the proxy's AuthenticationConfiguration, whose "
+        "claimMappings.extra keys it must be allowed to impersonate (default: "
+        "none: only the credential-id extra, right for the --oidc-* flags).",
+    )
 
 
 def _add_proxy_arguments(p: argparse.ArgumentParser) -> None:
@@ -295,16 +440,73 @@ def _kubeconfig(ns: argparse.Namespace) -> int:
             client_cert=ns.client_cert,
             client_key=ns.client_key,
         )
-    else:
+    elif ns.kind == "user":
         text = user_kubeconfig(
             server=ns.server,
             issuer_url=ns.oidc_issuer_url,
             client_id=ns.oidc_client_id,
             ca_file=ns.ca_file,
             context_name=ns.context_name,
+            allow_issuer_trailing_slash=ns.allow_issuer_trailing_slash,
         )
+    else:
+        text = _kubeconfig_proxy(ns)
     sys.stdout.write(text)
     return 0
+
+
+def _kubeconfig_proxy(ns: argparse.Namespace) -> str:
+    from proxy.config import load_authentication_config
+    from proxy.kubeconfig import proxy_kubeconfig, proxy_rbac
+
+    if ns.print_rbac:
+        given = [
+            flag
+            for flag, value in (
+                ("--server", ns.server),
+                ("--ca-file", ns.ca_file),
+                ("--token-file", ns.token_file),
+            )
+            if value is not None
+        ]
+        if given:
+            raise ConfigError(
+                f"config: --print-rbac prints only the RBAC objects: drop "
+                f"{', '.join(given)} (give them without --print-rbac, once the "
+                "token exists)"
+            )
+        config = (
+            load_authentication_config(ns.authentication_config)
+            if ns.authentication_config is not None
+            else None
+        )
+        return proxy_rbac(
+            config, namespace=ns.namespace, service_account=ns.service_account
+        )
+    missing = [
+        flag
+        for flag, value in (("--server", ns.server), ("--token-file", ns.token_file))
+        if value is None
+    ]
+    problems: list[str] = []
+    if missing:
+        problems.append(
+            f"config: kubeconfig proxy needs {' and '.join(missing)}; the token "
+            "is the service account's that --print-rbac creates (see its header)"
+        )
+    if ns.authentication_config is not None:
+        problems.append(
+            "config: --authentication-config is only used with --print-rbac"
+        )
+    if problems:
+        raise ConfigError(problems)
+    return proxy_kubeconfig(
+        server=ns.server,
+        token_file=ns.token_file,
+        ca_file=ns.ca_file,
+        namespace=ns.namespace,
+        service_account=ns.service_account,
+    )
 
 
 def _apiserver_flags(ns: argparse.Namespace) -> int:
@@ -340,23 +542,40 @@ def _clear_metrics_dir(directory: str) -> None:
 
 
 def _serve_settings(ns: argparse.Namespace, *, reuse_port: bool) -> ServeSettings:
+    """The listeners' settings, with every problem of the serving flags at once."""
     from proxy.app import ServeSettings
 
     dev = getattr(ns, "dev", False)
-    probe = ns.probe_bind_address or ("127.0.0.1:0" if dev else "0.0.0.0:8080")
-    probe_host, probe_port = _host_port(probe, "--probe-bind-address")
+    problems: list[str] = []
+    probe = ns.probe_bind_address or ("127.0.0.1:0" if dev else DEFAULT_PROBE_ADDRESS)
+    probe_host, probe_port = "", 0
+    try:
+        probe_host, probe_port = _host_port(probe, "--probe-bind-address")
+    except ConfigError as err:
+        problems.extend(err.problems)
     if not 0 <= ns.secure_port <= 65535:
-        raise ConfigError(
-            f"config: --secure-port must be 0-65535, got {ns.secure_port}"
-        )
+        problems.append(f"config: --secure-port must be 0-65535, got {ns.secure_port}")
     if ns.shutdown_grace_period < 0:
-        raise ConfigError("config: --shutdown-grace-period must be >= 0")
+        problems.append("config: --shutdown-grace-period must be >= 0")
     if ns.refusal_log_limit < 0:
-        raise ConfigError(
+        problems.append(
             f"config: --refusal-log-limit must be >= 0, got {ns.refusal_log_limit}"
         )
+    bind_address = ns.bind_address or ("127.0.0.1" if dev else "0.0.0.0")  # noqa: S104
+    wildcard = ("", "0.0.0.0", "::")  # noqa: S104
+    if (
+        probe_port
+        and probe_port == ns.secure_port
+        and (probe_host == bind_address or {probe_host, bind_address} & set(wildcard))
+    ):
+        problems.append(
+            f"config: --secure-port {ns.secure_port} and --probe-bind-address "
+            f"{probe} name the same port: give the probes a port of their own"
+        )
+    if problems:
+        raise ConfigError(problems)
     return ServeSettings(
-        bind_address=ns.bind_address or ("127.0.0.1" if dev else "0.0.0.0"),  # noqa: S104
+        bind_address=bind_address,
         secure_port=ns.secure_port,
         probe_host=probe_host,
         probe_port=probe_port,
@@ -365,14 +584,59 @@ def _serve_settings(ns: argparse.Namespace, *, reuse_port: bool) -> ServeSetting
     )
 
 
+#: What leaving out both TLS flags does (``proxy.certs.ensure_self_signed``).
+_SELF_SIGNED = (
+    "or leave out both --tls-cert-file and --tls-private-key-file to serve a "
+    "self-signed certificate, generated in --cert-dir (default "
+    f"{DEFAULT_CERT_DIR}), reused while valid and logged as the CA to give clients"
+)
+
+
+def _tls_problems(ns: argparse.Namespace) -> list[str]:
+    """What is wrong with the TLS flags, checked before anything starts."""
+    problems: list[str] = []
+    if bool(ns.tls_cert_file) != bool(ns.tls_private_key_file):
+        given, missing = (
+            ("--tls-cert-file", "--tls-private-key-file")
+            if ns.tls_cert_file
+            else ("--tls-private-key-file", "--tls-cert-file")
+        )
+        problems.append(
+            "config: --tls-cert-file and --tls-private-key-file must be given "
+            f"together: {given} is given, {missing} is missing; give both, "
+            + _SELF_SIGNED.removeprefix("or ")
+        )
+    files = (
+        (
+            "--tls-cert-file",
+            ns.tls_cert_file,
+            f"give the PEM certificate (chain) to serve, {_SELF_SIGNED}",
+        ),
+        (
+            "--tls-private-key-file",
+            ns.tls_private_key_file,
+            f"give the PEM private key of --tls-cert-file, {_SELF_SIGNED}",
+        ),
+        (
+            "--client-ca-file",
+            ns.client_ca_file,
+            "give the PEM bundle of the CA that signed the certificates clients "
+            "present (kube-apiserver's, from its webhook kubeconfig), or leave "
+            "--client-ca-file out to answer clients without one",
+        ),
+    )
+    for flag, path, remedy in files:
+        if path:
+            problem = file_problem(flag, path, remedy)
+            if problem is not None:
+                problems.append(problem)
+    return problems
+
+
 def _tls(ns: argparse.Namespace, bind_address: str) -> tuple[str, str, bool]:
-    """Return (cert, key, generated)."""
+    """Return (cert, key, generated); ``_tls_problems`` has checked the flags."""
     from proxy.certs import ensure_self_signed
 
-    if bool(ns.tls_cert_file) != bool(ns.tls_private_key_file):
-        raise ConfigError(
-            "config: --tls-cert-file and --tls-private-key-file must be given together"
-        )
     if ns.tls_cert_file:
         return ns.tls_cert_file, ns.tls_private_key_file, False
     cert_dir = ns.cert_dir or (
@@ -384,49 +648,157 @@ def _tls(ns: argparse.Namespace, bind_address: str) -> tuple[str, str, bool]:
     return pair.cert_file, pair.key_file, True
 
 
+def _proxy_problems(ns: argparse.Namespace) -> list[str]:
+    """The proxy's own flags and its upstream credential source, checked early.
+
+    A worker would find the same problems only after the engine started, one
+    at a time, and (with ``--workers N``) once per worker.
+    """
+    from proxy.proxyflags import proxy_settings_from_args
+    from proxy.upstream import UpstreamSettings, upstream_problems
+
+    problems: list[str] = []
+    _collect(problems, lambda: proxy_settings_from_args(ns))
+    problems += upstream_problems(
+        UpstreamSettings(kubeconfig=ns.kubeconfig, context=ns.context)
+    )
+    return problems
+
+
+_T = TypeVar("_T")
+
+
+def _collect(problems: list[str], make: Callable[[], _T]) -> _T | None:
+    """``make()``, or None with its ``ConfigError``'s problems added to ``problems``."""
+    try:
+        return make()
+    except ConfigError as err:
+        problems.extend(err.problems)
+        return None
+
+
+#: Most bytes of problems a worker reports to the parent: far below a pipe's
+#: capacity, so the write never waits for a reader (the parent reads after the
+#: worker has exited).
+_REPORT_LIMIT: Final = 16 * 1024
+
+
 def _run_processes(workers: int, run_one: Callable[[], int]) -> int:
-    """Run ``run_one`` in ``workers`` forked processes; forward signals; return the worst code."""
+    """Run ``run_one`` in ``workers`` forked processes; forward signals; return the worst code.
+
+    A worker that cannot start (a ``ProxyError``: a port taken after all, an
+    API server credential that does not load) reports its problems through a
+    pipe of its own and exits 2; the parent stops the other workers and raises
+    the problems, each once, as one ``ConfigError``. ``--workers N`` then fails
+    as one process does: ``error: ...`` and exit code 2, where a worker's
+    ``os._exit`` used to swallow the message.
+    """
     if workers == 1:
         return run_one()
-    pids: list[int] = []
+    reports: dict[int, int] = {}  # worker pid -> read end of its report pipe
     for _ in range(workers):
+        read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:  # child
-            code = 1
-            try:
-                code = run_one()
-            finally:
-                # os._exit skips logging.shutdown: write the queued lines first.
-                flush_logs()
-                os._exit(code)
-        pids.append(pid)
+            os.close(read_end)
+            for other in reports.values():
+                os.close(other)
+            _worker(run_one, write_end)
+        os.close(write_end)
+        reports[pid] = read_end
 
     def forward(signum: int, _frame: object) -> None:
-        for pid in pids:
+        for pid in reports:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     worst = 0
-    for pid in pids:
-        _, status = os.waitpid(pid, 0)
-        worst = max(worst, os.waitstatus_to_exitcode(status) if status else 0)
+    problems: list[str] = []
+    running = set(reports)
+    while running:
+        pid, status = os.wait()
+        if pid not in running:
+            continue
+        running.discard(pid)
+        worst = max(worst, os.waitstatus_to_exitcode(status))
+        report = _read_report(reports[pid])
+        if report:
+            problems += [p for p in report if p not in problems]
+            # The others must not serve on as if the start had worked.
+            for other in running:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(other, signal.SIGTERM)
+    if problems:
+        raise ConfigError(problems)
     return worst
 
 
+def _worker(run_one: Callable[[], int], report_fd: int) -> NoReturn:
+    """A forked worker's whole life: run, report a ``ProxyError``, exit."""
+    code = 1
+    try:
+        code = run_one()
+    except ProxyError as err:
+        problems = err.problems if isinstance(err, ConfigError) else (str(err),)
+        data = "\n".join(problems).encode()[:_REPORT_LIMIT]
+        with contextlib.suppress(OSError):
+            while data:
+                data = data[os.write(report_fd, data) :]
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    except BaseException:  # noqa: BLE001 - the worker's last word, then exit
+        traceback.print_exc()
+        code = 1
+    finally:
+        # os._exit skips logging.shutdown: write the queued lines first.
+        flush_logs()
+        os._exit(code)
+
+
+def _read_report(fd: int) -> list[str]:
+    """The problems a worker wrote before it exited (none: it did not fail so)."""
+    chunks: list[bytes] = []
+    try:
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    text = b"".join(chunks).decode("utf-8", "replace")
+    return [line for line in text.splitlines() if line]
+
+
 def _serve_mode(ns: argparse.Namespace) -> int:
-    if ns.workers < 1 or ns.workers > 64:
-        raise ConfigError("config: --workers must be between 1 and 64")
+    from proxy.app import listen_problems
+    from proxy.certs import CertPair, server_context
+
     dev = getattr(ns, "dev", False)
+    # Every problem of every flag at once, as for the configuration file: an
+    # operator fixes them in one pass, not one per restart.
+    problems: list[str] = []
+    if ns.workers < 1 or ns.workers > 64:
+        problems.append("config: --workers must be between 1 and 64")
     if dev and ns.workers > 1:
-        raise ConfigError("config: --dev runs one process; drop --workers")
-    config = auth_config_from_args(ns, allow_empty=dev)
+        problems.append("config: --dev runs one process; drop --workers")
+    config = _collect(problems, lambda: auth_config_from_args(ns, allow_empty=dev))
     if dev and config is not None:
-        raise ConfigError(
+        problems.insert(
+            0,
             "config: --dev brings its own issuer and is mutually exclusive with "
-            "--authentication-config and the --oidc-* flags"
+            "--authentication-config and the --oidc-* flags",
         )
+    workers = min(max(ns.workers, 1), 64)
+    settings = _collect(problems, lambda: _serve_settings(ns, reuse_port=workers > 1))
+    problems += _tls_problems(ns)
+    if ns.command == "proxy":
+        problems += _proxy_problems(ns)
+    if settings is not None:
+        problems += listen_problems(settings)
+    if problems:
+        raise ConfigError(problems)
+    assert settings is not None
     metrics_dir: str | None = None
     given_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if given_dir:
@@ -440,22 +812,25 @@ def _serve_mode(ns: argparse.Namespace) -> int:
         # alone would leave every worker's samples out of every scrape.
         metrics_dir = tempfile.mkdtemp(prefix="kube-oidc-gate-metrics-")
         enable_multiprocess(metrics_dir)
-    settings = _serve_settings(ns, reuse_port=ns.workers > 1)
-    cert, key, generated = _tls(ns, settings.bind_address)
-    if generated:
-        log.warning(
-            "serving with a self-signed certificate",
-            extra={
-                "ca_file": cert,
-                "hint": "give clients this file as their CA, or pass --tls-cert-file",
-            },
-        )
-
-    def run_one() -> int:
-        _install_uvloop()
-        return asyncio.run(_serve_async(ns, config, settings, cert, key))
-
     try:
+        cert, key, generated = _tls(ns, settings.bind_address)
+        if generated:
+            log.warning(
+                "serving with a self-signed certificate",
+                extra={
+                    "ca_file": cert,
+                    "hint": "give clients this file as their CA, or pass "
+                    "--tls-cert-file",
+                },
+            )
+        # Loaded once, here: a file that does not load stops the start before
+        # any worker exists.
+        ssl_ctx = server_context(CertPair(cert, key), client_ca_file=ns.client_ca_file)
+
+        def run_one() -> int:
+            _install_uvloop()
+            return asyncio.run(_serve_async(ns, config, settings, ssl_ctx, cert))
+
         return _run_processes(ns.workers, run_one)
     finally:
         # Only the parent gets here (a worker leaves with os._exit): the
@@ -476,14 +851,12 @@ async def _serve_async(
     ns: argparse.Namespace,
     config: AuthConfig | None,
     settings: ServeSettings,
+    ssl_ctx: ssl.SSLContext,
     cert: str,
-    key: str,
 ) -> int:
     from proxy.app import probe_app, serve, start_engine
-    from proxy.certs import CertPair, server_context
     from proxy.metrics import Metrics
 
-    ssl_ctx = server_context(CertPair(cert, key), client_ca_file=ns.client_ca_file)
     metrics = Metrics()
     dev_issuer = None
     if getattr(ns, "dev", False):

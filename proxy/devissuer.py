@@ -485,7 +485,7 @@ def demo_instructions(
 ) -> str:
     """The ready-to-run example ``--dev`` prints: a demo token and two curl commands.
 
-    ``webhook_url`` is the serving base URL (``https://127.0.0.1:8443``);
+    ``webhook_url`` is the serving base URL (``https://127.0.0.1:7443``);
     ``/authenticate`` is appended unless it is already there. Every value put
     on a command line is shell-quoted, so the commands paste as they are.
     """

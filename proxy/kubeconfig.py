@@ -7,9 +7,18 @@
   which the *cluster* is the webhook (its URL and the CA that signed its
   serving certificate) and the *user* is kube-apiserver itself (the client
   certificate it presents when ``--client-ca-file`` is set).
-- ``user_kubeconfig``: the end user's kubeconfig, with the
-  ``kubectl oidc-login get-token`` exec credential of the reference article,
-  so a team distributes one file and every user logs in with a browser.
+- ``user_kubeconfig``: the end user's kubeconfig, with kubelogin's
+  ``get-token`` exec credential (the reference article's ``kubectl oidc-login
+  get-token``, run as the plugin binary ``kubectl-oidc_login`` itself), so a
+  team distributes one file and every user logs in with a browser. Its
+  context, cluster and user entries all carry one name, unique per server by
+  default, so files for several clusters merge without one entry shadowing
+  another's (kubectl keeps the first file's entry of a name and drops the
+  rest, silently).
+- ``proxy_kubeconfig`` / ``proxy_rbac``: the proxy's own credential when it
+  runs outside the cluster (a service-account token), and the RBAC that gives
+  that service account exactly the impersonation rights of
+  ``deploy/overlays/proxy/rbac.yaml``.
 - ``apiserver_flags`` / ``authentication_configuration``: for a team moving to
   a cluster whose API server can validate the tokens itself. The flags exist
   only for what the legacy ``--oidc-*`` form can say (one issuer, claim
@@ -17,18 +26,20 @@
   answered with an ``AuthenticationConfiguration`` instead, which can say all
   of it.
 
-Everything here is pure apart from reading the named PEM files: values go in,
-YAML text comes out (``yaml.safe_dump``; nothing is executed or fetched). Each
-input is checked with a message naming the flag it came from, because these
-files are read by other programs long after this one has exited, and a broken
-one shows up as a cluster that cannot log anyone in.
+Everything here is pure apart from reading the named PEM and token files:
+values go in, YAML text comes out (``yaml.safe_dump``; nothing is executed or
+fetched). Each input is checked with a message naming the flag it came from,
+because these files are read by other programs long after this one has exited,
+and a broken one shows up as a cluster that cannot log anyone in.
 """
 
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import json
 import textwrap
+import time
 from collections.abc import Sequence
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -42,6 +53,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
     PublicKeyTypes,
 )
 
+from proxy.claims import CREDENTIAL_ID_EXTRA
 from proxy.config import (
     FILE_SIGNING_ALGS,
     SUPPORTED_API_VERSIONS,
@@ -51,14 +63,24 @@ from proxy.config import (
     PrefixedClaimOrExpression,
     url_problems,
 )
-from proxy.errors import ConfigError
+from proxy.errors import ConfigError, TokenError
+from proxy.tokens import peek
 
 __all__ = [
     "DEFAULT_CA_FILE_PATH",
+    "DEFAULT_PROXY_NAMESPACE",
+    "DEFAULT_PROXY_SERVICE_ACCOUNT",
     "EXEC_API_VERSION",
+    "KUBELOGIN_COMMAND",
+    "KUBELOGIN_INSTALL_HINT",
     "LISTEN_ADDRESS",
+    "PROXY_CONTEXT_NAME",
+    "WEBHOOK_APISERVER_FLAGS",
     "apiserver_flags",
     "authentication_configuration",
+    "default_context_name",
+    "proxy_kubeconfig",
+    "proxy_rbac",
     "user_kubeconfig",
     "webhook_kubeconfig",
 ]
@@ -70,6 +92,45 @@ EXEC_API_VERSION: Final = "client.authentication.k8s.io/v1"
 LISTEN_ADDRESS: Final = "localhost:8000"
 #: Path ``apiserver_flags`` gives ``--oidc-ca-file`` when the caller names none.
 DEFAULT_CA_FILE_PATH: Final = "/etc/kubernetes/pki/oidc-ca.crt"
+
+#: kubelogin's binary under the name every install method gives it (krew,
+#: Homebrew, the release archive saved as its README says). The kubeconfig runs
+#: it directly rather than as ``kubectl oidc-login``: when it is missing,
+#: kubectl then says "executable kubectl-oidc_login not found" and prints
+#: ``installHint``, instead of re-entering itself and failing with
+#: ``unknown command "oidc-login"``. Both forms need this binary on PATH.
+KUBELOGIN_COMMAND: Final = "kubectl-oidc_login"
+#: What kubectl prints when ``KUBELOGIN_COMMAND`` is not found.
+KUBELOGIN_INSTALL_HINT: Final = """\
+This kubeconfig logs you in with kubelogin, run as kubectl-oidc_login, which
+must be on your PATH. Install it with one of:
+  kubectl krew install oidc-login   (krew's ~/.krew/bin must be on PATH)
+  brew install kubelogin
+  or download it from https://github.com/int128/kubelogin/releases and save
+  the binary as kubectl-oidc_login in a directory on your PATH.
+"""
+#: ``kubeconfig user``'s context name without ``--context-name`` is
+#: ``oidc@<server host[:port][/path]>``: unique per API server, so two
+#: generated files never share a name by default.
+_CONTEXT_PREFIX: Final = "oidc@"
+
+#: kube-apiserver's flags for the webhook kubeconfig, as the header of
+#: ``webhook_kubeconfig`` and deploy/overlays/webhook/apiserver/README.md give
+#: them. The cache TTL is 30 s rather than the 2 min default, so a user
+#: disabled at the IdP is refused sooner; reviews are cheap (we cache too).
+WEBHOOK_APISERVER_FLAGS: Final = (
+    ("--authentication-token-webhook-config-file", "<this file>"),
+    ("--authentication-token-webhook-version", "v1"),
+    ("--authentication-token-webhook-cache-ttl", "30s"),
+)
+
+#: The proxy's service account, as deploy/ names it (namespace and name).
+DEFAULT_PROXY_NAMESPACE: Final = "kube-oidc-gate"
+DEFAULT_PROXY_SERVICE_ACCOUNT: Final = "kube-oidc-gate"
+#: Name of the context, cluster and user entries of ``proxy_kubeconfig``.
+PROXY_CONTEXT_NAME: Final = "kube-oidc-gate-proxy"
+#: Largest token file read (service-account tokens are about 1 KiB).
+_MAX_TOKEN_BYTES: Final = 64 * 1024
 
 #: Algorithms kube-apiserver verifies (it has no EdDSA).
 _KUBE_ALGS: Final = tuple(a for a in FILE_SIGNING_ALGS if a != "EdDSA")
@@ -154,7 +215,7 @@ def _check_url(
     if need_path and path in ("", "/"):
         problems.append(
             "URL must name the webhook's path, such as "
-            "https://HOST:8443/authenticate (kube-apiserver posts to the URL as is)"
+            "https://HOST:7443/authenticate (kube-apiserver posts to the URL as is)"
         )
     if problems:
         raise ConfigError([f"config: {flag}: {json.dumps(url)}: {p}" for p in problems])
@@ -274,11 +335,38 @@ def webhook_kubeconfig(
     header = _comment(
         [
             "kube-oidc-gate TokenReview webhook, as seen by kube-apiserver. Give it as",
-            "  --authentication-token-webhook-config-file=<this file>",
-            "  --authentication-token-webhook-version=v1",
+            *(f"  {flag}={value}" for flag, value in WEBHOOK_APISERVER_FLAGS),
         ]
     )
     return header + _dump(document)
+
+
+def default_context_name(server: str) -> str:
+    """``kubeconfig user``'s context name when ``--context-name`` is not given.
+
+    ``oidc@`` and the server's host (with its port and path, if any): files
+    generated for different API servers (or proxies) never share a name, so
+    merging them cannot make one context use another's cluster or user.
+    """
+    parts = urlsplit(server)
+    return _CONTEXT_PREFIX + parts.netloc.lower() + parts.path.rstrip("/")
+
+
+def _issuer_slash_problem(issuer_url: str) -> str:
+    """Why an issuer URL ending in ``/`` is refused: a typo for every Okta issuer.
+
+    kubelogin (like kube-apiserver) compares the URL with the discovery
+    document's ``issuer`` character for character, and Okta's never end in a
+    slash, so the login would fail on every user's machine instead of here.
+    Some IdPs' issuers do end in one (Auth0's), hence the way out.
+    """
+    return (
+        f"config: --oidc-issuer-url: {json.dumps(issuer_url)} ends with '/', "
+        "but kubelogin compares it with the IdP's issuer character for character "
+        "(Okta's never end in '/'): give "
+        f"--oidc-issuer-url={issuer_url.rstrip('/')}, or add "
+        "--allow-issuer-trailing-slash if your IdP's issuer really ends in '/'"
+    )
 
 
 def user_kubeconfig(
@@ -287,30 +375,39 @@ def user_kubeconfig(
     issuer_url: str,
     client_id: str,
     ca_file: str | None = None,
-    context_name: str = "oidc",
-    cluster_name: str = "kubernetes",
+    context_name: str | None = None,
     extra_scopes: Sequence[str] = (),
-    exec_command: str = "kubectl",
+    allow_issuer_trailing_slash: bool = False,
+    exec_command: str = KUBELOGIN_COMMAND,
     exec_args: Sequence[str] | None = None,
 ) -> str:
-    """An end user's kubeconfig that logs in with ``kubectl oidc-login`` (kubelogin).
+    """An end user's kubeconfig that logs in with kubelogin's ``get-token``.
 
     The exec credential is the reference article's ``kubectl config
-    set-credentials`` result: ``kubectl oidc-login get-token`` with the issuer
-    URL, the client id and ``--listen-address=localhost:8000``, interactive if
-    a terminal is there. ``context_name`` names both the context and the user
-    entry (the article's ``oidc``), so files for several clusters can be
-    merged by giving each its own. ``extra_scopes`` become
-    ``--oidc-extra-scope`` (an IdP may only send ``groups`` when asked).
-    ``exec_command``/``exec_args`` replace the command and all its arguments
-    (tests run a stand-in plugin this way).
+    set-credentials`` result with the plugin binary run directly
+    (``KUBELOGIN_COMMAND``): ``get-token`` with the issuer URL, the client id
+    and ``--listen-address=localhost:8000``, interactive if a terminal is
+    there, and ``installHint`` for a machine without kubelogin.
+
+    ``context_name`` (default: ``default_context_name(server)``) names the
+    context, its cluster and its user entry alike, so files for several
+    clusters can be merged with ``KUBECONFIG=a:b kubectl config view
+    --flatten``. kubectl keeps the first entry of a name: when every file
+    called its cluster ``kubernetes`` (as kubeadm's ``admin.conf`` does), a
+    merged context silently used another file's server.
+    ``extra_scopes`` become ``--oidc-extra-scope`` (an IdP may only send
+    ``groups`` when asked). An issuer URL ending in ``/`` is refused unless
+    ``allow_issuer_trailing_slash``. ``exec_command``/``exec_args`` replace the
+    command and all its arguments (tests run a stand-in plugin this way).
     """
     _check_url(server, "--server", loopback_http=True)
     _check_url(issuer_url, "--oidc-issuer-url", loopback_http=True, allow_query=False)
+    if issuer_url.endswith("/") and not allow_issuer_trailing_slash:
+        raise ConfigError(_issuer_slash_problem(issuer_url))
+    name = default_context_name(server) if context_name is None else context_name
     for flag, value in (
         ("--oidc-client-id", client_id),
-        ("--context-name", context_name),
-        ("--cluster-name", cluster_name),
+        ("--context-name", name),
         ("--exec-command", exec_command),
     ):
         if not value or value != value.strip():
@@ -330,7 +427,6 @@ def user_kubeconfig(
         cluster["certificate-authority-data"] = _b64(ca_data)
     if exec_args is None:
         args = [
-            "oidc-login",
             "get-token",
             f"--oidc-issuer-url={issuer_url}",
             f"--oidc-client-id={client_id}",
@@ -342,15 +438,16 @@ def user_kubeconfig(
     document: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": cluster_name, "cluster": cluster}],
+        "clusters": [{"name": name, "cluster": cluster}],
         "users": [
             {
-                "name": context_name,
+                "name": name,
                 "user": {
                     "exec": {
                         "apiVersion": EXEC_API_VERSION,
                         "command": exec_command,
                         "args": args,
+                        "installHint": KUBELOGIN_INSTALL_HINT,
                         "interactiveMode": "IfAvailable",
                         "provideClusterInfo": False,
                     }
@@ -359,26 +456,259 @@ def user_kubeconfig(
         ],
         "contexts": [
             {
-                "name": context_name,
-                "context": {
-                    "cluster": cluster_name,
-                    "user": context_name,
-                    "namespace": "default",
-                },
+                "name": name,
+                "context": {"cluster": name, "user": name, "namespace": "default"},
             }
         ],
-        "current-context": context_name,
+        "current-context": name,
         "preferences": {},
     }
     header = _comment(
         [
-            "Log in to Kubernetes with your OpenID identity. Needs kubelogin:",
-            "  kubectl krew install oidc-login",
+            "Log in to Kubernetes with your OpenID identity. Needs kubelogin as",
+            f"{KUBELOGIN_COMMAND} on your PATH (kubectl krew install oidc-login).",
             "The first kubectl command opens a browser; the token is cached",
             "in ~/.kube/cache/oidc-login until it expires.",
+            "Its context, cluster and user entries are all named",
+            f"  {name}",
+            "so it merges with files of other names (kubectl keeps the first of",
+            "two entries of one name), e.g.:",
+            "  KUBECONFIG=~/.kube/config:this-file kubectl config view --flatten",
         ]
     )
     return header + _dump(document)
+
+
+# ---------------------------------------------------------------------------
+# The proxy's own credential, outside the cluster
+# ---------------------------------------------------------------------------
+
+
+def _token_command(namespace: str, service_account: str) -> str:
+    return f"kubectl -n {namespace} create token {service_account} --duration=720h"
+
+
+def _read_service_account_token(
+    path: str, *, namespace: str, service_account: str, now: float
+) -> tuple[str, float | None]:
+    """The token in ``path`` and its ``exp``, checked to be the named account's.
+
+    The claims are read without verifying the signature (only the API server
+    can): this catches a token of another account or an expired one here, not
+    as 401s or "cannot impersonate" 403s from a running proxy.
+    """
+    raw = _read(path, "--token-file")
+    if len(raw) > _MAX_TOKEN_BYTES:
+        raise ConfigError(
+            f"config: --token-file {json.dumps(path)}: {len(raw)} bytes is too "
+            "large for a service-account token"
+        )
+    try:
+        token = raw.decode("ascii").strip()
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"config: --token-file {json.dumps(path)}: not a token (not ASCII text)"
+        ) from err
+    make = _token_command(namespace, service_account)
+    if not token:
+        raise ConfigError(
+            f"config: --token-file {json.dumps(path)}: the file is empty: write "
+            f"the token into it ({make} > FILE)"
+        )
+    try:
+        claims = peek(token, max_bytes=_MAX_TOKEN_BYTES).claims
+    except TokenError as err:
+        raise ConfigError(
+            f"config: --token-file {json.dumps(path)}: not a service-account "
+            f"token (a JWT): {err}"
+        ) from err
+    expected = f"system:serviceaccount:{namespace}:{service_account}"
+    sub = claims.get("sub")
+    if sub != expected:
+        raise ConfigError(
+            f"config: --token-file {json.dumps(path)}: the token is for "
+            f"{json.dumps(sub)}, but --namespace/--service-account name "
+            f'"{expected}", the account the RBAC binds: give its token ({make}) '
+            "or change the flags"
+        )
+    exp = claims.get("exp")
+    if exp is None:
+        return token, None
+    if isinstance(exp, bool) or not isinstance(exp, int | float):
+        raise ConfigError(
+            f"config: --token-file {json.dumps(path)}: the token's exp is not a number"
+        )
+    if exp <= now:
+        raise ConfigError(
+            f"config: --token-file {json.dumps(path)}: the token expired at "
+            f"{_utc(exp)}: make a new one ({make})"
+        )
+    return token, float(exp)
+
+
+def _check_account(namespace: str, service_account: str) -> None:
+    """Names kube-apiserver could accept (``:`` would garble the subject)."""
+    for flag, value in (
+        ("--namespace", namespace),
+        ("--service-account", service_account),
+    ):
+        if not value or any(c.isspace() or c in ":/" for c in value):
+            raise ConfigError(
+                f"config: {flag}: must be a non-empty name without spaces, ':' "
+                f"or '/' (got {json.dumps(value)})"
+            )
+
+
+def _utc(timestamp: float) -> str:
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def proxy_kubeconfig(
+    *,
+    server: str,
+    token_file: str,
+    ca_file: str | None = None,
+    namespace: str = DEFAULT_PROXY_NAMESPACE,
+    service_account: str = DEFAULT_PROXY_SERVICE_ACCOUNT,
+    now: float | None = None,
+) -> str:
+    """The proxy's ``--kubeconfig`` when it runs outside the cluster.
+
+    The credential is the token of the service account ``proxy_rbac`` binds
+    (``kubectl create token``, or a ``kubernetes.io/service-account-token``
+    Secret's for one that does not expire), embedded so the file stands alone,
+    like ``ca_file``, the API server's CA. In the cluster the proxy needs no
+    kubeconfig: it uses its pod's service account and re-reads its rotating
+    token. Here the token is read once, when the proxy starts, so the header
+    says when it expires. ``now`` (seconds since the epoch) is for tests.
+    """
+    _check_url(server, "--server", loopback_http=True)
+    _check_account(namespace, service_account)
+    cluster: dict[str, str] = {"server": server}
+    if ca_file is not None:
+        ca_data, _ = _read_certificates(ca_file, "--ca-file")
+        cluster["certificate-authority-data"] = _b64(ca_data)
+    token, exp = _read_service_account_token(
+        token_file,
+        namespace=namespace,
+        service_account=service_account,
+        now=time.time() if now is None else now,
+    )
+    name = PROXY_CONTEXT_NAME
+    document: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": name, "cluster": cluster}],
+        "users": [{"name": name, "user": {"token": token}}],
+        "contexts": [
+            {"name": name, "context": {"cluster": name, "user": name}},
+        ],
+        "current-context": name,
+        "preferences": {},
+    }
+    expiry = (
+        [
+            f"The token expires at {_utc(exp)}. The proxy reads it once, at start:",
+            "before then, make a new one, regenerate this file and restart it.",
+        ]
+        if exp is not None
+        else ["The token does not expire (a service-account-token Secret's)."]
+    )
+    header = _comment(
+        [
+            "kube-oidc-gate proxy's own credential for the API server: the token of",
+            f"service account {namespace}/{service_account}, which may only impersonate",
+            "(kube-oidc-gate kubeconfig proxy --print-rbac). Use it as",
+            "  kube-oidc-gate proxy --kubeconfig <this file> ...",
+            *expiry,
+            "It holds a credential: keep it readable by the proxy alone (chmod 600).",
+        ]
+    )
+    return header + _dump(document)
+
+
+def proxy_rbac(
+    config: AuthConfig | None = None,
+    *,
+    namespace: str = DEFAULT_PROXY_NAMESPACE,
+    service_account: str = DEFAULT_PROXY_SERVICE_ACCOUNT,
+) -> str:
+    """The service account of the proxy and exactly the rights it needs.
+
+    It may impersonate users, groups, uids and the extra keys the proxy
+    sends: ``authentication.kubernetes.io/credential-id`` (from a token's
+    ``jti``) and every ``claimMappings.extra`` key of ``config`` (none for
+    the ``--oidc-*`` flags or ``None``). RBAC has no wildcard for
+    ``userextras/<key>``, and a key missing here makes the API server refuse
+    that user's every request with 403. With the defaults and deploy/'s
+    configuration, the objects equal deploy/base/serviceaccount.yaml and
+    deploy/overlays/proxy/rbac.yaml (a test holds them equal).
+    """
+    _check_account(namespace, service_account)
+    role = f"{service_account}-impersonator"
+    keys = {CREDENTIAL_ID_EXTRA}
+    for authenticator in config.authenticators if config is not None else ():
+        keys.update(e.key for e in authenticator.claim_mappings.extra)
+    extras = [CREDENTIAL_ID_EXTRA, *sorted(keys - {CREDENTIAL_ID_EXTRA})]
+    documents: list[dict[str, Any]] = [
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": service_account, "namespace": namespace},
+            "automountServiceAccountToken": False,
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": role},
+            "rules": [
+                {
+                    "apiGroups": [""],
+                    "resources": ["users", "groups"],
+                    "verbs": ["impersonate"],
+                },
+                {
+                    "apiGroups": ["authentication.k8s.io"],
+                    "resources": ["uids", *(f"userextras/{k}" for k in extras)],
+                    "verbs": ["impersonate"],
+                },
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": role},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": role,
+            },
+            "subjects": [
+                {
+                    "kind": "ServiceAccount",
+                    "name": service_account,
+                    "namespace": namespace,
+                }
+            ],
+        },
+    ]
+    source = (
+        "credential-id and the configuration's claimMappings.extra keys"
+        if config is not None
+        else "credential-id only: no --authentication-config was given"
+    )
+    header = _comment(
+        [
+            "kube-oidc-gate proxy's service account: it may impersonate users,",
+            "groups, uids and the extra keys the proxy sends, nothing else",
+            f"(extra keys: {source}).",
+            "Apply it, then make the token for its kubeconfig:",
+            f"  kubectl create namespace {namespace}   # unless it exists",
+            "  kubectl apply -f <this file>",
+            f"  {_token_command(namespace, service_account)} > proxy.token",
+        ]
+    )
+    return header + "---\n".join(_dump(d) for d in documents)
 
 
 # ---------------------------------------------------------------------------

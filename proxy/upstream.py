@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import ssl
@@ -57,6 +58,8 @@ from typing import Any, Final
 import aiohttp
 import yaml
 from aiohttp.abc import AbstractResolver
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 from kubernetes.client import Configuration
 from kubernetes.config import ConfigException, load_kube_config
 from kubernetes.config.incluster_config import InClusterConfigLoader
@@ -69,6 +72,7 @@ from proxy.errors import ConfigError, UpstreamError
 from proxy.upstream_pool import BodySource, ConnectionPool, PooledResponse
 
 __all__ = [
+    "RBAC_FILE",
     "SERVICE_CA_FILE",
     "SERVICE_TOKEN_FILE",
     "PooledResponse",
@@ -77,6 +81,7 @@ __all__ = [
     "UpstreamSettings",
     "close_writer",
     "map_client_error",
+    "upstream_problems",
 ]
 
 log = logging.getLogger(__name__)
@@ -175,8 +180,102 @@ class _TokenFile:
         return token
 
 
+#: What the proxy's own credential needs at most; named by the warning below.
+RBAC_FILE: Final = "deploy/overlays/proxy/rbac.yaml"
+
+#: Groups whose members may do anything: ``system:masters`` bypasses RBAC
+#: altogether (no binding can be removed to revoke it), and kubeadm binds
+#: ``kubeadm:cluster-admins`` (its ``admin.conf`` since 1.29) to cluster-admin.
+_ALL_POWERFUL_GROUPS: Final = ("system:masters", "kubeadm:cluster-admins")
+
+
+def upstream_problems(
+    settings: UpstreamSettings, environ: Mapping[str, str] | None = None
+) -> list[str]:
+    """What makes the credential source unusable, found without loading it.
+
+    The kubernetes loaders say "No configuration found" for a ``--kubeconfig``
+    that does not exist and "Service host/port is not set" outside a pod; these
+    checks say which flag, which path and what to do instead. They read no
+    credential, so the CLI runs them before anything starts, beside every
+    other flag's checks.
+    """
+    env = os.environ if environ is None else environ
+    if settings.kubeconfig is not None:
+        paths = [p for p in settings.kubeconfig.split(os.pathsep) if p]
+        if any(os.path.exists(os.path.expanduser(p)) for p in paths):
+            return []
+        return [
+            f"upstream: --kubeconfig {json.dumps(settings.kubeconfig)}: no such "
+            "file; give the kubeconfig with the proxy's own credential for the "
+            "API server, or leave --kubeconfig out in a pod to use its service "
+            "account"
+        ]
+    if not env.get("KUBERNETES_SERVICE_HOST") or not env.get("KUBERNETES_SERVICE_PORT"):
+        return [
+            "upstream: no --kubeconfig, and not in a pod (KUBERNETES_SERVICE_HOST "
+            "and KUBERNETES_SERVICE_PORT are unset): give --kubeconfig with the "
+            "proxy's own credential for the API server; in a pod the mounted "
+            "service-account token is used"
+        ]
+    if not os.path.isfile(settings.token_file):
+        return [
+            f"upstream: in-cluster service account: no token at "
+            f"{settings.token_file}: mount it (automountServiceAccountToken: true, "
+            "as deploy/overlays/proxy sets), or give --kubeconfig"
+        ]
+    return []
+
+
+def _all_powerful_groups(cert_file: str) -> list[str]:
+    """The all-powerful groups (subject ``O=``) of a client certificate file.
+
+    Only the first certificate counts: it is the one presented. A file that
+    does not parse yields nothing here; loading it for TLS reports that.
+    """
+    try:
+        with open(cert_file, "rb") as f:
+            cert = x509.load_pem_x509_certificate(f.read())
+    except (OSError, ValueError):
+        return []
+    groups = [
+        str(attr.value)
+        for attr in cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+    ]
+    return [g for g in groups if g in _ALL_POWERFUL_GROUPS]
+
+
+def _warn_if_all_powerful(target: _Target) -> None:
+    """Warn once at start when the proxy's credential can do anything.
+
+    Impersonation needs only the ``impersonate`` verb on users, groups, uids
+    and the mapped extras. A cluster-admin credential works just as well, so
+    nothing else would ever show the mistake, but then a leak of the proxy's
+    credential, or a request that reached the API server without impersonation
+    headers, acts as cluster-admin.
+    """
+    if target.cert_file is None:
+        return
+    groups = _all_powerful_groups(target.cert_file)
+    if groups:
+        log.warning(
+            "upstream credential is far more powerful than impersonation needs",
+            extra={
+                "groups": groups,
+                "risk": "a client certificate in these groups may do anything in "
+                "the cluster (system:masters even bypasses RBAC and cannot be "
+                "revoked); whoever gets the proxy's credential gets that too",
+                "hint": "give the proxy a credential with only the impersonation "
+                f"rights of {RBAC_FILE}",
+            },
+        )
+
+
 def _load(settings: UpstreamSettings, environ: Mapping[str, str] | None) -> _Target:
     """Run the kubernetes loaders (blocking) and check what they produced."""
+    problems = upstream_problems(settings, environ)
+    if problems:
+        raise ConfigError(problems)
     cfg = Configuration()
     source = settings.kubeconfig or "in-cluster service account"
     try:
@@ -218,7 +317,7 @@ def _load(settings: UpstreamSettings, environ: Mapping[str, str] | None) -> _Tar
             f"upstream: {source}: plain http is only allowed to a loopback address"
         )
     raw = cfg.api_key.get("BearerToken") or cfg.api_key.get("authorization")
-    return _Target(
+    target = _Target(
         base_url=url,
         ca_file=cfg.ssl_ca_cert or None,
         cert_file=cfg.cert_file or None,
@@ -229,6 +328,8 @@ def _load(settings: UpstreamSettings, environ: Mapping[str, str] | None) -> _Tar
         token_file=settings.token_file if settings.kubeconfig is None else None,
         configuration=cfg if getattr(cfg, "refresh_api_key_hook", None) else None,
     )
+    _warn_if_all_powerful(target)
+    return target
 
 
 def _normalise_authorization(raw: object) -> str | None:

@@ -19,6 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakes.issuer import FakeIssuer
+from tests.hardening_harness import wait_until
 from tests.keygen import claims_for, jwks, new_key, sign
 from tests.proc import ROOT, Proc
 from tests.webhook_harness import parse_review, review_body
@@ -304,9 +305,10 @@ async def test_sigterm_lets_in_flight_reviews_finish(
         await proc.await_log("serving", timeout=20)
         ctx = client_ssl(tmp_path)
         rotated = issuer.rotate()
-        issuer.jwks_delay = (
-            1.5  # the refetch for the new kid is slow: the review is in flight
-        )
+        # The refetch for the new kid is slow (and shorter than the 10 s grace
+        # period): the review is in flight while the process drains.
+        issuer.jwks_delay = 3.0
+        fetched = issuer.counts["jwks"]
         token = issuer.token(rotated)
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s:
             pending = asyncio.create_task(
@@ -314,9 +316,15 @@ async def test_sigterm_lets_in_flight_reviews_finish(
                     f"https://127.0.0.1:{port}/authenticate", json=review_body(token)
                 )
             )
-            await asyncio.sleep(0.5)
+            # Not a sleep tuned to an idle machine: SIGTERM goes once the
+            # review is known to wait on the refetch.
+            await wait_until(
+                lambda: issuer.counts["jwks"] > fetched,
+                timeout=20,
+                what="the review's refetch reached the issuer",
+            )
             proc.popen.send_signal(signal.SIGTERM)
-            resp = await asyncio.wait_for(pending, 10)
+            resp = await asyncio.wait_for(pending, 20)
             assert resp.status == 200
             assert parse_review(await resp.text()).status.authenticated is True
             resp.release()
@@ -328,7 +336,11 @@ async def test_sigterm_lets_in_flight_reviews_finish(
                         f"https://127.0.0.1:{port}/authenticate",
                         json=review_body(token),
                     )
-        assert proc.popen.wait(15) == 0
+        assert proc.popen.wait(30) == 0
+    events = [e.get("event") for e in proc.logs()]
+    assert events.index("shutting down") < events.index("token review"), (
+        "the review was answered during the drain, not before SIGTERM"
+    )
 
 
 def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -567,11 +579,16 @@ async def test_sigterm_under_load_loses_no_answered_review(
                     answered.append(review.status.user.username)
 
         clients = [asyncio.create_task(client(n)) for n in range(16)]
-        await asyncio.sleep(1.0)
+        # Load first (however long a loaded machine takes), then SIGTERM.
+        await wait_until(
+            lambda: len(answered) > 50, timeout=30, what="50 reviews answered"
+        )
         before = len(answered)
         proc.popen.send_signal(signal.SIGTERM)
-        rc = await asyncio.to_thread(proc.popen.wait, 20)
-        await asyncio.sleep(0.2)
+        rc = await asyncio.to_thread(proc.popen.wait, 30)
+        await wait_until(
+            lambda: refused > 0, timeout=20, what="a request refused after exit"
+        )
         done.set()
         await asyncio.wait_for(asyncio.gather(*clients), 20)
         assert rc == 0

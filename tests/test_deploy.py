@@ -44,7 +44,7 @@ from proxy.claims import CREDENTIAL_ID_EXTRA, map_claims
 from proxy.cli import build_parser
 from proxy.config import AuthConfig, parse_authentication_config
 from proxy.errors import TokenError, UserRuleFailed
-from proxy.kubeconfig import webhook_kubeconfig
+from proxy.kubeconfig import WEBHOOK_APISERVER_FLAGS, proxy_rbac, webhook_kubeconfig
 from proxy.metrics import Metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -542,6 +542,21 @@ def test_proxy_may_impersonate_exactly_what_the_config_maps(
     assert pod["automountServiceAccountToken"] is True
 
 
+def test_print_rbac_is_the_proxy_overlays_rbac(rendered: dict[str, Objects]) -> None:
+    """``kubeconfig proxy --print-rbac`` (for a proxy outside the cluster) gives
+    the service account exactly the rights the overlay gives it in the cluster."""
+    objects = rendered["proxy"]
+    shipped = [
+        one(objects, "ServiceAccount"),
+        one(objects, "ClusterRole", "kube-oidc-gate-impersonator"),
+        one(objects, "ClusterRoleBinding", "kube-oidc-gate-impersonator"),
+    ]
+    for obj in shipped:
+        obj["metadata"].pop("labels", None)  # kustomize's common labels
+    generated = list(yaml.safe_load_all(proxy_rbac(auth_config(objects))))
+    assert generated == shipped
+
+
 @pytest.mark.parametrize("variant", PROXIES)
 def test_subjectaccessreviews_only_with_client_impersonation(
     rendered: dict[str, Objects], variant: str
@@ -689,6 +704,23 @@ def test_webhook_kubeconfig_is_the_generated_one(tmp_path: Path) -> None:
     assert "\n".join(header) in committed_text
 
 
+APISERVER_README = DEPLOY / "overlays/webhook/apiserver/README.md"
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), WEBHOOK_APISERVER_FLAGS, ids=lambda v: v.lstrip("-")
+)
+def test_apiserver_steps_give_the_flags_the_webhook_kubeconfig_names(
+    flag: str, value: str
+) -> None:
+    """The generated header, the flags table, kubeadm's and k3s's blocks agree."""
+    text = APISERVER_README.read_text(encoding="utf-8")
+    given = "" if value.startswith("<") else value  # a path, not a fixed value
+    assert f"| `{flag}` | {f'`{given}`' if given else ''}" in text
+    assert f"        - {flag}={given}" in text  # kubeadm's manifest
+    assert f"  - {flag[2:]}={given}" in text  # k3s / RKE2 config.yaml
+
+
 @pytest.mark.parametrize("variant", WEBHOOKS)
 def test_webhook_kubeconfig_points_at_the_service(
     rendered: dict[str, Objects], variant: str
@@ -768,8 +800,9 @@ def test_configuration_documents_every_flag() -> None:
     assert not missing, f"docs/configuration.md lacks flags: {missing}"
 
 
-#: Flags of other programs that docs/configuration.md mentions.
-FOREIGN_FLAGS = frozenset({"--authentication-token-webhook-config-file"})
+#: Flags of other programs that docs/configuration.md mentions: kube-apiserver's
+#: for the webhook kubeconfig.
+FOREIGN_FLAGS = frozenset(flag for flag, _ in WEBHOOK_APISERVER_FLAGS)
 
 
 def test_configuration_documents_no_flag_that_does_not_exist() -> None:

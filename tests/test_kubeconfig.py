@@ -18,10 +18,12 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import jwt
 import kubernetes.client
 import kubernetes.config
 import pytest
@@ -44,11 +46,19 @@ from proxy.devissuer import dev_auth_config
 from proxy.errors import ConfigError
 from proxy.kubeconfig import (
     EXEC_API_VERSION,
+    KUBELOGIN_COMMAND,
+    KUBELOGIN_INSTALL_HINT,
+    WEBHOOK_APISERVER_FLAGS,
     apiserver_flags,
     authentication_configuration,
+    default_context_name,
+    proxy_kubeconfig,
+    proxy_rbac,
     user_kubeconfig,
     webhook_kubeconfig,
 )
+from proxy.upstream import Upstream, UpstreamSettings
+from tests.fakes.apiserver import serve_apiserver
 
 KUBECTL = Path(sys.prefix) / "bin" / "kubectl"
 ISSUER = "https://auth.example.com/oauth2/default"
@@ -178,6 +188,23 @@ def test_kubectl_reads_the_webhook_kubeconfig(files: Files, tmp_path: Path) -> N
     assert base64.b64decode(user["client-key-data"]) == files.key.read_bytes()
 
 
+def test_webhook_kubeconfig_header_names_the_three_apiserver_flags(
+    files: Files,
+) -> None:
+    text = webhook_kubeconfig(
+        url="https://10.96.0.200/authenticate", ca_file=str(files.ca)
+    )
+    header = [line for line in text.splitlines() if line.startswith("#")]
+    assert header[1:] == [
+        f"#   {flag}={value}" for flag, value in WEBHOOK_APISERVER_FLAGS
+    ]
+    assert [flag for flag, _ in WEBHOOK_APISERVER_FLAGS] == [
+        "--authentication-token-webhook-config-file",
+        "--authentication-token-webhook-version",
+        "--authentication-token-webhook-cache-ttl",
+    ]
+
+
 def encrypted_key() -> bytes:
     key = ec.generate_private_key(ec.SECP256R1())
     return key.private_bytes(
@@ -267,7 +294,7 @@ def test_webhook_kubeconfig_refuses_bad_input(
 # ---------------------------------------------------------------------------
 
 
-def test_user_kubeconfig_exec_section_is_the_articles(files: Files) -> None:
+def test_user_kubeconfig_runs_kubelogin_directly(files: Files) -> None:
     doc = yaml.safe_load(
         user_kubeconfig(
             server=SERVER,
@@ -277,15 +304,15 @@ def test_user_kubeconfig_exec_section_is_the_articles(files: Files) -> None:
             extra_scopes=("groups", "email"),
         )
     )
+    name = "oidc@k8s.example.com:6443"
     assert doc["users"] == [
         {
-            "name": "oidc",
+            "name": name,
             "user": {
                 "exec": {
                     "apiVersion": "client.authentication.k8s.io/v1",
-                    "command": "kubectl",
+                    "command": "kubectl-oidc_login",
                     "args": [
-                        "oidc-login",
                         "get-token",
                         f"--oidc-issuer-url={ISSUER}",
                         "--oidc-client-id=0oa1k8s",
@@ -293,6 +320,7 @@ def test_user_kubeconfig_exec_section_is_the_articles(files: Files) -> None:
                         "--oidc-extra-scope=groups",
                         "--oidc-extra-scope=email",
                     ],
+                    "installHint": KUBELOGIN_INSTALL_HINT,
                     "interactiveMode": "IfAvailable",
                     "provideClusterInfo": False,
                 }
@@ -301,40 +329,55 @@ def test_user_kubeconfig_exec_section_is_the_articles(files: Files) -> None:
     ]
     assert doc["contexts"] == [
         {
-            "name": "oidc",
-            "context": {
-                "cluster": "kubernetes",
-                "user": "oidc",
-                "namespace": "default",
-            },
+            "name": name,
+            "context": {"cluster": name, "user": name, "namespace": "default"},
         }
     ]
-    assert doc["current-context"] == "oidc"
+    assert doc["current-context"] == name
     [cluster] = doc["clusters"]
-    assert cluster["name"] == "kubernetes"
+    assert cluster["name"] == name
     assert cluster["cluster"]["server"] == SERVER
     assert base64.b64decode(cluster["cluster"]["certificate-authority-data"]) == (
         files.ca.read_bytes()
     )
 
 
-def test_user_kubeconfig_names_and_no_ca() -> None:
+def test_user_kubeconfig_names_everything_after_the_context() -> None:
     doc = yaml.safe_load(
         user_kubeconfig(
-            server=SERVER,
-            issuer_url=ISSUER,
-            client_id="cid",
-            context_name="prod-oidc",
-            cluster_name="prod",
+            server=SERVER, issuer_url=ISSUER, client_id="cid", context_name="prod"
         )
     )
     assert doc["clusters"] == [{"name": "prod", "cluster": {"server": SERVER}}]
-    assert doc["users"][0]["name"] == "prod-oidc"
+    assert doc["users"][0]["name"] == "prod"
     assert doc["contexts"][0] == {
-        "name": "prod-oidc",
-        "context": {"cluster": "prod", "user": "prod-oidc", "namespace": "default"},
+        "name": "prod",
+        "context": {"cluster": "prod", "user": "prod", "namespace": "default"},
     }
-    assert doc["current-context"] == "prod-oidc"
+    assert doc["current-context"] == "prod"
+
+
+@pytest.mark.parametrize(
+    ("server", "name"),
+    [
+        ("https://k8s.example.com:6443", "oidc@k8s.example.com:6443"),
+        ("https://Gate.Example.com", "oidc@gate.example.com"),
+        ("https://gate.example.com/", "oidc@gate.example.com"),
+        (
+            "https://rancher.example.com/k8s/clusters/c-m-1/",
+            "oidc@rancher.example.com/k8s/clusters/c-m-1",
+        ),
+        ("https://[fd00::1]:6443", "oidc@[fd00::1]:6443"),
+        ("http://127.0.0.1:8001", "oidc@127.0.0.1:8001"),
+    ],
+    ids=["host-port", "host-lowercased", "root-path", "path", "ipv6", "loopback"],
+)
+def test_default_context_name_is_unique_per_server(server: str, name: str) -> None:
+    assert default_context_name(server) == name
+    doc = yaml.safe_load(
+        user_kubeconfig(server=server, issuer_url=ISSUER, client_id="c")
+    )
+    assert doc["current-context"] == name
 
 
 @pytest.mark.kubectl
@@ -343,7 +386,8 @@ def test_user_kubeconfig_names_and_no_ca() -> None:
 def test_kubectl_reads_it_as_the_articles_commands_write_it(
     files: Files, tmp_path: Path, with_ca: bool
 ) -> None:
-    """Our file and the article's ``kubectl config`` commands give the same config."""
+    """Our file is what the article's ``kubectl config`` commands make, with
+    kubelogin's binary run directly and an ``installHint`` kubectl keeps."""
     ours = files.write(
         "ours.kubeconfig",
         user_kubeconfig(
@@ -351,6 +395,7 @@ def test_kubectl_reads_it_as_the_articles_commands_write_it(
             issuer_url=ISSUER,
             client_id="your-client-id",
             ca_file=str(files.ca) if with_ca else None,
+            context_name="oidc",
         ),
     )
     theirs = str(tmp_path / "theirs.kubeconfig")
@@ -361,14 +406,13 @@ def test_kubectl_reads_it_as_the_articles_commands_write_it(
         else []
     )
     kubectl(
-        tmp_path, "config", *k, "set-cluster", "kubernetes", f"--server={SERVER}",
+        tmp_path, "config", *k, "set-cluster", "oidc", f"--server={SERVER}",
         *cluster_flags,
     )  # fmt: skip
     kubectl(
         tmp_path, "config", *k, "set-credentials", "oidc",
         "--exec-api-version=client.authentication.k8s.io/v1",
-        "--exec-command=kubectl",
-        "--exec-arg=oidc-login",
+        "--exec-command=kubectl-oidc_login",
         "--exec-arg=get-token",
         f"--exec-arg=--oidc-issuer-url={ISSUER}",
         "--exec-arg=--oidc-client-id=your-client-id",
@@ -376,7 +420,7 @@ def test_kubectl_reads_it_as_the_articles_commands_write_it(
         "--exec-interactive-mode=IfAvailable",
     )  # fmt: skip
     kubectl(
-        tmp_path, "config", *k, "set-context", "oidc", "--cluster=kubernetes",
+        tmp_path, "config", *k, "set-context", "oidc", "--cluster=oidc",
         "--user=oidc", "--namespace=default",
     )  # fmt: skip
     kubectl(tmp_path, "config", *k, "use-context", "oidc")
@@ -388,7 +432,12 @@ def test_kubectl_reads_it_as_the_articles_commands_write_it(
             )
         )
 
-    assert view(ours) == view(theirs)
+    mine = view(ours)
+    # `kubectl config set-credentials` has no flag for installHint.
+    assert mine["users"][0]["user"]["exec"].pop("installHint") == (
+        KUBELOGIN_INSTALL_HINT
+    )
+    assert mine == view(theirs)
 
 
 def fake_plugin(tmp_path: Path, token: str) -> tuple[Path, Path]:
@@ -417,7 +466,6 @@ def fake_plugin(tmp_path: Path, token: str) -> tuple[Path, Path]:
 
 def expected_args(client_id: str) -> list[str]:
     return [
-        "oidc-login",
         "get-token",
         f"--oidc-issuer-url={ISSUER}",
         f"--oidc-client-id={client_id}",
@@ -511,9 +559,14 @@ async def test_kubectl_logs_in_with_the_exec_credential(
         ({"issuer_url": "http://auth.example.com"}, "--oidc-issuer-url"),
         ({"issuer_url": "https://auth.example.com/?x=1"}, "--oidc-issuer-url"),
         ({"issuer_url": "https://auth.example.com/#f"}, "--oidc-issuer-url"),
+        (
+            {"issuer_url": "https://auth.example.com/oauth2/default/"},
+            "--oidc-issuer-url",
+        ),
+        ({"issuer_url": "https://auth.example.com/"}, "--oidc-issuer-url"),
         ({"client_id": ""}, "--oidc-client-id"),
         ({"context_name": ""}, "--context-name"),
-        ({"cluster_name": " x"}, "--cluster-name"),
+        ({"context_name": " x"}, "--context-name"),
         ({"extra_scopes": ("a b",)}, "--oidc-extra-scope"),
         ({"extra_scopes": ("a,b",)}, "--oidc-extra-scope"),
         ({"ca_file": "/nonexistent/ca.crt"}, "--ca-file"),
@@ -524,9 +577,11 @@ async def test_kubectl_logs_in_with_the_exec_credential(
         "http-issuer",
         "issuer-query",
         "issuer-fragment",
+        "issuer-trailing-slash",
+        "issuer-root-slash",
         "empty-client-id",
         "empty-context",
-        "spaced-cluster",
+        "spaced-context",
         "scope-space",
         "scope-comma",
         "ca-missing",
@@ -552,6 +607,308 @@ def test_user_kubeconfig_allows_loopback_http() -> None:
         )
     )
     assert doc["clusters"][0]["cluster"]["server"] == "http://127.0.0.1:8001"
+
+
+def test_issuer_trailing_slash_message_says_what_to_give() -> None:
+    with pytest.raises(ConfigError) as info:
+        user_kubeconfig(
+            server=SERVER, issuer_url=ISSUER + "/", client_id="c", context_name="x"
+        )
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("config: --oidc-issuer-url: ")
+    assert f"give --oidc-issuer-url={ISSUER}," in message
+    assert "--allow-issuer-trailing-slash" in message
+
+
+def test_issuer_trailing_slash_allowed_when_the_idp_has_one() -> None:
+    auth0 = "https://tenant.auth0.com/"
+    doc = yaml.safe_load(
+        user_kubeconfig(
+            server=SERVER,
+            issuer_url=auth0,
+            client_id="c",
+            allow_issuer_trailing_slash=True,
+        )
+    )
+    assert f"--oidc-issuer-url={auth0}" in doc["users"][0]["user"]["exec"]["args"]
+
+
+# ---------------------------------------------------------------------------
+# Merging user kubeconfigs with the real kubectl
+# ---------------------------------------------------------------------------
+
+
+def admin_conf(files: Files, server: str) -> str:
+    """A kubeadm ``admin.conf`` in shape: its cluster is called ``kubernetes``."""
+    doc = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "kubernetes", "cluster": {"server": server}}],
+        "users": [{"name": "kubernetes-admin", "user": {"token": "admin"}}],
+        "contexts": [
+            {
+                "name": "kubernetes-admin@kubernetes",
+                "context": {"cluster": "kubernetes", "user": "kubernetes-admin"},
+            }
+        ],
+        "current-context": "kubernetes-admin@kubernetes",
+    }
+    return files.write("admin.conf", yaml.safe_dump(doc))
+
+
+MERGE_CASES = {
+    "named-contexts": ("prod-oidc", "staging-oidc", False),
+    "default-names": (None, None, False),
+    "after-kubeadm-admin-conf": ("prod", "staging", True),
+}
+
+
+@pytest.mark.kubectl
+@needs_kubectl
+@pytest.mark.parametrize(
+    ("prod_name", "staging_name", "with_admin_conf"),
+    MERGE_CASES.values(),
+    ids=MERGE_CASES.keys(),
+)
+def test_merged_user_kubeconfigs_keep_each_context_on_its_server(
+    files: Files,
+    tmp_path: Path,
+    prod_name: str | None,
+    staging_name: str | None,
+    with_admin_conf: bool,
+) -> None:
+    """``KUBECONFIG=a:b kubectl config view --flatten``, as the docs say to merge.
+
+    kubectl keeps the first file's entry of each name: with the cluster named
+    ``kubernetes`` in every file, staging's context used prod's server.
+    """
+    clusters = {
+        "prod": ("https://prod.example.com:6443", trustme.CA(), "0oa-prod"),
+        "staging": ("https://staging.example.com:6443", trustme.CA(), "0oa-staging"),
+    }
+    paths: list[str] = []
+    if with_admin_conf:
+        paths.append(admin_conf(files, "https://10.0.0.1:6443"))
+    contexts: dict[str, tuple[str, bytes, str]] = {}
+    for cluster, given in (("prod", prod_name), ("staging", staging_name)):
+        server, cluster_ca, client_id = clusters[cluster]
+        pem = cluster_ca.cert_pem.bytes()
+        text = user_kubeconfig(
+            server=server,
+            issuer_url=ISSUER,
+            client_id=client_id,
+            ca_file=files.write(f"{cluster}-ca.crt", pem),
+            context_name=given,
+        )
+        paths.append(files.write(f"{cluster}.kubeconfig", text))
+        contexts[yaml.safe_load(text)["current-context"]] = (server, pem, client_id)
+    env = {**kubectl_env(tmp_path), "KUBECONFIG": os.pathsep.join(paths)}
+    merged = subprocess.run(
+        [str(KUBECTL), "config", "view", "--flatten"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert merged.returncode == 0, merged.stderr
+    path = files.write("merged.kubeconfig", merged.stdout)
+    names = kubectl(
+        tmp_path, "config", "get-contexts", "-o", "name", "--kubeconfig", path
+    )
+    expected_names = set(contexts) | (
+        {"kubernetes-admin@kubernetes"} if with_admin_conf else set()
+    )
+    assert set(names.split()) == expected_names
+    for context, (server, pem, client_id) in contexts.items():
+        args = ["--kubeconfig", path, "--context", context, "--minify", "--raw"]
+        view = json.loads(kubectl(tmp_path, "config", "view", *args, "-o", "json"))
+        [cluster] = view["clusters"]
+        assert cluster["cluster"]["server"] == server, context
+        assert base64.b64decode(cluster["cluster"]["certificate-authority-data"]) == pem
+        [user] = view["users"]
+        assert f"--oidc-client-id={client_id}" in user["user"]["exec"]["args"]
+
+
+@pytest.mark.kubectl
+@needs_kubectl
+def test_kubectl_prints_the_install_hint_without_kubelogin(
+    files: Files, tmp_path: Path
+) -> None:
+    """No kubelogin on PATH: kubectl's "not found" and our hint, not kubectl's
+    ``unknown command "oidc-login"``."""
+    path = files.write(
+        "user.kubeconfig",
+        user_kubeconfig(
+            server="https://127.0.0.1:9", issuer_url=ISSUER, client_id="cid"
+        ),
+    )
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    done = subprocess.run(
+        [str(KUBECTL), "--kubeconfig", path, "get", "--raw", "/version"],
+        env={"HOME": str(tmp_path), "PATH": str(empty)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert f"executable {KUBELOGIN_COMMAND} not found" in done.stderr
+    assert KUBELOGIN_INSTALL_HINT.strip() in done.stderr
+    assert "unknown command" not in done.stderr
+
+
+# ---------------------------------------------------------------------------
+# The proxy's own kubeconfig and RBAC
+# ---------------------------------------------------------------------------
+
+SA = "system:serviceaccount:kube-oidc-gate:kube-oidc-gate"
+NOW = 1_750_000_000
+
+
+def sa_token(**claims: Any) -> str:
+    """A token shaped like kube-apiserver's (signed by a key nobody checks here)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    body = {"iss": "https://kubernetes.default.svc", "sub": SA, **claims}
+    body = {k: v for k, v in body.items() if v is not None}
+    return jwt.encode(body, key, algorithm="ES256")
+
+
+async def test_the_proxy_reaches_the_api_server_with_its_kubeconfig(
+    files: Files, ca: trustme.CA
+) -> None:
+    """The file works as ``kube-oidc-gate proxy --kubeconfig``: the proxy's own
+    upstream loader reads it and the API server sees the token."""
+    token = sa_token(exp=int(time.time()) + 3600)
+    async with serve_apiserver(ca) as fake:
+        fake.proxy_tokens = {token}
+        path = files.write(
+            "proxy.kubeconfig",
+            proxy_kubeconfig(
+                server=fake.url,
+                token_file=files.write("token", token + "\n"),
+                ca_file=str(files.ca),
+            ),
+        )
+        upstream = Upstream(UpstreamSettings(kubeconfig=path))
+        await upstream.start()
+        try:
+            assert str(upstream.base_url) == fake.url
+            response = await upstream.fetch(
+                "GET",
+                "/api",
+                headers=[*upstream.auth_items, ("Impersonate-User", "okta:00u1")],
+                connect_timeout=5,
+                head_timeout=5,
+            )
+            async with response:
+                assert response.status == 200
+        finally:
+            await upstream.close()
+    assert fake.requests[-1].bearer == token
+
+
+@pytest.mark.parametrize(
+    ("exp", "note"),
+    [(NOW + 3600, "expires at 2025-06-15 16:06 UTC"), (None, "does not expire")],
+    ids=["bound-token", "secret-token"],
+)
+def test_proxy_kubeconfig_says_when_the_token_expires(
+    files: Files, exp: int | None, note: str
+) -> None:
+    token = sa_token(exp=exp)
+    text = proxy_kubeconfig(
+        server=SERVER, token_file=files.write("token", token), now=NOW
+    )
+    header = "".join(line for line in text.splitlines() if line.startswith("#"))
+    assert note in header
+    assert "chmod 600" in header
+    doc = yaml.safe_load(text)
+    assert doc["users"][0]["user"] == {"token": token}
+    assert doc["clusters"][0]["cluster"] == {"server": SERVER}
+
+
+MAKE_TOKEN = "kubectl -n kube-oidc-gate create token kube-oidc-gate"
+
+
+@pytest.mark.parametrize(
+    ("token", "detail", "says_how"),
+    [
+        ("", "the file is empty", True),
+        ("not-a-jwt", "not a service-account token", False),
+        (sa_token(sub="system:serviceaccount:default:default"), "default:def", True),
+        (sa_token(sub="okta:00u1"), '"okta:00u1"', True),
+        (sa_token(exp=NOW - 1), "expired at 2025-06-15 15:06 UTC", True),
+        (sa_token(exp="soon"), "exp is not a number", False),
+    ],
+    ids=["empty", "not-a-jwt", "other-account", "a-user-token", "expired", "bad-exp"],
+)
+def test_proxy_kubeconfig_refuses_a_token_it_cannot_use(
+    files: Files, token: str, detail: str, says_how: bool
+) -> None:
+    path = files.write("token", token)
+    with pytest.raises(ConfigError) as info:
+        proxy_kubeconfig(server=SERVER, token_file=path, now=NOW)
+    message = str(info.value)
+    assert message.startswith("config: --token-file ")
+    assert detail in message
+    assert (MAKE_TOKEN in message) == says_how
+    if token:
+        assert token not in message
+
+
+@pytest.mark.parametrize(
+    ("change", "flag"),
+    [
+        ({"server": "http://k8s.example.com"}, "--server"),
+        ({"namespace": ""}, "--namespace"),
+        ({"service_account": "a:b"}, "--service-account"),
+        ({"ca_file": "/nonexistent/ca.crt"}, "--ca-file"),
+        ({"token_file": "/nonexistent/token"}, "--token-file"),
+    ],
+    ids=[
+        "http-server",
+        "empty-namespace",
+        "colon-account",
+        "ca-missing",
+        "token-missing",
+    ],
+)
+def test_proxy_kubeconfig_refuses_bad_input(
+    files: Files, change: dict[str, Any], flag: str
+) -> None:
+    kwargs: dict[str, Any] = {
+        "server": SERVER,
+        "token_file": files.write("token", sa_token()),
+        **change,
+    }
+    with pytest.raises(ConfigError, match=flag):
+        proxy_kubeconfig(**kwargs)
+
+
+def test_proxy_rbac_for_other_names_binds_that_account() -> None:
+    docs = list(
+        yaml.safe_load_all(proxy_rbac(namespace="gate", service_account="proxy"))
+    )
+    assert [d["kind"] for d in docs] == [
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+    ]
+    account, role, binding = docs
+    assert account["metadata"] == {"name": "proxy", "namespace": "gate"}
+    assert role["metadata"]["name"] == "proxy-impersonator"
+    assert binding["roleRef"]["name"] == "proxy-impersonator"
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "proxy", "namespace": "gate"}
+    ]
+    [_, extras] = role["rules"]
+    assert extras["resources"] == [
+        "uids",
+        "userextras/authentication.kubernetes.io/credential-id",
+    ]
 
 
 # ---------------------------------------------------------------------------

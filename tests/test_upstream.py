@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import logging
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -140,12 +141,12 @@ async def test_server_path_prefix_and_raw_paths_are_kept(
 @pytest.mark.parametrize(
     ("case", "expected"),
     [
-        ("missing-file", "No configuration found"),
+        ("missing-file", 'upstream: --kubeconfig "{tmp}/nope": no such file'),
         ("unknown-context", "upstream:"),
         ("plain-http-remote", "plain http"),
         ("proxy-url", "proxy-url"),
-        ("in-cluster-no-env", "upstream: in-cluster"),
-        ("in-cluster-no-token", "upstream: in-cluster"),
+        ("in-cluster-no-env", "upstream: no --kubeconfig, and not in a pod"),
+        ("in-cluster-no-token", "upstream: in-cluster service account: no token at"),
         ("bad-yaml", "not valid yaml near line"),
         ("not-a-mapping", "upstream:"),
     ],
@@ -208,9 +209,60 @@ async def test_unusable_configuration_is_a_config_error(
     upstream = Upstream(settings, environ=environ)
     with pytest.raises(ConfigError) as info:
         await upstream.start()
-    assert expected in str(info.value)
+    assert expected.format(tmp=tmp_path) in str(info.value)
     assert secret not in str(info.value)
     await upstream.close()
+
+
+def _cert_user(ca: trustme.CA, organization: str) -> dict[str, str]:
+    client = ca.issue_cert(
+        "proxy", common_name="kube-oidc-gate", organization_name=organization
+    )
+    return {
+        "client-certificate-data": b64(client.cert_chain_pems[0].bytes()),
+        "client-key-data": b64(client.private_key_pem.bytes()),
+    }
+
+
+WARNING = "upstream credential is far more powerful than impersonation needs"
+
+
+@pytest.mark.parametrize(
+    ("credential", "groups"),
+    [
+        ("system:masters", ["system:masters"]),
+        ("kubeadm:cluster-admins", ["kubeadm:cluster-admins"]),
+        ("kube-oidc-gate:impersonators", None),
+        ("token", None),
+    ],
+    ids=["masters-certificate", "kubeadm-admins-certificate", "other-group", "token"],
+)
+async def test_an_all_powerful_credential_is_warned_about_once(
+    tmp_path: Path,
+    ca: trustme.CA,
+    caplog: pytest.LogCaptureFixture,
+    credential: str,
+    groups: list[str] | None,
+) -> None:
+    """Impersonation needs a few verbs; a credential that may do anything works
+    just as well, so only this warning ever shows the mistake."""
+    user = {"token": "t"} if credential == "token" else _cert_user(ca, credential)
+    cluster = {
+        "server": "https://127.0.0.1:1",
+        "certificate-authority-data": b64(ca.cert_pem.bytes()),
+    }
+    config = kubeconfig(tmp_path / "kc", cluster, user)
+    caplog.set_level(logging.WARNING, logger="proxy.upstream")
+    async with started(UpstreamSettings(kubeconfig=str(config))):
+        pass
+    warned = [r for r in caplog.records if r.getMessage() == WARNING]
+    if groups is None:
+        assert warned == []
+        return
+    (record,) = warned
+    assert record.levelno == logging.WARNING
+    assert record.groups == groups  # type: ignore[attr-defined]
+    assert "deploy/overlays/proxy/rbac.yaml" in record.hint  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------

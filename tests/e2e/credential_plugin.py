@@ -1,7 +1,7 @@
 """A test stand-in for kubelogin: a kubectl exec credential plugin.
 
 The kubeconfig that ``kube-oidc-gate kubeconfig user`` prints runs
-``kubectl oidc-login get-token --oidc-issuer-url=URL --oidc-client-id=ID
+``kubectl-oidc_login get-token --oidc-issuer-url=URL --oidc-client-id=ID
 --listen-address=localhost:8000``; kubelogin itself cannot be installed here,
 so the e2e tests point the exec ``command`` at this script and keep the
 arguments. It accepts the same arguments, performs the same authorization
@@ -49,7 +49,6 @@ def exec_credential(
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="credential_plugin.py")
-    p.add_argument("plugin", choices=["oidc-login"])
     p.add_argument("command", choices=["get-token"])
     p.add_argument("--oidc-issuer-url", required=True)
     p.add_argument("--oidc-client-id", required=True)

@@ -4,8 +4,8 @@ The user journey of the reference article, with kube-oidc-gate's proxy in
 front of an API server whose flags cannot be edited:
 
 - the platform team prints the users' kubeconfig with ``kube-oidc-gate
-  kubeconfig user`` (server: the proxy; exec credential: ``kubectl oidc-login
-  get-token`` with the issuer and client id);
+  kubeconfig user`` (server: the proxy; exec credential: kubelogin's
+  ``kubectl-oidc_login get-token`` with the issuer and client id);
 - kubelogin cannot be installed here, so the exec ``command`` is pointed at
   ``tests/e2e/credential_plugin.py``, which takes the same arguments and does
   the same browser-less login against the provider;
@@ -267,9 +267,8 @@ async def users_kubeconfig(
     assert proc.returncode == 0, err.decode()
     config = yaml.safe_load(out)
     exec_ = config["users"][0]["user"]["exec"]
-    assert exec_["command"] == "kubectl"
+    assert exec_["command"] == "kubectl-oidc_login"
     assert exec_["args"] == [
-        "oidc-login",
         "get-token",
         f"--oidc-issuer-url={okta.issuer}",
         f"--oidc-client-id={CLIENT_ID}",
