@@ -58,11 +58,14 @@ second even while the stream is silent (aiohttp only cancels handlers on
 disconnect when the server enables ``handler_cancellation``). Every other
 request must finish within ``request_timeout``.
 
-Upgrades (``Connection: Upgrade`` with ``Upgrade: websocket`` or ``SPDY/...``)
-go over a fresh raw connection (``Upstream.open_upgrade``); a ``101`` is relayed
-to the client and the bytes are copied by ``proxy.tunnel``; any other answer is
-relayed as an ordinary response (kubectl needs that body to fall back from
-WebSocket to SPDY or to print the error).
+Every request reaches the API server through one client, the pool of
+``proxy.upstream_pool`` (``Upstream.fetch``/``Upstream.upgrade``), whose answers
+llhttp parses. Upgrades (``Connection: Upgrade`` with ``Upgrade: websocket`` or
+``SPDY/...``) go out on a fresh pooled connection with the pool's own
+``Connection``/``Upgrade`` fields; a ``101`` is relayed to the client and the
+connection is handed over to ``proxy.tunnel``, which copies the bytes; any
+other answer is relayed as an ordinary response (kubectl needs that body to
+fall back from WebSocket to SPDY or to print the error).
 
 Two lanes, one pipeline: short plain requests (most of what kubectl sends) are
 served by ``proxy.http1`` (``LeanLane``), everything else by aiohttp; both go
@@ -93,7 +96,6 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, TypeVar
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -102,7 +104,7 @@ from proxy.errors import IssuerMismatch, TokenError, UpstreamError
 from proxy.kube import SYSTEM_AUTHENTICATED, PerUser, UserInfo, status_body
 from proxy.log import RefusalLimiter, RequestLog
 from proxy.metrics import Metrics
-from proxy.upstream import RawResponse, Upstream
+from proxy.upstream import Upstream
 from proxy.upstream_pool import PooledResponse
 
 __all__ = [
@@ -608,7 +610,6 @@ def _forward_headers(
     peer: str | None,
     settings: ProxySettings,
     *,
-    upgrade: str | None,
     passthrough: bool,
     protocols: list[str] | None,
 ) -> list[tuple[str, str]]:
@@ -631,9 +632,6 @@ def _forward_headers(
         if lower in drop or lower in extra or lower.startswith(prefixes):
             continue
         out.append((name, value))
-    if upgrade is not None:
-        out.append(("Connection", "Upgrade"))
-        out.append(("Upgrade", upgrade))
     if protocols:
         out.append(("Sec-WebSocket-Protocol", ", ".join(protocols)))
     if peer is not None:
@@ -1184,7 +1182,7 @@ class _ProxyHandler:
                 raise _Refusal(401, "Unauthorized", "passthrough over a client cert")
             entry.mode = "passthrough"
             return _forward_headers(
-                src, peer, settings, upgrade=upgrade, passthrough=True, protocols=None
+                src, peer, settings, passthrough=True, protocols=None
             )
         entry.user = user.username
         entry.groups_count = len(user.groups)
@@ -1195,7 +1193,7 @@ class _ProxyHandler:
             await self._authorize(user, identity)
             impersonate = identity.headers()
         headers = _forward_headers(
-            src, peer, settings, upgrade=upgrade, passthrough=False, protocols=protocols
+            src, peer, settings, passthrough=False, protocols=protocols
         )
         headers.extend(self._upstream.auth_items)
         headers.extend(impersonate)
@@ -1274,7 +1272,7 @@ class _ProxyHandler:
         upgrade: str | None,
     ) -> web.StreamResponse:
         if upgrade is not None:
-            return await self._forward_upgrade(request, headers, entry)
+            return await self._forward_upgrade(request, headers, entry, upgrade)
         return await self._forward_http(request, headers, entry)
 
     def _stream_started(self, entry: _Entry) -> None:
@@ -1353,16 +1351,18 @@ class _ProxyHandler:
         # the head's and, while streaming, the idle one.
         settings = self._settings
         response: web.StreamResponse | None = None
-        data = request.content if request.body_exists else None
         try:
-            async with self._upstream.request(
-                request.method,
-                request.raw_path,
-                headers=headers,
-                data=data,
-                connect_timeout=settings.connect_timeout,
-                head_timeout=settings.request_timeout,
-            ) as upstream:
+            async with asyncio.timeout(settings.request_timeout):
+                upstream = await self._upstream.fetch(
+                    request.method,
+                    request.raw_path,
+                    headers=headers,
+                    body=request.content if request.body_exists else None,
+                    body_length=request.content_length,
+                    connect_timeout=settings.connect_timeout,
+                    max_head_bytes=settings.max_header_bytes,
+                )
+            async with upstream:
                 self._count_upstream(str(upstream.status))
                 response = await _prepared(
                     request,
@@ -1370,6 +1370,7 @@ class _ProxyHandler:
                     upstream.reason,
                     upstream.headers,
                     entry,
+                    length=upstream.body_length,
                 )
                 self._stream_started(entry)
                 try:
@@ -1398,58 +1399,60 @@ class _ProxyHandler:
 
     async def _copy_body(
         self,
-        upstream: aiohttp.ClientResponse,
+        upstream: PooledResponse,
         response: web.StreamResponse,
         entry: _Entry,
     ) -> bool:
+        """Relay a stream's body until it ends or nothing comes for
+        ``stream_idle_timeout`` (``entry.outcome`` then says ``idle``).
+        """
+        if upstream.body is not None:  # read whole with the head
+            await _write_to(response.write, upstream.body, entry)
+            return True
         idle = self._settings.stream_idle_timeout
         while True:
             try:
-                if idle > 0:
-                    try:
-                        async with asyncio.timeout(idle):
-                            chunk = await upstream.content.readany()
-                    except TimeoutError:
-                        entry.outcome = "idle"
-                        return True
-                else:
-                    chunk = await upstream.content.readany()
-            except (aiohttp.ClientError, OSError) as err:
-                log.warning(
-                    "upstream stream broke", extra={"error": type(err).__name__}
-                )
+                async with asyncio.timeout(idle if idle > 0 else None):
+                    chunk = await upstream.read_chunk()
+            except TimeoutError:
+                entry.outcome = "idle"
+                return True
+            except UpstreamError as err:
+                log.warning("upstream stream broke", extra={"detail": str(err)})
                 raise _UpstreamBroken from err
             if not chunk:
                 return True
-            try:
-                await response.write(chunk)
-            except (ConnectionError, OSError) as err:
-                raise _ClientLeft from err
-            entry.bytes_out += len(chunk)
+            await _write_to(response.write, chunk, entry)
 
     async def _forward_upgrade(
-        self, request: web.Request, headers: list[tuple[str, str]], entry: _Entry
+        self,
+        request: web.Request,
+        headers: list[tuple[str, str]],
+        entry: _Entry,
+        upgrade: str,
     ) -> web.StreamResponse:
         settings = self._settings
-        raw = await self._upstream.open_upgrade(
+        answer = await self._upstream.upgrade(
             request.method,
             request.raw_path,
-            headers,
+            headers=headers,
+            protocol=upgrade,
             connect_timeout=settings.connect_timeout,
             head_timeout=settings.request_timeout,
-            max_header_bytes=settings.max_header_bytes,
+            max_head_bytes=settings.max_header_bytes,
         )
-        self._count_upstream(str(raw.status))
-        if raw.status != 101:
-            return await self._upgrade_refused(raw, entry)
+        self._count_upstream(str(answer.status))
+        if answer.status != 101:
+            return await self._upgrade_refused(answer, entry)
+        pipe = answer.detach()
         try:
             response, client = await tunnel.accept(
                 request,
-                reason=raw.reason,
-                headers=_response_headers(raw.headers, upgrade=True),
+                reason=answer.reason,
+                headers=_response_headers(answer.headers, upgrade=True),
             )
         except ConnectionError:
-            await raw.close()
+            await pipe.close()
             entry.outcome = "client_closed"
             return web.Response(status=499, reason="Client Closed Request")
         entry.status = 101
@@ -1458,32 +1461,36 @@ class _ProxyHandler:
         try:
             result = await tunnel.relay(
                 client,
-                raw.reader,
-                raw.writer,
+                pipe,
                 idle_seconds=settings.tunnel_idle_timeout,
                 stop=self._stopping,
             )
         finally:
             self._stream_ended(entry)
-            await raw.close()
+            await pipe.close()
         entry.bytes_in = result.bytes_to_upstream
         entry.bytes_out = result.bytes_to_client
         if result.closed_by not in ("client", "upstream"):
             entry.outcome = result.closed_by
         return response
 
-    async def _upgrade_refused(self, raw: RawResponse, entry: _Entry) -> web.Response:
+    async def _upgrade_refused(
+        self, answer: PooledResponse, entry: _Entry
+    ) -> web.Response:
         """Relay a non-101 answer to an upgrade (kubectl reads it to fall back)."""
-        try:
-            async with asyncio.timeout(self._settings.request_timeout):
-                body = await raw.read_body(limit=_MAX_ERROR_BODY)
-        except TimeoutError as err:
-            raise UpstreamError("proxy: upgrade answer timed out", status=504) from err
-        answer = web.Response(status=raw.status, reason=raw.reason, body=body)
-        answer.headers.extend(_response_headers(raw.headers))
-        entry.status = raw.status
+        async with answer:
+            try:
+                async with asyncio.timeout(self._settings.request_timeout):
+                    body = await answer.read(_MAX_ERROR_BODY)
+            except TimeoutError as err:
+                raise UpstreamError(
+                    "proxy: upgrade answer timed out", status=504
+                ) from err
+        reply = web.Response(status=answer.status, reason=answer.reason, body=body)
+        reply.headers.extend(_response_headers(answer.headers))
+        entry.status = answer.status
         entry.bytes_out = len(body)
-        return answer
+        return reply
 
 
 async def _prepared(
@@ -1524,11 +1531,18 @@ async def _relay_pooled(
             raise _UpstreamBroken from err
         if not chunk:
             return
-        try:
-            await write(chunk)
-        except (ConnectionError, OSError) as err:
-            raise _ClientLeft from err
-        entry.bytes_out += len(chunk)
+        await _write_to(write, chunk, entry)
+
+
+async def _write_to(
+    write: Callable[[bytes], Awaitable[None]], chunk: bytes, entry: _Entry
+) -> None:
+    """Send a piece of the answer to the client (``_ClientLeft`` if it is gone)."""
+    try:
+        await write(chunk)
+    except (ConnectionError, OSError) as err:
+        raise _ClientLeft from err
+    entry.bytes_out += len(chunk)
 
 
 def _relay_ended(

@@ -37,26 +37,48 @@ Assumption: a client sends nothing after the upgrade request before it has read
 the ``101`` (RFC 6455 and SPDY clients wait), so there are no bytes buffered in
 aiohttp's parser at the moment of the switch.
 
+The API server's side is what ``proxy.upstream_pool`` hands over after the
+``101`` (``Upgraded``, the connection the upgrade was asked on, with any bytes
+that came after the head): anything with ``read``/``write``/``drain``
+(``UpstreamSide``). ``relay`` leaves closing it to the caller.
+
 Limits: one idle timeout (no byte in either direction) ends a tunnel; there is
-no total limit, since an ``exec`` session may legitimately last hours.
+no total limit, since an ``exec`` session may legitimately last hours. When
+either side closes (or half-closes: its end of stream), the tunnel ends and
+both sides are closed, as Go's reverse proxy does.
 """
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final, Literal, Protocol
 
 from aiohttp import web
 from multidict import CIMultiDict
 
-__all__ = ["ClientSide", "TunnelResult", "accept", "relay"]
+__all__ = ["ClientSide", "TunnelResult", "UpstreamSide", "accept", "relay"]
 
-_CHUNK: Final = 64 * 1024
 #: Client bytes buffered before reading from the client is paused.
 _HIGH_WATER: Final = 256 * 1024
 
 ClosedBy = Literal["client", "upstream", "idle", "error", "shutdown"]
+
+
+class UpstreamSide(Protocol):
+    """The API server's side of a tunnel (``proxy.upstream_pool.Upgraded``)."""
+
+    async def read(self) -> bytes:
+        """Bytes from the API server; ``b""`` once it has closed."""
+        ...
+
+    def write(self, data: bytes) -> None:
+        """Send bytes (``ConnectionError`` once the connection is gone)."""
+        ...
+
+    async def drain(self) -> None:
+        """Wait while the write buffer is full."""
+        ...
 
 
 class ClientSide(asyncio.Protocol):
@@ -183,7 +205,7 @@ class _Activity:
 
 
 async def _to_upstream(
-    client: ClientSide, writer: asyncio.StreamWriter, activity: _Activity
+    client: ClientSide, upstream: UpstreamSide, activity: _Activity
 ) -> ClosedBy:
     loop = asyncio.get_running_loop()
     try:
@@ -191,36 +213,38 @@ async def _to_upstream(
             data = await client.read()
             if not data:
                 return "client"
-            writer.write(data)
+            upstream.write(data)
             activity.up += len(data)
             activity.last = loop.time()
-            await writer.drain()
+            await upstream.drain()
     except (ConnectionError, OSError):
         return "error"
 
 
 async def _to_client(
-    reader: asyncio.StreamReader, client: ClientSide, activity: _Activity
+    upstream: UpstreamSide, client: ClientSide, activity: _Activity
 ) -> ClosedBy:
     loop = asyncio.get_running_loop()
-    try:
-        while True:
-            data = await reader.read(_CHUNK)
-            if not data:
-                return "upstream"
-            activity.down += len(data)
-            activity.last = loop.time()
+    while True:
+        try:
+            data = await upstream.read()
+        except (ConnectionError, OSError):
+            return "error"
+        if not data:
+            return "upstream"
+        activity.down += len(data)
+        activity.last = loop.time()
+        try:
             await client.write(data)
-    except ConnectionResetError:
-        return "client"
-    except (ConnectionError, OSError):
-        return "error"
+        except ConnectionResetError:
+            return "client"
+        except (ConnectionError, OSError):
+            return "error"
 
 
 async def relay(
     client: ClientSide,
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
+    upstream: UpstreamSide,
     *,
     idle_seconds: float,
     stop: asyncio.Event | None = None,
@@ -229,12 +253,12 @@ async def relay(
     ``idle_seconds`` (0: no idle limit) or ``stop`` is set (the server
     drains); then close the client's side.
 
-    The upstream ``writer`` is left for the caller to close.
+    ``upstream`` is left for the caller to close.
     """
     loop = asyncio.get_running_loop()
     activity = _Activity(loop.time())
-    up = asyncio.create_task(_to_upstream(client, writer, activity))
-    down = asyncio.create_task(_to_client(reader, client, activity))
+    up = asyncio.create_task(_to_upstream(client, upstream, activity))
+    down = asyncio.create_task(_to_client(upstream, client, activity))
     stopped = asyncio.ensure_future(stop.wait() if stop else asyncio.Future())
     closed_by: ClosedBy = "error"
     try:

@@ -6,7 +6,7 @@ data, exec plugins) and in-cluster means what it means to every client-go
 program: ``KUBERNETES_SERVICE_HOST``/``PORT``, the service account's CA and
 token. The loaders run once, in a thread (an exec plugin may spawn a process),
 inside ``start()``; what they produce is turned into one ``ssl.SSLContext`` and
-one ``aiohttp.ClientSession`` with a keep-alive pool, owned here and closed in
+one keep-alive pool (``proxy.upstream_pool``), owned here and closed in
 ``close()``.
 
 Credentials rotate without a restart:
@@ -24,18 +24,11 @@ Credentials rotate without a restart:
 ``auth_headers()`` is synchronous and only returns what the background task
 last read, so a request never waits for the disk.
 
-Three ways to send a request:
-
-- ``fetch()``: ordinary requests (not watches or other long-running ones)
-  through the lean keep-alive pool of ``proxy.upstream_pool``, which costs a
-  fraction of aiohttp's client per request and puts the same bytes on the wire;
-- ``request()``: long-running requests (watches, logs) through aiohttp's
-  client and its own pool, with the body streamed both ways by the caller;
-- ``open_upgrade()``: a fresh HTTP/1.1 connection (``asyncio.open_connection``
-  with the same TLS context) for ``Connection: Upgrade`` requests. aiohttp's
-  client cannot hand over the socket after ``101 Switching Protocols``, so this
-  small raw client writes the request head itself, parses the response head and
-  returns the reader and writer for ``proxy.tunnel`` to relay.
+One client sends every request: ``fetch()`` for ordinary and long-running
+requests (watches, logs) and ``upgrade()`` for ``Connection: Upgrade`` ones
+(exec, attach, port-forward), both through the keep-alive pool of
+``proxy.upstream_pool``, whose answers llhttp parses; a ``101`` hands the
+connection over for ``proxy.tunnel`` to relay.
 
 Failures become ``UpstreamError`` with the status the proxy should answer: 503
 when the API server cannot be reached (refused, unreachable), 504 when it does
@@ -51,11 +44,10 @@ import json
 import logging
 import os
 import ssl
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-import aiohttp
 import yaml
 from aiohttp.abc import AbstractResolver
 from cryptography import x509
@@ -63,24 +55,20 @@ from cryptography.x509.oid import NameOID
 from kubernetes.client import Configuration
 from kubernetes.config import ConfigException, load_kube_config
 from kubernetes.config.incluster_config import InClusterConfigLoader
-from multidict import CIMultiDict
 from yarl import URL
 
-from proxy import framing
 from proxy.config import is_loopback_host
-from proxy.errors import ConfigError, UpstreamError
-from proxy.upstream_pool import BodySource, ConnectionPool, PooledResponse
+from proxy.errors import ConfigError
+from proxy.upstream_pool import BodySource, ConnectionPool, PooledResponse, Upgraded
 
 __all__ = [
     "RBAC_FILE",
     "SERVICE_CA_FILE",
     "SERVICE_TOKEN_FILE",
     "PooledResponse",
-    "RawResponse",
+    "Upgraded",
     "Upstream",
     "UpstreamSettings",
-    "close_writer",
-    "map_client_error",
     "upstream_problems",
 ]
 
@@ -90,25 +78,6 @@ log = logging.getLogger(__name__)
 SERVICE_TOKEN_FILE: Final = "/var/run/secrets/kubernetes.io/serviceaccount/token"  # noqa: S105 a path
 #: The cluster CA that comes with it.
 SERVICE_CA_FILE: Final = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
-
-_CLOSE_WAIT: Final = 1.0
-_NO_AUTO_HEADERS: Final = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
-
-
-def map_client_error(err: aiohttp.ClientError) -> UpstreamError:
-    """The status to answer for an aiohttp client failure (see module docstring)."""
-    if isinstance(
-        err, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError
-    ):
-        return UpstreamError("upstream: tls handshake failed", status=502)
-    if isinstance(err, aiohttp.ClientConnectorError):
-        return UpstreamError(
-            f"upstream: cannot connect: {err.strerror or type(err).__name__}",
-            status=503,
-        )
-    if isinstance(err, aiohttp.ServerTimeoutError):
-        return UpstreamError("upstream: no response in time", status=504)
-    return UpstreamError(f"upstream: request failed: {type(err).__name__}", status=502)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -129,11 +98,10 @@ class UpstreamSettings:
     ca_file: str = SERVICE_CA_FILE
     #: Seconds between checks of the credential for rotation.
     credential_check_interval: float = 5.0
-    #: Most connections to the API server at once, per pool (ordinary requests
-    #: have one, watches and log streams another, so the total may reach twice
-    #: this); 0 means no limit. Every watch, log stream and exec holds one for
-    #: its whole life, so a limit here caps concurrent streams rather than
-    #: protecting the API server.
+    #: Most connections to the API server at once; 0 means no limit. Every
+    #: watch, log stream and exec holds one for its whole life, so a limit
+    #: here caps concurrent streams (and ordinary requests wait behind them)
+    #: rather than protecting the API server.
     max_connections: int = 0
     #: Seconds an idle pooled connection is kept for reuse.
     keepalive_timeout: float = 30.0
@@ -357,72 +325,6 @@ def _ssl_context(target: _Target) -> ssl.SSLContext:
     return ctx
 
 
-@dataclass(slots=True, kw_only=True)
-class RawResponse:
-    """The API server's answer to an upgrade request, and the open connection.
-
-    On ``101`` the reader and writer now carry the upgraded protocol; otherwise
-    ``read_body()`` gives the (small) error body and the connection is closed.
-    """
-
-    status: int
-    reason: str
-    headers: CIMultiDict[str]
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-
-    async def read_body(self, *, limit: int) -> bytes:
-        """The response body (Content-Length, chunked or until close), capped at
-        ``limit`` bytes; the connection is closed afterwards. Bound it with
-        ``asyncio.timeout``.
-        """
-        try:
-            return await self._read_body(limit)
-        except (OSError, asyncio.IncompleteReadError, ValueError) as err:
-            raise UpstreamError(
-                f"upstream: reading the response body failed: {type(err).__name__}"
-            ) from err
-        finally:
-            await self.close()
-
-    async def _read_body(self, limit: int) -> bytes:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            out = bytearray()
-            while True:
-                size_line = await self.reader.readuntil(b"\r\n")
-                size = int(size_line.split(b";", 1)[0].strip(), 16)
-                if size == 0:
-                    return bytes(out)
-                if len(out) + size > limit:
-                    raise ValueError("body too large")
-                out += await self.reader.readexactly(size)
-                await self.reader.readexactly(2)
-        length = self.headers.get("Content-Length")
-        if length is not None:
-            n = int(length)
-            if n < 0 or n > limit:
-                raise ValueError("body too large")
-            return await self.reader.readexactly(n)
-        data = await self.reader.read(limit + 1)
-        if len(data) > limit:
-            raise ValueError("body too large")
-        return data
-
-    async def close(self) -> None:
-        """Close the connection; bounded, aborting if TLS shutdown stalls."""
-        await close_writer(self.writer)
-
-
-async def close_writer(writer: asyncio.StreamWriter) -> None:
-    """Close a stream writer without waiting long for the peer's TLS goodbye."""
-    writer.close()
-    try:
-        async with asyncio.timeout(_CLOSE_WAIT):
-            await writer.wait_closed()
-    except (TimeoutError, OSError, ssl.SSLError):
-        writer.transport.abort()
-
-
 class Upstream:
     """The API server as seen by the proxy: URL, TLS, pool and own credential."""
 
@@ -442,7 +344,6 @@ class Upstream:
         self._resolver = resolver
         self._target: _Target | None = None
         self._ssl: ssl.SSLContext | None = None
-        self._session: aiohttp.ClientSession | None = None
         self._authorization: str | None = None
         self._token_file: _TokenFile | None = None
         self._refresher: asyncio.Task[None] | None = None
@@ -470,13 +371,6 @@ class Upstream:
         """
         return self._loaded().cert_file is not None
 
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        """The pooled client session (valid between ``start`` and ``close``)."""
-        if self._session is None:
-            raise RuntimeError("upstream: not started")
-        return self._session
-
     def _loaded(self) -> _Target:
         if self._target is None:
             raise RuntimeError("upstream: not started")
@@ -487,7 +381,7 @@ class Upstream:
 
         Raises ``ConfigError`` when the configuration is unusable.
         """
-        if self._session is not None:
+        if self._pool is not None:
             return
         target = await asyncio.to_thread(_load, self.settings, self._environ)
         self._ssl = await asyncio.to_thread(_ssl_context, target)
@@ -497,20 +391,6 @@ class Upstream:
         if target.token_file is not None:
             self._token_file = _TokenFile(target.token_file)
             await self.refresh_credentials()
-        connector = aiohttp.TCPConnector(
-            ssl=self._ssl if target.base_url.scheme == "https" else False,
-            resolver=self._resolver,
-            limit=self.settings.max_connections,
-            limit_per_host=0,
-            keepalive_timeout=self.settings.keepalive_timeout,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            auto_decompress=False,
-            trust_env=False,
-            timeout=aiohttp.ClientTimeout(total=None),
-        )
         url = target.base_url
         use_tls = url.scheme == "https"
         assert url.host is not None
@@ -545,9 +425,6 @@ class Upstream:
             refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await refresher
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
@@ -608,56 +485,6 @@ class Upstream:
         self._loaded()
         return URL(self._base + path_qs, encoded=True)
 
-    @contextlib.asynccontextmanager
-    async def request(
-        self,
-        method: str,
-        path_qs: str,
-        *,
-        headers: CIMultiDict[str] | Sequence[tuple[str, str]],
-        data: Any = None,
-        connect_timeout: float,
-        head_timeout: float,
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """Send one request through the pool and yield the response once its head
-        has arrived; the body is streamed if ``data`` is an async source.
-
-        Nothing is added or decoded: no default headers, no redirects, no
-        decompression, no cookies. Failures before the head are ``UpstreamError``;
-        the response is released to the pool when fully read, closed otherwise.
-        ``headers`` carry no framing: aiohttp writes it from ``data``.
-        """
-        _refuse_framing(headers)
-        target = self._loaded()
-        try:
-            async with asyncio.timeout(head_timeout):
-                response = await self.session.request(
-                    method,
-                    self.url(path_qs),
-                    headers=headers,
-                    data=data,
-                    allow_redirects=False,
-                    auto_decompress=False,
-                    skip_auto_headers=_NO_AUTO_HEADERS,
-                    server_hostname=target.server_name,
-                    timeout=aiohttp.ClientTimeout(
-                        total=None,
-                        sock_connect=connect_timeout,
-                        connect=connect_timeout,
-                    ),
-                )
-        except (TimeoutError, aiohttp.ServerTimeoutError) as err:
-            raise UpstreamError("upstream: no response in time", status=504) from err
-        except aiohttp.ClientError as err:
-            raise map_client_error(err) from err
-        try:
-            yield response
-        except BaseException:
-            response.close()
-            raise
-        else:
-            response.release()
-
     @property
     def pool(self) -> ConnectionPool:
         """The lean keep-alive pool behind ``fetch`` (valid after ``start``)."""
@@ -686,14 +513,15 @@ class Upstream:
         head_timeout: float | None = None,
         max_head_bytes: int = 256 * 1024,
     ) -> PooledResponse:
-        """Send an ordinary request through the lean pool (``proxy.upstream_pool``)
-        and return the answer once its head has arrived; the wire is what
-        ``request`` sends and receives.
+        """Send a request through the pool (``proxy.upstream_pool``) and return
+        the answer once its head has arrived; its body is read whole or piece
+        by piece (a watch: no total limit, the caller bounds each piece).
 
         ``headers`` carry no framing: the pool writes it from ``body`` (and
-        ``body_length``, a streamed body's exact length when known). Close the response when done (``async with``).
-        Failures are ``UpstreamError`` with the status to answer;
-        ``head_timeout`` unset leaves the bound to the caller's timeout.
+        ``body_length``, a streamed body's exact length when known). Close
+        the response when done (``async with``). Failures are
+        ``UpstreamError`` with the status to answer; ``head_timeout`` unset
+        leaves the bound to the caller's timeout.
         """
         return await self.pool.send(
             method,
@@ -706,120 +534,32 @@ class Upstream:
             max_head_bytes=max_head_bytes,
         )
 
-    async def open_upgrade(
+    async def upgrade(
         self,
         method: str,
         path_qs: str,
-        headers: Sequence[tuple[str, str]],
         *,
+        headers: Iterable[tuple[str, str]],
+        protocol: str,
         connect_timeout: float,
-        head_timeout: float,
-        max_header_bytes: int,
-    ) -> RawResponse:
-        """Send an upgrade request on a new connection and read the answer's head.
+        head_timeout: float | None = None,
+        max_head_bytes: int = 256 * 1024,
+    ) -> PooledResponse:
+        """Ask for ``Upgrade: protocol`` on a fresh pooled connection; the
+        answer once its head has arrived. ``detach()`` a ``101`` for
+        ``proxy.tunnel``; any other status is an ordinary answer to read.
 
-        ``headers`` are sent as given (the caller adds the credential it wants:
-        the proxy's own, or the client's in passthrough mode); ``Host`` is ours,
-        and so is the framing: none, since no body is forwarded before the
-        ``101`` (the bytes after it are the tunnel's).
+        ``headers`` are sent as given (the caller adds the credential it
+        wants: the proxy's own, or the client's in passthrough mode);
+        ``Host``, ``Connection``, ``Upgrade`` and the framing (none) are the
+        pool's.
         """
-        _refuse_framing(headers)
-        target = self._loaded()
-        url = target.base_url
-        host = url.host
-        assert host is not None
-        port = url.port or (443 if url.scheme == "https" else 80)
-        use_tls = url.scheme == "https"
-        try:
-            async with asyncio.timeout(connect_timeout):
-                address = host
-                if self._resolver is not None:
-                    address = (await self._resolver.resolve(host, port))[0]["host"]
-                reader, writer = await asyncio.open_connection(
-                    address,
-                    port,
-                    ssl=self._ssl if use_tls else None,
-                    server_hostname=(target.server_name or host) if use_tls else None,
-                    limit=max_header_bytes,
-                )
-        except TimeoutError as err:
-            raise UpstreamError("upstream: connect timed out", status=504) from err
-        except ssl.SSLError as err:
-            raise UpstreamError(
-                f"upstream: tls handshake failed: {err.reason}", status=502
-            ) from err
-        except OSError as err:
-            raise UpstreamError(
-                f"upstream: cannot connect: {err.strerror or type(err).__name__}",
-                status=503,
-            ) from err
-        head = [f"{method} {url.raw_path.rstrip('/')}{path_qs} HTTP/1.1"]
-        head.append(f"Host: {_host_header(url)}")
-        head.extend(f"{name}: {value}" for name, value in headers)
-        try:
-            writer.write(("\r\n".join(head) + "\r\n\r\n").encode("utf-8"))
-            async with asyncio.timeout(head_timeout):
-                await writer.drain()
-                status, reason, response_headers = await _read_head(reader)
-                while 100 <= status < 200 and status != 101:
-                    status, reason, response_headers = await _read_head(reader)
-        except TimeoutError as err:
-            await close_writer(writer)
-            raise UpstreamError("upstream: no response in time", status=504) from err
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as err:
-            await close_writer(writer)
-            raise UpstreamError(
-                f"upstream: connection failed: {type(err).__name__}", status=502
-            ) from err
-        except ValueError as err:
-            await close_writer(writer)
-            raise UpstreamError(f"upstream: {err}", status=502) from err
-        return RawResponse(
-            status=status,
-            reason=reason,
-            headers=response_headers,
-            reader=reader,
-            writer=writer,
+        return await self.pool.upgrade(
+            method,
+            self.target(path_qs),
+            headers,
+            protocol=protocol,
+            connect_timeout=connect_timeout,
+            head_timeout=head_timeout,
+            max_head_bytes=max_head_bytes,
         )
-
-
-def _refuse_framing(
-    headers: CIMultiDict[str] | Iterable[tuple[str, str]],
-) -> None:
-    """A caller's framing or ``Host`` beside ours is a bug: refuse it loudly
-    (``proxy.framing``, rule 1) rather than send two readings of one request.
-    """
-    names = (
-        headers.keys() if isinstance(headers, CIMultiDict) else (n for n, _ in headers)
-    )
-    for name in names:
-        lower = name.lower()
-        if lower in framing.FRAMING or lower == "host":
-            raise ValueError(f"upstream: {name!r} is the sender's to write")
-
-
-def _host_header(url: URL) -> str:
-    host = url.raw_host or ""
-    if ":" in host:
-        host = f"[{host}]"
-    if url.explicit_port is not None and not url.is_default_port():
-        host += f":{url.port}"
-    return host
-
-
-async def _read_head(reader: asyncio.StreamReader) -> tuple[int, str, CIMultiDict[str]]:
-    """Parse one HTTP/1.1 response head; ``ValueError`` when it is malformed."""
-    raw = await reader.readuntil(b"\r\n\r\n")
-    lines = raw.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-        raise ValueError("malformed response status line")
-    headers: CIMultiDict[str] = CIMultiDict()
-    for line in lines[1:]:
-        if not line:
-            continue
-        name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip() or line[0] in " \t":
-            raise ValueError("malformed response header")
-        headers.add(name, value.strip(" \t"))
-    return int(parts[1]), parts[2] if len(parts) > 2 else "", headers

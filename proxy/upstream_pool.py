@@ -1,46 +1,78 @@
-"""A lean HTTP/1.1 client with a keep-alive pool, for the proxy's ordinary requests.
+"""The proxy's one HTTP/1.1 client to the API server: a keep-alive pool whose
+answers are parsed by llhttp.
 
-Why not aiohttp's client: for a small GET it cost about a third of the proxy's
-CPU per request (request and URL objects, a connector, per-request timers,
-tracing hooks, a payload writer task), none of which the proxy needs. This
-client does what ``Upstream.request`` did on the wire and nothing more:
+Every request the proxy sends upstream goes through here: ordinary requests,
+SubjectAccessReviews, long-running ones (watches, ``logs -f``) and upgrades
+(exec, attach, port-forward over SPDY/3.1 or WebSocket). One client means one
+reading of every answer: there is no second stack whose idea of where a
+response ends could differ from this one's.
 
-- the request head is ``METHOD target HTTP/1.1``, ``Host`` first, then the
-  caller's headers in order, then one framing field computed from the body
-  actually sent (``proxy.framing.request_framing``): ``Content-Length: 0`` for
-  a body-less method other than GET/HEAD/OPTIONS/TRACE, ``Content-Length`` for
-  a bytes body or a streamed one of known length (cut at it),
-  ``Transfer-Encoding: chunked`` for a streamed body of unknown length. A
-  caller's header that would stand beside ours (framing, ``Host``,
-  hop-by-hop) is refused; text is UTF-8 (lone surrogates dropped, as
-  aiohttp does) and a control character in a header is refused;
-- the response head is parsed strictly (``HTTP/1.0`` or ``1.1``, a three-digit
-  status, token header names, no control characters, no folded lines, at most
-  one ``Content-Length`` of digits only, ``Transfer-Encoding`` exactly
-  ``chunked`` and never with a length); header values are decoded as aiohttp
-  decodes them (UTF-8, undecodable bytes kept as surrogates); informational
-  ``1xx`` answers are skipped, a ``101`` is an error;
-- the body is framed by ``Content-Length``, ``chunked`` (extensions and
-  trailers read and dropped) or the end of the connection, and is never
-  decoded (no decompression).
+Why not aiohttp's client: for a small GET it cost about a third of the
+proxy's CPU per request (request and URL objects, a connector, per-request
+timers, tracing hooks, a payload writer task), and it cannot hand over the
+socket after ``101 Switching Protocols``.
 
-A connection goes back to the pool only when the response was read completely,
-the request body was written completely, nothing followed the response, both
-sides spoke HTTP/1.1 and neither said ``Connection: close``. Anything malformed
-is ``UpstreamError`` (502) and the connection is aborted. A pooled connection
-the server closed while it was idle (end of stream or reset before any byte of
-the answer) is retried once, on a fresh connection, for GET, HEAD and OPTIONS
-without a streamed body, as browsers and aiohttp do; any other request gets the
-error.
+Requests we write (``ConnectionPool.head``): ``METHOD target HTTP/1.1``,
+``Host`` first, then the caller's headers in order, then one framing field
+computed from the body actually sent (``proxy.framing.request_framing``):
+``Content-Length: 0`` for a body-less method other than GET/HEAD/OPTIONS/TRACE,
+``Content-Length`` for a bytes body or a streamed one of known length (cut at
+it), ``Transfer-Encoding: chunked`` for a streamed body of unknown length. An
+upgrade request carries ``Connection: Upgrade`` and ``Upgrade`` instead, and no
+framing: nothing is forwarded before the ``101``. A caller's header that would
+stand beside ours (framing, ``Host``, hop-by-hop) is refused; text is UTF-8
+(lone surrogates dropped, as aiohttp does) and a control character is refused.
 
-Response bodies with a ``Content-Length`` up to ``buffer_limit`` are read whole
+Answers we read: llhttp (``httptools.HttpResponseParser``, the parser Node.js
+ships, in its strict mode: no leniency is turned on) parses the status line,
+the header fields and the body's framing (``Content-Length``, ``chunked`` with
+its extensions and trailers dropped, or the end of the connection), and skips
+the body of ``204`` and ``304``. This module adds only policy on top:
+
+- ``HTTP/1.0`` or ``1.1`` only (llhttp also takes ``0.9`` and ``2.0``);
+- ``Transfer-Encoding`` exactly ``chunked``, once (llhttp takes ``gzip,
+  chunked``, or reads to the end of the connection after ``chunked, gzip``);
+  with ``Content-Length`` it is refused by llhttp already, as are duplicate
+  lengths, obs-fold, bare LF and bad chunk sizes;
+- the head within ``max_head_bytes`` (names + values + 4 per field, and every
+  byte received while the head is incomplete);
+- informational ``1xx`` answers are skipped (one with framing fields is
+  refused); a ``101`` is an error unless the request was an upgrade, and then
+  needs ``Connection: upgrade`` and ``Upgrade`` (llhttp's own test);
+- the answer to ``HEAD`` has no body. httptools cannot tell llhttp so (its
+  ``on_headers_complete`` cannot return llhttp's skip-body), so parsing stops
+  at the end of the head and that connection is never reused;
+- header values are decoded as aiohttp decodes them (UTF-8, undecodable bytes
+  kept as surrogates), blanks around them stripped.
+
+Anything malformed is ``UpstreamError`` (502) and the connection is aborted.
+A connection goes back to the pool only when the answer was read completely
+and nothing followed it, the request body was written completely, the answer
+was ``HTTP/1.1`` and llhttp says keep-alive (no ``Connection: close``, not
+delimited by the end of the connection). A pooled connection the server
+closed while it was idle (end of stream or reset before any byte of the
+answer) is retried once, on a fresh connection, for GET, HEAD and OPTIONS
+without a streamed body, as browsers and aiohttp do; any other request gets
+the error.
+
+Bodies: one with a ``Content-Length`` up to ``buffer_limit`` is read whole
 before ``send`` returns (the connection is then already back in the pool);
-others are read piece by piece with ``read_chunk``. Reading pauses while more
-than about ``buffer_limit`` bytes wait unread, so memory stays bounded whatever
-the response size.
+others are read piece by piece with ``read_chunk``, which is how watches and
+log streams are relayed: the caller bounds the wait for each piece (the
+stream's idle limit), there is no total limit, and the connection stays out
+of the pool until the answer is complete, or is aborted when the caller
+closes it early. Reading pauses while more than about ``buffer_limit`` bytes
+wait unread, so memory stays bounded whatever the answer's size.
+
+Upgrades (``ConnectionPool.upgrade``) go out on a fresh connection that is
+never pooled. On ``101`` the caller takes the connection over
+(``PooledResponse.detach``): an ``Upgraded`` byte pipe on the same transport,
+starting with any bytes that arrived after the head, which ``proxy.tunnel``
+relays; any other answer is read like an ordinary one. Every stream and tunnel holds one of the pool's
+connections for its life, so ``limit`` bounds them too.
 
 Failures map as ``Upstream`` documents: 503 cannot connect, 504 connect timeout,
-502 TLS failure or unusable answer. Waiting for the answer is bounded by the
+502 TLS failure or unusable answer. Waiting for the head is bounded by the
 caller (``asyncio.timeout``) or ``head_timeout``.
 """
 
@@ -49,49 +81,29 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import re
 import socket
 import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final, Protocol, cast
 
+import httptools
 from aiohttp.abc import AbstractResolver
 from multidict import CIMultiDict
 
 from proxy import framing
 from proxy.errors import UpstreamError
 
-__all__ = ["BodySource", "ConnectionPool", "PooledResponse"]
+__all__ = ["BodySource", "ConnectionPool", "PooledResponse", "Upgraded"]
 
 _CLOSE_WAIT: Final = 1.0
 #: Methods retried once after a stale pooled connection (safe to send twice).
 _RETRYABLE: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 #: Fields only ``ConnectionPool.head`` writes (framing, routing, hop-by-hop).
 _OURS: Final = framing.FRAMING | framing.HOP_BY_HOP | {"host"}
-_MAX_LINE: Final = 8192
-_CHUNK_SIZE: Final = re.compile(
-    rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\x00-\x08\x0a-\x1f\x7f]*)?"
-)
-#: ``_parse_head``'s expressions, on the decoded head (values may hold
-#: surrogates for undecodable bytes, which the classes let through as
-#: obs-text).
-_STATUS_LINE: Final = re.compile(
-    r"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: ([^\x00-\x08\x0a-\x1f\x7f]*))?"
-)
-#: A value is everything to the end of its line (blanks around it are stripped
-#: afterwards: a lazy value before optional blanks backtracks quadratically).
-_FIELD_BODY: Final = r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):([^\x00-\x08\x0a-\x1f\x7f]*)"
-_FIELDS: Final = re.compile(r"(?:\r\n" + _FIELD_BODY + r")*")
-_FIELD: Final = re.compile(r"\r\n" + _FIELD_BODY)
-_DIGITS: Final = re.compile(r"[0-9]{1,18}")
 #: Every control character but the tab, CR and LF included (``head``).
 _CONTROLS: Final = bytes([*range(0x09), *range(0x0A, 0x20), 0x7F])
-
-_LENGTH: Final = 0
-_CHUNKED: Final = 1
-_UNTIL_CLOSE: Final = 2
-_NONE: Final = 3
+_VERSIONS: Final = frozenset({"1.0", "1.1"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -104,6 +116,7 @@ class _Outgoing:
     chunked: bool
     content_length: int | None
     max_head_bytes: int
+    upgrade: bool
 
 
 class BodySource(Protocol):
@@ -115,21 +128,28 @@ class BodySource(Protocol):
 
 
 class _Malformed(Exception):
-    """The answer breaks HTTP/1.1 framing; the connection cannot be trusted."""
+    """The answer breaks HTTP/1.1 or our policy; the connection cannot be trusted."""
 
 
 class _Lost(Exception):
     """The connection ended (or was reset) before the answer was complete."""
 
 
+class _Stop(Exception):
+    """Raised in a parser callback to make llhttp stop (the reason is recorded)."""
+
+
 class _Connection(asyncio.Protocol):
-    """One keep-alive connection: a read buffer the reader pulls from."""
+    """One connection: llhttp fed from ``data_received``, the answer's head and
+    body kept for the reader (uvicorn's ``httptools_impl`` is the model, on
+    the client side), or raw bytes once upgraded.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, high_water: int) -> None:
         self._loop = loop
         self._high = high_water
         self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
+        self._parser = httptools.HttpResponseParser(self)
         self.eof = False
         self.error: BaseException | None = None
         self.received = 0
@@ -140,6 +160,47 @@ class _Connection(asyncio.Protocol):
         self._paused = False
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
+        #: An exchange is under way (bytes are expected).
+        self.busy = False
+        #: Something the exchange did not account for arrived (bytes after
+        #: the answer, or a parse stopped early): never reuse.
+        self.spoilt = False
+        #: After ``101``: the tunnel's bytes.
+        self.upgraded = False
+        self.raw = bytearray()
+        # The exchange (reset by ``begin``).
+        self._head_only = False
+        self._upgrade = False
+        self._max_head = 0
+        self._head_bytes = 0
+        self._fed = 0
+        self._informational = False
+        self.failure: str | None = None
+        self.head_done = False
+        self.done = False
+        self.status = 0
+        self.reason = b""
+        self.fields: list[tuple[str, str]] = []
+        self.length: int | None = None
+        self.chunked = False
+        self.keep_alive = False
+        self.body: collections.deque[bytes] = collections.deque()
+        self._queued = 0
+
+    def begin(self, *, head_only: bool, upgrade: bool, max_head: int) -> None:
+        """Expect the answer to a request just written."""
+        self.busy = True
+        self.received = 0
+        self._head_only = head_only
+        self._upgrade = upgrade
+        self._max_head = max_head
+        self._head_bytes = self._fed = 0
+        self._informational = False
+        self.failure = None
+        self.head_done = self.done = False
+        self.keep_alive = False
+        self.body.clear()
+        self._queued = 0
 
     # asyncio.Protocol -----------------------------------------------------
 
@@ -147,29 +208,63 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        self.buffer += data
         self.received += len(data)
-        if len(self.buffer) > self._high and not self._paused:
-            self._paused = True
-            assert self.transport is not None
-            self.transport.pause_reading()
+        if self.upgraded:
+            self.raw += data
+            self._pause_above(len(self.raw))
+        elif not self.busy or self.done or self.failure is not None:
+            self.spoilt = True  # nothing asked for these bytes
+        else:
+            self._feed(data)
         self._wake()
 
+    def _feed(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            # Only after on_headers_complete accepted a 101 (it refuses others).
+            self.upgraded = True
+            self.raw += data[upgrade.args[0] :]
+            self._pause_above(len(self.raw))
+            return
+        except httptools.HttpParserError as err:
+            if self.done:
+                self.spoilt = True
+            elif self.failure is None:
+                self.failure = str(err).lower() or type(err).__name__
+            return
+        if not self.head_done:
+            self._fed += len(data)
+            if self._fed > self._max_head:
+                self.failure = "head too long"
+
     def eof_received(self) -> bool:
-        self.eof = True
-        self._wake()
+        self._ended()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.eof = True
         if exc is not None and self.error is None:
             self.error = exc
+        self._ended()
         if not self.lost.done():
             self.lost.set_result(None)
-        self._wake()
         drain = self._drain
         if drain is not None and not drain.done():
             drain.set_result(None)
+
+    def _ended(self) -> None:
+        self.eof = True
+        if (
+            self.head_done
+            and not self.done
+            and not self.upgraded
+            and self.length is None
+            and not self.chunked
+        ):
+            # llhttp reads such a body to the end of the connection, and
+            # httptools has no call to tell it the end came (llhttp_finish).
+            self.done = self.spoilt = True
+        self._wake()
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -180,6 +275,79 @@ class _Connection(asyncio.Protocol):
         if drain is not None and not drain.done():
             drain.set_result(None)
 
+    # llhttp's callbacks ------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.done:
+            self.spoilt = True  # a second answer to one request
+            raise _Stop
+        self.reason = b""
+        self.fields = []
+        self.length = None
+        self.chunked = False
+
+    def on_status(self, status: bytes) -> None:
+        self.reason += status
+        self._head_bytes += len(status)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.head_done:
+            return  # a trailer field: read and dropped
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > self._max_head:
+            self._refuse("head too long")
+        lower = name.lower()
+        if lower == b"content-length":
+            # llhttp refused a second one and anything but digits.
+            self.length = int(value)
+        elif lower == b"transfer-encoding":
+            if self.chunked or value.strip(b" \t").lower() != b"chunked":
+                self._refuse("unsupported transfer-encoding")
+            self.chunked = True
+        self.fields.append(
+            (name.decode(), value.decode("utf-8", "surrogateescape").strip(" \t"))
+        )
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        if parser.get_http_version() not in _VERSIONS:
+            self._refuse("unsupported http version")
+        status = parser.get_status_code()
+        if status < 200:
+            if status == 101:
+                if not self._upgrade:
+                    self._refuse("unexpected 101 to an ordinary request")
+                if not parser.should_upgrade():
+                    self._refuse("101 without connection: upgrade")
+            elif self.length is not None or self.chunked:
+                self._refuse("framing on an informational answer")
+            else:
+                self._informational = True
+                return
+        self.status = status
+        self.keep_alive = parser.get_http_version() == "1.1" and (
+            parser.should_keep_alive()
+        )
+        self.head_done = True
+        if self._head_only:
+            self.done = self.spoilt = True
+            raise _Stop
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+        self._queued += len(body)
+        self._pause_above(self._queued)
+
+    def on_message_complete(self) -> None:
+        if self._informational:
+            self._informational = False
+            return
+        self.done = True
+
+    def _refuse(self, reason: str) -> None:
+        self.failure = reason
+        raise _Stop(reason)
+
     # Reading ---------------------------------------------------------------
 
     def _wake(self) -> None:
@@ -188,66 +356,61 @@ class _Connection(asyncio.Protocol):
             waiter.set_result(None)
 
     async def _wait(self) -> None:
-        if self.eof:
-            raise _Lost
-        if self._paused:
-            self._paused = False
-            assert self.transport is not None
-            self.transport.resume_reading()
         waiter = self._waiter = self._loop.create_future()
         try:
             await waiter
         finally:
             self._waiter = None
 
-    def _resume_if_drained(self) -> None:
-        if self._paused and len(self.buffer) < self._high // 2:
+    def _pause_above(self, queued: int) -> None:
+        if queued > self._high and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def _resume_below(self, queued: int) -> None:
+        if self._paused and queued < self._high // 2 and not self.eof:
             self._paused = False
             assert self.transport is not None
             self.transport.resume_reading()
 
-    async def read_until(self, marker: bytes, limit: int) -> bytes:
-        """Bytes up to ``marker`` (excluded, and consumed); ``_Malformed`` past
-        ``limit`` bytes, ``_Lost`` at the end of the stream.
-        """
-        start = 0
+    async def read_head(self) -> None:
+        """Wait for the answer's final head; ``_Malformed`` or ``_Lost``."""
         while True:
-            buf = self.buffer
-            at = buf.find(marker, start)
-            if at >= 0:
-                if at > limit:
-                    raise _Malformed("head or line too long")
-                data = bytes(buf[:at])
-                del buf[: at + len(marker)]
+            if self.failure is not None:
+                raise _Malformed(self.failure)
+            if self.head_done:
+                return
+            if self.eof:
+                raise _Lost
+            await self._wait()
+
+    async def read_body(self) -> bytes:
+        """The body's next bytes, ``b""`` once it is complete."""
+        while True:
+            body = self.body
+            if body:
+                data = body.popleft() if len(body) == 1 else b"".join(body)
+                body.clear()
+                self._queued = 0
+                self._resume_below(0)
                 return data
-            if len(buf) > limit:
-                raise _Malformed("head or line too long")
-            start = max(0, len(buf) - len(marker) + 1)
+            if self.failure is not None:
+                raise _Malformed(self.failure)
+            if self.done:
+                return b""
+            if self.eof:
+                raise _Lost
             await self._wait()
 
-    async def read_exactly(self, n: int) -> bytes:
-        while len(self.buffer) < n:
+    async def read_raw(self) -> bytes:
+        """After ``101``: the bytes received, ``b""`` at the end."""
+        while not self.raw:
+            if self.eof:
+                return b""
             await self._wait()
-        buf = self.buffer
-        data = bytes(buf[:n])
-        del buf[:n]
-        self._resume_if_drained()
-        return data
-
-    async def read_some(self, n: int) -> bytes:
-        """Between 1 and ``n`` bytes; ``_Lost`` at the end of the stream."""
-        if not self.buffer:
-            await self._wait()
-            while not self.buffer:
-                await self._wait()
-        buf = self.buffer
-        if n >= len(buf):
-            data = bytes(buf)
-            buf.clear()
-        else:
-            data = bytes(buf[:n])
-            del buf[:n]
-        self._resume_if_drained()
+        data = bytes(self.raw)
+        self.raw.clear()
+        self._resume_below(0)
         return data
 
     # Writing ---------------------------------------------------------------
@@ -274,7 +437,8 @@ class _Connection(asyncio.Protocol):
     def usable_idle(self, now: float, keepalive: float) -> bool:
         return (
             not self.eof
-            and not self.buffer
+            and not self.spoilt
+            and not self.busy
             and self.transport is not None
             and not self.transport.is_closing()
             and now - self.idle_since < keepalive
@@ -296,16 +460,13 @@ class PooledResponse:
     ``Content-Length`` within the buffer bound, or nothing to read: ``b""``
     for ``HEAD``, 204, 304 and a zero length); otherwise ``None`` and the
     body comes from ``read_chunk``. Call ``close`` when done (``release`` is
-    automatic once the body is read completely); ``async with`` does it.
+    automatic once the body is read completely); ``async with`` does it. A
+    ``101`` to an upgrade is taken over with ``detach``.
     """
 
     __slots__ = (
         "_conn",
-        "_mode",
-        "_need_crlf",
         "_pool",
-        "_remaining",
-        "_reusable",
         "_writer",
         "body",
         "body_length",
@@ -320,29 +481,22 @@ class PooledResponse:
         pool: ConnectionPool,
         conn: _Connection,
         *,
-        status: int,
-        reason: str,
-        headers: CIMultiDict[str],
-        mode: int,
-        length: int,
-        reusable: bool,
+        bodyless: bool,
         writer: asyncio.Task[None] | None,
     ) -> None:
         self._pool = pool
         self._conn: _Connection | None = conn
-        self.status = status
-        self.reason = reason
-        self.headers = headers
+        self.status = conn.status
+        self.reason = conn.reason.decode("utf-8", "surrogateescape")
+        self.headers = CIMultiDict(conn.fields)
         self.body: bytes | None = None
         #: The exact length of the body as framed by the API server's
-        #: ``Content-Length`` (which ``read_chunk`` holds it to), ``None`` for
-        #: a chunked, close-delimited or absent body: what a relay may declare.
-        self.body_length = length if mode == _LENGTH else None
+        #: ``Content-Length`` (which llhttp holds it to), ``None`` for a
+        #: chunked, close-delimited or absent body: what a relay may declare.
+        self.body_length = (
+            None if bodyless or conn.chunked or self.status == 101 else conn.length
+        )
         self.complete = False
-        self._mode = mode
-        self._remaining = length
-        self._need_crlf = False
-        self._reusable = reusable
         self._writer = writer
 
     async def __aenter__(self) -> PooledResponse:
@@ -355,28 +509,13 @@ class PooledResponse:
         """The next piece of the body; ``b""`` once it is complete.
 
         ``UpstreamError`` (502) when the connection breaks or the framing is
-        wrong; the connection is then aborted.
+        wrong; the connection is then aborted. Safe to cancel (an idle limit).
         """
-        if self.complete:
-            return b""
         conn = self._conn
-        assert conn is not None
+        if self.complete or conn is None:
+            return b""
         try:
-            if self._mode == _LENGTH:
-                data = await conn.read_some(self._remaining)
-                self._remaining -= len(data)
-                if not self._remaining:
-                    self._finish()
-                return data
-            if self._mode == _CHUNKED:
-                return await self._read_chunked(conn)
-            if self._mode == _UNTIL_CLOSE:
-                try:
-                    return await conn.read_some(1 << 20)
-                except _Lost:
-                    self._reusable = False
-                    self._finish()
-                    return b""
+            data = await conn.read_body()
         except _Lost as err:
             self.close()
             raise UpstreamError(
@@ -387,30 +526,8 @@ class PooledResponse:
             raise UpstreamError(
                 f"upstream: malformed response: {err}", status=502
             ) from err
-        self._finish()
-        return b""
-
-    async def _read_chunked(self, conn: _Connection) -> bytes:
-        while not self._remaining:
-            if self._need_crlf:
-                if await conn.read_until(b"\r\n", 2):
-                    raise _Malformed("chunk not followed by crlf")
-                self._need_crlf = False
-            line = await conn.read_until(b"\r\n", _MAX_LINE)
-            match = _CHUNK_SIZE.fullmatch(line)
-            if match is None:
-                raise _Malformed("bad chunk size line")
-            size = int(match.group(1), 16)
-            if size == 0:
-                while await conn.read_until(b"\r\n", _MAX_LINE):
-                    pass  # trailers: read and dropped
-                self._finish()
-                return b""
-            self._remaining = size
-        data = await conn.read_some(self._remaining)
-        self._remaining -= len(data)
-        if not self._remaining:
-            self._need_crlf = True
+        if not data or (conn.done and not conn.body):
+            self._finish()
         return data
 
     async def read(self, limit: int) -> bytes:
@@ -427,6 +544,14 @@ class PooledResponse:
                 raise UpstreamError("upstream: response too large", status=502)
         return bytes(out)
 
+    def detach(self) -> Upgraded:
+        """Take over the connection after ``101 Switching Protocols``."""
+        conn, self._conn = self._conn, None
+        if self.status != 101 or conn is None or not conn.upgraded:
+            raise RuntimeError("upstream: only a 101 is detached, once")
+        self.complete = True
+        return Upgraded(conn)
+
     def _finish(self) -> None:
         self.complete = True
         conn, self._conn = self._conn, None
@@ -438,9 +563,9 @@ class PooledResponse:
         )
         if writer is not None and not writer.done():
             writer.cancel()
-        self._pool.release(
-            conn, reusable=self._reusable and written and not conn.buffer
-        )
+        reusable = conn.keep_alive and written and not conn.spoilt
+        conn.busy = False
+        self._pool.release(conn, reusable=reusable)
 
     def close(self) -> None:
         """Give the connection back if the answer was complete, else abort it."""
@@ -450,6 +575,48 @@ class PooledResponse:
             writer.cancel()
         if conn is not None:
             self._pool.release(conn, reusable=False)
+
+
+class Upgraded:
+    """The API server's side of a tunnel, after ``101``: bytes both ways on the
+    connection the upgrade was asked on (``proxy.tunnel`` relays them).
+    """
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: _Connection) -> None:
+        self._conn = conn
+
+    async def read(self) -> bytes:
+        """The bytes received since the last read (first: those that came
+        with the ``101``); ``b""`` once the API server closed. Reading pauses
+        while about the pool's buffer bound waits unread.
+        """
+        return await self._conn.read_raw()
+
+    def write(self, data: bytes) -> None:
+        """Send bytes (``ConnectionResetError`` once the connection is gone)."""
+        try:
+            self._conn.write(data)
+        except _Lost as err:
+            raise ConnectionResetError("upstream: tunnel connection lost") from err
+
+    async def drain(self) -> None:
+        """Wait while the transport's write buffer is full."""
+        try:
+            await self._conn.drain()
+        except _Lost as err:
+            raise ConnectionResetError("upstream: tunnel connection lost") from err
+
+    async def close(self) -> None:
+        """Close the connection: politely, aborting if TLS shutdown stalls."""
+        conn = self._conn
+        conn.close()
+        try:
+            async with asyncio.timeout(_CLOSE_WAIT):
+                await asyncio.shield(conn.lost)
+        except TimeoutError:
+            conn.abort()
 
 
 class ConnectionPool:
@@ -654,31 +821,41 @@ class ConnectionPool:
         body: bytes | BodySource | None,
         *,
         body_length: int | None = None,
+        upgrade: str | None = None,
     ) -> tuple[bytes, bool]:
         """The request head as bytes, and whether the body goes chunked.
 
         The framing is ours (``proxy.framing.request_framing``): the length
         of a bytes body, ``body_length`` for a streamed one (which is then
         cut at that length), chunked for a streamed body of unknown length.
-        ``headers`` carrying a framing field or ``Host`` are a bug of the
-        caller and refused (``ValueError``), so no client's field can ever
-        stand beside ours.
+        With ``upgrade`` (the protocol asked for) the head ends with
+        ``Connection: Upgrade`` and ``Upgrade`` and has no framing: no body
+        goes before the ``101``. ``headers`` carrying a framing, hop-by-hop
+        or ``Host`` field are a bug of the caller and refused
+        (``ValueError``), so no client's field can ever stand beside ours.
         """
         lines = [f"{method} {target} HTTP/1.1", f"Host: {self._host_header}"]
         for name, value in headers:
             if name.lower() in _OURS:
                 raise ValueError(f"upstream: {name!r} is the pool's to write")
             lines.append(f"{name}: {value}")
-        if isinstance(body, bytes):
-            body_length = len(body)
-        elif body is None:
-            body_length = None
-        field = framing.request_framing(
-            method, body_length=body_length, streamed=body is not None
-        )
-        chunked = field is not None and field[0] == "Transfer-Encoding"
-        if field is not None:
-            lines.append(f"{field[0]}: {field[1]}")
+        chunked = False
+        if upgrade is not None:
+            if body is not None:
+                raise ValueError("upstream: no body goes with an upgrade")
+            lines.append("Connection: Upgrade")
+            lines.append(f"Upgrade: {upgrade}")
+        else:
+            if isinstance(body, bytes):
+                body_length = len(body)
+            elif body is None:
+                body_length = None
+            field = framing.request_framing(
+                method, body_length=body_length, streamed=body is not None
+            )
+            chunked = field is not None and field[0] == "Transfer-Encoding"
+            if field is not None:
+                lines.append(f"{field[0]}: {field[1]}")
         raw = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "ignore")
         # The only control characters allowed are a value's tabs and the line
         # breaks joined in here: deleting every other one, CR and LF included,
@@ -720,8 +897,49 @@ class ConnectionPool:
             chunked=chunked,
             content_length=None if chunked else body_length,
             max_head_bytes=max_head_bytes,
+            upgrade=False,
         )
-        conn = await self._acquire(connect_timeout, fresh=False)
+        return await self._send(outgoing, connect_timeout, head_timeout, retry=retry)
+
+    async def upgrade(
+        self,
+        method: str,
+        target: str,
+        headers: Iterable[tuple[str, str]],
+        *,
+        protocol: str,
+        connect_timeout: float,
+        head_timeout: float | None = None,
+        max_head_bytes: int = 256 * 1024,
+    ) -> PooledResponse:
+        """Ask for an upgrade to ``protocol`` on a fresh connection; the
+        answer once its head has arrived: ``detach`` a ``101``, read any
+        other like an ordinary answer. Never retried.
+        """
+        head, _ = self.head(method, target, headers, None, upgrade=protocol)
+        outgoing = _Outgoing(
+            method=method,
+            head=head,
+            body=None,
+            chunked=False,
+            content_length=None,
+            max_head_bytes=max_head_bytes,
+            upgrade=True,
+        )
+        return await self._send(
+            outgoing, connect_timeout, head_timeout, retry=False, fresh=True
+        )
+
+    async def _send(
+        self,
+        outgoing: _Outgoing,
+        connect_timeout: float,
+        head_timeout: float | None,
+        *,
+        retry: bool,
+        fresh: bool = False,
+    ) -> PooledResponse:
+        conn = await self._acquire(connect_timeout, fresh=fresh)
         while True:
             try:
                 if head_timeout is None:
@@ -752,7 +970,13 @@ class ConnectionPool:
                 raise
 
     async def _exchange(self, conn: _Connection, req: _Outgoing) -> PooledResponse:
-        conn.received = 0
+        head_only = req.method == "HEAD"
+        conn.begin(
+            head_only=head_only, upgrade=req.upgrade, max_head=req.max_head_bytes
+        )
+        # An upgrade's connection is its own: never pooled, whatever the answer.
+        if req.upgrade:
+            conn.spoilt = True
         writer: asyncio.Task[None] | None = None
         body = req.body
         if body is None:
@@ -766,33 +990,22 @@ class ConnectionPool:
             )
             writer.add_done_callback(_retrieve)
         try:
-            while True:
-                raw = await conn.read_until(b"\r\n\r\n", req.max_head_bytes)
-                version, status, reason, headers, mode, length, close = _parse_head(raw)
-                if status >= 200:
-                    break
-                if status == 101:
-                    raise _Malformed("unexpected 101 to an ordinary request")
-            if req.method == "HEAD" or status in (204, 304):
-                mode, length = _NONE, 0
-            reusable = version == 1 and not close and mode != _UNTIL_CLOSE
-            response = PooledResponse(
-                self,
-                conn,
-                status=status,
-                reason=reason,
-                headers=headers,
-                mode=mode,
-                length=length,
-                reusable=reusable,
-                writer=writer,
-            )
-            if mode == _NONE or (mode == _LENGTH and length == 0):
+            await conn.read_head()
+            status = conn.status
+            bodyless = head_only or status in (204, 304)
+            response = PooledResponse(self, conn, bodyless=bodyless, writer=writer)
+            if status == 101:
+                return response
+            length = response.body_length
+            if bodyless or length == 0:
                 # Nothing to read (HEAD, 204, 304, a zero length): a whole body.
                 response.body = b""
                 response._finish()
-            elif mode == _LENGTH and length <= self.buffer_limit:
-                response.body = await conn.read_exactly(length)
+            elif length is not None and length <= self.buffer_limit:
+                pieces = []
+                while piece := await conn.read_body():
+                    pieces.append(piece)
+                response.body = b"".join(pieces)
                 response._finish()
             return response
         except BaseException:
@@ -839,55 +1052,3 @@ async def _write_body(
     except BaseException:
         conn.abort()
         raise
-
-
-def _parse_head(
-    raw: bytes,
-) -> tuple[int, int, str, CIMultiDict[str], int, int, bool]:
-    """(minor version, status, reason, headers, framing, length, ``close``).
-
-    The head is decoded once (UTF-8, undecodable bytes kept as surrogates, as
-    aiohttp decodes each value), checked whole by one expression and split
-    into fields by another: a few C calls instead of a match per line.
-    """
-    text = raw.decode("utf-8", "surrogateescape")
-    line_end = text.find("\r\n")
-    if line_end < 0:
-        line_end = len(text)
-    match = _STATUS_LINE.fullmatch(text, 0, line_end)
-    if match is None:
-        raise _Malformed("bad status line")
-    if _FIELDS.fullmatch(text, line_end) is None:
-        raise _Malformed("bad header line")
-    version = int(match.group(1))
-    status = int(match.group(2))
-    reason = match.group(3) or ""
-    pairs = [
-        (name, value.strip(" \t")) for name, value in _FIELD.findall(text, line_end)
-    ]
-    length: int | None = None
-    chunked = False
-    close = False
-    for name, value in pairs:
-        lower = name.lower()
-        if lower == "content-length":
-            if length is not None or _DIGITS.fullmatch(value) is None:
-                raise _Malformed("bad content-length")
-            length = int(value)
-        elif lower == "transfer-encoding":
-            if chunked or value.lower() != "chunked":
-                raise _Malformed("unsupported transfer-encoding")
-            chunked = True
-        elif lower == "connection" and "close" in (
-            t.strip() for t in value.lower().split(",")
-        ):
-            close = True
-    if chunked and length is not None:
-        raise _Malformed("both content-length and transfer-encoding")
-    if chunked:
-        mode, size = _CHUNKED, 0
-    elif length is not None:
-        mode, size = _LENGTH, length
-    else:
-        mode, size = _UNTIL_CLOSE, 0
-    return version, status, reason, CIMultiDict(pairs), mode, size, close

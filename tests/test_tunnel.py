@@ -1,5 +1,6 @@
 """The upgraded-connection relay, on its own: an aiohttp handler that takes the
-connection over after a 101 and splices it to a plain TCP "upstream".
+connection over after a 101 and splices it to what the pool hands over after
+an upstream's 101 (``proxy.upstream_pool.Upgraded``).
 """
 
 from __future__ import annotations
@@ -14,15 +15,18 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy import tunnel
+from proxy.upstream_pool import ConnectionPool
 
 _RESULT: web.AppKey[list[tunnel.TunnelResult]] = web.AppKey("results")
-_UPSTREAM: web.AppKey[tuple[str, int]] = web.AppKey("upstream")
+_UPSTREAM: web.AppKey[ConnectionPool] = web.AppKey("upstream")
 _IDLE: web.AppKey[float] = web.AppKey("idle")
 
 
 @dataclass
 class Echo:
-    """A TCP server that upper-cases what it gets; ``BYE`` makes it hang up."""
+    """A server that answers an upgrade request with ``101``, then upper-cases
+    what it gets; ``BYE`` makes it hang up.
+    """
 
     port: int = 0
     closed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -39,6 +43,11 @@ async def echo_server(*, silent: bool = False) -> AsyncIterator[Echo]:
         assert task is not None
         tasks.add(task)
         try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                b"Upgrade: x\r\n\r\n"
+            )
             while data := await reader.read(65536):
                 echo.received += len(data)
                 if data.strip() == b"BYE":
@@ -46,7 +55,7 @@ async def echo_server(*, silent: bool = False) -> AsyncIterator[Echo]:
                 if not silent:
                     writer.write(data.upper())
                     await writer.drain()
-        except ConnectionError:
+        except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
             echo.closed.set()
@@ -66,8 +75,11 @@ async def echo_server(*, silent: bool = False) -> AsyncIterator[Echo]:
 
 
 async def splice(request: web.Request) -> web.StreamResponse:
-    host, port = request.app[_UPSTREAM]
-    reader, writer = await asyncio.open_connection(host, port)
+    answer = await request.app[_UPSTREAM].upgrade(
+        "POST", "/", [], protocol=request.headers["Upgrade"], connect_timeout=5
+    )
+    assert answer.status == 101
+    upstream = answer.detach()
     headers = CIMultiDict(
         {"Connection": "Upgrade", "Upgrade": request.headers["Upgrade"]}
     )
@@ -75,11 +87,9 @@ async def splice(request: web.Request) -> web.StreamResponse:
         request, reason="Switching Protocols", headers=headers
     )
     try:
-        result = await tunnel.relay(
-            client, reader, writer, idle_seconds=request.app[_IDLE]
-        )
+        result = await tunnel.relay(client, upstream, idle_seconds=request.app[_IDLE])
     finally:
-        writer.close()
+        await upstream.close()
     request.app[_RESULT].append(result)
     return response
 
@@ -98,7 +108,18 @@ class Server:
 @contextlib.asynccontextmanager
 async def tunnel_app(echo: Echo, idle: float = 0.0) -> AsyncIterator[Server]:
     app = web.Application()
-    app[_UPSTREAM] = ("127.0.0.1", echo.port)
+    pool = ConnectionPool(
+        host="127.0.0.1",
+        port=echo.port,
+        ssl_context=None,
+        server_hostname=None,
+        resolver=None,
+        limit=0,
+        keepalive_timeout=30,
+        host_header="echo.test",
+        buffer_limit=64 * 1024,
+    )
+    app[_UPSTREAM] = pool
     app[_IDLE] = idle
     app[_RESULT] = []
     app.router.add_get("/hello", hello)
@@ -111,6 +132,7 @@ async def tunnel_app(echo: Echo, idle: float = 0.0) -> AsyncIterator[Server]:
         yield Server(runner.addresses[0][1], runner, app[_RESULT])
     finally:
         await runner.cleanup()
+        await pool.close()
 
 
 async def open_tunnel(

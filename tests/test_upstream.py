@@ -1,5 +1,5 @@
 """How the proxy reaches the API server: kubernetes loaders, TLS, credential
-rotation, the pooled client and the raw upgrade client.
+rotation, and the one client (the pool) for ordinary requests and upgrades.
 """
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -16,7 +17,6 @@ from typing import Any
 import pytest
 import trustme
 import yaml
-from multidict import CIMultiDict
 
 from proxy.errors import ConfigError, UpstreamError
 from proxy.upstream import Upstream, UpstreamSettings
@@ -78,13 +78,13 @@ async def test_kubeconfig_gives_url_ca_and_credential(
             assert str(upstream.base_url) == fake.url
             assert upstream.auth_headers() == {"Authorization": f"Bearer {PROXY_TOKEN}"}
             assert PROXY_TOKEN not in repr(upstream)
-            headers = CIMultiDict(upstream.auth_headers())
-            headers["Impersonate-User"] = "someone"
-            async with upstream.request(
+            headers = [*upstream.auth_items, ("Impersonate-User", "someone")]
+            response = await upstream.fetch(
                 "GET", "/api", headers=headers, connect_timeout=5, head_timeout=5
-            ) as response:
+            )
+            async with response:
                 assert response.status == 200
-                assert (await response.json())["kind"] == "APIVersions"
+                assert json.loads(await response.read(1 << 20))["kind"] == "APIVersions"
 
 
 async def test_kubeconfig_context_is_honoured(tmp_path: Path, ca: trustme.CA) -> None:
@@ -409,15 +409,15 @@ async def test_client_certificate_from_kubeconfig_is_presented(
         )
         async with started(UpstreamSettings(kubeconfig=str(config))) as upstream:
             assert upstream.auth_headers() == {}
-            response = await upstream.open_upgrade(
+            response = await upstream.upgrade(
                 "POST",
                 "/api/v1/namespaces/default/pods/p/portforward",
-                [("Connection", "Upgrade"), ("Upgrade", "SPDY/3.1")],
+                headers=[],
+                protocol="SPDY/3.1",
                 connect_timeout=5,
                 head_timeout=5,
-                max_header_bytes=65536,
             )
-            await response.close()
+            await response.detach().close()
         assert response.status == 101
         (peer,) = raw.peer_certs
         assert peer is not None
@@ -433,23 +433,18 @@ async def test_untrusted_server_certificate_is_502(
         )
         async with started(UpstreamSettings(kubeconfig=str(config))) as upstream:
             with pytest.raises(UpstreamError) as info:
-                async with upstream.request(
-                    "GET",
-                    "/api",
-                    headers=CIMultiDict(),
-                    connect_timeout=5,
-                    head_timeout=5,
-                ):
-                    pass
+                await upstream.fetch(
+                    "GET", "/api", headers=[], connect_timeout=5, head_timeout=5
+                )
             assert info.value.status == 502
             with pytest.raises(UpstreamError) as info:
-                await upstream.open_upgrade(
+                await upstream.upgrade(
                     "GET",
                     "/x",
-                    [],
+                    headers=[],
+                    protocol="websocket",
                     connect_timeout=5,
                     head_timeout=5,
-                    max_header_bytes=1024,
                 )
             assert info.value.status == 502
 
@@ -460,25 +455,24 @@ async def test_unreachable_server_is_503(tmp_path: Path, ca: trustme.CA) -> None
     config = upstream_kubeconfig(tmp_path / "kc", url, pem)
     async with started(UpstreamSettings(kubeconfig=str(config))) as upstream:
         with pytest.raises(UpstreamError) as info:
-            async with upstream.request(
-                "GET", "/api", headers=CIMultiDict(), connect_timeout=5, head_timeout=5
-            ):
-                pass
+            await upstream.fetch(
+                "GET", "/api", headers=[], connect_timeout=5, head_timeout=5
+            )
         assert info.value.status == 503
         with pytest.raises(UpstreamError) as info:
-            await upstream.open_upgrade(
+            await upstream.upgrade(
                 "GET",
                 "/x",
-                [],
+                headers=[],
+                protocol="websocket",
                 connect_timeout=5,
                 head_timeout=5,
-                max_header_bytes=1024,
             )
         assert info.value.status == 503
 
 
 # --------------------------------------------------------------------------
-# The raw upgrade client's HTTP parsing (plain http on loopback)
+# Upgrades through the pool (plain http on loopback)
 
 
 @contextlib.asynccontextmanager
@@ -551,20 +545,24 @@ async def test_non_101_answers_are_read(
         canned(answer) as (port, heads),
         started(_plain(tmp_path, port, "/prefix")) as up,
     ):
-        response = await up.open_upgrade(
+        response = await up.upgrade(
             "GET",
             "/api/v1/x?y=1",
-            [("Upgrade", "websocket"), ("Connection", "Upgrade")],
+            headers=[("X-A", "1")],
+            protocol="websocket",
             connect_timeout=5,
             head_timeout=5,
-            max_header_bytes=4096,
+            max_head_bytes=4096,
         )
-        assert response.status == code
-        assert await response.read_body(limit=100) == body
+        async with response:
+            assert response.status == code
+            assert await response.read(100) == body
+        assert up.pool.idle_connections == 0  # an upgrade's connection is its own
     head = heads[0].decode()
-    assert head.startswith("GET /prefix/api/v1/x?y=1 HTTP/1.1\r\n")
-    assert f"Host: 127.0.0.1:{port}\r\n" in head
-    assert "Authorization" not in head  # the caller decides which credential
+    assert head == (
+        f"GET /prefix/api/v1/x?y=1 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        "X-A: 1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    )  # no framing, no credential: the caller decides which one
 
 
 @pytest.mark.parametrize(
@@ -574,6 +572,10 @@ async def test_non_101_answers_are_read(
         (b"HTTP/1.1 101 Switching\r\nNo colon here\r\n\r\n", 502),
         (b"HTTP/1.1 101 Switching\r\n", 502),
         (b"HTTP/1.1 101 Switching\r\nX-Big: " + b"a" * 5000 + b"\r\n\r\n", 502),
+        (b"HTTP/1.1 101 Switching Protocols\r\n\r\nspdy", 502),
+        (b"HTTP/1.1 101 Switching\r\nConnection: Upgrade\r\n Upgrade: x\r\n\r\n", 502),
+        (b"HTTP/1.1 101 Switching\nConnection: Upgrade\nUpgrade: x\n\n", 502),
+        (b"HTTP/2.0 101 Switching\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\n", 502),
         (None, 504),
     ],
     ids=[
@@ -581,6 +583,10 @@ async def test_non_101_answers_are_read(
         "bad-header",
         "closed-early",
         "head-too-large",
+        "101-without-connection-upgrade",
+        "obs-fold",
+        "bare-lf",
+        "http-2.0",
         "no-answer",
     ],
 )
@@ -589,22 +595,76 @@ async def test_bad_upgrade_answers(
 ) -> None:
     async with canned(answer) as (port, _), started(_plain(tmp_path, port)) as up:
         with pytest.raises(UpstreamError) as info:
-            await up.open_upgrade(
+            await up.upgrade(
                 "GET",
                 "/x",
-                [],
+                headers=[],
+                protocol="websocket",
                 connect_timeout=5,
                 head_timeout=0.3,
-                max_header_bytes=4096,
+                max_head_bytes=4096,
             )
         assert info.value.status == code
+        assert up.pool.open_connections == 0
 
 
 async def test_error_body_is_capped(tmp_path: Path) -> None:
     answer = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 500\r\n\r\n" + b"x" * 500
     async with canned(answer) as (port, _), started(_plain(tmp_path, port)) as up:
-        response = await up.open_upgrade(
-            "GET", "/x", [], connect_timeout=5, head_timeout=5, max_header_bytes=4096
+        response = await up.upgrade(
+            "GET", "/x", headers=[], protocol="websocket", connect_timeout=5
         )
         with pytest.raises(UpstreamError):
-            await response.read_body(limit=100)
+            await response.read(100)
+        assert up.pool.open_connections == 0
+
+
+async def test_a_101_hands_over_the_connection_with_the_bytes_after_the_head(
+    tmp_path: Path, ca: trustme.CA
+) -> None:
+    """What the pool hands over after ``101`` is the same connection: the
+    bytes that came with the head first, then both ways, then the end.
+    """
+    async with serve_raw_upgrade(ca) as raw:
+        config = upstream_kubeconfig(tmp_path / "kc", raw.url, ca.cert_pem.bytes())
+        async with started(UpstreamSettings(kubeconfig=str(config))) as upstream:
+            response = await upstream.upgrade(
+                "POST",
+                "/api/v1/namespaces/default/pods/p/exec?command=sh",
+                headers=[*upstream.auth_items, ("X-Stream-Protocol-Version", "v4")],
+                protocol="SPDY/3.1",
+                connect_timeout=5,
+                head_timeout=5,
+            )
+            assert response.status == 101
+            assert response.headers["Upgrade"] == "SPDY/3.1"
+            pipe = response.detach()
+            async with asyncio.timeout(5):
+                got = b""
+                while len(got) < len(raw.greeting):
+                    got += await pipe.read()
+                assert got == raw.greeting
+                pipe.write(b"hello")
+                await pipe.drain()
+                assert await pipe.read() == b"HELLO"
+                pipe.write(b"BYE")
+                assert await pipe.read() == b""
+            await pipe.close()
+            assert upstream.pool.open_connections == 0
+    line, headers = raw.heads[0]
+    assert line == "POST /api/v1/namespaces/default/pods/p/exec?command=sh HTTP/1.1"
+    assert headers["Connection"] == "Upgrade"
+    assert headers["Upgrade"] == "SPDY/3.1"
+    assert "Content-Length" not in headers
+    assert "Transfer-Encoding" not in headers
+
+
+async def test_an_unexpected_101_to_an_ordinary_request_is_502(
+    tmp_path: Path,
+) -> None:
+    answer = b"HTTP/1.1 101 Switching\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\n"
+    async with canned(answer) as (port, _), started(_plain(tmp_path, port)) as up:
+        with pytest.raises(UpstreamError) as info:
+            await up.fetch("GET", "/x", headers=[], connect_timeout=5, head_timeout=5)
+        assert info.value.status == 502
+        assert up.pool.open_connections == 0

@@ -1,6 +1,8 @@
-"""The lean keep-alive HTTP/1.1 pool (``proxy.upstream_pool``) against a real
-loopback server that scripts each answer and counts connections; and its wire
-compared with aiohttp's client (``Upstream.request``) on the same requests.
+"""The one upstream client (``proxy.upstream_pool``) against a real loopback
+server that scripts each answer and counts connections: keep-alive, answers
+judged by llhttp's rules plus ours (502 and the connection never reused),
+streams with backpressure; its wire and its reading of answers compared with
+aiohttp's client as an oracle, on the same requests.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import trustme
-from multidict import CIMultiDict
 
 from proxy.errors import UpstreamError
+from proxy.impersonate import ProxySettings
 from proxy.upstream import Upstream, UpstreamSettings
 from proxy.upstream_pool import ConnectionPool
 from tests.fakes.apiserver_harness import run_proxy, upstream_kubeconfig
@@ -313,6 +316,64 @@ MALFORMED = [
     ),
     ("switching-protocols", b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n"),
     (
+        "switching-protocols-upgrade",
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+        b"Upgrade: x\r\n\r\n",
+    ),
+    # What llhttp refuses in its strict mode (the pool turns nothing lenient).
+    ("obs-fold-first", b"HTTP/1.1 200 OK\r\nX-A:\r\n b\r\nContent-Length: 0\r\n\r\n"),
+    ("bare-lf-head", b"HTTP/1.1 200 OK\nContent-Length: 0\n\n"),
+    ("bare-cr", b"HTTP/1.1 200 OK\rX-A: b\r\nContent-Length: 0\r\n\r\n"),
+    ("nul-in-value", b"HTTP/1.1 200 OK\r\nX-A: b\x00c\r\nContent-Length: 0\r\n\r\n"),
+    ("listed-length", b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok"),
+    (
+        "different-lengths",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
+    ),
+    (
+        "length-overflow",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999999\r\n\r\nok",
+    ),
+    (
+        "chunk-size-with-blank",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2 \r\nab\r\n0\r\n\r\n",
+    ),
+    (
+        "chunk-size-negative",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-2\r\nab\r\n0\r\n\r\n",
+    ),
+    (
+        "chunk-size-overflow",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"fffffffffffffffff\r\nab\r\n0\r\n\r\n",
+    ),
+    (
+        "chunk-bare-lf",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\nab\r\n0\r\n\r\n",
+    ),
+    (
+        "length-in-trailers",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\nok\r\n0\r\nContent-Length: 2\r\n\r\n",
+    ),
+    # Our policy on top of llhttp's.
+    ("http-2.0", b"HTTP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n"),
+    ("http-0.9", b"HTTP/0.9 200 OK\r\nContent-Length: 0\r\n\r\n"),
+    (
+        "chunked-then-gzip",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\nxyz",
+    ),
+    (
+        "chunked-twice",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    ),
+    (
+        "informational-with-length",
+        b"HTTP/1.1 103 Early Hints\r\nContent-Length: 2\r\n\r\nok"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+    ),
+    (
         "garbage-after-body",
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n",
     ),
@@ -337,6 +398,57 @@ async def test_malformed_answer_is_502_and_not_reused(answer: bytes) -> None:
     assert server.connections == 2
 
 
+@pytest.mark.parametrize(
+    ("answer", "body"),
+    [
+        (b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + OK, b"ok"),
+        (b"HTTP/1.1 199 Odd\r\n\r\nHTTP/1.1 100 Go\r\n\r\n" + OK, b"ok"),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b'1;a=b;c="d"\r\no\r\n1\r\nk\r\n0\r\n'
+            b"Impersonate-User: admin\r\n\r\n",
+            b"ok",
+        ),
+        (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n", b""),
+        (
+            b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"",
+        ),
+    ],
+    ids=[
+        "informational-skipped",
+        "several-informational",
+        "chunk-extensions-and-trailers-dropped",
+        "not-modified-bodiless",
+        "no-content-bodiless",
+    ],
+)
+async def test_llhttps_framing_and_reuse(answer: bytes, body: bytes) -> None:
+    async with serving(script=[answer]) as server, pool_for(server) as pool:
+        _, got = await get(pool)
+        assert got == body
+        response = await pool.send("GET", "/", [], connect_timeout=5)
+        async with response:
+            assert response.headers.get("Impersonate-User") is None
+        assert pool.idle_connections == 1
+    assert server.connections == 1
+
+
+async def test_a_head_answer_is_bodiless_and_its_connection_not_reused() -> None:
+    """httptools cannot tell llhttp that an answer to HEAD has no body: the
+    pool stops at its head and never reuses that connection.
+    """
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+    async with serving(script=[answer]) as server, pool_for(server) as pool:
+        response = await pool.send("HEAD", "/", [], connect_timeout=5)
+        assert response.body == b""
+        assert response.headers["Content-Length"] == "5"
+        assert response.body_length is None
+        assert pool.idle_connections == 0
+        assert await get(pool) == (200, b"ok")
+    assert server.connections == 2
+
+
 async def test_head_too_large_is_502() -> None:
     answer = (
         b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 5000 + b"\r\nContent-Length: 0\r\n\r\n"
@@ -346,6 +458,44 @@ async def test_head_too_large_is_502() -> None:
             await pool.send("GET", "/", [], connect_timeout=5, max_head_bytes=1024)
         assert info.value.status == 502
         assert pool.open_connections == 0
+
+
+async def test_an_endless_head_is_cut_at_the_limit() -> None:
+    """A head that never ends is refused once the limit is past, however it
+    is sliced: the bytes received while it is incomplete count.
+    """
+    received: list[int] = []
+    done = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nX-Endless: ")
+            for _ in range(200):
+                writer.write(b"a" * 512)
+                await writer.drain()
+                received.append(1)
+                await asyncio.sleep(0.001)
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+            done.set()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    pool = _offline_pool(server.sockets[0].getsockname()[1])
+    try:
+        with pytest.raises(UpstreamError) as info:
+            async with asyncio.timeout(5):
+                await pool.send("GET", "/", [], connect_timeout=5, max_head_bytes=4096)
+        assert info.value.status == 502
+        assert "head too long" in str(info.value)
+        await asyncio.wait_for(done.wait(), 5)
+    finally:
+        await pool.close()
+        server.close()
+        await server.wait_closed()
+    assert len(received) < 200
 
 
 # --------------------------------------------------------------------------
@@ -430,6 +580,51 @@ async def test_close_closes_idle_connections(ca: trustme.CA, tls: bool) -> None:
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in server.ended)), 5)
         with pytest.raises(UpstreamError):
             await get(pool)
+
+
+async def test_a_stream_is_read_with_backpressure_and_kept_out_of_the_pool() -> None:
+    """A watch: a chunked answer read piece by piece, reading paused while
+    the caller does not read, the connection out of the pool until the end.
+    """
+    events = [b'{"type":"ADDED","n":%d}\n' % i + b"x" * 4000 for i in range(400)]
+    chunks = b"".join(b"%x\r\n%b\r\n" % (len(e), e) for e in events)
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    async with (
+        serving(script=[answer + chunks + b"0\r\n\r\n"]) as server,
+        pool_for(server, buffer_limit=8192) as pool,
+    ):
+        response = await pool.send("GET", "/api/v1/pods?watch=1", [], connect_timeout=5)
+        assert response.body is None
+        first = await response.read_chunk()
+        assert first.startswith(b'{"type":"ADDED","n":0}')
+        await asyncio.sleep(0.2)  # the caller is slow: the server must wait
+        conn = response._conn
+        assert conn is not None
+        assert conn._queued <= 8192 + 65536 + 256 * 1024  # bounded, not 1.6 MB
+        assert pool.idle_connections == 0
+        got = first
+        async with asyncio.timeout(10):
+            while chunk := await response.read_chunk():
+                got += chunk
+        assert got == b"".join(events)
+        assert response.complete
+        assert pool.idle_connections == 1
+        assert await get(pool) == (200, b"ok")
+    assert server.connections == 1
+
+
+async def test_a_stream_given_up_is_aborted_not_pooled() -> None:
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"
+    async with serving(script=[answer]) as server, pool_for(server) as pool:
+        response = await pool.send("GET", "/w", [], connect_timeout=5)
+        assert await response.read_chunk() == b"abc"
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.1):  # the caller's idle limit
+                await response.read_chunk()
+        response.close()
+        assert pool.open_connections == 0
+        assert await get(pool) == (200, b"ok")
+    assert server.connections == 2
 
 
 async def test_unread_response_is_not_returned_to_the_pool() -> None:
@@ -595,7 +790,7 @@ async def test_a_streamed_body_shorter_than_its_length_fails_the_request() -> No
 
 
 # --------------------------------------------------------------------------
-# Same wire as aiohttp's client
+# Same wire as aiohttp's client (the oracle: what the proxy sent before the pool)
 
 
 class Chunks:
@@ -659,14 +854,21 @@ async def test_request_wire_matches_aiohttp(
                     return _gen(*(p.encode() for p in body))
                 return body
 
-            async with upstream.request(
-                method,
-                path,
-                headers=headers,
-                data=data(),
-                connect_timeout=5,
-                head_timeout=5,
-            ) as old:
+            trust = ssl.create_default_context()
+            ca.configure_trust(trust)
+            async with (
+                aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(ssl=trust),
+                    auto_decompress=False,
+                ) as session,
+                session.request(
+                    method,
+                    upstream.url(path),
+                    headers=headers,
+                    data=data(),
+                    skip_auto_headers=_NO_AUTO_HEADERS,
+                ) as old,
+            ):
                 await old.read()
             new = await upstream.fetch(
                 method,
@@ -686,6 +888,9 @@ async def test_request_wire_matches_aiohttp(
     assert new_body == old_body
 
 
+#: What aiohttp adds unless told not to (the proxy forwards only what it got).
+_NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+
 RESPONSE_CASES = [
     (
         "length",
@@ -704,6 +909,17 @@ RESPONSE_CASES = [
         "empty-and-tab-values",
         b"HTTP/1.1 200 OK\r\nX-E:\r\nX-T:\tv w\t\r\nX-B: \r\nContent-Length: 0\r\n\r\n",
     ),
+    (
+        "chunk-extensions-and-trailers",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2;x=y\r\nok\r\n0\r\nX-Trailer: t\r\n\r\n",
+    ),
+    (
+        "informational-first",
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx",
+    ),
+    ("http-1.0", b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+    ("obs-text-reason", b"HTTP/1.1 200 D\xc3\xa9j\xe0\r\nContent-Length: 0\r\n\r\n"),
 ]
 
 
@@ -718,9 +934,10 @@ async def test_response_reading_matches_aiohttp(tmp_path: Path, answer: bytes) -
         upstream = Upstream(UpstreamSettings(kubeconfig=str(config)))
         await upstream.start()
         try:
-            async with upstream.request(
-                "GET", "/", headers=CIMultiDict(), connect_timeout=5, head_timeout=5
-            ) as old:
+            async with (
+                aiohttp.ClientSession(auto_decompress=False) as session,
+                session.get(upstream.url("/")) as old,
+            ):
                 expected = (
                     old.status,
                     old.reason,
@@ -770,3 +987,60 @@ async def _until(check: Callable[[], bool], what: str) -> None:
         while not check():
             await asyncio.sleep(0.02)
     assert check(), what
+
+
+# --------------------------------------------------------------------------
+# Through the proxy: one client, one reading, on every path
+
+
+PATHS = [
+    ("ordinary", "/api/v1/namespaces/default/configmaps", {}),
+    ("streaming", "/api/v1/namespaces/default/pods?watch=1", {}),
+    (
+        "upgrade",
+        "/api/v1/namespaces/default/pods/p/exec?command=sh",
+        {"Connection": "Upgrade", "Upgrade": "SPDY/3.1"},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nX-A: b\r\n c\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX-A: b\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        b"HTTP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n",
+    ],
+    ids=["obs-fold", "bare-lf", "two-lengths", "gzip-chunked", "http-2.0"],
+)
+@pytest.mark.parametrize(
+    ("target", "headers"), [p[1:] for p in PATHS], ids=[p[0] for p in PATHS]
+)
+async def test_a_malformed_answer_is_502_on_every_path(
+    tmp_path: Path,
+    ca: trustme.CA,
+    answer: bytes,
+    target: str,
+    headers: dict[str, str],
+) -> None:
+    async with serving(script=[answer, answer]) as server:
+        config = upstream_kubeconfig(
+            tmp_path / "kc", f"http://127.0.0.1:{server.port}", b""
+        )
+        upstream = Upstream(UpstreamSettings(kubeconfig=str(config)))
+        async with run_proxy(
+            tmp_path,
+            ca,
+            tls=False,
+            upstream=upstream,
+            settings=ProxySettings(request_timeout=5),
+        ) as stack:
+            async with stack.client.get(
+                stack.url + target, headers={**stack.bearer(), **headers}
+            ) as r:
+                assert r.status == 502
+                assert (await r.json())["kind"] == "Status"
+            assert upstream.pool.open_connections == 0
+    assert len(server.requests) == 1
