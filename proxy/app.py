@@ -48,6 +48,8 @@ from proxy.keyset import ClaimSourceClient, KeySets
 from proxy.kube import status_body
 from proxy.log import REQUEST_ID, issuer_hash, new_request_id
 from proxy.metrics import CONTENT_TYPE, FLUSH_INTERVAL, Metrics
+from proxy.oktaapi import OktaApiClient
+from proxy.oktagroups import OktaGroups
 from proxy.upstream import Upstream
 from proxy.webhook import WebhookSettings, webhook_server
 
@@ -189,6 +191,13 @@ async def start_engine(
         },
         metrics=metrics,
         claim_sources=ClaimSourceClient(session),
+        okta_groups=None
+        if config.okta is None
+        else OktaGroups(
+            config.okta,
+            OktaApiClient(session, config, metrics=metrics),
+            metrics=metrics,
+        ),
     )
     for key_set in keysets:
         key_set.on_keys_withdrawn = authenticator.forget_issuer

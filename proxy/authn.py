@@ -46,6 +46,7 @@ from proxy.errors import IssuerMismatch, MalformedToken, Overloaded, TokenError
 from proxy.kube import UserInfo
 from proxy.log import fingerprint
 from proxy.metrics import Metrics, null_tally
+from proxy.oktagroups import GroupsProvenance, OktaGroups
 from proxy.tokens import KeyResolver, ParsedToken, peek, verify
 
 __all__ = ["Authenticator", "Verdict", "near_miss"]
@@ -63,6 +64,8 @@ class Verdict:
     user: UserInfo | None = None
     error: TokenError | None = None
     not_mine: str | None = None
+    #: Where the groups came from when ``--okta-*`` applies to the issuer.
+    groups_from: GroupsProvenance | None = None
 
 
 class Authenticator:
@@ -77,6 +80,7 @@ class Authenticator:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         claim_sources: ClaimSourceFetcher | None = None,
+        okta_groups: OktaGroups | None = None,
     ) -> None:
         self._config = config
         self._by_issuer: dict[str, JWTAuthenticatorConfig] = {
@@ -93,6 +97,12 @@ class Authenticator:
         self._distributed = DistributedClaims(
             claim_sources, clock=clock, max_bytes=config.max_token_bytes
         )
+        # Groups beyond a capped or absent claim (``proxy.oktagroups``);
+        # without it (or with no fetcher) such a token is refused, never
+        # mapped with a truncated list.
+        if okta_groups is None and config.okta is not None:
+            okta_groups = OktaGroups(config.okta, None)
+        self._okta = okta_groups
         self.cache = ResultCache(config.cache, clock=clock, monotonic=monotonic)
         self.admission = Admission(config.admission, monotonic=monotonic)
         # The counts of every request, bound once (``proxy.metrics.Tally``).
@@ -117,6 +127,12 @@ class Authenticator:
     async def _validate(
         self, parsed: ParsedToken
     ) -> tuple[str, UserInfo, float] | None:
+        outcome = await self._validate_explained(parsed)
+        return None if outcome is None else outcome[:3]
+
+    async def _validate_explained(
+        self, parsed: ParsedToken
+    ) -> tuple[str, UserInfo, float, GroupsProvenance | None] | None:
         iss = parsed.unverified_issuer
         auth = self._by_issuer.get(iss or "")
         if auth is None:
@@ -129,8 +145,11 @@ class Authenticator:
             parsed, auth.issuer, keys, now=self._clock(), leeway=leeway
         )
         claims = await self._distributed.expand(auth, claims, keys, leeway=leeway)
+        provenance = None
+        if self._okta is not None:
+            claims, provenance = await self._okta.expand(auth, claims)
         user = map_claims(auth, claims)
-        return auth.issuer.url, user, float(claims["exp"])
+        return auth.issuer.url, user, float(claims["exp"]), provenance
 
     async def authenticate(self, token: str) -> UserInfo | None:
         """The user ``token`` maps to, ``None`` if not ours; raise ``TokenError``."""
@@ -252,11 +271,17 @@ class Authenticator:
                 ),
             )
         try:
-            outcome = await self._validate(parsed)
+            outcome = await self._validate_explained(parsed)
         except TokenError as err:
             return Verdict(header=header, claims=claims, issuer=iss, error=err)
         assert outcome is not None
-        return Verdict(header=header, claims=claims, issuer=iss, user=outcome[1])
+        return Verdict(
+            header=header,
+            claims=claims,
+            issuer=iss,
+            user=outcome[1],
+            groups_from=outcome[3],
+        )
 
     def claimed_issuer(self, token: str) -> str | None:
         """The token's unverified ``iss`` (a claim value: safe to log, never

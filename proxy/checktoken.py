@@ -26,6 +26,8 @@ from proxy.authn import Authenticator, Verdict
 from proxy.config import AuthConfig
 from proxy.jwk import load_jwks_file
 from proxy.keyset import ClaimSourceClient, KeySets, StaticKeySet
+from proxy.oktaapi import OktaApiClient
+from proxy.oktagroups import GroupsProvenance, OktaGroups
 from proxy.tokens import KeyResolver
 
 __all__ = ["GROUPS_HINT", "HINTS", "check_token", "render", "warnings_for"]
@@ -63,6 +65,10 @@ HINTS: Final[Mapping[str, str]] = {
     "same issuer and audience (see the message)",
     "claim_source_unavailable": "the distributed claim source did not answer "
     "(network, timeout, non-2xx): retried on the next review",
+    "groups_unavailable": "the groups claim is capped or absent and Okta's API "
+    "(--okta-*) did not answer: check the API token or service app (scopes "
+    "okta.groups.read okta.users.read, a read-only admin role, DPoP), the org "
+    "URL and rate limits (see the message); retried on the next review",
     "not_mine": "the token's iss is not a configured issuer; compare it with "
     "--oidc-issuer-url / issuer.url character by character",
 }
@@ -110,6 +116,8 @@ def warnings_for(verdict: Verdict, config: AuthConfig) -> list[str]:
     """
     if verdict.user is None or verdict.claims is None:
         return []
+    if verdict.groups_from is not None and verdict.groups_from.source == "okta_api":
+        return []
     for auth in config.authenticators:
         if auth.issuer.url != verdict.issuer:
             continue
@@ -122,6 +130,37 @@ def warnings_for(verdict: Verdict, config: AuthConfig) -> list[str]:
                 f"claim), so the user gets no groups. {GROUPS_HINT}"
             ]
     return []
+
+
+def _provenance(p: GroupsProvenance) -> str:
+    """Where each group came from (raw names, before the groups prefix)."""
+    held = p.token_groups
+    if p.source == "token":
+        count = len(held or ())
+        return (
+            f'groups from: the token\'s "{p.claim}" claim ({count} entries, under '
+            f"--okta-groups-cap {p.cap}); Okta's API was not asked\n"
+        )
+    had = (
+        "absent"
+        if held is None
+        else f"{len(held)} entries, at or over --okta-groups-cap {p.cap}"
+    )
+    lines = [
+        f"groups from: Okta's API at {p.org_url} ({p.fetched} groups, "
+        f"{len(p.api_groups)} kept by --okta-groups-filter"
+        f"{'; from the cache' if p.cached else ''}); the token's "
+        f'"{p.claim}" claim was {had} and is replaced'
+    ]
+    in_token = set(held or ())
+    for name in p.api_groups:
+        where = "token, okta api" if name in in_token else "okta api"
+        lines.append(f"  {name}: {where}")
+    kept = set(p.api_groups)
+    for name in held or ():
+        if name not in kept:
+            lines.append(f"  {name}: token only, dropped (not in the API's answer)")
+    return "\n".join(lines) + "\n"
 
 
 def render(
@@ -150,6 +189,8 @@ def render(
     if verdict.user is not None:
         out.write(f"result: accepted by issuer {verdict.issuer}\n")
         out.write(json.dumps(verdict.user.to_dict(), indent=2) + "\n")
+        if verdict.groups_from is not None:
+            out.write(_provenance(verdict.groups_from))
         for warning in warnings:
             out.write(f"warning: {warning}\n")
         return 0
@@ -194,6 +235,9 @@ async def check_token(
                 config,
                 {u: keysets.get(u) for u in set(urls)},
                 claim_sources=ClaimSourceClient(session),
+                okta_groups=None
+                if config.okta is None
+                else OktaGroups(config.okta, OktaApiClient(session, config)),
             )
             verdict = await authenticator.explain(token)
         finally:

@@ -56,8 +56,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+import jwt
 import yaml
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from proxy.cel import CompiledExpression, Returns, compile_expression
 from proxy.errors import ConfigError
@@ -70,6 +73,7 @@ __all__ = [
     "DEFAULT_WEBHOOK_PORT",
     "FILE_SIGNING_ALGS",
     "MAX_AUTHENTICATORS",
+    "OKTA_API_SCOPES",
     "SUPPORTED_API_VERSIONS",
     "AdmissionSettings",
     "AuthConfig",
@@ -81,7 +85,9 @@ __all__ = [
     "IssuerConfig",
     "JWTAuthenticatorConfig",
     "KeySetSettings",
+    "OktaGroupsConfig",
     "PrefixedClaimOrExpression",
+    "Secret",
     "UserValidationRule",
     "add_auth_arguments",
     "apply_tuning_args",
@@ -90,6 +96,7 @@ __all__ = [
     "is_loopback_host",
     "load_authentication_config",
     "parse_authentication_config",
+    "parse_client_key",
     "url_problems",
 ]
 
@@ -283,6 +290,83 @@ class AdmissionSettings:
     window: float = 1.0
 
 
+class Secret:
+    """A credential held in memory: ``repr`` and ``str`` never show it.
+
+    ``reveal()`` is called only where the value goes on the wire (an
+    ``Authorization`` header); everywhere else (logs, exceptions, ``repr`` of
+    the objects holding it) sees ``Secret('***')``, as starlette's ``Secret``.
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The credential itself, for the one header that carries it."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+#: Scopes the OAuth 2.0 service app asks for (docs/okta.md): read-only.
+OKTA_API_SCOPES: tuple[str, ...] = ("okta.groups.read", "okta.users.read")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OktaGroupsConfig:
+    """Groups beyond the token: ask Okta's API when the claim is capped or absent.
+
+    One Okta org's API credentials (an API token, or a service app's client id
+    and private key), used for the issuers in ``issuers``. The secret files are
+    named here, checked at start-up, and re-read by ``proxy.oktaapi`` when they
+    change (key rotation without a restart), so only their paths are kept.
+    """
+
+    issuers: tuple[str, ...]
+    #: ``None``: each issuer's own scheme and host (an Okta issuer lives there).
+    org_url: str | None = None
+    api_token_file: str | None = None
+    client_id: str | None = None
+    private_key_file: str | None = None
+    #: ``kid`` of the client assertion; a JWK key file's own ``kid`` otherwise.
+    key_id: str | None = None
+    #: Send DPoP proofs (RFC 9449) with the service app, as Okta requires by
+    #: default for new API service apps.
+    dpop: bool = True
+    #: A groups claim with this many entries or more is taken as truncated.
+    cap: int = 100
+    #: Group names kept (``re.fullmatch``, like Okta's "Matches regex").
+    filter: str = ".*"
+    #: How long a user's fetched groups are reused.
+    cache_ttl: float = 300.0
+    #: Most users whose groups are remembered.
+    cache_entries: int = 10_000
+    #: Whole-fetch deadline (every page, rate-limit waits and retries).
+    timeout: float = 10.0
+    #: Most fetches in flight at once, per process.
+    concurrency: int = 4
+    #: Most pages followed for one user (200 groups each).
+    max_pages: int = 25
+
+    def org_for(self, issuer_url: str) -> str:
+        """The Okta org whose API answers for ``issuer_url``."""
+        if self.org_url is not None:
+            return self.org_url.rstrip("/")
+        parts = urlsplit(issuer_url)
+        return f"{parts.scheme}://{parts.netloc}"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AuthConfig:
     """Everything the authentication engine needs, from flags or from a file."""
@@ -299,6 +383,8 @@ class AuthConfig:
     max_token_bytes: int = 16 * 1024
     #: ``flags`` or ``file``: which form the configuration came in.
     form: Literal["flags", "file"] = "flags"
+    #: Groups fetched from Okta's API (``--okta-*``); None: off.
+    okta: OktaGroupsConfig | None = None
 
 
 # --------------------------------------------------------------------------
@@ -627,6 +713,311 @@ def add_auth_arguments(parser: argparse.ArgumentParser) -> None:
             "'iat' is not compared with the clock."
         ),
     )
+    _add_okta_arguments(parser)
+
+
+_DEFAULT_OKTA = OktaGroupsConfig(issuers=())
+
+#: Flag -> argparse dest of the Okta groups flags (``--okta-*``).
+_OKTA_FLAGS: tuple[tuple[str, str], ...] = (
+    ("--okta-groups-issuer", "okta_groups_issuer"),
+    ("--okta-org-url", "okta_org_url"),
+    ("--okta-api-key-id", "okta_api_key_id"),
+    ("--okta-groups-cap", "okta_groups_cap"),
+    ("--okta-groups-filter", "okta_groups_filter"),
+    ("--okta-groups-cache-ttl", "okta_groups_cache_ttl"),
+    ("--okta-groups-timeout", "okta_groups_timeout"),
+)
+
+
+def _add_okta_arguments(parser: argparse.ArgumentParser) -> None:
+    okta = parser.add_argument_group(
+        "okta groups",
+        "Fetch a user's groups from Okta's API when the token's groups claim is "
+        "absent (minified tokens of the org authorization server) or holds at "
+        "least --okta-groups-cap entries (Okta puts at most 100 in a token). "
+        "Off unless an API token or a service app is given; docs/okta.md.",
+    )
+    okta.add_argument(
+        "--okta-groups-api-token-file",
+        metavar="FILE",
+        help=(
+            "File holding an Okta API token (sent as 'Authorization: SSWS "
+            "<token>'); re-read when it changes. Mutually exclusive with "
+            "--okta-api-client-id."
+        ),
+    )
+    okta.add_argument(
+        "--okta-api-client-id",
+        metavar="ID",
+        help=(
+            "Client id of an Okta API service app (OAuth 2.0 client credentials "
+            "with private_key_jwt, scopes okta.groups.read okta.users.read), "
+            "which Okta recommends over API tokens. Requires "
+            "--okta-api-private-key-file."
+        ),
+    )
+    okta.add_argument(
+        "--okta-api-private-key-file",
+        metavar="FILE",
+        help=(
+            "The service app's private key: PEM (RSA or EC, unencrypted) or a "
+            "private JWK as Okta's console shows it; re-read when it changes."
+        ),
+    )
+    okta.add_argument(
+        "--okta-api-key-id",
+        metavar="KID",
+        help=(
+            "The 'kid' of the service app's public key in Okta (default: the "
+            "JWK file's own 'kid'; none for a PEM file)."
+        ),
+    )
+    okta.add_argument(
+        "--okta-api-dpop",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=(
+            "Bind the service app's access token to a key with DPoP proofs "
+            "(RFC 9449), as Okta requires by default for new API service apps "
+            "(default on); --no-okta-api-dpop when the app's 'Require DPoP' is off."
+        ),
+    )
+    okta.add_argument(
+        "--okta-org-url",
+        metavar="URL",
+        help=(
+            "The Okta org whose API is asked, e.g. https://example.okta.com "
+            "(default: each issuer URL's scheme and host)."
+        ),
+    )
+    okta.add_argument(
+        "--okta-groups-issuer",
+        metavar="URL",
+        action="append",
+        help=(
+            "An issuer (issuer.url of --authentication-config) whose users' groups "
+            "are fetched; repeat for several. Default: the only configured issuer "
+            "(--oidc-issuer-url, or a file with one jwt entry)."
+        ),
+    )
+    okta.add_argument(
+        "--okta-groups-cap",
+        metavar="N",
+        type=int,
+        help=(
+            "A groups claim with N entries or more is taken as truncated and "
+            f"replaced by the API's answer (default {_DEFAULT_OKTA.cap})."
+        ),
+    )
+    okta.add_argument(
+        "--okta-groups-filter",
+        metavar="REGEX",
+        help=(
+            "Keep only the group names the regular expression matches in full, "
+            "as the groups claim's 'Matches regex' filter in Okta does (default "
+            f"{_DEFAULT_OKTA.filter!r}). The groups prefix is applied afterwards."
+        ),
+    )
+    okta.add_argument(
+        "--okta-groups-cache-ttl",
+        metavar="SECONDS",
+        type=float,
+        help=(
+            "How long a user's fetched groups are reused (default "
+            f"{_DEFAULT_OKTA.cache_ttl:g})."
+        ),
+    )
+    okta.add_argument(
+        "--okta-groups-timeout",
+        metavar="SECONDS",
+        type=float,
+        help=(
+            "Deadline of one user's fetch: every page, rate-limit waits and "
+            f"retries (default {_DEFAULT_OKTA.timeout:g}); past it the token is "
+            "refused with groups_unavailable (503 from the webhook)."
+        ),
+    )
+
+
+def _okta_from_args(
+    ns: argparse.Namespace,
+    authenticators: Sequence[JWTAuthenticatorConfig],
+    problems: list[str],
+) -> OktaGroupsConfig | None:
+    token_file: str | None = getattr(ns, "okta_groups_api_token_file", None)
+    client_id: str | None = getattr(ns, "okta_api_client_id", None)
+    key_file: str | None = getattr(ns, "okta_api_private_key_file", None)
+    others = [f for f, dest in _OKTA_FLAGS if getattr(ns, dest, None) is not None]
+    if token_file is None and client_id is None:
+        if key_file is not None:
+            problems.append(
+                "config: --okta-api-private-key-file requires --okta-api-client-id"
+            )
+        elif others:
+            problems.append(
+                f"config: {others[0]} requires --okta-groups-api-token-file or "
+                "--okta-api-client-id (the Okta API credentials)"
+            )
+        return None
+    if token_file is not None and client_id is not None:
+        problems.append(
+            "config: --okta-groups-api-token-file and --okta-api-client-id are "
+            "mutually exclusive: give an API token or a service app, not both"
+        )
+    if client_id is not None and key_file is None:
+        problems.append(
+            "config: --okta-api-client-id requires --okta-api-private-key-file"
+        )
+    if token_file is not None:
+        _okta_secret_problem("--okta-groups-api-token-file", token_file, problems)
+    key_id: str | None = getattr(ns, "okta_api_key_id", None)
+    if client_id is not None and key_file is not None:
+        text = _okta_secret_problem("--okta-api-private-key-file", key_file, problems)
+        if text is not None:
+            try:
+                parse_client_key(text)
+            except ValueError as err:
+                problems.append(
+                    f"config: --okta-api-private-key-file {json.dumps(key_file)}: {err}"
+                )
+    org_url: str | None = getattr(ns, "okta_org_url", None)
+    if org_url is not None:
+        for problem in url_problems(org_url):
+            problems.append(f"config: --okta-org-url: {problem}")
+        if urlsplit(org_url).path.strip("/"):
+            problems.append(
+                "config: --okta-org-url: must be the org's scheme and host only "
+                "(no path), e.g. https://example.okta.com"
+            )
+    filter_regex: str = getattr(ns, "okta_groups_filter", None) or _DEFAULT_OKTA.filter
+    try:
+        re.compile(filter_regex)
+    except re.error as err:
+        problems.append(f"config: --okta-groups-filter: not a valid regex: {err}")
+    cap = _count(ns, "okta_groups_cap", _DEFAULT_OKTA.cap, 1, problems)
+    ttl = _number(
+        ns,
+        "okta_groups_cache_ttl",
+        _DEFAULT_OKTA.cache_ttl,
+        problems,
+        allow_zero=False,
+    )
+    timeout = _number(
+        ns, "okta_groups_timeout", _DEFAULT_OKTA.timeout, problems, allow_zero=False
+    )
+    by_url = {a.issuer.url: a for a in authenticators}
+    named: list[str] | None = getattr(ns, "okta_groups_issuer", None)
+    if named is None:
+        if len(by_url) == 1:
+            named = list(by_url)
+        elif by_url:
+            problems.append(
+                "config: --okta-groups-api-token-file/--okta-api-client-id with "
+                f"{len(by_url)} issuers in --authentication-config: name the Okta "
+                "issuer(s) with --okta-groups-issuer URL"
+            )
+            named = []
+        else:
+            named = []
+    for url in named:
+        auth = by_url.get(url)
+        if auth is None:
+            configured = ", ".join(json.dumps(u) for u in by_url)
+            problems.append(
+                f"config: --okta-groups-issuer {json.dumps(url)}: no such issuer "
+                f"is configured (configured: {configured})"
+            )
+        elif auth.claim_mappings.groups is None:
+            problems.append(
+                f"config: --okta-groups-issuer {json.dumps(url)}: the issuer maps "
+                "no groups (give --oidc-groups-claim or claimMappings.groups), so "
+                "fetched groups would be dropped"
+            )
+    return OktaGroupsConfig(
+        issuers=tuple(dict.fromkeys(named)),
+        org_url=org_url,
+        api_token_file=token_file,
+        client_id=client_id,
+        private_key_file=key_file,
+        key_id=key_id,
+        dpop=bool(getattr(ns, "okta_api_dpop", True)),
+        cap=cap,
+        filter=filter_regex,
+        cache_ttl=ttl,
+        timeout=timeout,
+    )
+
+
+def _okta_secret_problem(flag: str, path: str, problems: list[str]) -> str | None:
+    """The secret file's text, or None with a problem (never its content)."""
+    unreadable = file_problem(
+        flag, path, "give the file holding the Okta credential (docs/okta.md)"
+    )
+    if unreadable is not None:
+        problems.append(unreadable)
+        return None
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        problems.append(f"config: {flag} {json.dumps(path)}: not readable UTF-8 text")
+        return None
+    if not text:
+        problems.append(f"config: {flag} {json.dumps(path)}: the file is empty")
+        return None
+    return text
+
+
+ClientKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+
+_EC_ALGS: Mapping[str, str] = {
+    "secp256r1": "ES256",
+    "secp384r1": "ES384",
+    "secp521r1": "ES512",
+}
+
+
+def parse_client_key(text: str) -> tuple[ClientKey, str, str | None]:
+    """(key, alg, kid) of a service app's private key: PEM or a private JWK.
+
+    Raises ``ValueError`` with a message that never quotes the key.
+    """
+    stripped = text.strip()
+    kid: str | None = None
+    key: object
+    if stripped.startswith("{"):
+        try:
+            doc = json.loads(stripped)
+        except ValueError:
+            raise ValueError("not a JSON Web Key (invalid JSON)") from None
+        if not isinstance(doc, dict) or "d" not in doc:
+            raise ValueError(
+                'a private JSON Web Key (with "d") is expected, not a public one'
+            )
+        if isinstance(doc.get("kid"), str):
+            kid = doc["kid"]
+        try:
+            key = jwt.PyJWK(doc).key
+        except (jwt.PyJWTError, ValueError, TypeError, KeyError):
+            raise ValueError("the JSON Web Key does not load") from None
+    else:
+        try:
+            key = serialization.load_pem_private_key(stripped.encode(), password=None)
+        except (ValueError, TypeError):
+            raise ValueError(
+                "not an unencrypted PEM private key (PKCS#8 or PKCS#1) or a private JWK"
+            ) from None
+    if isinstance(key, rsa.RSAPrivateKey):
+        if key.key_size < 2048:
+            raise ValueError(f"an RSA key of {key.key_size} bits; 2048 or more needed")
+        return key, "RS256", kid
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        alg = _EC_ALGS.get(key.curve.name)
+        if alg is None:
+            raise ValueError(f"EC curve {key.curve.name} is not P-256, P-384 or P-521")
+        return key, alg, kid
+    raise ValueError("only RSA and EC private keys are used by Okta service apps")
 
 
 def _flags_given(ns: argparse.Namespace) -> list[str]:
@@ -680,11 +1071,19 @@ def auth_config_from_args(
         if authenticator is not None:
             config = AuthConfig(authenticators=(authenticator,), form="flags")
 
+    okta = _okta_from_args(
+        ns, config.authenticators if config is not None else (), problems
+    )
     if problems:
         raise ConfigError(problems)
     assert config is not None
     return replace(
-        config, keyset=keyset, cache=cache, admission=admission, leeway=leeway
+        config,
+        keyset=keyset,
+        cache=cache,
+        admission=admission,
+        leeway=leeway,
+        okta=okta,
     )
 
 
@@ -695,6 +1094,11 @@ def apply_tuning_args(config: AuthConfig, ns: argparse.Namespace) -> AuthConfig:
     """
     problems: list[str] = []
     keyset, cache, admission, leeway = _tuning_from_args(ns, problems)
+    if _okta_from_args(ns, (), problems) is not None:
+        problems.append(
+            "config: the --okta-* flags need the --oidc-* flags or "
+            "--authentication-config, not --dev"
+        )
     if problems:
         raise ConfigError(problems)
     return replace(

@@ -47,6 +47,7 @@ __all__ = [
     "ConfigError",
     "DiscoveryError",
     "ExpressionError",
+    "GroupsUnavailable",
     "InvalidClaim",
     "IssuerMismatch",
     "KeySetError",
@@ -245,6 +246,19 @@ class ClaimSourceUnavailable(ClaimSourceError):
     """
 
     reason = "claim_source_unavailable"
+    temporary = True
+
+
+class GroupsUnavailable(TokenError):
+    """The groups claim is capped or absent and Okta's API did not answer.
+
+    Fail closed: without the full list the user would silently lose (or,
+    from a stale list, keep) groups, so the token is refused until the API
+    answers. Temporary, like ``keys_unavailable``: the webhook answers 503
+    and kube-apiserver retries; the result cache does not remember it.
+    """
+
+    reason = "groups_unavailable"
     temporary = True
 
 

@@ -278,6 +278,34 @@ class Metrics:
             multiprocess_mode="livesum",
         )
 
+        self.okta_api_requests = Counter(
+            "kube_oidc_gate_okta_api_requests",
+            "Requests to Okta's API for groups beyond the token, by endpoint "
+            "(groups, token) and result (ok, rate_limited, denied, http_error, "
+            "unreachable, timeout).",
+            ["endpoint", "result"],
+            registry=r,
+        )
+        self.okta_api_pages = Counter(
+            "kube_oidc_gate_okta_api_group_pages",
+            "Pages of a user's groups read from Okta's API (200 groups a page).",
+            registry=r,
+        )
+        self.okta_api_duration = Histogram(
+            "kube_oidc_gate_okta_api_request_duration_seconds",
+            "Time of one request to Okta's API, by endpoint (groups, token).",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.okta_groups_cache = Counter(
+            "kube_oidc_gate_okta_groups_cache_requests",
+            "Look-ups of a user's fetched Okta groups: hit, miss (a fetch), "
+            "shared (joined a fetch already under way for the user).",
+            ["outcome"],
+            registry=r,
+        )
+
     def child(self, metric: Any, *values: str) -> Any:
         """``metric.labels(*values)``, memoised per label set.
 

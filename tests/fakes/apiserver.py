@@ -197,8 +197,11 @@ class FakeAPIServer:
     async def start(self) -> None:
         if self._runner is not None:
             return
+        # kube-apiserver (Go net/http) bounds header bytes (1 MiB), not their
+        # number; aiohttp's default of 128 headers would refuse a user in 250
+        # groups (one Impersonate-Group each).
         runner = web.AppRunner(
-            self.app, handler_cancellation=True, shutdown_timeout=0.1
+            self.app, handler_cancellation=True, shutdown_timeout=0.1, max_headers=4096
         )
         await runner.setup()
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
