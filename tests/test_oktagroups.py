@@ -8,6 +8,7 @@ validated as Okta does, 429 with reset headers.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import os
@@ -38,7 +39,10 @@ from proxy.config import (
 from proxy.metrics import Metrics
 from proxy.oktaapi import OktaApiClient, next_link
 from proxy.oktagroups import OktaGroups
-from tests.fakes.apiserver_harness import WHOAMI, run_proxy
+from proxy.upstream import Upstream, UpstreamSettings
+from tests.e2e.test_okta_kubectl import rbac_middleware
+from tests.fakes.apiserver import FakeAPIServer
+from tests.fakes.apiserver_harness import WHOAMI, run_proxy, upstream_kubeconfig
 from tests.fakes.issuer import FakeIssuer
 from tests.fakes.okta import FakeOkta, serve_okta
 from tests.helpers import ISSUER, DictResolver
@@ -597,3 +601,77 @@ def test_file_form_names_the_okta_issuers(tmp_path: Path) -> None:
     assert config is not None
     assert config.okta is not None
     assert config.okta.issuers == ("https://acme.okta.com",)
+
+
+#: A ClusterRoleBinding to a group beyond the 100 a capped token carries.
+BINDING_BEYOND_100 = """
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata:
+  name: pod-reader
+rules:
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list"]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata:
+  name: group-150-reads-pods
+subjects:
+- kind: Group
+  name: oidc:group-150
+  apiGroup: rbac.authorization.k8s.io
+roleRef:
+  kind: ClusterRole
+  name: pod-reader
+  apiGroup: rbac.authorization.k8s.io
+"""
+
+
+@pytest.mark.parametrize("with_okta", [True, False], ids=["okta-api", "token-only"])
+async def test_an_rbac_binding_to_a_group_beyond_the_first_100_decides(
+    okta: FakeOkta, tmp_path: Path, session: aiohttp.ClientSession, with_okta: bool
+) -> None:
+    """The API server (our fake, authorising by the RBAC manifest as the e2e
+    suite does; this sandbox has no kube-apiserver) lets the user list pods
+    only through group 150, which its capped token does not carry.
+    """
+    ca = trustme.CA()
+    api = FakeAPIServer(ca)
+    api.app.middlewares.append(rbac_middleware(BINDING_BEYOND_100))
+    await api.start()
+    try:
+        config = okta_config(okta, tmp_path)
+        if not with_okta:
+            config = dataclasses.replace(config, okta=None)
+        authn = (
+            engine(config, session)
+            if with_okta
+            else Authenticator(config, {ISSUER: DictResolver(KEY)})
+        )
+        upstream = Upstream(
+            UpstreamSettings(
+                kubeconfig=str(
+                    upstream_kubeconfig(
+                        tmp_path / "upstream.kubeconfig", api.url, api.ca_pem
+                    )
+                )
+            )
+        )
+        async with run_proxy(
+            tmp_path, trustme.CA(), authenticator=authn, upstream=upstream
+        ) as stack:
+            headers = {"Authorization": f"Bearer {token(ALL[:100])}"}
+            async with stack.client.get(
+                f"{stack.url}/api/v1/namespaces/default/pods", headers=headers
+            ) as r:
+                status = r.status
+                body = await r.text()
+    finally:
+        await api.stop()
+    if with_okta:
+        assert status == 200, body
+    else:
+        assert status == 403, body
+        assert 'cannot list resource "pods"' in json.loads(body)["message"]
