@@ -5,12 +5,25 @@ A listener that carries tokens is never plain HTTP. Without
 convention: generate a self-signed certificate into ``--cert-dir`` once and reuse
 it on later starts while it is valid, so clients can pin it (its path is logged
 as the CA to give them). The key file is created with mode 0600.
+
+``ServingTLS`` reloads the pair and the client CA live (issue 21). The
+listener keeps one context for its whole life; its ``sni_callback`` (run for
+every handshake, with or without a server name) hands the handshake the
+context built from the files as they last loaded, so new handshakes use a new
+pair or CA while established connections keep theirs. A whole new context per
+change, not ``load_cert_chain`` on the live one: a CA cannot be taken out of a
+context, and a pair half written (certificate first, key later) must leave the
+last good one serving. ``load_cert_chain`` refuses a key that does not match
+its certificate, so a new context exists only for a matching pair. The
+client-verification mode is the listener context's and never changes: the
+``--client-ca-file`` flag is given or not for the life of the process.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import logging
 import os
 import socket
 import ssl
@@ -24,7 +37,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from proxy.errors import ConfigError
 
-__all__ = ["CertPair", "ensure_self_signed", "server_context"]
+__all__ = ["CertPair", "ServingTLS", "ensure_self_signed", "server_context"]
+
+log = logging.getLogger(__name__)
 
 SELF_SIGNED_NAME = "kube-oidc-gate"
 _VALIDITY = dt.timedelta(days=365)
@@ -151,3 +166,54 @@ def server_context(
     # HTTP/1.1 only: aiohttp's server does not speak h2.
     ctx.set_alpn_protocols(["http/1.1"])
     return ctx
+
+
+class ServingTLS:
+    """The listener's TLS context, whose handshakes get the last good pair and CA.
+
+    ``reload()`` builds a context from the files as they are now and, if it
+    loads, makes it the one new handshakes get; if it does not (a key that does
+    not match yet, a file half written, a CA that does not parse), the last
+    good one keeps serving and the problem is logged once per change.
+    """
+
+    __slots__ = ("_client_ca_file", "_current", "_pair", "context")
+
+    def __init__(self, pair: CertPair, *, client_ca_file: str | None = None) -> None:
+        self._pair = pair
+        self._client_ca_file = client_ca_file
+        # Raises ConfigError: at start a pair that does not load stops the start.
+        self._current = server_context(pair, client_ca_file=client_ca_file)
+        self.context = server_context(pair, client_ca_file=client_ca_file)
+        self.context.sni_callback = self._select
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """The files a change of which calls for ``reload()``."""
+        extra = (self._client_ca_file,) if self._client_ca_file else ()
+        return (self._pair.cert_file, self._pair.key_file, *extra)
+
+    def _select(
+        self, conn: ssl.SSLObject | ssl.SSLSocket, _name: str | None, _ctx: object
+    ) -> None:
+        conn.context = self._current
+
+    def reload(self) -> bool:
+        """Load the files again; True if new handshakes now use what they hold."""
+        try:
+            fresh = server_context(self._pair, client_ca_file=self._client_ca_file)
+        except ConfigError as err:
+            log.warning(
+                "serving certificate not reloaded, the last good one serves",
+                extra={"problem": str(err)},
+            )
+            return False
+        self._current = fresh
+        log.info(
+            "serving certificate reloaded",
+            extra={
+                "cert_file": self._pair.cert_file,
+                "client_ca": bool(self._client_ca_file),
+            },
+        )
+        return True

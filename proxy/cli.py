@@ -43,11 +43,10 @@ from proxy.errors import ConfigError, ProxyError
 from proxy.log import configure_logging, flush_logs
 
 if TYPE_CHECKING:
-    import ssl
-
     from aiohttp import web
 
     from proxy.app import Engine, ServeSettings
+    from proxy.certs import ServingTLS
     from proxy.config import AuthConfig
     from proxy.http1 import Server
 
@@ -714,6 +713,9 @@ def _run_processes(workers: int, run_one: Callable[[], int]) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    # SIGHUP reloads every worker's files now (issue 21); the parent's default
+    # for it would end the parent and leave the workers orphaned.
+    signal.signal(signal.SIGHUP, forward)
     worst = 0
     problems: list[str] = []
     running = set(reports)
@@ -772,7 +774,7 @@ def _read_report(fd: int) -> list[str]:
 
 def _serve_mode(ns: argparse.Namespace) -> int:
     from proxy.app import listen_problems
-    from proxy.certs import CertPair, server_context
+    from proxy.certs import CertPair, ServingTLS
 
     dev = getattr(ns, "dev", False)
     # Every problem of every flag at once, as for the configuration file: an
@@ -825,11 +827,11 @@ def _serve_mode(ns: argparse.Namespace) -> int:
             )
         # Loaded once, here: a file that does not load stops the start before
         # any worker exists.
-        ssl_ctx = server_context(CertPair(cert, key), client_ca_file=ns.client_ca_file)
+        tls = ServingTLS(CertPair(cert, key), client_ca_file=ns.client_ca_file)
 
         def run_one() -> int:
             _install_uvloop()
-            return asyncio.run(_serve_async(ns, config, settings, ssl_ctx, cert))
+            return asyncio.run(_serve_async(ns, config, settings, tls, cert))
 
         return _run_processes(ns.workers, run_one)
     finally:
@@ -851,11 +853,12 @@ async def _serve_async(
     ns: argparse.Namespace,
     config: AuthConfig | None,
     settings: ServeSettings,
-    ssl_ctx: ssl.SSLContext,
+    tls: ServingTLS,
     cert: str,
 ) -> int:
     from proxy.app import probe_app, serve, start_engine
     from proxy.metrics import Metrics
+    from proxy.watch import FileWatcher
 
     metrics = Metrics()
     dev_issuer = None
@@ -873,6 +876,23 @@ async def _serve_async(
         # Print the demo only once it works: the dev issuer is local and fast.
         await engine.keysets.get(dev_issuer.url).refresh(force=True)
     closers: list[Callable[[], object]] = []
+    # Every worker watches on its own: each has its own listener context,
+    # engine and upstream client to bring up to date (issue 21).
+    watcher = FileWatcher()
+    watcher.add("serving certificate", tls.files, tls.reload)
+    watching = asyncio.create_task(watcher.run(), name="file watcher")
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGHUP, watcher.poke)
+
+    async def stop_watching() -> None:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.remove_signal_handler(signal.SIGHUP)
+        watching.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watching
+
+    closers.append(stop_watching)
     try:
         main_app, on_ready, extra_checks = await _front_end(
             ns, engine, cert, dev_issuer, closers
@@ -885,7 +905,7 @@ async def _serve_async(
             main_app,
             probe_app(engine, extra_checks=extra_checks),
             settings,
-            ssl_ctx,
+            tls.context,
             on_ready=on_ready,
         )
     finally:

@@ -1,0 +1,264 @@
+"""Live reload (issue 21): the serving pair and the client CA change without a restart.
+
+Real TLS on 127.0.0.1 with trustme CAs: in process against ``ServingTLS``'s
+listener context, and through the real CLI with ``--workers 2`` under load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import ssl
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import trustme
+from cryptography import x509
+
+from proxy.certs import CertPair, ServingTLS
+from proxy.watch import FileWatcher
+from tests.fakes.issuer import FakeIssuer
+from tests.proc import Proc
+from tests.test_cli_webhook import free_port
+from tests.webhook_harness import parse_review, review_body
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Replace ``path`` atomically, as kubelet and cert-manager do."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _write_pair(cert: trustme.LeafCert, cert_file: Path, key_file: Path) -> None:
+    _write(cert_file, cert.cert_chain_pems[0].bytes())
+    _write(key_file, cert.private_key_pem.bytes())
+
+
+def _client(*cas: trustme.CA, cert: trustme.LeafCert | None = None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    for ca in cas:
+        ca.configure_trust(ctx)
+    if cert is not None:
+        cert.configure_cert(ctx)
+    return ctx
+
+
+def _ca_name(ca: trustme.CA) -> str:
+    """The organizational unit trustme gives each CA: which CA issued a peer."""
+    cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
+    return str(cert.subject.rfc4514_string())
+
+
+async def _served_by(port: int, ctx: ssl.SSLContext) -> str:
+    """Handshake, then return the issuer of the certificate the server sent."""
+    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+    try:
+        sslobj = writer.get_extra_info("ssl_object")
+        der = sslobj.getpeercert(binary_form=True)
+        return str(x509.load_der_x509_certificate(der).issuer.rfc4514_string())
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await writer.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def _echo_server(tls: ServingTLS) -> AsyncIterator[int]:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            while line := await reader.readline():
+                writer.write(line)
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0, ssl=tls.context)
+    try:
+        yield int(server.sockets[0].getsockname()[1])
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def test_the_watcher_notices_rewrites_renames_and_deletions(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_text("1")
+    calls: list[str] = []
+    watcher = FileWatcher()
+    watcher.add("pair", [str(a), str(b)], lambda: calls.append("pair"))
+    assert watcher.check() == []
+    b.write_text("later")  # missing at start, written later: a change
+    assert watcher.check() == ["pair"]
+    _write(a, b"2")  # a rename over it
+    assert watcher.check() == ["pair"]
+    a.write_text("33")  # in place
+    assert watcher.check() == ["pair"]
+    assert watcher.check() == []
+    assert watcher.check(force=True) == ["pair"]  # SIGHUP
+    assert calls == ["pair"] * 4
+
+
+async def test_new_handshakes_get_the_new_pair_and_open_connections_finish(
+    tmp_path: Path,
+) -> None:
+    old_ca, new_ca = trustme.CA(), trustme.CA()
+    cert_file, key_file = tmp_path / "tls.crt", tmp_path / "tls.key"
+    _write_pair(old_ca.issue_cert("127.0.0.1"), cert_file, key_file)
+    tls = ServingTLS(CertPair(str(cert_file), str(key_file)))
+    both = _client(old_ca, new_ca)
+    async with _echo_server(tls) as port:
+        assert await _served_by(port, both) == _ca_name(old_ca)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=both)
+        _write_pair(new_ca.issue_cert("127.0.0.1"), cert_file, key_file)
+        assert tls.reload() is True
+        assert await _served_by(port, both) == _ca_name(new_ca)
+        # The connection made before the change still works, on the old pair.
+        writer.write(b"still here\n")
+        assert await reader.readline() == b"still here\n"
+        writer.close()
+        # A client that trusts only the old CA is refused now: the swap is real.
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await _served_by(port, _client(old_ca))
+
+
+async def test_a_half_written_pair_keeps_the_last_good_one(tmp_path: Path) -> None:
+    old_ca, new_ca = trustme.CA(), trustme.CA()
+    cert_file, key_file = tmp_path / "tls.crt", tmp_path / "tls.key"
+    _write_pair(old_ca.issue_cert("127.0.0.1"), cert_file, key_file)
+    tls = ServingTLS(CertPair(str(cert_file), str(key_file)))
+    both = _client(old_ca, new_ca)
+    new = new_ca.issue_cert("127.0.0.1")
+    async with _echo_server(tls) as port:
+        _write(cert_file, new.cert_chain_pems[0].bytes())  # the key comes later
+        assert tls.reload() is False
+        assert await _served_by(port, both) == _ca_name(old_ca)
+        cert_file.write_bytes(new.cert_chain_pems[0].bytes()[:100])  # truncated
+        assert tls.reload() is False
+        assert await _served_by(port, both) == _ca_name(old_ca)
+        _write_pair(new, cert_file, key_file)
+        assert tls.reload() is True
+        assert await _served_by(port, both) == _ca_name(new_ca)
+
+
+async def test_the_client_ca_is_replaced_not_added_to(tmp_path: Path) -> None:
+    server_ca, old_client_ca, new_client_ca = trustme.CA(), trustme.CA(), trustme.CA()
+    cert_file, key_file = tmp_path / "tls.crt", tmp_path / "tls.key"
+    ca_file = tmp_path / "client-ca.crt"
+    _write_pair(server_ca.issue_cert("127.0.0.1"), cert_file, key_file)
+    _write(ca_file, old_client_ca.cert_pem.bytes())
+    tls = ServingTLS(
+        CertPair(str(cert_file), str(key_file)), client_ca_file=str(ca_file)
+    )
+    old_client = _client(server_ca, cert=old_client_ca.issue_cert("apiserver"))
+    new_client = _client(server_ca, cert=new_client_ca.issue_cert("apiserver"))
+
+    async def echoes(ctx: ssl.SSLContext) -> bool:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+        try:
+            writer.write(b"ping\n")
+            # TLS 1.3: a refused client certificate shows after the handshake.
+            return await reader.readline() == b"ping\n"
+        except (ConnectionError, ssl.SSLError):
+            return False
+        finally:
+            writer.close()
+
+    async with _echo_server(tls) as port:
+        assert await echoes(old_client) is True
+        assert await echoes(new_client) is False
+        _write(ca_file, new_client_ca.cert_pem.bytes())
+        assert tls.reload() is True
+        assert await echoes(new_client) is True
+        assert await echoes(old_client) is False, "the old CA is gone, not kept"
+        _write(ca_file, b"not a certificate\n")
+        assert tls.reload() is False
+        assert await echoes(new_client) is True
+
+
+async def test_two_workers_rotate_the_serving_pair_under_load(
+    issuer: FakeIssuer, tmp_path: Path
+) -> None:
+    """Cert written first, key 300 ms later, to a new CA: no request fails."""
+    old_ca, new_ca = trustme.CA(), trustme.CA()
+    cert_file, key_file = tmp_path / "tls.crt", tmp_path / "tls.key"
+    _write_pair(old_ca.issue_cert("127.0.0.1"), cert_file, key_file)
+    port = free_port()
+    args = [
+        "webhook",
+        "--oidc-issuer-url", issuer.url,
+        "--oidc-client-id", "kubernetes",
+        "--bind-address", "127.0.0.1",
+        "--secure-port", str(port),
+        "--probe-bind-address", f"127.0.0.1:{free_port()}",
+        "--tls-cert-file", str(cert_file),
+        "--tls-private-key-file", str(key_file),
+        "--workers", "2",
+    ]  # fmt: skip
+    token = issuer.token(groups=["devs"])
+    both = _client(old_ca, new_ca)
+    with Proc(*args) as proc:
+        await proc.await_log("serving", count=2, timeout=20)
+        await proc.await_log("jwks keys loaded", count=2, timeout=20)
+        ok = failed = 0
+        stop = asyncio.Event()
+
+        async def load() -> None:
+            nonlocal ok, failed
+            # A new connection per request: each one is a new handshake.
+            connector = aiohttp.TCPConnector(ssl=both, force_close=True)
+            async with aiohttp.ClientSession(connector=connector) as session:
+                while not stop.is_set():
+                    try:
+                        async with session.post(
+                            f"https://127.0.0.1:{port}/authenticate",
+                            json=review_body(token),
+                        ) as r:
+                            review = parse_review(await r.text())
+                            assert review.status.authenticated is True
+                            ok += 1
+                    except (aiohttp.ClientError, AssertionError):
+                        failed += 1
+
+        clients = [asyncio.create_task(load()) for _ in range(4)]
+        try:
+            await asyncio.sleep(0.5)
+            new = new_ca.issue_cert("127.0.0.1")
+            _write(cert_file, new.cert_chain_pems[0].bytes())
+            await asyncio.sleep(1.5)  # past a poll: the half pair is seen, refused
+            assert await _served_by(port, both) == _ca_name(old_ca)
+            _write(key_file, new.private_key_pem.bytes())
+            changed = time.monotonic()
+            deadline = changed + 5
+            streak = 0
+            while streak < 12 and time.monotonic() < deadline:
+                # Both workers must have swapped: a run of new handshakes all new.
+                new_one = await _served_by(port, both) == _ca_name(new_ca)
+                streak = streak + 1 if new_one else 0
+            took = time.monotonic() - changed
+            assert streak >= 12, "both workers serve the new pair"
+            await asyncio.sleep(0.3)
+        finally:
+            stop.set()
+            await asyncio.gather(*clients)
+        print(f"serving pair change to effect (both workers): {took:.2f}s")
+        assert failed == 0, f"{failed} failed of {ok + failed}"
+        assert ok > 50
+        assert took < 2.5
+        refusals = [
+            e
+            for e in proc.logs()
+            if e.get("event", "").startswith("serving certificate not")
+        ]
+        assert len(refusals) >= 2, "each worker saw the half pair and kept the old"
+        await proc.await_log("serving certificate reloaded", count=2, timeout=5)
+        # SIGHUP reaches every worker through the parent, which lives on.
+        os.kill(proc.pid, signal.SIGHUP)
+        await proc.await_log("reloading on SIGHUP", count=2, timeout=5)
+        await proc.await_log("serving certificate reloaded", count=4, timeout=5)
+        assert proc.popen.poll() is None
+        assert proc.stop() == 0
