@@ -54,6 +54,8 @@ from proxy.upstream import Upstream
 from proxy.webhook import WebhookSettings, webhook_server
 
 __all__ = [
+    "RELOAD_KEY_WAIT",
+    "ConfigReloader",
     "ConnectionGuard",
     "Engine",
     "ServeSettings",
@@ -134,6 +136,11 @@ class Engine:
     metrics: Metrics
     owns_session: bool = True
     flusher: asyncio.Task[None] | None = None
+    #: The configuration serving now (the last good one after a failed reload).
+    config: AuthConfig | None = None
+    #: Why the last automatic reload was refused, for ``/readyz``; None once
+    #: a reload succeeds.
+    reload_problem: str | None = None
 
     async def close(self) -> None:
         """Stop the refreshers and the metrics flusher, then close the HTTP client."""
@@ -209,7 +216,84 @@ async def start_engine(
         metrics=metrics,
         owns_session=owns,
         flusher=asyncio.create_task(_flush_metrics(metrics, flush_interval)),
+        config=config,
     )
+
+
+#: How long a reload waits for a new or changed issuer's first keys before
+#: swapping anyway (its tokens then wait for the refresher, as at start).
+RELOAD_KEY_WAIT: Final = 5.0
+
+
+class ConfigReloader:
+    """Live reload of the authentication configuration, kube-apiserver's way.
+
+    A file that loads (every check of a start passes) replaces the engine's
+    issuers, audiences, mappings and rules at once for the next request; one
+    that does not changes nothing, and its problems, all of them, are logged,
+    counted (``..._automatic_reloads_total{status="failure"}``) and shown in
+    ``/readyz`` detail, which stays ready: the last good configuration serves.
+    New or changed issuers get their keys fetched before the swap; retired
+    key sets are closed after it. ``load`` reads the files (run in a thread:
+    it parses YAML and compiles CEL), so ``--oidc-ca-file`` reloads the same way.
+    """
+
+    __slots__ = ("_engine", "_load", "_lock", "_wait")
+
+    def __init__(
+        self,
+        engine: Engine,
+        load: Callable[[], AuthConfig],
+        *,
+        wait: float = RELOAD_KEY_WAIT,
+    ) -> None:
+        self._engine = engine
+        self._load = load
+        self._wait = wait
+        self._lock = asyncio.Lock()
+
+    def _count(self, status: str) -> None:
+        metrics = self._engine.metrics
+        metrics.config_reloads.labels(status).inc()
+        metrics.config_reload_time.labels(status).set(time.time())
+
+    async def reload(self) -> bool:
+        """Load the configuration again; True if it now serves."""
+        async with self._lock:
+            engine = self._engine
+            try:
+                config = await asyncio.to_thread(self._load)
+            except ConfigError as err:
+                self._count("failure")
+                problems = list(err.problems)
+                engine.reload_problem = "; ".join(problems)
+                log.warning(
+                    "authentication config not reloaded, the last good one serves",
+                    extra={"problems": problems},
+                )
+                return False
+            sets = await engine.keysets.stage(
+                [a.issuer for a in config.authenticators], wait=self._wait
+            )
+            keys = {a.issuer.url: sets[a.issuer.url] for a in config.authenticators}
+            for key_set in sets.values():
+                key_set.on_keys_withdrawn = engine.authenticator.forget_issuer
+            # No await between these two: the next request sees both or neither.
+            retired = engine.keysets.swap(sets)
+            changed = engine.authenticator.reconfigure(config, keys)
+            engine.config = config
+            engine.reload_problem = None
+            self._count("success")
+            log.info(
+                "authentication config reloaded",
+                extra={
+                    "issuers": len(config.authenticators),
+                    "changed_issuers": changed,
+                },
+            )
+            for key_set in retired:
+                await key_set.close()
+            return True
 
 
 @dataclass(slots=True)
@@ -426,6 +510,11 @@ def probe_app(
             for ks in engine.keysets
             if ks.ready and ks.last_error
         ]
+        if engine.reload_problem is not None:
+            warnings.append(
+                "authentication config: the last reload failed, the last good "
+                f"configuration serves: {engine.reload_problem}"
+            )
         if extra_checks is not None:
             problems.extend(extra_checks())
         if problems:

@@ -104,6 +104,9 @@ class Authenticator:
             okta_groups = OktaGroups(config.okta, None)
         self._okta = okta_groups
         self.cache = ResultCache(config.cache, clock=clock, monotonic=monotonic)
+        #: Bumped by ``reconfigure``: verdicts reached under older rules are
+        #: answered but not cached.
+        self._generation = 0
         self.admission = Admission(config.admission, monotonic=monotonic)
         # The counts of every request, bound once (``proxy.metrics.Tally``).
         if metrics is None:
@@ -196,6 +199,7 @@ class Authenticator:
         if not admission.ready():
             await self._wait_turn(admission)
         started = time.perf_counter()
+        generation = self._generation
         try:
             parsed = peek(token, max_bytes=self._config.max_token_bytes)
             outcome = await self._validate(parsed)
@@ -212,7 +216,8 @@ class Authenticator:
                         "detail": str(err),
                     },
                 )
-            cache.put_error(key, err)
+            if generation == self._generation:
+                cache.put_error(key, err)
             if not err.temporary:
                 admission.outcome(accepted=False)
             raise
@@ -224,6 +229,8 @@ class Authenticator:
         issuer, user, exp = outcome
         self._observe(started, "ok")
         self._oks.count += 1
+        if generation != self._generation:
+            return user
         return cache.put_user(key, user, issuer=issuer, exp=exp)
 
     async def _wait_turn(self, admission: Admission) -> None:
@@ -293,6 +300,38 @@ class Authenticator:
         except TokenError:
             return None
         return iss[:256] if iss is not None else None
+
+    def reconfigure(
+        self, config: AuthConfig, keys: Mapping[str, KeyResolver]
+    ) -> list[str]:
+        """Apply a reloaded configuration; return the issuer URLs whose settings changed.
+
+        The swap is two assignments with no ``await`` between them, and a
+        validation reads both before its first ``await``: a request in flight
+        finishes under the rules it started with, the next one gets the new
+        ones. Accepted verdicts of a changed or removed issuer are dropped (a
+        new audience or rule may refuse them now); every cached refusal is
+        dropped too, since refusals are not kept per issuer and a new issuer
+        or audience may accept them now. The flag-only settings (leeway, the
+        cache and admission bounds, Okta) are the process's and do not change.
+        """
+        by_issuer = {a.issuer.url: a for a in config.authenticators}
+        missing = [url for url in by_issuer if url not in keys]
+        if missing:
+            raise ValueError(f"authn: no key resolver for issuers {missing}")
+        old = self._by_issuer
+        changed = sorted(
+            u for u in old.keys() | by_issuer.keys() if old.get(u) != by_issuer.get(u)
+        )
+        self._by_issuer, self._keys = by_issuer, keys
+        if changed:
+            # A validation in flight finishes under the old rules; its verdict
+            # must not land in the cache after the purge below.
+            self._generation += 1
+            for url in changed:
+                self.cache.forget_issuer(url)
+            self.cache.forget_refusals()
+        return changed
 
     def forget_issuer(self, issuer: str) -> None:
         """Forget cached acceptances of ``issuer``: called when it withdraws a key.

@@ -216,6 +216,10 @@ class ResultCache:
             self._accepted.pop(key, None)
         return len(doomed)
 
+    def forget_refusals(self) -> None:
+        """Drop every cached refusal (the configuration changed)."""
+        self._refused.clear()
+
     def clear(self) -> None:
         """Forget every verdict (used when the configuration changes)."""
         self._accepted.clear()

@@ -880,6 +880,15 @@ async def _serve_async(
     # engine and upstream client to bring up to date (issue 21).
     watcher = FileWatcher()
     watcher.add("serving certificate", tls.files, tls.reload)
+    if not getattr(ns, "dev", False):
+        from proxy.app import ConfigReloader
+
+        reloader = ConfigReloader(engine, lambda: _reload_config(ns))
+        watcher.add(
+            "authentication config",
+            [ns.authentication_config or "", ns.oidc_ca_file or ""],
+            reloader.reload,
+        )
     watching = asyncio.create_task(watcher.run(), name="file watcher")
     loop = asyncio.get_running_loop()
     with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -920,6 +929,13 @@ async def _serve_async(
         flush_logs()
     log.info("stopped")
     return 0
+
+
+def _reload_config(ns: argparse.Namespace) -> AuthConfig:
+    """The authentication configuration from the same flags, files read again."""
+    config = auth_config_from_args(ns)
+    assert config is not None  # not --dev: a form was given
+    return config
 
 
 async def _front_end(

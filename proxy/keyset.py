@@ -37,6 +37,7 @@ timeout, a size limit and no redirects.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -231,6 +232,11 @@ class IssuerKeySet:
             metrics.jwks_keys.labels(issuer_hash=self._label).set(0)
 
     # -- state ---------------------------------------------------------------
+
+    @property
+    def issuer(self) -> IssuerConfig:
+        """The issuer settings this key set fetches with (compared on reload)."""
+        return self._issuer
 
     @property
     def url(self) -> str:
@@ -632,17 +638,59 @@ class KeySets:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        self._sets: dict[str, IssuerKeySet] = {}
+        self._settings, self._session, self._metrics = settings, session, metrics
+        self._clock, self._wall_clock = clock, wall_clock
+        self._sets: dict[str, IssuerKeySet] = self._build(issuers, {})
+
+    def _build(
+        self, issuers: Iterable[IssuerConfig], keep: Mapping[str, IssuerKeySet]
+    ) -> dict[str, IssuerKeySet]:
+        sets: dict[str, IssuerKeySet] = {}
         for issuer in issuers:
-            if issuer.url not in self._sets:
-                self._sets[issuer.url] = IssuerKeySet(
-                    issuer,
-                    settings,
-                    session=session,
-                    metrics=metrics,
-                    clock=clock,
-                    wall_clock=wall_clock,
-                )
+            if issuer.url in sets:
+                continue
+            same = keep.get(issuer.url)
+            if same is not None and same.issuer == issuer:
+                sets[issuer.url] = same
+                continue
+            sets[issuer.url] = IssuerKeySet(
+                issuer,
+                self._settings,
+                session=self._session,
+                metrics=self._metrics,
+                clock=self._clock,
+                wall_clock=self._wall_clock,
+            )
+        return sets
+
+    async def stage(
+        self, issuers: Iterable[IssuerConfig], *, wait: float
+    ) -> dict[str, IssuerKeySet]:
+        """Key sets for a new configuration (live reload), not yet in use.
+
+        Unchanged issuers keep their key set (and its keys); a new issuer, or
+        one whose settings changed (a CA, a discovery URL), gets a new one,
+        started and given ``wait`` seconds to load its keys, so the swap does
+        not turn its first requests into "keys not loaded".
+        """
+        sets = self._build(issuers, self._sets)
+        fresh = [ks for url, ks in sets.items() if ks is not self._sets.get(url)]
+        for key_set in fresh:
+            await key_set.start()
+        if fresh:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await asyncio.gather(
+                        *(ks.refresh() for ks in fresh), return_exceptions=True
+                    )
+        return sets
+
+    def swap(self, sets: dict[str, IssuerKeySet]) -> list[IssuerKeySet]:
+        """Use ``sets`` from now on; return the retired key sets, for closing."""
+        kept = {id(ks) for ks in sets.values()}
+        retired = [ks for ks in self._sets.values() if id(ks) not in kept]
+        self._sets = sets
+        return retired
 
     def get(self, url: str) -> IssuerKeySet:
         """The key set of issuer ``url``; ``KeyError`` if it is not configured."""

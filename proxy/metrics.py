@@ -278,6 +278,23 @@ class Metrics:
             multiprocess_mode="livesum",
         )
 
+        # kube-apiserver's names (apiserver_authentication_config_controller_*)
+        # with our prefix, so its dashboards and alerts carry over (issue 21).
+        self.config_reloads = Counter(
+            "kube_oidc_gate_authentication_config_controller_automatic_reloads",
+            "Automatic reloads of the authentication configuration, by status "
+            "(success, failure).",
+            ["status"],
+            registry=r,
+        )
+        self.config_reload_time = Gauge(
+            "kube_oidc_gate_authentication_config_controller_automatic_reload_last_timestamp_seconds",
+            "Unix time of the last automatic reload of the authentication "
+            "configuration, by status (success, failure).",
+            ["status"],
+            registry=r,
+            multiprocess_mode="max",
+        )
         self.okta_api_requests = Counter(
             "kube_oidc_gate_okta_api_requests",
             "Requests to Okta's API for groups beyond the token, by endpoint "

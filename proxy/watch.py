@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -83,8 +84,12 @@ class FileWatcher:
         """Run every callback on the next turn (``SIGHUP``)."""
         self._poked.set()
 
-    def check(self, *, force: bool = False) -> list[str]:
-        """Call back for each changed group (all with ``force``); return their names."""
+    async def check(self, *, force: bool = False) -> list[str]:
+        """Call back for each changed group (all with ``force``); return their names.
+
+        A callback may return an awaitable (a reload that fetches keys): it is
+        awaited before the next group, so reloads never overlap.
+        """
         changed: list[str] = []
         for watch in self._watches:
             now = _signature(watch.paths)
@@ -93,7 +98,9 @@ class FileWatcher:
             watch.seen = now
             changed.append(watch.name)
             try:
-                watch.on_change()
+                result = watch.on_change()
+                if inspect.isawaitable(result):
+                    await result
             except Exception:  # a callback's own bug must not stop the watching
                 log.exception("reload callback failed", extra={"watch": watch.name})
         return changed
@@ -108,4 +115,4 @@ class FileWatcher:
             self._poked.clear()
             if force:
                 log.info("reloading on SIGHUP")
-            self.check(force=force)
+            await self.check(force=force)

@@ -85,21 +85,23 @@ async def _echo_server(tls: ServingTLS) -> AsyncIterator[int]:
         await server.wait_closed()
 
 
-def test_the_watcher_notices_rewrites_renames_and_deletions(tmp_path: Path) -> None:
+async def test_the_watcher_notices_rewrites_renames_and_deletions(
+    tmp_path: Path,
+) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     a.write_text("1")
     calls: list[str] = []
     watcher = FileWatcher()
     watcher.add("pair", [str(a), str(b)], lambda: calls.append("pair"))
-    assert watcher.check() == []
+    assert await watcher.check() == []
     b.write_text("later")  # missing at start, written later: a change
-    assert watcher.check() == ["pair"]
+    assert await watcher.check() == ["pair"]
     _write(a, b"2")  # a rename over it
-    assert watcher.check() == ["pair"]
+    assert await watcher.check() == ["pair"]
     a.write_text("33")  # in place
-    assert watcher.check() == ["pair"]
-    assert watcher.check() == []
-    assert watcher.check(force=True) == ["pair"]  # SIGHUP
+    assert await watcher.check() == ["pair"]
+    assert await watcher.check() == []
+    assert await watcher.check(force=True) == ["pair"]  # SIGHUP
     assert calls == ["pair"] * 4
 
 
@@ -262,3 +264,209 @@ async def test_two_workers_rotate_the_serving_pair_under_load(
         await proc.await_log("serving certificate reloaded", count=4, timeout=5)
         assert proc.popen.poll() is None
         assert proc.stop() == 0
+
+
+def _auth_file(
+    issuers: list[str],
+    *,
+    audiences: str = "[kubernetes]",
+    rule: bool = False,
+) -> str:
+    entries = []
+    for n, url in enumerate(issuers):
+        policy = (
+            "    audienceMatchPolicy: MatchAny\n" if n == 0 and "," in audiences else ""
+        )
+        entry = (
+            f"- issuer:\n"
+            f"    url: {url}\n"
+            f"    audiences: {audiences if n == 0 else '[kubernetes]'}\n"
+            f"{policy}"
+            f"  claimMappings:\n"
+            f'    username: {{claim: sub, prefix: "i{n}:"}}\n'
+        )
+        if rule and n == 1:
+            entry += (
+                "  claimValidationRules:\n"
+                "  - expression: \"claims.sub != '00u1mallory'\"\n"
+                "    message: mallory is out\n"
+            )
+        entries.append(entry)
+    return (
+        "apiVersion: apiserver.config.k8s.io/v1\n"
+        "kind: AuthenticationConfiguration\n"
+        "jwt:\n" + "".join(entries)
+    )
+
+
+async def _scrape(probe: str, name: str) -> dict[str, float]:
+    """Samples of metric ``name`` by their ``status`` label (all workers)."""
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(f"{probe}/metrics") as r,
+    ):
+        text = await r.text()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            status = line.split('status="', 1)[1].split('"', 1)[0]
+            out[status] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+async def test_two_workers_reload_the_authentication_config_under_load(
+    issuer: FakeIssuer, tmp_path: Path
+) -> None:
+    from tests.fakes.issuer import serve_issuer
+
+    path = tmp_path / "authentication.yaml"
+    path.write_text(_auth_file([issuer.url]))
+    port, probe_port = free_port(), free_port()
+    args = [
+        "webhook",
+        "--authentication-config", str(path),
+        "--bind-address", "127.0.0.1",
+        "--secure-port", str(port),
+        "--probe-bind-address", f"127.0.0.1:{probe_port}",
+        "--cert-dir", str(tmp_path / "certs"),
+        "--workers", "2",
+    ]  # fmt: skip
+    url = f"https://127.0.0.1:{port}/authenticate"
+    probe = f"http://127.0.0.1:{probe_port}"
+    steady = issuer.token()
+    timings: dict[str, float] = {}
+    async with serve_issuer() as second:
+        with Proc(*args) as proc:
+            await proc.await_log("serving", count=2, timeout=20)
+            await proc.await_log("jwks keys loaded", count=2, timeout=20)
+            ctx = ssl.create_default_context(
+                cafile=str(tmp_path / "certs/kube-oidc-gate.crt")
+            )
+            ok = failed = 0
+            stop = asyncio.Event()
+
+            async def review(session: aiohttp.ClientSession, token: str) -> str | None:
+                async with session.post(url, json=review_body(token)) as r:
+                    status = parse_review(await r.text()).status
+                    return status.user.username if status.authenticated else None
+
+            async def load() -> None:
+                nonlocal ok, failed
+                connector = aiohttp.TCPConnector(ssl=ctx, force_close=True)
+                async with aiohttp.ClientSession(connector=connector) as session:
+                    while not stop.is_set():
+                        try:
+                            assert await review(session, steady) == "i0:00u1alice"
+                            ok += 1
+                        except (aiohttp.ClientError, AssertionError):
+                            failed += 1
+
+            async def effective(
+                what: str, text: str, token: str, want: str | None
+            ) -> None:
+                """Write ``text``; wait until a run of answers (both workers) is ``want``."""
+                connector = aiohttp.TCPConnector(ssl=ctx, force_close=True)
+                async with aiohttp.ClientSession(connector=connector) as session:
+                    _write(path, text.encode())
+                    changed = time.monotonic()
+                    streak = 0
+                    while streak < 12 and time.monotonic() < changed + 6:
+                        got = await review(session, token)
+                        streak = streak + 1 if got == want else 0
+                    timings[what] = time.monotonic() - changed
+                    assert streak >= 12, f"{what}: got {got!r}, want {want!r}"
+
+            clients = [asyncio.create_task(load()) for _ in range(3)]
+            try:
+                await asyncio.sleep(0.3)
+                b_token = second.token()
+                b_mallory = second.token(sub="00u1mallory")
+                assert b_token  # not ours yet: "not mine"
+                both = [issuer.url, second.url]
+                await effective(
+                    "add an issuer", _auth_file(both), b_token, "i1:00u1alice"
+                )
+                # Accepted now, and cached: the rule below must purge it.
+                connector = aiohttp.TCPConnector(ssl=ctx, force_close=True)
+                async with aiohttp.ClientSession(connector=connector) as session:
+                    for _ in range(6):
+                        assert await review(session, b_mallory) == "i1:00u1mallory"
+                other = issuer.token(audience="other")
+                await effective(
+                    "change an audience",
+                    _auth_file(both, audiences="[kubernetes, other]"),
+                    other,
+                    "i0:00u1alice",
+                )
+                await effective(
+                    "add a CEL rule",
+                    _auth_file(both, audiences="[kubernetes, other]", rule=True),
+                    b_mallory,
+                    None,
+                )
+                good = _auth_file(both, audiences="[kubernetes, other]", rule=True)
+                _write(
+                    path,
+                    good.replace(
+                        "url: " + second.url, "url: http://idp.example.com"
+                    ).encode(),
+                )
+                broken_at = time.monotonic()
+                name = "kube_oidc_gate_authentication_config_controller_automatic_reloads_total"
+                while time.monotonic() < broken_at + 6:
+                    if (await _scrape(probe, name)).get("failure", 0) >= 2:
+                        break
+                    await asyncio.sleep(0.1)
+                timings["broken file reported"] = time.monotonic() - broken_at
+                assert (await _scrape(probe, name)) == {"success": 6, "failure": 2}
+                stamps = await _scrape(
+                    probe,
+                    "kube_oidc_gate_authentication_config_controller_automatic_reload_last_timestamp_seconds",
+                )
+                assert stamps["failure"] > stamps["success"] > 0
+                async with aiohttp.ClientSession() as s:
+                    for _ in range(6):  # either worker answers: both say so
+                        async with s.get(f"{probe}/readyz") as r:
+                            assert r.status == 200
+                            text = await r.text()
+                            assert "the last reload failed" in text, text
+                            assert "jwt[1].issuer.url" in text, text
+                # The last good configuration still serves.
+                connector = aiohttp.TCPConnector(ssl=ctx, force_close=True)
+                async with aiohttp.ClientSession(connector=connector) as session:
+                    assert await review(session, b_token) == "i1:00u1alice"
+                    assert await review(session, other) == "i0:00u1alice"
+                _write(path, good.encode())
+                fixed_at = time.monotonic()
+                while time.monotonic() < fixed_at + 6:
+                    if (await _scrape(probe, name)).get("success", 0) >= 8:
+                        break
+                    await asyncio.sleep(0.05)
+                timings["fix the file"] = time.monotonic() - fixed_at
+                await proc.await_log(
+                    "authentication config reloaded", count=8, timeout=5
+                )
+                assert (await _scrape(probe, name)) == {"success": 8, "failure": 2}
+                async with aiohttp.ClientSession() as s:
+                    for _ in range(6):
+                        async with s.get(f"{probe}/readyz") as r:
+                            assert "reload failed" not in await r.text()
+            finally:
+                stop.set()
+                await asyncio.gather(*clients)
+            refused = [
+                e
+                for e in proc.logs()
+                if e.get("event")
+                == "authentication config not reloaded, the last good one serves"
+            ]
+            assert len(refused) == 2
+            assert any("jwt[1].issuer.url" in p for p in refused[0]["problems"])
+            assert failed == 0, f"{failed} failed of {ok + failed}"
+            assert ok > 50
+            assert proc.stop() == 0
+    print(
+        "authentication config change to effect (both workers):",
+        {k: round(v, 2) for k, v in timings.items()},
+    )
+    assert all(t < 3.0 for t in timings.values()), timings
