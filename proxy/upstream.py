@@ -19,7 +19,11 @@ Credentials rotate without a restart:
   changes;
 - from a kubeconfig, the loader's own refresh hook is called on the same
   schedule; it re-runs an exec plugin when the credential it returned expires.
-  A kubeconfig ``tokenFile`` is read once, at start (a known limitation).
+  A kubeconfig ``tokenFile`` is watched like the in-cluster token (issue 21);
+- a client certificate and key (and the CA) on disk are watched the same way:
+  when they change and the new pair loads (a key that does not match its
+  certificate yet keeps the last good pair), new connections use it, idle
+  pooled connections are closed and busy ones are not reused (issue 21).
 
 ``auth_headers()`` is synchronous and only returns what the background task
 last read, so a request never waits for the disk.
@@ -97,7 +101,7 @@ class UpstreamSettings:
     #: In-cluster CA bundle.
     ca_file: str = SERVICE_CA_FILE
     #: Seconds between checks of the credential for rotation.
-    credential_check_interval: float = 5.0
+    credential_check_interval: float = 1.0
     #: Most connections to the API server at once; 0 means no limit. Every
     #: watch, log stream and exec holds one for its whole life, so a limit
     #: here caps concurrent streams (and ordinary requests wait behind them)
@@ -120,6 +124,50 @@ class _Target:
     authorization: str | None
     token_file: str | None
     configuration: Any
+
+    @property
+    def tls_files(self) -> tuple[str, ...]:
+        """The files the TLS context is built from (watched for rotation)."""
+        if self.base_url.scheme != "https":
+            return ()
+        return tuple(f for f in (self.ca_file, self.cert_file, self.key_file) if f)
+
+
+_Signature = tuple[tuple[int, int, int, int] | None, ...]
+
+
+def _stat_all(paths: Iterable[str]) -> _Signature:
+    """The identity of each file (None: missing); blocking, call in a thread."""
+    out: list[tuple[int, int, int, int] | None] = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            out.append(None)
+            continue
+        out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+def _kubeconfig_token_file(path: str, context: str | None) -> str | None:
+    """The ``tokenFile`` of the kubeconfig user in use, resolved as kubectl does.
+
+    The kubernetes loader reads it once; we re-read it when it changes. Any
+    surprise in the file means "none": the loader has validated it already.
+    """
+    try:
+        with open(path, encoding="utf-8") as fh:
+            doc = yaml.safe_load(fh)
+        name = context or doc.get("current-context")
+        ctx = next(c["context"] for c in doc["contexts"] if c["name"] == name)
+        user = next(u["user"] for u in doc["users"] if u["name"] == ctx["user"])
+        # client-go: an inline token wins over tokenFile.
+        token_file = None if user.get("token") else user.get("tokenFile")
+    except Exception:  # noqa: BLE001 - "no token file" is the safe answer
+        return None
+    if not isinstance(token_file, str) or not token_file:
+        return None
+    return os.path.join(os.path.dirname(os.path.abspath(path)), token_file)
 
 
 class _TokenFile:
@@ -293,7 +341,9 @@ def _load(settings: UpstreamSettings, environ: Mapping[str, str] | None) -> _Tar
         verify=bool(cfg.verify_ssl),
         server_name=getattr(cfg, "tls_server_name", None) or None,
         authorization=_normalise_authorization(raw),
-        token_file=settings.token_file if settings.kubeconfig is None else None,
+        token_file=settings.token_file
+        if settings.kubeconfig is None
+        else _kubeconfig_token_file(settings.kubeconfig, settings.context),
         configuration=cfg if getattr(cfg, "refresh_api_key_hook", None) else None,
     )
     _warn_if_all_powerful(target)
@@ -346,6 +396,7 @@ class Upstream:
         self._ssl: ssl.SSLContext | None = None
         self._authorization: str | None = None
         self._token_file: _TokenFile | None = None
+        self._tls_seen: _Signature = ()
         self._refresher: asyncio.Task[None] | None = None
         self._base = ""
         self._prefix = ""
@@ -384,6 +435,7 @@ class Upstream:
         if self._pool is not None:
             return
         target = await asyncio.to_thread(_load, self.settings, self._environ)
+        self._tls_seen = await asyncio.to_thread(_stat_all, target.tls_files)
         self._ssl = await asyncio.to_thread(_ssl_context, target)
         self._target = target
         self._base = str(target.base_url).rstrip("/")
@@ -405,7 +457,11 @@ class Upstream:
             keepalive_timeout=self.settings.keepalive_timeout,
             host_header=url.host_port_subcomponent or url.host,
         )
-        if self._token_file is not None or target.configuration is not None:
+        if (
+            self._token_file is not None
+            or target.configuration is not None
+            or target.tls_files
+        ):
             self._refresher = asyncio.create_task(
                 self._refresh_loop(), name="upstream-credential-refresh"
             )
@@ -471,11 +527,44 @@ class Upstream:
         log.info("upstream credential reloaded")
         return True
 
+    async def refresh_tls(self) -> bool:
+        """Rebuild TLS if its files changed; ``True`` when new connections use it.
+
+        A pair that does not load (a key written after its certificate, not
+        there yet) keeps the last good context; the next change is tried again.
+        """
+        target, pool = self._target, self._pool
+        if target is None or pool is None or not target.tls_files:
+            return False
+        seen = await asyncio.to_thread(_stat_all, target.tls_files)
+        if seen == self._tls_seen:
+            return False
+        self._tls_seen = seen
+        try:
+            ctx = await asyncio.to_thread(_ssl_context, target)
+        except ConfigError as err:
+            log.warning(
+                "upstream tls not reloaded, the last good one is used",
+                extra={"problem": str(err)},
+            )
+            return False
+        self._ssl = ctx
+        retired = pool.replace_tls(ctx)
+        log.info(
+            "upstream tls reloaded",
+            extra={
+                "client_certificate": target.cert_file is not None,
+                "idle_connections_closed": retired,
+            },
+        )
+        return True
+
     async def _refresh_loop(self) -> None:
         interval = max(self.settings.credential_check_interval, 0.01)
         while True:
             await asyncio.sleep(interval)
             try:
+                await self.refresh_tls()
                 await self.refresh_credentials()
             except Exception:  # the loop must survive a broken exec plugin
                 log.exception("upstream credential refresh crashed")

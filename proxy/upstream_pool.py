@@ -155,6 +155,9 @@ class _Connection(asyncio.Protocol):
         self.received = 0
         self.reused = False
         self.idle_since = 0.0
+        #: The pool's TLS generation when this connection was made: one made
+        #: with a client certificate since rotated is not reused.
+        self.tls_generation = 0
         self.lost = loop.create_future()
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
@@ -652,6 +655,7 @@ class ConnectionPool:
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
+        self._tls_generation = 0
         self.connections_made = 0
 
     @property
@@ -663,6 +667,20 @@ class ConnectionPool:
     def idle_connections(self) -> int:
         """Connections waiting in the pool for reuse."""
         return len(self._idle)
+
+    def replace_tls(self, ssl_context: ssl.SSLContext) -> int:
+        """New connections use ``ssl_context`` (a rotated client certificate).
+
+        Idle connections, made with the old one, are closed now; those in use
+        finish their exchange and are closed when released, never reused.
+        Returns how many idle connections were retired.
+        """
+        self._ssl = ssl_context
+        self._tls_generation += 1
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            self._discard(conn, abort=False)
+        return len(idle)
 
     # Connections -----------------------------------------------------------
 
@@ -697,6 +715,7 @@ class ConnectionPool:
     ) -> _Connection:
         placeholder = _Connection(loop, self.buffer_limit + 65536)
         self._open.add(placeholder)  # holds a slot while connecting
+        placeholder.tls_generation = self._tls_generation
         try:
             async with asyncio.timeout(connect_timeout):
                 address = self._host
@@ -761,6 +780,9 @@ class ConnectionPool:
         """Put ``conn`` back for reuse, or close it (abort unless reusable)."""
         if not reusable or self._closed:
             self._discard(conn, abort=not reusable)
+            return
+        if conn.tls_generation != self._tls_generation:
+            self._discard(conn, abort=False)
             return
         if not conn.usable_idle(-1.0, float("inf")):
             self._discard(conn, abort=True)

@@ -12,7 +12,7 @@ import os
 import signal
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -21,6 +21,7 @@ import trustme
 from cryptography import x509
 
 from proxy.certs import CertPair, ServingTLS
+from proxy.upstream import Upstream, UpstreamSettings
 from proxy.watch import FileWatcher
 from tests.fakes.issuer import FakeIssuer
 from tests.proc import Proc
@@ -470,3 +471,197 @@ async def test_two_workers_reload_the_authentication_config_under_load(
         {k: round(v, 2) for k, v in timings.items()},
     )
     assert all(t < 3.0 for t in timings.values()), timings
+
+
+@contextlib.asynccontextmanager
+async def _whoami_server(
+    server_cert: trustme.LeafCert, client_ca: trustme.CA | None
+) -> AsyncIterator[str]:
+    """An https server answering with the client certificate's CN and the bearer."""
+    from aiohttp import web
+
+    async def whoami(request: web.Request) -> web.Response:
+        peer = (
+            request.transport.get_extra_info("peercert") if request.transport else None
+        )
+        names = [v for (k, v) in (peer or {}).get("subjectAltName", ())]
+        bearer = request.headers.get("Authorization", "")
+        return web.Response(text=f"{','.join(names)}|{bearer}")
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_cert.configure_cert(ctx)
+    if client_ca is not None:
+        client_ca.configure_trust(ctx)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    app = web.Application()
+    app.router.add_get("/whoami", whoami)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"https://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def _rotating_upstream_load(
+    upstream: Upstream, want: str, rotate: Callable[[], Awaitable[None]]
+) -> float:
+    """4 clients fetch through ``upstream`` while ``rotate`` runs; return the
+    seconds from its end until every answer contains ``want``. No failure."""
+    stop = asyncio.Event()
+    failures: list[BaseException] = []
+    done = 0
+
+    async def client() -> None:
+        nonlocal done
+        while not stop.is_set():
+            try:
+                async with await upstream.fetch(
+                    "GET",
+                    "/whoami",
+                    headers=upstream.auth_items,
+                    connect_timeout=5,
+                    head_timeout=5,
+                ) as r:
+                    assert r.status == 200
+                    await r.read(1 << 16)
+                    done += 1
+            except Exception as err:  # counted, then asserted none
+                failures.append(err)
+
+    clients = [asyncio.create_task(client()) for _ in range(4)]
+    try:
+        await asyncio.sleep(0.3)
+        await rotate()
+        changed = time.monotonic()
+        streak = 0
+        while streak < 20 and time.monotonic() < changed + 5:
+            async with await upstream.fetch(
+                "GET",
+                "/whoami",
+                headers=upstream.auth_items,
+                connect_timeout=5,
+                head_timeout=5,
+            ) as r:
+                body = (await r.read(1 << 16)).decode()
+            streak = streak + 1 if want in body else 0
+        took = time.monotonic() - changed
+        assert streak >= 20, body
+    finally:
+        stop.set()
+        await asyncio.gather(*clients)
+    assert failures == [], failures[:3]
+    assert done > 50
+    return took
+
+
+async def test_the_upstream_client_certificate_rotates_under_load(
+    tmp_path: Path,
+) -> None:
+    server_ca, client_ca = trustme.CA(), trustme.CA()
+    old = client_ca.issue_cert("proxy-old")
+    new = client_ca.issue_cert("proxy-new")
+    cert_file, key_file = tmp_path / "client.crt", tmp_path / "client.key"
+    _write_pair(old, cert_file, key_file)
+    async with _whoami_server(server_ca.issue_cert("127.0.0.1"), client_ca) as url:
+        config = tmp_path / "kubeconfig"
+        config.write_text(_kubeconfig(url, server_ca, {
+            "client-certificate": str(cert_file), "client-key": str(key_file),
+        }))  # fmt: skip
+        upstream = Upstream(UpstreamSettings(kubeconfig=str(config)))
+        await upstream.start()
+        try:
+
+            async def rotate() -> None:
+                _write(cert_file, new.cert_chain_pems[0].bytes())
+                await asyncio.sleep(1.5)  # a poll sees the half pair: kept
+                _write(key_file, new.private_key_pem.bytes())
+
+            took = await _rotating_upstream_load(upstream, "proxy-new|", rotate)
+        finally:
+            await upstream.close()
+    print(f"upstream client certificate change to effect: {took:.2f}s")
+    assert took < 2.5
+
+
+async def test_a_kubeconfig_token_file_is_reread(tmp_path: Path) -> None:
+    server_ca = trustme.CA()
+    token_file = tmp_path / "token"
+    _write(token_file, b"token-1\n")
+    async with _whoami_server(server_ca.issue_cert("127.0.0.1"), None) as url:
+        config = tmp_path / "kubeconfig"
+        config.write_text(_kubeconfig(url, server_ca, {"tokenFile": "token"}))
+        upstream = Upstream(UpstreamSettings(kubeconfig=str(config)))
+        await upstream.start()
+        try:
+            assert upstream.auth_headers() == {"Authorization": "Bearer token-1"}
+
+            async def rotate() -> None:
+                _write(token_file, b"token-2\n")
+
+            took = await _rotating_upstream_load(upstream, "|Bearer token-2", rotate)
+        finally:
+            await upstream.close()
+    print(f"upstream token file change to effect: {took:.2f}s")
+    assert took < 2.5
+
+
+def _kubeconfig(url: str, ca: trustme.CA, user: dict[str, str]) -> str:
+    import base64
+
+    import yaml
+
+    return yaml.safe_dump({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "c", "cluster": {
+            "server": url,
+            "certificate-authority-data": base64.b64encode(ca.cert_pem.bytes()).decode(),
+        }}],
+        "users": [{"name": "u", "user": user}],
+        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+        "current-context": "x",
+    })  # fmt: skip
+
+
+async def test_a_new_issuer_ca_is_used_after_a_reload(tls_issuer: FakeIssuer) -> None:
+    """``--oidc-ca-file`` / ``certificateAuthority`` rotated: the keys load over it."""
+    from dataclasses import replace
+
+    from proxy.app import ConfigReloader, start_engine
+    from proxy.config import JWTAuthenticatorConfig
+    from proxy.metrics import Metrics
+    from tests.helpers import auth_config, authenticator_config
+
+    good = authenticator_config(tls_issuer.url)
+
+    def issuer_with(pem: str | None) -> JWTAuthenticatorConfig:
+        return replace(good, issuer=replace(good.issuer, certificate_authority=pem))
+
+    stale = auth_config(issuer_with(trustme.CA().cert_pem.bytes().decode()))
+    fresh = auth_config(issuer_with(tls_issuer.ca_pem))
+    engine = await start_engine(stale, metrics=Metrics())
+    try:
+        old = engine.keysets.get(tls_issuer.url)
+        await asyncio.sleep(0.3)
+        assert not old.ready, "the old CA does not verify the issuer"
+        token = tls_issuer.token()
+        started = time.monotonic()
+        assert await ConfigReloader(engine, lambda: fresh).reload() is True
+        took = time.monotonic() - started
+        assert engine.keysets.get(tls_issuer.url).ready
+        assert engine.keysets.get(tls_issuer.url) is not old
+        user = await engine.authenticator.authenticate(token)
+        assert user is not None
+        assert user.username == f"{tls_issuer.url}#00u1alice"
+        rendered = engine.metrics.render().decode()
+        assert (
+            'kube_oidc_gate_authentication_config_controller_automatic_reloads_total{status="success"} 1.0'
+            in rendered
+        )
+    finally:
+        await engine.close()
+    print(f"issuer CA reload (keys fetched over the new CA, then swapped): {took:.2f}s")
