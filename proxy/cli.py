@@ -879,7 +879,9 @@ async def _serve_async(
     # Every worker watches on its own: each has its own listener context,
     # engine and upstream client to bring up to date (issue 21).
     watcher = FileWatcher()
-    watcher.add("serving certificate", tls.files, tls.reload)
+    # Reading and parsing the pair happens in a thread; the swap is one
+    # attribute assignment, seen whole by the next handshake.
+    watcher.add("serving certificate", tls.files, lambda: asyncio.to_thread(tls.reload))
     if not getattr(ns, "dev", False):
         from proxy.app import ConfigReloader
 

@@ -92,7 +92,8 @@ class FileWatcher:
         """
         changed: list[str] = []
         for watch in self._watches:
-            now = _signature(watch.paths)
+            # stat in a thread: no blocking I/O on the loop (house rule 7).
+            now = await asyncio.to_thread(_signature, watch.paths)
             if not force and now == watch.seen:
                 continue
             watch.seen = now

@@ -665,3 +665,134 @@ async def test_a_new_issuer_ca_is_used_after_a_reload(tls_issuer: FakeIssuer) ->
     finally:
         await engine.close()
     print(f"issuer CA reload (keys fetched over the new CA, then swapped): {took:.2f}s")
+
+
+async def test_two_proxy_workers_reload_pair_config_and_upstream_token_under_load(
+    issuer: FakeIssuer, tmp_path: Path
+) -> None:
+    """The proxy front end: the same reloads, and its upstream token, live."""
+    from tests.fakes.apiserver import FakeAPIServer
+    from tests.fakes.apiserver_harness import WHOAMI
+
+    def auth_file(prefix: str) -> bytes:
+        return (
+            "apiVersion: apiserver.config.k8s.io/v1\n"
+            "kind: AuthenticationConfiguration\n"
+            "jwt:\n"
+            f"- issuer: {{url: '{issuer.url}', audiences: [kubernetes]}}\n"
+            f"  claimMappings: {{username: {{claim: sub, prefix: '{prefix}'}}}}\n"
+        ).encode()
+
+    old_ca, new_ca = trustme.CA(), trustme.CA()
+    cert_file, key_file = tmp_path / "tls.crt", tmp_path / "tls.key"
+    _write_pair(old_ca.issue_cert("127.0.0.1"), cert_file, key_file)
+    config, token_file = tmp_path / "auth.yaml", tmp_path / "proxy-token"
+    _write(config, auth_file("p1:"))
+    _write(token_file, b"proxy-token-1\n")
+    fake = FakeAPIServer(trustme.CA())
+    await fake.start()
+    fake.proxy_tokens = {"proxy-token-1"}
+    kubeconfig = tmp_path / "upstream.yaml"
+    kubeconfig.write_text(
+        _kubeconfig(fake.url, fake.ca, {"tokenFile": str(token_file)})
+    )
+    port = free_port()
+    args = [
+        "proxy",
+        "--authentication-config", str(config),
+        "--kubeconfig", str(kubeconfig),
+        "--bind-address", "127.0.0.1",
+        "--secure-port", str(port),
+        "--probe-bind-address", f"127.0.0.1:{free_port()}",
+        "--tls-cert-file", str(cert_file),
+        "--tls-private-key-file", str(key_file),
+        "--workers", "2",
+    ]  # fmt: skip
+    url = f"https://127.0.0.1:{port}{WHOAMI}"
+    user_token = issuer.token()
+    both = _client(old_ca, new_ca)
+    timings: dict[str, float] = {}
+    try:
+        with Proc(*args) as proc:
+            await proc.await_log("serving", count=2, timeout=20)
+            await proc.await_log("jwks keys loaded", count=2, timeout=20)
+            ok = failed = 0
+            stop = asyncio.Event()
+
+            async def whoami(session: aiohttp.ClientSession) -> str:
+                async with session.post(
+                    url, json={}, headers={"Authorization": f"Bearer {user_token}"}
+                ) as r:
+                    assert r.status == 201, r.status
+                    return str((await r.json())["status"]["userInfo"]["username"])
+
+            async def load() -> None:
+                nonlocal ok, failed
+                connector = aiohttp.TCPConnector(ssl=both, force_close=True)
+                async with aiohttp.ClientSession(connector=connector) as session:
+                    while not stop.is_set():
+                        try:
+                            assert await whoami(session) in (
+                                "p1:00u1alice",
+                                "p2:00u1alice",
+                            )
+                            ok += 1
+                        except (aiohttp.ClientError, AssertionError):
+                            failed += 1
+
+            async def until(
+                what: str, done: Callable[[aiohttp.ClientSession], Awaitable[bool]]
+            ) -> None:
+                connector = aiohttp.TCPConnector(ssl=both, force_close=True)
+                async with aiohttp.ClientSession(connector=connector) as session:
+                    changed = time.monotonic()
+                    streak = 0
+                    while streak < 12 and time.monotonic() < changed + 6:
+                        streak = streak + 1 if await done(session) else 0
+                    timings[what] = time.monotonic() - changed
+                    assert streak >= 12, what
+
+            clients = [asyncio.create_task(load()) for _ in range(3)]
+            try:
+                await asyncio.sleep(0.3)
+                new = new_ca.issue_cert("127.0.0.1")
+                _write(cert_file, new.cert_chain_pems[0].bytes())
+                await asyncio.sleep(1.2)
+                _write(key_file, new.private_key_pem.bytes())
+
+                async def new_pair(_: aiohttp.ClientSession) -> bool:
+                    return await _served_by(port, both) == _ca_name(new_ca)
+
+                await until("serving pair", new_pair)
+
+                fake.proxy_tokens = {"proxy-token-1", "proxy-token-2"}
+                _write(token_file, b"proxy-token-2\n")
+
+                async def new_token(session: aiohttp.ClientSession) -> bool:
+                    await whoami(session)
+                    return fake.requests[-1].bearer == "proxy-token-2"
+
+                await until("upstream token", new_token)
+                await asyncio.sleep(0.2)  # requests in flight with the old one end
+                fake.proxy_tokens = {"proxy-token-2"}  # the old one is revoked
+
+                _write(config, auth_file("p2:"))
+
+                async def new_prefix(session: aiohttp.ClientSession) -> bool:
+                    return await whoami(session) == "p2:00u1alice"
+
+                await until("authentication config", new_prefix)
+                await asyncio.sleep(0.3)
+            finally:
+                stop.set()
+                await asyncio.gather(*clients)
+            assert failed == 0, f"{failed} failed of {ok + failed}"
+            assert ok > 50
+            assert proc.stop() == 0
+    finally:
+        await fake.stop()
+    print(
+        "proxy --workers 2, change to effect:",
+        {k: round(v, 2) for k, v in timings.items()},
+    )
+    assert all(t < 3.0 for t in timings.values()), timings
