@@ -44,7 +44,8 @@ from proxy.config import (
 from proxy.errors import ConfigError
 from proxy.http1 import Server
 from proxy.impersonate import LEAN_LANE, ProxySettings, add_proxy_routes
-from proxy.keyset import ClaimSourceClient, KeySets
+from proxy.introspection import Introspection
+from proxy.keyset import ClaimSourceClient, IntrospectionHttpClient, KeySets
 from proxy.kube import status_body
 from proxy.log import REQUEST_ID, issuer_hash, new_request_id
 from proxy.metrics import CONTENT_TYPE, FLUSH_INTERVAL, Metrics
@@ -59,6 +60,7 @@ __all__ = [
     "ConnectionGuard",
     "Engine",
     "ServeSettings",
+    "introspection_for",
     "listen_problems",
     "listening",
     "probe_app",
@@ -205,6 +207,7 @@ async def start_engine(
             OktaApiClient(session, config, metrics=metrics),
             metrics=metrics,
         ),
+        introspection=introspection_for(config, keysets, session, metrics=metrics),
     )
     for key_set in keysets:
         key_set.on_keys_withdrawn = authenticator.forget_issuer
@@ -294,6 +297,30 @@ class ConfigReloader:
             for key_set in retired:
                 await key_set.close()
             return True
+
+
+def introspection_for(
+    config: AuthConfig,
+    keysets: KeySets,
+    session: aiohttp.ClientSession,
+    *,
+    metrics: Metrics | None = None,
+) -> Introspection | None:
+    """The introspection engine over ``session``, endpoints from discovery."""
+    settings = config.introspection
+    if settings is None:
+        return None
+
+    def endpoint_for(url: str) -> str | None:
+        return keysets.get(url).introspection_endpoint
+
+    client = IntrospectionHttpClient(
+        session,
+        [a.issuer for a in config.authenticators],
+        endpoint_for,
+        timeout=settings.timeout,
+    )
+    return Introspection(settings, client, metrics=metrics)
 
 
 @dataclass(slots=True)

@@ -23,6 +23,13 @@ Routing by the unverified ``iss`` is safe because it only chooses which issuer's
 keys and rules to apply: a forged ``iss`` just selects keys that will not verify
 the signature, and the verified ``iss`` is compared again after the signature.
 
+Token introspection (``proxy.introspection``), for the issuers that have it,
+runs last: after the signature, the claims and the mapping, so a token we
+would refuse anyway never costs a call to the IdP. An acceptance that rests
+on an introspection answer is kept in the result cache only while that
+answer is fresh (at most ``--introspection-cache-ttl``), so a revoked token
+is refused within that TTL whether or not its verdict was cached.
+
 The result cache sits in front of everything. Metrics are recorded here so both
 front ends count the same way: ``authentications{result,reason}`` per call and
 the validation latency only for cache misses (a hit says nothing about cost).
@@ -43,6 +50,7 @@ from proxy.claims import map_claims
 from proxy.config import AuthConfig, JWTAuthenticatorConfig
 from proxy.distclaims import ClaimSourceFetcher, DistributedClaims
 from proxy.errors import IssuerMismatch, MalformedToken, Overloaded, TokenError
+from proxy.introspection import Introspection, IntrospectionResult
 from proxy.kube import UserInfo
 from proxy.log import fingerprint
 from proxy.metrics import Metrics, null_tally
@@ -66,6 +74,18 @@ class Verdict:
     not_mine: str | None = None
     #: Where the groups came from when ``--okta-*`` applies to the issuer.
     groups_from: GroupsProvenance | None = None
+    #: The introspection answer, when introspection is on for the issuer and
+    #: was reached (the token passed every other check).
+    introspection: IntrospectionResult | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    issuer: str
+    user: UserInfo
+    exp: float
+    provenance: GroupsProvenance | None
+    introspection: IntrospectionResult | None
 
 
 class Authenticator:
@@ -81,6 +101,7 @@ class Authenticator:
         monotonic: Callable[[], float] = time.monotonic,
         claim_sources: ClaimSourceFetcher | None = None,
         okta_groups: OktaGroups | None = None,
+        introspection: Introspection | None = None,
     ) -> None:
         self._config = config
         self._by_issuer: dict[str, JWTAuthenticatorConfig] = {
@@ -103,6 +124,12 @@ class Authenticator:
         if okta_groups is None and config.okta is not None:
             okta_groups = OktaGroups(config.okta, None)
         self._okta = okta_groups
+        # Without a fetcher (check-token --offline) an introspected issuer's
+        # tokens are refused as introspection_unavailable, never accepted
+        # unchecked.
+        if introspection is None and config.introspection is not None:
+            introspection = Introspection(config.introspection, None, clock=clock)
+        self._introspection = introspection
         self.cache = ResultCache(config.cache, clock=clock, monotonic=monotonic)
         #: Bumped by ``reconfigure``: verdicts reached under older rules are
         #: answered but not cached.
@@ -127,15 +154,9 @@ class Authenticator:
                 self._metrics.authentications, result, reason
             ).count += 1
 
-    async def _validate(
-        self, parsed: ParsedToken
-    ) -> tuple[str, UserInfo, float] | None:
-        outcome = await self._validate_explained(parsed)
-        return None if outcome is None else outcome[:3]
-
     async def _validate_explained(
-        self, parsed: ParsedToken
-    ) -> tuple[str, UserInfo, float, GroupsProvenance | None] | None:
+        self, parsed: ParsedToken, token: str
+    ) -> _Outcome | None:
         iss = parsed.unverified_issuer
         auth = self._by_issuer.get(iss or "")
         if auth is None:
@@ -152,7 +173,15 @@ class Authenticator:
         if self._okta is not None:
             claims, provenance = await self._okta.expand(auth, claims)
         user = map_claims(auth, claims)
-        return auth.issuer.url, user, float(claims["exp"]), provenance
+        exp = float(claims["exp"])
+        introspected = None
+        if self._introspection is not None and self._introspection.applies(
+            auth.issuer.url
+        ):
+            introspected = await self._introspection.check(
+                auth.issuer.url, token, exp=exp
+            )
+        return _Outcome(auth.issuer.url, user, exp, provenance, introspected)
 
     async def authenticate(self, token: str) -> UserInfo | None:
         """The user ``token`` maps to, ``None`` if not ours; raise ``TokenError``."""
@@ -202,7 +231,7 @@ class Authenticator:
         generation = self._generation
         try:
             parsed = peek(token, max_bytes=self._config.max_token_bytes)
-            outcome = await self._validate(parsed)
+            outcome = await self._validate_explained(parsed, token)
         except TokenError as err:
             self._observe(started, "temporary" if err.temporary else "rejected")
             self._record("error" if err.temporary else "rejected", err.reason)
@@ -226,12 +255,18 @@ class Authenticator:
             self._record("not_mine", "not_mine")
             return None
         admission.outcome(accepted=True)
-        issuer, user, exp = outcome
         self._observe(started, "ok")
         self._oks.count += 1
         if generation != self._generation:
-            return user
-        return cache.put_user(key, user, issuer=issuer, exp=exp)
+            return outcome.user
+        checked = outcome.introspection
+        return cache.put_user(
+            key,
+            outcome.user,
+            issuer=outcome.issuer,
+            exp=outcome.exp,
+            max_ttl=None if checked is None else checked.fresh_for,
+        )
 
     async def _wait_turn(self, admission: Admission) -> None:
         metrics = self._metrics
@@ -278,7 +313,7 @@ class Authenticator:
                 ),
             )
         try:
-            outcome = await self._validate_explained(parsed)
+            outcome = await self._validate_explained(parsed, token)
         except TokenError as err:
             return Verdict(header=header, claims=claims, issuer=iss, error=err)
         assert outcome is not None
@@ -286,8 +321,9 @@ class Authenticator:
             header=header,
             claims=claims,
             issuer=iss,
-            user=outcome[1],
-            groups_from=outcome[3],
+            user=outcome.user,
+            groups_from=outcome.provenance,
+            introspection=outcome.introspection,
         )
 
     def claimed_issuer(self, token: str) -> str | None:

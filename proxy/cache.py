@@ -165,9 +165,19 @@ class ResultCache:
         self._users[user_json] = user
 
     def put_user(
-        self, key: bytes, user: UserInfo, *, issuer: str, exp: float
+        self,
+        key: bytes,
+        user: UserInfo,
+        *,
+        issuer: str,
+        exp: float,
+        max_ttl: float | None = None,
     ) -> UserInfo:
         """Remember an accepted token until ``min(exp, now + success_ttl)``.
+
+        ``max_ttl`` shortens that further: an acceptance that rests on an
+        introspection answer lives no longer than the answer is fresh, so a
+        revocation is seen within ``--introspection-cache-ttl`` (0: not kept).
 
         Returns the user object to use from now on: an equal one already
         remembered (the same person with a new token) if there is one, so
@@ -178,6 +188,8 @@ class ResultCache:
         if self._max <= 0:
             return user
         remaining = min(exp - self._clock(), self._settings.success_ttl)
+        if max_ttl is not None:
+            remaining = min(remaining, max_ttl)
         if remaining <= 0:
             return user
         user_json = user.to_json()

@@ -24,8 +24,14 @@ import aiohttp
 
 from proxy.authn import Authenticator, Verdict
 from proxy.config import AuthConfig
+from proxy.introspection import Introspection, IntrospectionResult
 from proxy.jwk import load_jwks_file
-from proxy.keyset import ClaimSourceClient, KeySets, StaticKeySet
+from proxy.keyset import (
+    ClaimSourceClient,
+    IntrospectionHttpClient,
+    KeySets,
+    StaticKeySet,
+)
 from proxy.oktaapi import OktaApiClient
 from proxy.oktagroups import GroupsProvenance, OktaGroups
 from proxy.tokens import KeyResolver
@@ -69,6 +75,13 @@ HINTS: Final[Mapping[str, str]] = {
     "(--okta-*) did not answer: check the API token or service app (scopes "
     "okta.groups.read okta.users.read, a read-only admin role, DPoP), the org "
     "URL and rate limits (see the message); retried on the next review",
+    "revoked": "the issuer's introspection endpoint says the token is no longer "
+    "active (the user was deactivated, signed out or the token revoked): log in "
+    "again (kubectl oidc-login; clear ~/.kube/cache/oidc-login)",
+    "introspection_unavailable": "introspection is on for the issuer "
+    "(--oidc-introspection-* / --introspection-config) and its endpoint did not "
+    "answer: check the introspection_endpoint in discovery, the client id and "
+    "secret, and the network (see the message); retried on the next review",
     "not_mine": "the token's iss is not a configured issuer; compare it with "
     "--oidc-issuer-url / issuer.url character by character",
 }
@@ -163,6 +176,16 @@ def _provenance(p: GroupsProvenance) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _introspected(result: IntrospectionResult) -> str:
+    """What the issuer's introspection endpoint said about an accepted token."""
+    if result.stale:
+        return (
+            "introspection: active (the endpoint did not answer; last answer, "
+            f"{result.age:.0f}s old, used under allow-cached)\n"
+        )
+    return "introspection: active (the issuer's introspection endpoint says so)\n"
+
+
 def render(
     verdict: Verdict, *, now: float, out: TextIO, warnings: Sequence[str] = ()
 ) -> int:
@@ -191,6 +214,8 @@ def render(
         out.write(json.dumps(verdict.user.to_dict(), indent=2) + "\n")
         if verdict.groups_from is not None:
             out.write(_provenance(verdict.groups_from))
+        if verdict.introspection is not None:
+            out.write(_introspected(verdict.introspection))
         for warning in warnings:
             out.write(f"warning: {warning}\n")
         return 0
@@ -238,6 +263,17 @@ async def check_token(
                 okta_groups=None
                 if config.okta is None
                 else OktaGroups(config.okta, OktaApiClient(session, config)),
+                introspection=None
+                if config.introspection is None
+                else Introspection(
+                    config.introspection,
+                    IntrospectionHttpClient(
+                        session,
+                        [a.issuer for a in config.authenticators],
+                        lambda url: keysets.get(url).introspection_endpoint,
+                        timeout=config.introspection.timeout,
+                    ),
+                ),
             )
             verdict = await authenticator.explain(token)
         finally:

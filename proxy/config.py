@@ -72,6 +72,7 @@ __all__ = [
     "DEFAULT_SIGNING_ALGS",
     "DEFAULT_WEBHOOK_PORT",
     "FILE_SIGNING_ALGS",
+    "INTROSPECTION_POLICIES",
     "MAX_AUTHENTICATORS",
     "OKTA_API_SCOPES",
     "SUPPORTED_API_VERSIONS",
@@ -82,6 +83,8 @@ __all__ = [
     "ClaimOrExpression",
     "ClaimValidationRule",
     "ExtraMapping",
+    "IntrospectionClient",
+    "IntrospectionConfig",
     "IssuerConfig",
     "JWTAuthenticatorConfig",
     "KeySetSettings",
@@ -367,6 +370,52 @@ class OktaGroupsConfig:
         return f"{parts.scheme}://{parts.netloc}"
 
 
+#: ``--introspection-failure-policy`` values.
+INTROSPECTION_POLICIES: tuple[str, ...] = ("deny", "allow-cached")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IntrospectionClient:
+    """One issuer's introspection client (RFC 7662, ``client_secret_basic``).
+
+    The secret is read from its file once, at start-up, into a ``Secret``
+    (rotating it needs a restart, which every replica gets from a rollout).
+    """
+
+    issuer: str
+    client_id: str
+    client_secret: Secret
+    #: ``None``: the discovery document's ``introspection_endpoint``.
+    endpoint: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IntrospectionConfig:
+    """Ask the issuer whether a verified token is still active (``proxy.introspection``)."""
+
+    clients: tuple[IntrospectionClient, ...]
+    #: How long an answer is reused per token (never beyond the token's ``exp``).
+    cache_ttl: float = 30.0
+    #: ``deny``: no answer refuses the token; ``allow-cached``: the last
+    #: ``active`` answer is used while it is at most ``max_staleness`` old.
+    failure_policy: Literal["deny", "allow-cached"] = "deny"
+    max_staleness: float = 300.0
+    #: Whole-request timeout of one introspection call.
+    timeout: float = 5.0
+    #: Most introspection calls in flight at once, per process.
+    concurrency: int = 16
+    #: Most tokens whose answers are remembered.
+    cache_entries: int = 100_000
+    token_type_hint: str = "id_token"  # noqa: S105 - a token type, not a secret
+
+    def client_for(self, issuer: str) -> IntrospectionClient | None:
+        """The introspection client of ``issuer``; ``None``: introspection is off."""
+        for client in self.clients:
+            if client.issuer == issuer:
+                return client
+        return None
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AuthConfig:
     """Everything the authentication engine needs, from flags or from a file."""
@@ -385,6 +434,8 @@ class AuthConfig:
     form: Literal["flags", "file"] = "flags"
     #: Groups fetched from Okta's API (``--okta-*``); None: off.
     okta: OktaGroupsConfig | None = None
+    #: Token introspection (``--introspection-*``); None: off for every issuer.
+    introspection: IntrospectionConfig | None = None
 
 
 # --------------------------------------------------------------------------
@@ -714,6 +765,7 @@ def add_auth_arguments(parser: argparse.ArgumentParser) -> None:
         ),
     )
     _add_okta_arguments(parser)
+    _add_introspection_arguments(parser)
 
 
 _DEFAULT_OKTA = OktaGroupsConfig(issuers=())
@@ -949,6 +1001,318 @@ def _okta_from_args(
     )
 
 
+# --------------------------------------------------------------------------
+# Token introspection (RFC 7662): flags and the side file
+# --------------------------------------------------------------------------
+
+_DEFAULT_INTROSPECTION = IntrospectionConfig(clients=())
+
+#: Flag -> dest of the introspection tunables (they need a client to apply to).
+_INTROSPECTION_TUNING: tuple[tuple[str, str], ...] = (
+    ("--introspection-cache-ttl", "introspection_cache_ttl"),
+    ("--introspection-failure-policy", "introspection_failure_policy"),
+    ("--introspection-max-staleness", "introspection_max_staleness"),
+    ("--introspection-timeout", "introspection_timeout"),
+    ("--introspection-concurrency", "introspection_concurrency"),
+)
+
+#: Fields of one entry of the ``--introspection-config`` file.
+_INTROSPECTION_FIELDS: tuple[str, ...] = (
+    "url",
+    "clientID",
+    "clientSecretFile",
+    "introspectionEndpoint",
+)
+
+
+def _add_introspection_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "token introspection",
+        "Ask the issuer's introspection endpoint (RFC 7662) whether a verified "
+        "token is still active, so a revoked token is refused within "
+        "--introspection-cache-ttl instead of at its exp. Off unless a client "
+        "is given; docs/configuration.md.",
+    )
+    group.add_argument(
+        "--oidc-introspection-client-id",
+        metavar="ID",
+        help=(
+            "Client id that authenticates to the --oidc-issuer-url issuer's "
+            "introspection_endpoint (client_secret_basic). Requires "
+            "--oidc-introspection-client-secret-file."
+        ),
+    )
+    group.add_argument(
+        "--oidc-introspection-client-secret-file",
+        metavar="FILE",
+        help="File holding that client's secret (read once at start-up).",
+    )
+    group.add_argument(
+        "--introspection-config",
+        metavar="FILE",
+        help=(
+            "YAML file mapping issuer URLs to introspection clients (issuers: "
+            "[{url, clientID, clientSecretFile, introspectionEndpoint}]), for "
+            "--authentication-config; docs/configuration.md."
+        ),
+    )
+    group.add_argument(
+        "--introspection-cache-ttl",
+        metavar="SECONDS",
+        type=float,
+        help=(
+            "How long an introspection answer is reused per token, and so the "
+            "longest a revoked token is still accepted (default "
+            f"{_DEFAULT_INTROSPECTION.cache_ttl:g}; never beyond the token's exp)."
+        ),
+    )
+    group.add_argument(
+        "--introspection-failure-policy",
+        choices=INTROSPECTION_POLICIES,
+        help=(
+            "When the introspection endpoint does not answer: deny (default; "
+            "refused as introspection_unavailable, 503 from the webhook so "
+            "kube-apiserver retries) or allow-cached (use the token's last "
+            "'active' answer while it is at most --introspection-max-staleness old)."
+        ),
+    )
+    group.add_argument(
+        "--introspection-max-staleness",
+        metavar="SECONDS",
+        type=float,
+        help=(
+            "With allow-cached: the oldest answer used during an outage "
+            f"(default {_DEFAULT_INTROSPECTION.max_staleness:g})."
+        ),
+    )
+    group.add_argument(
+        "--introspection-timeout",
+        metavar="SECONDS",
+        type=float,
+        help=(
+            "Whole-request timeout of one introspection call (default "
+            f"{_DEFAULT_INTROSPECTION.timeout:g})."
+        ),
+    )
+    group.add_argument(
+        "--introspection-concurrency",
+        metavar="N",
+        type=int,
+        help=(
+            "Most introspection calls in flight per worker (default "
+            f"{_DEFAULT_INTROSPECTION.concurrency})."
+        ),
+    )
+
+
+def _secret_file(flag: str, path: str, problems: list[str]) -> Secret | None:
+    """The secret in ``path``, or None with a problem (never its content)."""
+    unreadable = file_problem(
+        flag, path, "give the file holding the introspection client's secret"
+    )
+    if unreadable is not None:
+        problems.append(unreadable)
+        return None
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        problems.append(f"config: {flag} {json.dumps(path)}: not readable UTF-8 text")
+        return None
+    if not text:
+        problems.append(f"config: {flag} {json.dumps(path)}: the file is empty")
+        return None
+    return Secret(text)
+
+
+def load_introspection_file(
+    path: str, problems: list[str]
+) -> list[IntrospectionClient]:
+    """The clients of an ``--introspection-config`` file; problems are appended.
+
+    The file is ours, not Kubernetes': the ``AuthenticationConfiguration``
+    keeps kube-apiserver's schema, so this side file maps issuer URLs to
+    introspection clients::
+
+        issuers:
+          - url: https://example.okta.com/oauth2/default
+            clientID: 0oa...
+            clientSecretFile: /etc/kube-oidc-gate/introspection/secret
+            # introspectionEndpoint: https://...  (default: from discovery)
+    """
+    flag = "--introspection-config"
+    where = f"config: {flag} {json.dumps(path)}"
+    unreadable = file_problem(flag, path, "give the introspection side file")
+    if unreadable is not None:
+        problems.append(unreadable)
+        return []
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = _decode(f.read(), path)
+    except (OSError, UnicodeDecodeError) as err:
+        problems.append(f"{where}: cannot read: {type(err).__name__}")
+        return []
+    except ConfigError as err:
+        problems.extend(err.problems)
+        return []
+    if not isinstance(doc, dict) or set(doc) != {"issuers"}:
+        problems.append(f'{where}: expected a mapping with one field, "issuers"')
+        return []
+    entries = doc["issuers"]
+    if not isinstance(entries, list) or not entries:
+        problems.append(f'{where}: "issuers" must be a non-empty list')
+        return []
+    clients: list[IntrospectionClient] = []
+    for i, entry in enumerate(entries):
+        at = f"{where}: issuers[{i}]"
+        if not isinstance(entry, dict):
+            problems.append(f"{at}: expected a mapping")
+            continue
+        unknown = sorted(set(entry) - set(_INTROSPECTION_FIELDS))
+        if unknown:
+            problems.append(
+                f"{at}: unknown field {json.dumps(unknown[0])} (known: "
+                f"{', '.join(_INTROSPECTION_FIELDS)})"
+            )
+        values: dict[str, str] = {}
+        for name in _INTROSPECTION_FIELDS:
+            value = entry.get(name)
+            if value is None:
+                continue
+            if not isinstance(value, str) or not value:
+                problems.append(f"{at}.{name}: must be a non-empty string")
+                continue
+            values[name] = value
+        missing = [n for n in _INTROSPECTION_FIELDS[:3] if n not in values]
+        if missing:
+            problems.append(f"{at}: {json.dumps(missing[0])} is required")
+            continue
+        secret = _secret_file(
+            f"{flag} issuers[{i}].clientSecretFile",
+            values["clientSecretFile"],
+            problems,
+        )
+        endpoint = values.get("introspectionEndpoint")
+        if endpoint is not None:
+            for problem in url_problems(endpoint, allow_query=True):
+                problems.append(f"{at}.introspectionEndpoint: {problem}")
+        if secret is not None:
+            clients.append(
+                IntrospectionClient(
+                    issuer=values["url"],
+                    client_id=values["clientID"],
+                    client_secret=secret,
+                    endpoint=endpoint,
+                )
+            )
+    return clients
+
+
+def _introspection_from_args(
+    ns: argparse.Namespace,
+    authenticators: Sequence[JWTAuthenticatorConfig],
+    problems: list[str],
+) -> IntrospectionConfig | None:
+    client_id: str | None = getattr(ns, "oidc_introspection_client_id", None)
+    secret_file: str | None = getattr(ns, "oidc_introspection_client_secret_file", None)
+    side_file: str | None = getattr(ns, "introspection_config", None)
+    tuning = [
+        f for f, dest in _INTROSPECTION_TUNING if getattr(ns, dest, None) is not None
+    ]
+    legacy = client_id is not None or secret_file is not None
+    if not legacy and side_file is None:
+        if tuning:
+            problems.append(
+                f"config: {tuning[0]} requires --oidc-introspection-client-id or "
+                "--introspection-config (an introspection client)"
+            )
+        return None
+    if legacy and side_file is not None:
+        problems.append(
+            "config: --introspection-config and --oidc-introspection-client-id are "
+            "mutually exclusive: put the --oidc-introspection-* settings in the file"
+        )
+        return None
+    clients: list[IntrospectionClient] = []
+    if legacy:
+        if getattr(ns, "authentication_config", None) is not None:
+            problems.append(
+                "config: --oidc-introspection-client-id goes with the --oidc-* "
+                "flags; with --authentication-config use --introspection-config FILE"
+            )
+            return None
+        if client_id is None:
+            problems.append(
+                "config: --oidc-introspection-client-secret-file requires "
+                "--oidc-introspection-client-id"
+            )
+        elif secret_file is None:
+            problems.append(
+                "config: --oidc-introspection-client-id requires "
+                "--oidc-introspection-client-secret-file"
+            )
+        else:
+            secret = _secret_file(
+                "--oidc-introspection-client-secret-file", secret_file, problems
+            )
+            if secret is not None and authenticators:
+                clients.append(
+                    IntrospectionClient(
+                        issuer=authenticators[0].issuer.url,
+                        client_id=client_id,
+                        client_secret=secret,
+                    )
+                )
+    else:
+        assert side_file is not None
+        clients = load_introspection_file(side_file, problems)
+        configured = {a.issuer.url for a in authenticators}
+        seen: set[str] = set()
+        for client in clients:
+            if client.issuer in seen:
+                problems.append(
+                    f"config: --introspection-config: issuer {json.dumps(client.issuer)} "
+                    "is listed twice"
+                )
+            seen.add(client.issuer)
+            if authenticators and client.issuer not in configured:
+                problems.append(
+                    f"config: --introspection-config: issuer "
+                    f"{json.dumps(client.issuer)} is not configured (configured: "
+                    f"{', '.join(json.dumps(u) for u in sorted(configured))})"
+                )
+    d = _DEFAULT_INTROSPECTION
+    ttl = _number(ns, "introspection_cache_ttl", d.cache_ttl, problems, allow_zero=True)
+    staleness = _number(
+        ns, "introspection_max_staleness", d.max_staleness, problems, allow_zero=True
+    )
+    timeout = _number(
+        ns, "introspection_timeout", d.timeout, problems, allow_zero=False
+    )
+    concurrency = _count(ns, "introspection_concurrency", d.concurrency, 1, problems)
+    policy = getattr(ns, "introspection_failure_policy", None) or d.failure_policy
+    if policy not in INTROSPECTION_POLICIES:
+        problems.append(
+            f"config: --introspection-failure-policy: {policy!r} is not one of "
+            f"{', '.join(INTROSPECTION_POLICIES)}"
+        )
+        policy = d.failure_policy
+    if staleness < ttl and policy == "allow-cached":
+        problems.append(
+            "config: --introspection-max-staleness "
+            f"({staleness:g}) must be at least --introspection-cache-ttl ({ttl:g})"
+        )
+    return replace(
+        d,
+        clients=tuple(clients),
+        cache_ttl=ttl,
+        failure_policy="allow-cached" if policy == "allow-cached" else "deny",
+        max_staleness=staleness,
+        timeout=timeout,
+        concurrency=concurrency,
+    )
+
+
 def _okta_secret_problem(flag: str, path: str, problems: list[str]) -> str | None:
     """The secret file's text, or None with a problem (never its content)."""
     unreadable = file_problem(
@@ -1071,9 +1435,9 @@ def auth_config_from_args(
         if authenticator is not None:
             config = AuthConfig(authenticators=(authenticator,), form="flags")
 
-    okta = _okta_from_args(
-        ns, config.authenticators if config is not None else (), problems
-    )
+    authenticators = config.authenticators if config is not None else ()
+    okta = _okta_from_args(ns, authenticators, problems)
+    introspection = _introspection_from_args(ns, authenticators, problems)
     if problems:
         raise ConfigError(problems)
     assert config is not None
@@ -1084,6 +1448,7 @@ def auth_config_from_args(
         admission=admission,
         leeway=leeway,
         okta=okta,
+        introspection=introspection,
     )
 
 
@@ -1097,6 +1462,11 @@ def apply_tuning_args(config: AuthConfig, ns: argparse.Namespace) -> AuthConfig:
     if _okta_from_args(ns, (), problems) is not None:
         problems.append(
             "config: the --okta-* flags need the --oidc-* flags or "
+            "--authentication-config, not --dev"
+        )
+    if _introspection_from_args(ns, (), problems) is not None:
+        problems.append(
+            "config: the introspection flags need the --oidc-* flags or "
             "--authentication-config, not --dev"
         )
     if problems:

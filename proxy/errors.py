@@ -48,6 +48,7 @@ __all__ = [
     "DiscoveryError",
     "ExpressionError",
     "GroupsUnavailable",
+    "IntrospectionUnavailable",
     "InvalidClaim",
     "IssuerMismatch",
     "KeySetError",
@@ -60,6 +61,7 @@ __all__ = [
     "TokenError",
     "TokenExpired",
     "TokenNotYetValid",
+    "TokenRevoked",
     "UnknownKeyId",
     "UpstreamError",
     "UserRuleFailed",
@@ -259,6 +261,29 @@ class GroupsUnavailable(TokenError):
     """
 
     reason = "groups_unavailable"
+    temporary = True
+
+
+class TokenRevoked(TokenError):
+    """The issuer's introspection endpoint (RFC 7662) says the token is not active.
+
+    The signature and claims were fine: the issuer revoked the token (the
+    user was deactivated, the session ended). Not temporary: the token will
+    not become active again.
+    """
+
+    reason = "revoked"
+
+
+class IntrospectionUnavailable(TokenError):
+    """Introspection is on for the issuer and it gave no usable answer.
+
+    With ``--introspection-failure-policy deny`` (the default) the token is
+    refused rather than accepted unchecked. Temporary: the webhook answers
+    503, kube-apiserver retries, and the result cache does not remember it.
+    """
+
+    reason = "introspection_unavailable"
     temporary = True
 
 

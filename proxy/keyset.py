@@ -28,6 +28,11 @@ retried with exponential backoff and jitter. ``ready`` means "keys were loaded
 at least once" and is what ``/readyz`` reports. Start-up never fails because an
 issuer is unreachable: the service runs, reports not-ready, and keeps trying.
 
+The discovery document's ``introspection_endpoint`` (RFC 8414) is kept from
+each fetch for ``IntrospectionHttpClient``, the third egress to an issuer: the
+RFC 7662 ``POST`` that ``proxy.introspection`` decides to make, with
+``client_secret_basic``, the issuer's CA bundle, a size limit and no redirects.
+
 ``ClaimSourceClient`` is the other egress to an issuer: the ``GET`` of a
 distributed claim's endpoint (``proxy.distclaims`` decides whether to call it
 and verifies the answer), on the same session, with the issuer's CA bundle, a
@@ -37,6 +42,7 @@ timeout, a size limit and no redirects.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
@@ -51,10 +57,17 @@ from typing import Final
 
 import aiohttp
 
-from proxy.config import IssuerConfig, KeySetSettings, is_loopback_host
+from proxy.config import (
+    IntrospectionClient,
+    IssuerConfig,
+    KeySetSettings,
+    is_loopback_host,
+    url_problems,
+)
 from proxy.errors import (
     ClaimSourceUnavailable,
     DiscoveryError,
+    IntrospectionUnavailable,
     KeySetError,
     KeysUnavailable,
 )
@@ -65,6 +78,7 @@ from proxy.metrics import Metrics
 __all__ = [
     "CLAIM_SOURCE_TIMEOUT",
     "ClaimSourceClient",
+    "IntrospectionHttpClient",
     "IssuerKeySet",
     "KeySets",
     "StaticKeySet",
@@ -175,6 +189,7 @@ class _Fetched:
     keys: tuple[VerificationKey, ...]
     skipped: tuple[str, ...]
     lifetime: float
+    introspection_endpoint: str | None = None
 
 
 class IssuerKeySet:
@@ -207,6 +222,8 @@ class IssuerKeySet:
         )
         self._ssl = _ssl_context(issuer)
         self._index = _KeyIndex.build(())
+        #: The discovery document's ``introspection_endpoint`` (last fetch).
+        self.introspection_endpoint: str | None = None
         self._loaded = False
         self._closed = False
         self._last_error: str | None = None
@@ -490,8 +507,14 @@ class IssuerKeySet:
         _check_url(jwks_uri, "jwks_uri from discovery", DiscoveryError)
         document, cache_control = await self._get_json(jwks_uri, "key set", KeySetError)
         keys, skipped = parse_jwks(document, issuer=url)
+        introspection = doc.get("introspection_endpoint")
         return _Fetched(
-            keys=keys, skipped=skipped, lifetime=self._cache_lifetime(cache_control)
+            keys=keys,
+            skipped=skipped,
+            lifetime=self._cache_lifetime(cache_control),
+            introspection_endpoint=introspection
+            if isinstance(introspection, str) and introspection
+            else None,
         )
 
     async def _get_json(
@@ -566,6 +589,7 @@ class IssuerKeySet:
         before = {k.thumbprint for k in self._index.keys}
         withdrawn = before - {k.thumbprint for k in fetched.keys}
         self._index = _KeyIndex.build(fetched.keys)
+        self.introspection_endpoint = fetched.introspection_endpoint
         self._loaded = True
         self._last_error = None
         self._failures = 0
@@ -817,3 +841,142 @@ class ClaimSourceClient:
         except aiohttp.ClientError as err:
             raise fail(f"fetch failed: {type(err).__name__}: {err}") from err
         return bytes(body)
+
+
+#: Whole-request timeout of one introspection call when none is given.
+INTROSPECTION_TIMEOUT: Final = 5.0
+#: Largest introspection answer read (RFC 7662 answers are small objects).
+_INTROSPECTION_MAX_BYTES: Final = 64 * 1024
+
+
+#: Most bytes of an error answer read for its OAuth ``error`` code.
+_ERROR_BYTES: Final = 4096
+
+
+def _oauth_error(body: bytes) -> str:
+    """`` (error: description)`` of an OAuth error answer, or ``""``."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return ""
+    if not isinstance(doc, dict) or not isinstance(doc.get("error"), str):
+        return ""
+    text = doc["error"][:64]
+    detail = doc.get("error_description")
+    if isinstance(detail, str) and detail:
+        text += f": {detail[:200]}"
+    return f" ({text})"
+
+
+def _form(value: str) -> str:
+    """RFC 6749 §2.3.1: the client id and secret are form-encoded before Basic."""
+    return urllib.parse.quote_plus(value)
+
+
+class IntrospectionHttpClient:
+    """RFC 7662 ``POST`` to an issuer's introspection endpoint
+    (``proxy.introspection.IntrospectionFetcher``).
+
+    The endpoint is the client's ``endpoint`` if set, else the issuer's
+    discovery document's ``introspection_endpoint`` as last fetched by its
+    ``IssuerKeySet`` (``endpoint_for``). ``client_secret_basic`` client
+    authentication; the token goes in the form body, never in a URL or log.
+    """
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        issuers: Iterable[IssuerConfig],
+        endpoint_for: Callable[[str], str | None],
+        *,
+        timeout: float = INTROSPECTION_TIMEOUT,
+    ) -> None:
+        self._session = session
+        self._issuers = {i.url: i for i in issuers}
+        self._endpoint_for = endpoint_for
+        self._timeout = timeout
+        self._ssl: dict[str, ssl.SSLContext | bool] = {}
+
+    def _context(self, issuer: IssuerConfig) -> ssl.SSLContext | bool:
+        ctx = self._ssl.get(issuer.url)
+        if ctx is None:
+            try:
+                ctx = _ssl_context(issuer)
+            except KeySetError as err:
+                raise IntrospectionUnavailable(str(err), issuer=issuer.url) from err
+            self._ssl[issuer.url] = ctx
+        return ctx
+
+    async def introspect(
+        self, client: IntrospectionClient, token: str, *, hint: str
+    ) -> tuple[bool, float | None]:
+        """``active`` (and ``exp``, if given) of ``token``;
+        ``IntrospectionUnavailable`` for anything but a 200 JSON object with a
+        boolean ``active``.
+        """
+        issuer = self._issuers[client.issuer]
+        endpoint = client.endpoint or self._endpoint_for(client.issuer)
+
+        def fail(detail: str) -> IntrospectionUnavailable:
+            return IntrospectionUnavailable(
+                f"introspection: {detail}", issuer=client.issuer
+            )
+
+        if endpoint is None:
+            raise fail(
+                f"the discovery document of {client.issuer} has no "
+                '"introspection_endpoint" (or was not fetched yet); give '
+                "introspectionEndpoint in --introspection-config"
+            )
+        problems = url_problems(endpoint, allow_query=True)
+        if problems:
+            raise fail(f"introspection endpoint {endpoint[:256]}: {problems[0]}")
+        basic = base64.b64encode(
+            f"{_form(client.client_id)}:{_form(client.client_secret.reveal())}".encode()
+        ).decode()
+        where = f"endpoint {endpoint[:256]}"
+        try:
+            async with (
+                asyncio.timeout(self._timeout),
+                self._session.post(
+                    endpoint,
+                    data={"token": token, "token_type_hint": hint},
+                    headers={
+                        "Authorization": f"Basic {basic}",
+                        "Accept": "application/json",
+                    },
+                    ssl=self._context(issuer),
+                    allow_redirects=False,
+                ) as resp,
+            ):
+                if resp.status in (401, 403):
+                    raise fail(
+                        f"{where} refused the client (http {resp.status}): check "
+                        "the introspection client id and secret"
+                    )
+                if resp.status != 200:
+                    said = _oauth_error(await resp.content.read(_ERROR_BYTES))
+                    raise fail(
+                        f"{where} answered http {resp.status}{said}, expected 200"
+                    )
+                body = bytearray()
+                async for chunk in resp.content.iter_chunked(_CHUNK_BYTES):
+                    body += chunk
+                    if len(body) > _INTROSPECTION_MAX_BYTES:
+                        raise fail(
+                            f"{where}: answer over {_INTROSPECTION_MAX_BYTES} bytes"
+                        )
+        except TimeoutError as err:
+            raise fail(f"no answer from {where} within {self._timeout:g}s") from err
+        except aiohttp.ClientError as err:
+            raise fail(f"{where}: {type(err).__name__}: {err}") from err
+        try:
+            doc = json.loads(body)
+        except (ValueError, RecursionError):
+            raise fail(f"{where}: answer is not JSON") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("active"), bool):
+            raise fail(f'{where}: answer has no boolean "active"')
+        exp = doc.get("exp")
+        if isinstance(exp, bool) or not isinstance(exp, int | float):
+            return doc["active"], None
+        return doc["active"], float(exp)

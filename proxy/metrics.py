@@ -323,6 +323,29 @@ class Metrics:
             registry=r,
         )
 
+        self.introspection_requests = Counter(
+            "kube_oidc_gate_introspection_requests",
+            "Calls to issuers' introspection endpoints (RFC 7662) by result "
+            "(active, inactive, error, timeout).",
+            ["result"],
+            registry=r,
+        )
+        self.introspection_duration = Histogram(
+            "kube_oidc_gate_introspection_duration_seconds",
+            "Time of one introspection call, by result.",
+            ["result"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.introspection_cache = Counter(
+            "kube_oidc_gate_introspection_cache_requests",
+            "Look-ups of a token's introspection answer: hit, miss (a call), "
+            "shared (joined a call under way for the token), stale (an old "
+            "answer used under --introspection-failure-policy allow-cached).",
+            ["outcome"],
+            registry=r,
+        )
+
     def child(self, metric: Any, *values: str) -> Any:
         """``metric.labels(*values)``, memoised per label set.
 

@@ -197,6 +197,10 @@ class OktaProvider:
         default_factory=lambda: {u.username: u for u in USERS}
     )
     clients: Sequence[str] = (CLIENT_ID, OTHER_CLIENT_ID)
+    #: Confidential clients (raw oidc-provider metadata), e.g. an introspector.
+    extra_clients: Sequence[dict[str, Any]] = ()
+    #: Answer ID-token introspection as Okta does (provider.mjs explains).
+    id_token_introspection: bool = False
     keys: tuple[SigningKey, ...] = ()
     _proc: subprocess.Popen[bytes] | None = None
     _starts: int = 0
@@ -239,9 +243,11 @@ class OktaProvider:
         config = {
             "port": self.port,
             "keys": {"keys": [private_jwk(k) for k in self.keys]},
-            "clients": [_native_client(c) for c in self.clients],
+            "clients": [_native_client(c) for c in self.clients]
+            + list(self.extra_clients),
             "users_file": str(self.users_file),
             "jwks_max_age": jwks_max_age,
+            "id_token_introspection": self.id_token_introspection,
         }
         config_file = self.workdir / f"provider-{self._starts}.json"
         config_file.touch(mode=0o600)

@@ -15,7 +15,14 @@ its behaviour by setting attributes or calling the helpers:
   another issuer), ``jwks_uri`` (override), ``jwks_body`` / ``discovery_body``
   (raw bytes: garbage, oversized), ``chunked`` (no Content-Length),
   ``cache_control``;
-- ``counts["discovery"]`` / ``counts["jwks"]`` count requests per path.
+- introspection (RFC 7662): ``enable_introspection(client_id, secret)`` adds
+  ``introspection_endpoint`` to discovery and serves ``POST /introspect``,
+  which checks ``client_secret_basic`` (401 otherwise) and answers
+  ``active: false`` for tokens in ``revoked``; ``introspection_status`` /
+  ``introspection_delay`` make it fail or slow; ``introspected`` records the
+  ``token_type_hint`` of each call;
+- ``counts["discovery"]`` / ``counts["jwks"]`` / ``counts["introspect"]``
+  count requests per path.
 
 Every route answers from the controller's state at request time, so a change
 takes effect on the next fetch.
@@ -28,10 +35,12 @@ resolver refuses every name, so a regression that fetches from a configured
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import json
 import socket
 import ssl
+import urllib.parse
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -53,6 +62,7 @@ __all__ = [
 
 DISCOVERY_PATH = "/.well-known/openid-configuration"
 JWKS_PATH = "/keys"
+INTROSPECT_PATH = "/introspect"
 
 _ISSUER_KEY: web.AppKey[FakeIssuer] = web.AppKey("fake_issuer")
 
@@ -81,6 +91,11 @@ class FakeIssuer:
         self.content_type = "application/json"
         self.chunked = False
         self.cache_control: str | None = None
+        self.introspection_client: tuple[str, str] | None = None
+        self.revoked: set[str] = set()
+        self.introspection_status = 200
+        self.introspection_delay = 0.0
+        self.introspected: list[str] = []
         self.port = 0
         self.app = make_issuer_app(self)
         self._runner: web.AppRunner | None = None
@@ -138,6 +153,14 @@ class FakeIssuer:
         return sign(signer, claims_for(self.url, **claims))
 
     # -- behaviour ---------------------------------------------------------------
+
+    def enable_introspection(self, client_id: str, secret: str) -> None:
+        """Publish ``introspection_endpoint``; accept this client's Basic auth."""
+        self.introspection_client = (client_id, secret)
+
+    def revoke(self, token: str) -> None:
+        """From now on, introspection says ``active: false`` for ``token``."""
+        self.revoked.add(token)
 
     def go_down(self, status: int = 503) -> None:
         """Answer every request with ``status`` (still listening)."""
@@ -220,6 +243,11 @@ async def _discovery(request: web.Request) -> web.StreamResponse:
             "jwks_uri": issuer.jwks_uri or issuer.jwks_url,
             "authorization_endpoint": issuer.url + "/authorize",
             "token_endpoint": issuer.url + "/token",
+            **(
+                {"introspection_endpoint": issuer.url + INTROSPECT_PATH}
+                if issuer.introspection_client is not None
+                else {}
+            ),
             "id_token_signing_alg_values_supported": sorted(
                 {k.alg for k in issuer.keys}
             ),
@@ -241,12 +269,42 @@ async def _jwks(request: web.Request) -> web.StreamResponse:
     return await _respond(request, issuer, body)
 
 
+def _basic(header: str) -> tuple[str, str] | None:
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        user, _, secret = base64.b64decode(value).decode().partition(":")
+    except ValueError:
+        return None
+    return urllib.parse.unquote_plus(user), urllib.parse.unquote_plus(secret)
+
+
+async def _introspect(request: web.Request) -> web.Response:
+    issuer = request.app[_ISSUER_KEY]
+    issuer.counts["introspect"] += 1
+    await issuer._pause(issuer.introspection_delay)
+    if issuer.introspection_status != 200:
+        return web.Response(status=issuer.introspection_status, text="down")
+    if _basic(request.headers.get("Authorization", "")) != issuer.introspection_client:
+        return web.json_response({"error": "invalid_client"}, status=401)
+    form = await request.post()
+    token = form.get("token")
+    if not isinstance(token, str):
+        return web.json_response({"error": "invalid_request"}, status=400)
+    issuer.introspected.append(str(form.get("token_type_hint", "")))
+    if token in issuer.revoked:
+        return web.json_response({"active": False})
+    return web.json_response({"active": True, "iss": issuer.url})
+
+
 def make_issuer_app(issuer: FakeIssuer) -> web.Application:
     """The issuer's routes, answering from ``issuer``'s state at request time."""
     app = web.Application()
     app[_ISSUER_KEY] = issuer
     app.router.add_get(issuer.prefix + DISCOVERY_PATH, _discovery)
     app.router.add_get(issuer.prefix + JWKS_PATH, _jwks)
+    app.router.add_post(issuer.prefix + INTROSPECT_PATH, _introspect)
     return app
 
 
