@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from proxy.certs import ServingTLS
     from proxy.config import AuthConfig
     from proxy.http1 import Server
+    from proxy.watch import FileWatcher
 
 __all__ = ["build_parser", "main"]
 
@@ -906,7 +907,7 @@ async def _serve_async(
     closers.append(stop_watching)
     try:
         main_app, on_ready, extra_checks = await _front_end(
-            ns, engine, cert, dev_issuer, closers
+            ns, engine, cert, dev_issuer, closers, watcher=watcher
         )
         # Everything built so far lives until exit: move it out of the garbage
         # collector's generations so full collections (which run while a busy
@@ -946,6 +947,8 @@ async def _front_end(
     cert: str,
     dev_issuer: object,
     closers: list[Callable[[], object]],
+    *,
+    watcher: FileWatcher,
 ) -> tuple[
     web.Application | Server,
     Callable[[int, int], None] | None,
@@ -970,7 +973,7 @@ async def _front_end(
         return app, on_ready, None
     from proxy.proxyflags import build_proxy_app
 
-    return await build_proxy_app(ns, engine, closers)
+    return await build_proxy_app(ns, engine, closers, watcher)
 
 
 def _dev_banner(dev_issuer: object, cert: str) -> Callable[[int, int], None]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 from collections.abc import Callable
 
 from aiohttp import web
@@ -18,6 +19,7 @@ from proxy.app import Engine, proxy_app
 from proxy.errors import ConfigError
 from proxy.impersonate import ProxySettings
 from proxy.upstream import Upstream, UpstreamSettings
+from proxy.watch import FileWatcher
 
 __all__ = ["add_proxy_arguments", "build_proxy_app", "proxy_settings_from_args"]
 
@@ -139,14 +141,23 @@ async def build_proxy_app(
     ns: argparse.Namespace,
     engine: Engine,
     closers: list[Callable[[], object]],
+    watcher: FileWatcher | None = None,
 ) -> tuple[
     web.Application, Callable[[int, int], None] | None, Callable[[], list[str]] | None
 ]:
-    """Start the upstream client and build the proxy app; ``closers`` gets its close."""
+    """Start the upstream client and build the proxy app; ``closers`` gets its
+    close, ``watcher`` the kubeconfig to reload when it changes (issue 21).
+    """
     settings = proxy_settings_from_args(ns)
     upstream = Upstream(UpstreamSettings(kubeconfig=ns.kubeconfig, context=ns.context))
     await upstream.start()
     closers.append(upstream.close)
+    if watcher is not None and ns.kubeconfig:
+        watcher.add(
+            "upstream kubeconfig",
+            [p for p in ns.kubeconfig.split(os.pathsep) if p],
+            upstream.reload_kubeconfig,
+        )
     if settings.token_passthrough and upstream.client_certificate:
         # kube-apiserver authenticates the client certificate before any bearer
         # token, so a passed-through request would run as the proxy itself.

@@ -23,7 +23,15 @@ Credentials rotate without a restart:
 - a client certificate and key (and the CA) on disk are watched the same way:
   when they change and the new pair loads (a key that does not match its
   certificate yet keeps the last good pair), new connections use it, idle
-  pooled connections are closed and busy ones are not reused (issue 21).
+  pooled connections are closed and busy ones are not reused (issue 21);
+- the kubeconfig file itself (a new server, CA, inline token or certificate
+  data, another current context): ``reload_kubeconfig()``, called by the
+  CLI's file watcher (``proxy.watch``) and on ``SIGHUP``, loads it with the
+  same checks as at start. A file that does not load changes nothing (logged;
+  the last good target serves); one that does gets a new pool: new requests
+  go to the new server with the new TLS and credential, the old pool is
+  retired (idle connections closed, busy ones finish their request, watch or
+  tunnel and are closed, never reused).
 
 ``auth_headers()`` is synchronous and only returns what the background task
 last read, so a request never waits for the disk.
@@ -401,6 +409,7 @@ class Upstream:
         self._base = ""
         self._prefix = ""
         self._pool: ConnectionPool | None = None
+        self._retired: list[ConnectionPool] = []
 
     def __repr__(self) -> str:
         url = self._target.base_url if self._target else None
@@ -435,30 +444,10 @@ class Upstream:
         if self._pool is not None:
             return
         target = await asyncio.to_thread(_load, self.settings, self._environ)
-        self._tls_seen = await asyncio.to_thread(_stat_all, target.tls_files)
-        self._ssl = await asyncio.to_thread(_ssl_context, target)
-        self._target = target
-        self._base = str(target.base_url).rstrip("/")
-        self._authorization = target.authorization
-        if target.token_file is not None:
-            self._token_file = _TokenFile(target.token_file)
-            await self.refresh_credentials()
-        url = target.base_url
-        use_tls = url.scheme == "https"
-        assert url.host is not None
-        self._prefix = url.raw_path.rstrip("/")
-        self._pool = ConnectionPool(
-            host=url.host,
-            port=url.port or (443 if use_tls else 80),
-            ssl_context=self._ssl if use_tls else None,
-            server_hostname=(target.server_name or url.host) if use_tls else None,
-            resolver=self._resolver,
-            limit=self.settings.max_connections,
-            keepalive_timeout=self.settings.keepalive_timeout,
-            host_header=url.host_port_subcomponent or url.host,
-        )
+        await self._use(target)
         if (
-            self._token_file is not None
+            self.settings.kubeconfig is not None
+            or self._token_file is not None
             or target.configuration is not None
             or target.tls_files
         ):
@@ -474,6 +463,95 @@ class Upstream:
             },
         )
 
+    async def _prepared(
+        self, target: _Target
+    ) -> tuple[ssl.SSLContext, _Signature, _TokenFile | None, str | None]:
+        """TLS, file identities and credential for ``target``; nothing swapped."""
+        seen = await asyncio.to_thread(_stat_all, target.tls_files)
+        ctx = await asyncio.to_thread(_ssl_context, target)
+        authorization = target.authorization
+        token_file = None
+        if target.token_file is not None:
+            token_file = _TokenFile(target.token_file)
+            try:
+                token = await asyncio.to_thread(token_file.read_if_changed)
+            except OSError as err:  # read again on the next check
+                log.warning(
+                    "upstream credential refresh failed",
+                    extra={"error": type(err).__name__, "detail": err.strerror},
+                )
+                token = None
+            if token is not None:
+                authorization = "Bearer " + token
+        return ctx, seen, token_file, authorization
+
+    async def _use(self, target: _Target) -> ConnectionPool | None:
+        """Serve ``target`` from now on; return the pool it replaces.
+
+        Everything that can fail (TLS files, the token file) is read first;
+        the swap itself has no ``await``, so a request sees the old target or
+        the new one whole: its credential and its pool match.
+        """
+        ctx, seen, token_file, authorization = await self._prepared(target)
+        url = target.base_url
+        use_tls = url.scheme == "https"
+        assert url.host is not None
+        pool = ConnectionPool(
+            host=url.host,
+            port=url.port or (443 if use_tls else 80),
+            ssl_context=ctx if use_tls else None,
+            server_hostname=(target.server_name or url.host) if use_tls else None,
+            resolver=self._resolver,
+            limit=self.settings.max_connections,
+            keepalive_timeout=self.settings.keepalive_timeout,
+            host_header=url.host_port_subcomponent or url.host,
+        )
+        old, self._pool = self._pool, pool
+        self._target = target
+        self._ssl = ctx
+        self._tls_seen = seen
+        self._token_file = token_file
+        self._authorization = authorization
+        self._base = str(url).rstrip("/")
+        self._prefix = url.raw_path.rstrip("/")
+        return old
+
+    async def reload_kubeconfig(self) -> bool:
+        """Load the kubeconfig again; ``True`` when new requests use what it says.
+
+        Called when the file changes and on ``SIGHUP``. The same loaders and
+        checks as at start; a file that does not load keeps the last good
+        target (logged with the problem, which never quotes a credential).
+        In-cluster (no kubeconfig) there is nothing to do.
+        """
+        if self.settings.kubeconfig is None or self._pool is None:
+            return False
+        try:
+            target = await asyncio.to_thread(_load, self.settings, self._environ)
+            old = await self._use(target)
+        except ConfigError as err:
+            log.warning(
+                "upstream kubeconfig not reloaded, the last good one is used",
+                extra={"kubeconfig": self.settings.kubeconfig, "problem": str(err)},
+            )
+            return False
+        retired = 0
+        if old is not None:
+            retired = old.retire()
+            # Pools whose last connection has gone need no closing later.
+            self._retired = [p for p in self._retired if p.open_connections]
+            self._retired.append(old)
+        log.info(
+            "upstream kubeconfig reloaded",
+            extra={
+                "upstream": str(target.base_url),
+                "client_certificate": target.cert_file is not None,
+                "bearer": self._authorization is not None,
+                "idle_connections_closed": retired,
+            },
+        )
+        return True
+
     async def close(self) -> None:
         """Stop the rotation checks and close the pool."""
         refresher, self._refresher = self._refresher, None
@@ -484,6 +562,9 @@ class Upstream:
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
+        retired, self._retired = self._retired, []
+        for old in retired:
+            await old.close()
 
     def auth_headers(self) -> dict[str, str]:
         """The proxy's own credential as headers (empty for client-cert only)."""
@@ -521,7 +602,7 @@ class Upstream:
                 extra={"error": type(err).__name__, "detail": err.strerror},
             )
             return False
-        if new is None or new == self._authorization:
+        if new is None or new == self._authorization or self._target is not target:
             return False
         self._authorization = new
         log.info("upstream credential reloaded")
@@ -537,7 +618,7 @@ class Upstream:
         if target is None or pool is None or not target.tls_files:
             return False
         seen = await asyncio.to_thread(_stat_all, target.tls_files)
-        if seen == self._tls_seen:
+        if seen == self._tls_seen or self._target is not target:
             return False
         self._tls_seen = seen
         try:
@@ -547,6 +628,8 @@ class Upstream:
                 "upstream tls not reloaded, the last good one is used",
                 extra={"problem": str(err)},
             )
+            return False
+        if self._target is not target:  # the kubeconfig was reloaded meanwhile
             return False
         self._ssl = ctx
         retired = pool.replace_tls(ctx)

@@ -682,6 +682,19 @@ class ConnectionPool:
             self._discard(conn, abort=False)
         return len(idle)
 
+    def retire(self) -> int:
+        """Stop reusing every connection: this pool's server was replaced.
+
+        Idle connections are closed now; those in use (a request, a watch, a
+        tunnel) finish on it and are closed when released. Returns how many
+        idle connections were closed.
+        """
+        self._tls_generation += 1
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            self._discard(conn, abort=False)
+        return len(idle)
+
     # Connections -----------------------------------------------------------
 
     async def _acquire(self, connect_timeout: float, *, fresh: bool) -> _Connection:

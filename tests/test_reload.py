@@ -475,9 +475,10 @@ async def test_two_workers_reload_the_authentication_config_under_load(
 
 @contextlib.asynccontextmanager
 async def _whoami_server(
-    server_cert: trustme.LeafCert, client_ca: trustme.CA | None
+    server_cert: trustme.LeafCert, client_ca: trustme.CA | None, name: str = ""
 ) -> AsyncIterator[str]:
-    """An https server answering with the client certificate's CN and the bearer."""
+    """An https server answering with its ``name``, the client certificate's
+    names and the bearer (``/slow``: the same, two seconds later)."""
     from aiohttp import web
 
     async def whoami(request: web.Request) -> web.Response:
@@ -486,7 +487,9 @@ async def _whoami_server(
         )
         names = [v for (k, v) in (peer or {}).get("subjectAltName", ())]
         bearer = request.headers.get("Authorization", "")
-        return web.Response(text=f"{','.join(names)}|{bearer}")
+        if request.path == "/slow":
+            await asyncio.sleep(2)
+        return web.Response(text=f"{name}@{','.join(names)}|{bearer}")
 
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_cert.configure_cert(ctx)
@@ -495,6 +498,7 @@ async def _whoami_server(
         ctx.verify_mode = ssl.CERT_REQUIRED
     app = web.Application()
     app.router.add_get("/whoami", whoami)
+    app.router.add_get("/slow", whoami)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
@@ -606,6 +610,66 @@ async def test_a_kubeconfig_token_file_is_reread(tmp_path: Path) -> None:
         finally:
             await upstream.close()
     print(f"upstream token file change to effect: {took:.2f}s")
+    assert took < 2.5
+
+
+async def test_a_rewritten_kubeconfig_moves_requests_to_the_new_server(
+    tmp_path: Path,
+) -> None:
+    ca_a, ca_b = trustme.CA(), trustme.CA()
+    async with (
+        _whoami_server(ca_a.issue_cert("127.0.0.1"), None, "a") as url_a,
+        _whoami_server(ca_b.issue_cert("127.0.0.1"), None, "b") as url_b,
+    ):
+        config = tmp_path / "kubeconfig"
+        _write(config, _kubeconfig(url_a, ca_a, {"token": "token-a"}).encode())
+        upstream = Upstream(UpstreamSettings(kubeconfig=str(config)))
+        await upstream.start()
+        watcher = FileWatcher()
+        watcher.add("upstream kubeconfig", [str(config)], upstream.reload_kubeconfig)
+        watching = asyncio.create_task(watcher.run())
+        try:
+
+            async def slow_request() -> str:
+                async with await upstream.fetch(
+                    "GET", "/slow", headers=upstream.auth_items, connect_timeout=5
+                ) as r:
+                    return (await r.read(1 << 16)).decode()
+
+            slow: list[asyncio.Task[str]] = []
+
+            async def rotate() -> None:
+                broken = [
+                    b"clusters: [\n",  # not yaml
+                    _kubeconfig(  # plain http to a remote host: refused at start
+                        "http://192.0.2.1:80", ca_b, {"token": "token-b"}
+                    ).encode(),
+                ]
+                for text in broken:
+                    _write(config, text)
+                    await asyncio.sleep(1.3)
+                    assert str(upstream.base_url) == url_a
+                    assert upstream.auth_headers() == {
+                        "Authorization": "Bearer token-a"
+                    }
+                slow.append(asyncio.create_task(slow_request()))
+                await asyncio.sleep(0.2)  # sent, its answer two seconds away
+                _write(config, _kubeconfig(url_b, ca_b, {"token": "token-b"}).encode())
+
+            took = await _rotating_upstream_load(upstream, "b@|Bearer token-b", rotate)
+            # A request sent before the change finishes on the old server.
+            assert await slow[0] == "a@|Bearer token-a"
+            assert str(upstream.base_url) == url_b
+            # SIGHUP (a poke) loads the same file again: still the new server.
+            watcher.poke()
+            await asyncio.sleep(0.3)
+            assert str(upstream.base_url) == url_b
+        finally:
+            watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watching
+            await upstream.close()
+    print(f"upstream kubeconfig change to effect: {took:.2f}s")
     assert took < 2.5
 
 
