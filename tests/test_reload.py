@@ -860,3 +860,216 @@ async def test_two_proxy_workers_reload_pair_config_and_upstream_token_under_loa
         {k: round(v, 2) for k, v in timings.items()},
     )
     assert all(t < 3.0 for t in timings.values()), timings
+
+
+async def _streak(done: Callable[[], Awaitable[bool]], *, within: float = 6) -> float:
+    """Seconds until ``done()`` holds 12 times in a row (new connections, so
+    both workers answer some); fails if it does not within ``within``."""
+    changed = time.monotonic()
+    streak = 0
+    while streak < 12 and time.monotonic() < changed + within:
+        streak = streak + 1 if await done() else 0
+    assert streak >= 12
+    return time.monotonic() - changed
+
+
+async def test_two_workers_reload_the_client_ca(
+    issuer: FakeIssuer, tmp_path: Path
+) -> None:
+    """Webhook ``--client-ca-file`` through the real CLI: a bundle with the new
+    CA added under load (0 failures), then the old CA taken out."""
+    server_ca, old_ca, new_ca = trustme.CA(), trustme.CA(), trustme.CA()
+    cert_file, key_file = tmp_path / "tls.crt", tmp_path / "tls.key"
+    _write_pair(server_ca.issue_cert("127.0.0.1"), cert_file, key_file)
+    ca_file = tmp_path / "client-ca.crt"
+    _write(ca_file, old_ca.cert_pem.bytes())
+    port = free_port()
+    args = [
+        "webhook",
+        "--oidc-issuer-url", issuer.url,
+        "--oidc-client-id", "kubernetes",
+        "--bind-address", "127.0.0.1",
+        "--secure-port", str(port),
+        "--probe-bind-address", f"127.0.0.1:{free_port()}",
+        "--tls-cert-file", str(cert_file),
+        "--tls-private-key-file", str(key_file),
+        "--client-ca-file", str(ca_file),
+        "--workers", "2",
+    ]  # fmt: skip
+    token = issuer.token(groups=["devs"])
+    old_client = _client(server_ca, cert=old_ca.issue_cert("apiserver"))
+    new_client = _client(server_ca, cert=new_ca.issue_cert("apiserver"))
+
+    async def answered(ctx: ssl.SSLContext) -> bool:
+        connector = aiohttp.TCPConnector(ssl=ctx, force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            try:
+                async with session.post(
+                    f"https://127.0.0.1:{port}/authenticate", json=review_body(token)
+                ) as r:
+                    review = parse_review(await r.text())
+                    return review.status.authenticated is True
+            except aiohttp.ClientError:
+                return False
+
+    timings: dict[str, float] = {}
+    with Proc(*args) as proc:
+        await proc.await_log("serving", count=2, timeout=20)
+        await proc.await_log("jwks keys loaded", count=2, timeout=20)
+        assert await answered(old_client) is True
+        assert await answered(new_client) is False
+        ok = failed = 0
+        stop = asyncio.Event()
+
+        async def load() -> None:
+            nonlocal ok, failed
+            while not stop.is_set():
+                if await answered(old_client):
+                    ok += 1
+                else:
+                    failed += 1
+
+        clients = [asyncio.create_task(load()) for _ in range(3)]
+        try:
+            await asyncio.sleep(0.5)
+            _write(ca_file, old_ca.cert_pem.bytes() + new_ca.cert_pem.bytes())
+
+            async def new_accepted() -> bool:
+                return await answered(new_client)
+
+            timings["new CA added"] = await _streak(new_accepted)
+            await asyncio.sleep(0.3)
+        finally:
+            stop.set()
+            await asyncio.gather(*clients)
+        assert failed == 0, f"{failed} failed of {ok + failed}"
+        assert ok > 20
+        _write(ca_file, new_ca.cert_pem.bytes())
+
+        async def old_refused() -> bool:
+            return not await answered(old_client)
+
+        timings["old CA removed"] = await _streak(old_refused)
+        assert await answered(new_client) is True
+        assert proc.stop() == 0
+    print(
+        "client CA change to effect (webhook --workers 2):",
+        {k: round(v, 2) for k, v in timings.items()},
+    )
+    assert all(t < 3.0 for t in timings.values()), timings
+
+
+async def test_two_proxy_workers_reload_the_upstream_certificate_and_kubeconfig(
+    issuer: FakeIssuer, tmp_path: Path
+) -> None:
+    """The real proxy with ``--workers 2`` under load: the upstream client
+    certificate rotated on disk, then the kubeconfig rewritten to a second API
+    server with another CA and a token (a broken write first): 0 failures."""
+    server_ca, client_ca, ca_b = trustme.CA(), trustme.CA(), trustme.CA()
+    old, new = client_ca.issue_cert("proxy-old"), client_ca.issue_cert("proxy-new")
+    client_cert, client_key = tmp_path / "client.crt", tmp_path / "client.key"
+    _write_pair(old, client_cert, client_key)
+    serving = trustme.CA()
+    cert_file, key_file = tmp_path / "tls.crt", tmp_path / "tls.key"
+    _write_pair(serving.issue_cert("127.0.0.1"), cert_file, key_file)
+    kubeconfig = tmp_path / "upstream.yaml"
+    port = free_port()
+    args = [
+        "proxy",
+        "--oidc-issuer-url", issuer.url,
+        "--oidc-client-id", "kubernetes",
+        "--kubeconfig", str(kubeconfig),
+        "--bind-address", "127.0.0.1",
+        "--secure-port", str(port),
+        "--probe-bind-address", f"127.0.0.1:{free_port()}",
+        "--tls-cert-file", str(cert_file),
+        "--tls-private-key-file", str(key_file),
+        "--workers", "2",
+    ]  # fmt: skip
+    user_token = issuer.token()
+    client = _client(serving)
+    timings: dict[str, float] = {}
+    async with (
+        _whoami_server(server_ca.issue_cert("127.0.0.1"), client_ca, "a") as url_a,
+        _whoami_server(ca_b.issue_cert("127.0.0.1"), None, "b") as url_b,
+    ):
+        _write(
+            kubeconfig,
+            _kubeconfig(url_a, server_ca, {
+                "client-certificate": str(client_cert),
+                "client-key": str(client_key),
+            }).encode(),
+        )  # fmt: skip
+        expected = {"a@proxy-old|", "a@proxy-new|", "b@|Bearer token-b"}
+
+        async def whoami() -> str:
+            connector = aiohttp.TCPConnector(ssl=client, force_close=True)
+            async with (
+                aiohttp.ClientSession(connector=connector) as session,
+                session.get(
+                    f"https://127.0.0.1:{port}/whoami",
+                    headers={"Authorization": f"Bearer {user_token}"},
+                ) as r,
+            ):
+                assert r.status == 200, r.status
+                return await r.text()
+
+        with Proc(*args) as proc:
+            await proc.await_log("serving", count=2, timeout=20)
+            await proc.await_log("jwks keys loaded", count=2, timeout=20)
+            assert await whoami() == "a@proxy-old|"
+            ok = failed = 0
+            stop = asyncio.Event()
+
+            async def load() -> None:
+                nonlocal ok, failed
+                while not stop.is_set():
+                    try:
+                        assert await whoami() in expected
+                        ok += 1
+                    except (aiohttp.ClientError, AssertionError):
+                        failed += 1
+
+            clients = [asyncio.create_task(load()) for _ in range(3)]
+            try:
+                await asyncio.sleep(0.5)
+                _write(client_cert, new.cert_chain_pems[0].bytes())
+                await asyncio.sleep(1.3)  # a poll sees the half pair: kept
+                _write(client_key, new.private_key_pem.bytes())
+
+                async def new_certificate() -> bool:
+                    return await whoami() == "a@proxy-new|"
+
+                timings["upstream client certificate"] = await _streak(new_certificate)
+                _write(kubeconfig, b"clusters: [\n")  # broken: nothing changes
+                await asyncio.sleep(1.3)
+                assert await whoami() == "a@proxy-new|"
+                _write(
+                    kubeconfig,
+                    _kubeconfig(url_b, ca_b, {"token": "token-b"}).encode(),
+                )
+
+                async def new_server() -> bool:
+                    return await whoami() == "b@|Bearer token-b"
+
+                timings["kubeconfig"] = await _streak(new_server)
+                await asyncio.sleep(0.3)
+            finally:
+                stop.set()
+                await asyncio.gather(*clients)
+            assert failed == 0, f"{failed} failed of {ok + failed}"
+            assert ok > 20
+            await proc.await_log("upstream tls reloaded", count=2, timeout=5)
+            await proc.await_log("upstream kubeconfig reloaded", count=2, timeout=5)
+            refusals = [
+                e
+                for e in proc.logs()
+                if e.get("event", "").startswith("upstream kubeconfig not")
+            ]
+            assert len(refusals) >= 2, "each worker refused the broken file"
+            assert proc.stop() == 0
+    print(
+        "proxy --workers 2, upstream change to effect:",
+        {k: round(v, 2) for k, v in timings.items()},
+    )
+    assert all(t < 3.0 for t in timings.values()), timings
