@@ -295,6 +295,18 @@ class Metrics:
             registry=r,
             multiprocess_mode="max",
         )
+        self.upstream_reloads = Counter(
+            "kube_oidc_gate_upstream_reloads",
+            "Reloads of the proxy's upstream kubeconfig or TLS files after a "
+            "change, by status (success, failure: the last good one serves).",
+            ["status"],
+            registry=r,
+        )
+        # Both statuses exist from the start (at 0), so an alert on failures
+        # has a series to compute an increase from before the first one.
+        for status in ("success", "failure"):
+            self.config_reloads.labels(status)
+            self.upstream_reloads.labels(status)
         self.okta_api_requests = Counter(
             "kube_oidc_gate_okta_api_requests",
             "Requests to Okta's API for groups beyond the token, by endpoint "

@@ -149,7 +149,10 @@ async def build_proxy_app(
     close, ``watcher`` the kubeconfig to reload when it changes (issue 21).
     """
     settings = proxy_settings_from_args(ns)
-    upstream = Upstream(UpstreamSettings(kubeconfig=ns.kubeconfig, context=ns.context))
+    upstream = Upstream(
+        UpstreamSettings(kubeconfig=ns.kubeconfig, context=ns.context),
+        metrics=engine.metrics,
+    )
     await upstream.start()
     closers.append(upstream.close)
     if watcher is not None and ns.kubeconfig:

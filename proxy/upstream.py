@@ -71,6 +71,7 @@ from yarl import URL
 
 from proxy.config import is_loopback_host
 from proxy.errors import ConfigError
+from proxy.metrics import Metrics
 from proxy.upstream_pool import BodySource, ConnectionPool, PooledResponse, Upgraded
 
 __all__ = [
@@ -392,10 +393,12 @@ class Upstream:
         *,
         environ: Mapping[str, str] | None = None,
         resolver: AbstractResolver | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         """``environ`` replaces ``os.environ`` for the in-cluster loader and
         ``resolver`` the system's name resolution (tests: a DNS failure that
-        never sends a query).
+        never sends a query); ``metrics`` counts reloads of the kubeconfig and
+        the TLS files.
         """
         self.settings = settings
         self._environ = environ
@@ -410,6 +413,7 @@ class Upstream:
         self._prefix = ""
         self._pool: ConnectionPool | None = None
         self._retired: list[ConnectionPool] = []
+        self._metrics = metrics
 
     def __repr__(self) -> str:
         url = self._target.base_url if self._target else None
@@ -516,6 +520,10 @@ class Upstream:
         self._prefix = url.raw_path.rstrip("/")
         return old
 
+    def _count_reload(self, status: str) -> None:
+        if self._metrics is not None:
+            self._metrics.upstream_reloads.labels(status).inc()
+
     async def reload_kubeconfig(self) -> bool:
         """Load the kubeconfig again; ``True`` when new requests use what it says.
 
@@ -534,6 +542,7 @@ class Upstream:
                 "upstream kubeconfig not reloaded, the last good one is used",
                 extra={"kubeconfig": self.settings.kubeconfig, "problem": str(err)},
             )
+            self._count_reload("failure")
             return False
         retired = 0
         if old is not None:
@@ -541,6 +550,7 @@ class Upstream:
             # Pools whose last connection has gone need no closing later.
             self._retired = [p for p in self._retired if p.open_connections]
             self._retired.append(old)
+        self._count_reload("success")
         log.info(
             "upstream kubeconfig reloaded",
             extra={
@@ -628,11 +638,13 @@ class Upstream:
                 "upstream tls not reloaded, the last good one is used",
                 extra={"problem": str(err)},
             )
+            self._count_reload("failure")
             return False
         if self._target is not target:  # the kubeconfig was reloaded meanwhile
             return False
         self._ssl = ctx
         retired = pool.replace_tls(ctx)
+        self._count_reload("success")
         log.info(
             "upstream tls reloaded",
             extra={

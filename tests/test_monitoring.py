@@ -171,6 +171,10 @@ AUTHN = "kube_oidc_gate_authentications_total"
 UPSTREAM = "kube_oidc_gate_upstream_requests_total"
 FETCHES = "kube_oidc_gate_jwks_fetches_total"
 LATENCY = "kube_oidc_gate_validation_duration_seconds_bucket"
+CONFIG_RELOADS = (
+    "kube_oidc_gate_authentication_config_controller_automatic_reloads_total"
+)
+UPSTREAM_RELOADS = "kube_oidc_gate_upstream_reloads_total"
 
 CASES: dict[str, list[Case]] = {
     "KubeOIDCGateIssuerNotReady": [
@@ -351,6 +355,39 @@ CASES: dict[str, list[Case]] = {
                 f'kube_oidc_gate_new_token_waits_total{{{NS}, outcome="waited"}}': "0+300x40"
             },
             quiet_at=("25m", "35m"),
+        ),
+    ],
+    "KubeOIDCGateReloadFailed": [
+        Case(
+            "a broken authentication config written once",
+            {
+                f'{CONFIG_RELOADS}{{{NS}, status="failure"}}': "0x5 1x30",
+                f'{CONFIG_RELOADS}{{{NS}, status="success"}}': "0x35",
+                f'{UPSTREAM_RELOADS}{{{NS}, status="failure"}}': "0x35",
+            },
+            fires_at=("11m", "14m"),
+            quiet_at=("3m", "8m", "25m"),
+            labels={"namespace": NAMESPACE},
+        ),
+        Case(
+            "a broken upstream kubeconfig written once",
+            {
+                f'{CONFIG_RELOADS}{{{NS}, status="failure"}}': "0x35",
+                f'{UPSTREAM_RELOADS}{{{NS}, status="failure"}}': "0x5 1x30",
+            },
+            fires_at=("11m",),
+            quiet_at=("8m", "25m"),
+            labels={"namespace": NAMESPACE},
+        ),
+        Case(
+            "only good reloads",
+            {
+                f'{CONFIG_RELOADS}{{{NS}, status="failure"}}': "0x35",
+                f'{CONFIG_RELOADS}{{{NS}, status="success"}}': "0+1x35",
+                f'{UPSTREAM_RELOADS}{{{NS}, status="failure"}}': "0x35",
+                f'{UPSTREAM_RELOADS}{{{NS}, status="success"}}': "0+1x35",
+            },
+            quiet_at=("10m", "20m", "30m"),
         ),
     ],
     "KubeOIDCGateSlowValidation": [

@@ -21,6 +21,7 @@ import trustme
 from cryptography import x509
 
 from proxy.certs import CertPair, ServingTLS
+from proxy.metrics import Metrics
 from proxy.upstream import Upstream, UpstreamSettings
 from proxy.watch import FileWatcher
 from tests.fakes.issuer import FakeIssuer
@@ -623,7 +624,8 @@ async def test_a_rewritten_kubeconfig_moves_requests_to_the_new_server(
     ):
         config = tmp_path / "kubeconfig"
         _write(config, _kubeconfig(url_a, ca_a, {"token": "token-a"}).encode())
-        upstream = Upstream(UpstreamSettings(kubeconfig=str(config)))
+        metrics = Metrics()
+        upstream = Upstream(UpstreamSettings(kubeconfig=str(config)), metrics=metrics)
         await upstream.start()
         watcher = FileWatcher()
         watcher.add("upstream kubeconfig", [str(config)], upstream.reload_kubeconfig)
@@ -664,6 +666,13 @@ async def test_a_rewritten_kubeconfig_moves_requests_to_the_new_server(
             watcher.poke()
             await asyncio.sleep(0.3)
             assert str(upstream.base_url) == url_b
+
+            def reloads(status: str) -> float:
+                name = "kube_oidc_gate_upstream_reloads_total"
+                value = metrics.registry.get_sample_value(name, {"status": status})
+                return value or 0.0
+
+            assert (reloads("failure"), reloads("success")) == (2.0, 2.0)
         finally:
             watching.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -973,7 +982,7 @@ async def test_two_proxy_workers_reload_the_upstream_certificate_and_kubeconfig(
     cert_file, key_file = tmp_path / "tls.crt", tmp_path / "tls.key"
     _write_pair(serving.issue_cert("127.0.0.1"), cert_file, key_file)
     kubeconfig = tmp_path / "upstream.yaml"
-    port = free_port()
+    port, probe = free_port(), f"127.0.0.1:{free_port()}"
     args = [
         "proxy",
         "--oidc-issuer-url", issuer.url,
@@ -981,7 +990,7 @@ async def test_two_proxy_workers_reload_the_upstream_certificate_and_kubeconfig(
         "--kubeconfig", str(kubeconfig),
         "--bind-address", "127.0.0.1",
         "--secure-port", str(port),
-        "--probe-bind-address", f"127.0.0.1:{free_port()}",
+        "--probe-bind-address", probe,
         "--tls-cert-file", str(cert_file),
         "--tls-private-key-file", str(key_file),
         "--workers", "2",
@@ -1067,6 +1076,13 @@ async def test_two_proxy_workers_reload_the_upstream_certificate_and_kubeconfig(
                 if e.get("event", "").startswith("upstream kubeconfig not")
             ]
             assert len(refusals) >= 2, "each worker refused the broken file"
+            # Both workers: a new pair and a new kubeconfig each, the broken
+            # file (and the half pair, when a poll saw it) refused each.
+            reloads = await _scrape(
+                f"http://{probe}", "kube_oidc_gate_upstream_reloads_total"
+            )
+            assert reloads["success"] == 4, reloads
+            assert reloads["failure"] >= 2, reloads
             assert proc.stop() == 0
     print(
         "proxy --workers 2, upstream change to effect:",
