@@ -1089,3 +1089,88 @@ async def test_two_proxy_workers_reload_the_upstream_certificate_and_kubeconfig(
         {k: round(v, 2) for k, v in timings.items()},
     )
     assert all(t < 3.0 for t in timings.values()), timings
+
+
+async def test_two_workers_reload_the_issuer_ca(tmp_path: Path) -> None:
+    """``--oidc-ca-file`` through the real CLI with ``--workers 2``: the issuer
+    moves to a certificate of another CA and a new signing key; once the CA
+    file says so, both workers fetch the new keys over it. Logins with the old
+    key never fail meanwhile (the cached keys serve)."""
+    old_ca, new_ca, serving = trustme.CA(), trustme.CA(), trustme.CA()
+    issuer = FakeIssuer(tls=old_ca)
+    await issuer.start()
+    ca_file = tmp_path / "issuer-ca.crt"
+    _write(ca_file, old_ca.cert_pem.bytes())
+    cert_file, key_file = tmp_path / "tls.crt", tmp_path / "tls.key"
+    _write_pair(serving.issue_cert("127.0.0.1"), cert_file, key_file)
+    port = free_port()
+    args = [
+        "webhook",
+        "--oidc-issuer-url", issuer.url,
+        "--oidc-client-id", "kubernetes",
+        "--oidc-ca-file", str(ca_file),
+        "--bind-address", "127.0.0.1",
+        "--secure-port", str(port),
+        "--probe-bind-address", f"127.0.0.1:{free_port()}",
+        "--tls-cert-file", str(cert_file),
+        "--tls-private-key-file", str(key_file),
+        "--workers", "2",
+    ]  # fmt: skip
+    client = _client(serving)
+
+    async def answered(token: str) -> bool:
+        connector = aiohttp.TCPConnector(ssl=client, force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            try:
+                async with session.post(
+                    f"https://127.0.0.1:{port}/authenticate", json=review_body(token)
+                ) as r:
+                    if r.status != 200:  # 503: keys not fetched (yet)
+                        return False
+                    review = parse_review(await r.text())
+                    return review.status.authenticated is True
+            except aiohttp.ClientError:
+                return False
+
+    old_token = issuer.token()
+    try:
+        with Proc(*args) as proc:
+            await proc.await_log("serving", count=2, timeout=20)
+            await proc.await_log("jwks keys loaded", count=2, timeout=20)
+            ok = failed = 0
+            stop = asyncio.Event()
+
+            async def load() -> None:
+                nonlocal ok, failed
+                while not stop.is_set():
+                    if await answered(old_token):
+                        ok += 1
+                    else:
+                        failed += 1
+
+            clients = [asyncio.create_task(load()) for _ in range(3)]
+            try:
+                await asyncio.sleep(0.5)
+                await issuer.stop()
+                issuer.ca = new_ca
+                new_key = issuer.rotate()
+                await issuer.start()
+                new_token = issuer.token(new_key)
+                _write(ca_file, new_ca.cert_pem.bytes())
+
+                async def new_key_works() -> bool:
+                    return await answered(new_token)
+
+                took = await _streak(new_key_works)
+                await asyncio.sleep(0.3)
+            finally:
+                stop.set()
+                await asyncio.gather(*clients)
+            assert failed == 0, f"{failed} failed of {ok + failed}"
+            assert ok > 20
+            await proc.await_log("authentication config reloaded", count=2, timeout=5)
+            assert proc.stop() == 0
+    finally:
+        await issuer.stop()
+    print(f"issuer CA change to effect (webhook --workers 2): {took:.2f}s")
+    assert took < 3.0
