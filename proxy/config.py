@@ -1106,23 +1106,11 @@ def _add_introspection_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _secret_file(flag: str, path: str, problems: list[str]) -> Secret | None:
-    """The secret in ``path``, or None with a problem (never its content)."""
-    unreadable = file_problem(
-        flag, path, "give the file holding the introspection client's secret"
+    """The introspection client's secret in ``path``, or None with a problem."""
+    text = _secret_text(
+        flag, path, "give the file holding the introspection client's secret", problems
     )
-    if unreadable is not None:
-        problems.append(unreadable)
-        return None
-    try:
-        with open(path, "rb") as f:
-            text = f.read().decode("utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        problems.append(f"config: {flag} {json.dumps(path)}: not readable UTF-8 text")
-        return None
-    if not text:
-        problems.append(f"config: {flag} {json.dumps(path)}: the file is empty")
-        return None
-    return Secret(text)
+    return None if text is None else Secret(text)
 
 
 def load_introspection_file(
@@ -1313,11 +1301,11 @@ def _introspection_from_args(
     )
 
 
-def _okta_secret_problem(flag: str, path: str, problems: list[str]) -> str | None:
-    """The secret file's text, or None with a problem (never its content)."""
-    unreadable = file_problem(
-        flag, path, "give the file holding the Okta credential (docs/okta.md)"
-    )
+def _secret_text(flag: str, path: str, remedy: str, problems: list[str]) -> str | None:
+    """The text of the secret file ``flag`` names, or None with a problem
+    (the file's state and ``remedy``; never its content).
+    """
+    unreadable = file_problem(flag, path, remedy)
     if unreadable is not None:
         problems.append(unreadable)
         return None
@@ -1331,6 +1319,13 @@ def _okta_secret_problem(flag: str, path: str, problems: list[str]) -> str | Non
         problems.append(f"config: {flag} {json.dumps(path)}: the file is empty")
         return None
     return text
+
+
+def _okta_secret_problem(flag: str, path: str, problems: list[str]) -> str | None:
+    """An Okta credential file's text, or None with a problem."""
+    return _secret_text(
+        flag, path, "give the file holding the Okta credential (docs/okta.md)", problems
+    )
 
 
 ClientKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey

@@ -1298,17 +1298,7 @@ class _ProxyHandler:
         response: web.StreamResponse | None = None
         try:
             async with asyncio.timeout(settings.request_timeout):
-                upstream = await self._upstream.fetch(
-                    request.method,
-                    request.raw_path,
-                    headers=headers,
-                    body=request.content if request.body_exists else None,
-                    # handle() refused every request with more than one
-                    # framing field: this is the length aiohttp read by.
-                    body_length=request.content_length,
-                    connect_timeout=settings.connect_timeout,
-                    max_head_bytes=settings.max_header_bytes,
-                )
+                upstream = await self._fetch(request, headers)
                 async with upstream:
                     self._count_upstream(str(upstream.status))
                     body = upstream.body
@@ -1342,6 +1332,23 @@ class _ProxyHandler:
             raise UpstreamError("proxy: no response")
         return response
 
+    async def _fetch(
+        self, request: web.Request, headers: list[tuple[str, str]]
+    ) -> PooledResponse:
+        """Send an aiohttp-lane request upstream; the answer once its head is in."""
+        settings = self._settings
+        return await self._upstream.fetch(
+            request.method,
+            request.raw_path,
+            headers=headers,
+            body=request.content if request.body_exists else None,
+            # handle() refused every request with more than one framing
+            # field: this is the length aiohttp read the body by.
+            body_length=request.content_length,
+            connect_timeout=settings.connect_timeout,
+            max_head_bytes=settings.max_header_bytes,
+        )
+
     async def _forward_http(
         self, request: web.Request, headers: list[tuple[str, str]], entry: _Entry
     ) -> web.StreamResponse:
@@ -1353,15 +1360,7 @@ class _ProxyHandler:
         response: web.StreamResponse | None = None
         try:
             async with asyncio.timeout(settings.request_timeout):
-                upstream = await self._upstream.fetch(
-                    request.method,
-                    request.raw_path,
-                    headers=headers,
-                    body=request.content if request.body_exists else None,
-                    body_length=request.content_length,
-                    connect_timeout=settings.connect_timeout,
-                    max_head_bytes=settings.max_header_bytes,
-                )
+                upstream = await self._fetch(request, headers)
             async with upstream:
                 self._count_upstream(str(upstream.status))
                 response = await _prepared(

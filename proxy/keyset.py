@@ -70,6 +70,7 @@ from proxy.errors import (
     IntrospectionUnavailable,
     KeySetError,
     KeysUnavailable,
+    TokenError,
 )
 from proxy.jwk import VerificationKey, parse_jwks
 from proxy.log import issuer_hash
@@ -775,6 +776,32 @@ class StaticKeySet:
         return self._index.lookup(kid)
 
 
+class _IssuerContexts:
+    """The TLS context of each issuer, made on first use: both clients below
+    reach URLs on the issuer's origin and trust what its key fetches trust.
+    """
+
+    __slots__ = ("_made",)
+
+    def __init__(self) -> None:
+        self._made: dict[str, ssl.SSLContext | bool] = {}
+
+    def get(
+        self, issuer: IssuerConfig, unavailable: type[TokenError]
+    ) -> ssl.SSLContext | bool:
+        """The context, or ``unavailable`` (a temporary refusal) when the
+        issuer's CA bundle cannot be loaded.
+        """
+        ctx = self._made.get(issuer.url)
+        if ctx is None:
+            try:
+                ctx = _ssl_context(issuer)
+            except KeySetError as err:
+                raise unavailable(str(err), issuer=issuer.url) from err
+            self._made[issuer.url] = ctx
+        return ctx
+
+
 class ClaimSourceClient:
     """``GET`` a distributed claim's endpoint (``proxy.distclaims.ClaimSourceFetcher``).
 
@@ -789,17 +816,10 @@ class ClaimSourceClient:
     ) -> None:
         self._session = session
         self._timeout = timeout
-        self._ssl: dict[str, ssl.SSLContext | bool] = {}
+        self._ssl = _IssuerContexts()
 
     def _context(self, issuer: IssuerConfig) -> ssl.SSLContext | bool:
-        ctx = self._ssl.get(issuer.url)
-        if ctx is None:
-            try:
-                ctx = _ssl_context(issuer)
-            except KeySetError as err:
-                raise ClaimSourceUnavailable(str(err), issuer=issuer.url) from err
-            self._ssl[issuer.url] = ctx
-        return ctx
+        return self._ssl.get(issuer, ClaimSourceUnavailable)
 
     async def fetch(
         self, endpoint: str, access_token: str, *, issuer: IssuerConfig, max_bytes: int
@@ -895,17 +915,10 @@ class IntrospectionHttpClient:
         self._issuers = {i.url: i for i in issuers}
         self._endpoint_for = endpoint_for
         self._timeout = timeout
-        self._ssl: dict[str, ssl.SSLContext | bool] = {}
+        self._ssl = _IssuerContexts()
 
     def _context(self, issuer: IssuerConfig) -> ssl.SSLContext | bool:
-        ctx = self._ssl.get(issuer.url)
-        if ctx is None:
-            try:
-                ctx = _ssl_context(issuer)
-            except KeySetError as err:
-                raise IntrospectionUnavailable(str(err), issuer=issuer.url) from err
-            self._ssl[issuer.url] = ctx
-        return ctx
+        return self._ssl.get(issuer, IntrospectionUnavailable)
 
     async def introspect(
         self, client: IntrospectionClient, token: str, *, hint: str
