@@ -1058,6 +1058,7 @@ class _ProxyHandler:
                     body=request.body or None,
                     connect_timeout=settings.connect_timeout,
                     max_head_bytes=settings.max_header_bytes,
+                    passthrough=entry.mode == "passthrough",
                 )
                 async with upstream:
                     self._count_upstream(str(upstream.status))
@@ -1298,7 +1299,7 @@ class _ProxyHandler:
         response: web.StreamResponse | None = None
         try:
             async with asyncio.timeout(settings.request_timeout):
-                upstream = await self._fetch(request, headers)
+                upstream = await self._fetch(request, headers, entry)
                 async with upstream:
                     self._count_upstream(str(upstream.status))
                     body = upstream.body
@@ -1333,7 +1334,7 @@ class _ProxyHandler:
         return response
 
     async def _fetch(
-        self, request: web.Request, headers: list[tuple[str, str]]
+        self, request: web.Request, headers: list[tuple[str, str]], entry: _Entry
     ) -> PooledResponse:
         """Send an aiohttp-lane request upstream; the answer once its head is in."""
         settings = self._settings
@@ -1347,6 +1348,7 @@ class _ProxyHandler:
             body_length=request.content_length,
             connect_timeout=settings.connect_timeout,
             max_head_bytes=settings.max_header_bytes,
+            passthrough=entry.mode == "passthrough",
         )
 
     async def _forward_http(
@@ -1360,7 +1362,7 @@ class _ProxyHandler:
         response: web.StreamResponse | None = None
         try:
             async with asyncio.timeout(settings.request_timeout):
-                upstream = await self._fetch(request, headers)
+                upstream = await self._fetch(request, headers, entry)
             async with upstream:
                 self._count_upstream(str(upstream.status))
                 response = await _prepared(
@@ -1439,6 +1441,7 @@ class _ProxyHandler:
             connect_timeout=settings.connect_timeout,
             head_timeout=settings.request_timeout,
             max_head_bytes=settings.max_header_bytes,
+            passthrough=entry.mode == "passthrough",
         )
         self._count_upstream(str(answer.status))
         if answer.status != 101:
