@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime as dt
 import gc
 import logging
 import os
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from proxy.app import Engine, ServeSettings
-    from proxy.certs import ServingTLS
+    from proxy.certs import SelfSigned, ServingTLS
     from proxy.config import AuthConfig
     from proxy.http1 import Server
     from proxy.watch import FileWatcher
@@ -56,6 +57,8 @@ __all__ = ["build_parser", "main"]
 log = logging.getLogger("proxy.cli")
 
 DEFAULT_CERT_DIR = "/var/run/kube-oidc-gate"
+#: Lifetime of the pair generated in --cert-dir (as ``proxy.certs``'s default).
+DEFAULT_CERT_DIR_VALIDITY: Final = 365 * 24 * 3600.0
 
 
 def _host_port(value: str, flag: str) -> tuple[str, int]:
@@ -124,6 +127,15 @@ def _add_serving(p: argparse.ArgumentParser, *, default_port: int) -> None:
         default=None,
         help="Where a self-signed certificate is generated when no --tls-cert-file is "
         f"given (default {DEFAULT_CERT_DIR}; a temporary directory with --dev).",
+    )
+    g.add_argument(
+        "--cert-dir-validity",
+        type=float,
+        default=DEFAULT_CERT_DIR_VALIDITY,
+        metavar="SECONDS",
+        help="Lifetime of the certificate generated in --cert-dir (default "
+        f"{DEFAULT_CERT_DIR_VALIDITY:.0f}, 365 days). It is "
+        "reused at start and renewed while running once less than a third is left.",
     )
     g.add_argument(
         "--client-ca-file",
@@ -592,6 +604,10 @@ _SELF_SIGNED = (
 )
 
 
+#: Shortest ``--cert-dir-validity``: its last third must span a few polls.
+_MIN_CERT_DIR_VALIDITY: Final = 6.0
+
+
 def _tls_problems(ns: argparse.Namespace) -> list[str]:
     """What is wrong with the TLS flags, checked before anything starts."""
     problems: list[str] = []
@@ -630,22 +646,33 @@ def _tls_problems(ns: argparse.Namespace) -> list[str]:
             problem = file_problem(flag, path, remedy)
             if problem is not None:
                 problems.append(problem)
+    if not ns.cert_dir_validity >= _MIN_CERT_DIR_VALIDITY:
+        problems.append(
+            f"config: --cert-dir-validity must be at least {_MIN_CERT_DIR_VALIDITY:g} "
+            f"seconds, got {ns.cert_dir_validity:g}: a pair is renewed when a third "
+            "of it is left, and files are looked at once a second"
+        )
     return problems
 
 
-def _tls(ns: argparse.Namespace, bind_address: str) -> tuple[str, str, bool]:
-    """Return (cert, key, generated); ``_tls_problems`` has checked the flags."""
+def _tls(
+    ns: argparse.Namespace, bind_address: str
+) -> tuple[str, str, SelfSigned | None]:
+    """Return (cert, key, the generated pair or None); ``_tls_problems`` has
+    checked the flags."""
     from proxy.certs import ensure_self_signed
 
     if ns.tls_cert_file:
-        return ns.tls_cert_file, ns.tls_private_key_file, False
+        return ns.tls_cert_file, ns.tls_private_key_file, None
     cert_dir = ns.cert_dir or (
         tempfile.mkdtemp(prefix="kube-oidc-gate-dev-")
         if getattr(ns, "dev", False)
         else DEFAULT_CERT_DIR
     )
-    pair = ensure_self_signed(cert_dir, [bind_address])
-    return pair.cert_file, pair.key_file, True
+    generated = ensure_self_signed(
+        cert_dir, [bind_address], validity=dt.timedelta(seconds=ns.cert_dir_validity)
+    )
+    return generated.pair.cert_file, generated.pair.key_file, generated
 
 
 def _proxy_problems(ns: argparse.Namespace) -> list[str]:
@@ -817,7 +844,7 @@ def _serve_mode(ns: argparse.Namespace) -> int:
         enable_multiprocess(metrics_dir)
     try:
         cert, key, generated = _tls(ns, settings.bind_address)
-        if generated:
+        if generated is not None:
             log.warning(
                 "serving with a self-signed certificate",
                 extra={
@@ -832,7 +859,9 @@ def _serve_mode(ns: argparse.Namespace) -> int:
 
         def run_one() -> int:
             _install_uvloop()
-            return asyncio.run(_serve_async(ns, config, settings, tls, cert))
+            return asyncio.run(
+                _serve_async(ns, config, settings, tls, cert, generated=generated)
+            )
 
         return _run_processes(ns.workers, run_one)
     finally:
@@ -856,6 +885,8 @@ async def _serve_async(
     settings: ServeSettings,
     tls: ServingTLS,
     cert: str,
+    *,
+    generated: SelfSigned | None = None,
 ) -> int:
     from proxy.app import probe_app, serve, start_engine
     from proxy.metrics import Metrics
@@ -883,6 +914,13 @@ async def _serve_async(
     # Reading and parsing the pair happens in a thread; the swap is one
     # attribute assignment, seen whole by the next handshake.
     watcher.add("serving certificate", tls.files, lambda: asyncio.to_thread(tls.reload))
+    if generated is not None:
+        from proxy.certs import SelfSignedRenewal
+
+        # Every worker asks; the directory's lock lets one write, and every
+        # worker loads the new pair through the watch above.
+        renewal = await asyncio.to_thread(SelfSignedRenewal, generated)
+        watcher.add_periodic("self-signed certificate", renewal.check)
     if not getattr(ns, "dev", False):
         from proxy.app import ConfigReloader
 

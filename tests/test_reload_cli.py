@@ -12,14 +12,19 @@ the file change to its effect.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime as dt
 import json
 import shutil
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
 import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from tests.fakes.apiserver import FakeAPIServer
 from tests.fakes.apiserver_harness import PODS, WHOAMI
@@ -27,17 +32,24 @@ from tests.fakes.issuer import FakeIssuer
 from tests.proc import Proc
 from tests.test_cli_webhook import free_port
 from tests.test_reload import _client, _kubeconfig, _write, _write_pair
+from tests.webhook_harness import review_body
 
 
 async def _streak(done: Callable[[], Awaitable[bool]], *, within: float = 6) -> float:
-    """Seconds until ``done()`` holds 12 times in a row (new connections, so
-    both workers answer some); fails if it does not within ``within``."""
+    """When ``done()`` began to hold 12 times in a row (new connections, so
+    both workers answer some), as ``time.monotonic()``; fails if it does not
+    within ``within``. The change took effect in every worker by then."""
     changed = time.monotonic()
-    streak = 0
+    streak, began = 0, changed
     while streak < 12 and time.monotonic() < changed + within:
-        streak = streak + 1 if await done() else 0
+        started = time.monotonic()
+        if await done():
+            began = started if streak == 0 else began
+            streak += 1
+        else:
+            streak = 0
     assert streak >= 12, f"not 12 in a row within {within}s"
-    return time.monotonic() - changed
+    return began
 
 
 def _project(sa_dir: Path, files: dict[str, bytes], generation: int) -> None:
@@ -162,11 +174,13 @@ async def test_two_proxy_workers_follow_the_kubelets_service_account_rotation(
                     )
                     fake.proxy_tokens = {previous, token}
                     project(token, generation)
+                    changed = time.monotonic()
 
                     async def rotated(token: str = token) -> bool:
                         return await bearer_upstream() == token
 
-                    timings[f"rotation {generation - 1}"] = await _streak(rotated)
+                    took = await _streak(rotated) - changed
+                    timings[f"rotation {generation - 1}"] = took
                     await asyncio.sleep(0.2)  # requests in flight with the old one end
                     fake.proxy_tokens = {token}  # the old token is revoked
                     await asyncio.sleep(0.5)
@@ -297,11 +311,12 @@ async def test_watches_and_tunnels_in_flight_finish_on_the_old_api_server(
                             fake_b.url, fake_b.ca, {"token": "token-b"}
                         ).encode(),
                     )
+                    changed = time.monotonic()
 
                     async def moved() -> bool:
                         return await answered_by() == "b"
 
-                    timings["kubeconfig"] = await _streak(moved)
+                    timings["kubeconfig"] = await _streak(moved) - changed
                     # The streams opened before the change still flow, on A.
                     fake_a.emit("ADDED", "after-switch")
                     got = await event(watch)
@@ -346,3 +361,259 @@ async def test_watches_and_tunnels_in_flight_finish_on_the_old_api_server(
         {k: round(v, 2) for k, v in timings.items()},
     )
     assert all(t < 3.0 for t in timings.values()), timings
+
+
+class _Exchange:
+    """One review over a raw TLS connection: the certificate the server sent
+    and whether the answer authenticated the token. Kept open for more."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.reader, self.writer = reader, writer
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        self.served = x509.load_der_x509_certificate(der)
+
+    @classmethod
+    async def open(cls, port: int, ctx: ssl.SSLContext) -> _Exchange:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", port, ssl=ctx), 5
+        )
+        return cls(reader, writer)
+
+    async def review(self, token: str) -> bool:
+        body = json.dumps(review_body(token)).encode()
+        self.writer.write(
+            b"POST /authenticate HTTP/1.1\r\nHost: gate\r\n"
+            b"Content-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 5)
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        answer = await asyncio.wait_for(self.reader.readexactly(length), 5)
+        authenticated = json.loads(answer)["status"].get("authenticated") is True
+        return head.startswith(b"HTTP/1.1 200 ") and authenticated
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await self.writer.wait_closed()
+
+
+def _unverified() -> ssl.SSLContext:
+    """A client that records what it is served and checks it afterwards: a
+    self-signed pair renewed is a new CA, which a client can only trust once
+    it has read the new file."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+async def test_two_workers_renew_the_generated_cert_dir_pair(
+    issuer: FakeIssuer, tmp_path: Path
+) -> None:
+    """``--cert-dir`` with a 9-second pair and ``--workers 2`` under load from
+    3 clients: the running process renews it twice (one worker writes each
+    time), new handshakes get the new pair and verify against the new file,
+    a connection made before keeps working on the old one; a pair put in the
+    directory by someone else is served too. 0 failed reviews."""
+    cert_dir = tmp_path / "certs"
+    crt = cert_dir / "kube-oidc-gate.crt"
+    port = free_port()
+    args = [
+        "webhook",
+        "--oidc-issuer-url", issuer.url,
+        "--oidc-client-id", "kubernetes",
+        "--bind-address", "127.0.0.1",
+        "--secure-port", str(port),
+        "--probe-bind-address", f"127.0.0.1:{free_port()}",
+        "--cert-dir", str(cert_dir),
+        "--cert-dir-validity", "9",
+        "--workers", "2",
+    ]  # fmt: skip
+    token = issuer.token()
+    written: list[tuple[float, bytes]] = []  # (first seen, file content)
+    served: set[bytes] = set()
+    stop = asyncio.Event()
+
+    async def watch_file() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                data = crt.read_bytes()
+                if data and (not written or written[-1][1] != data):
+                    written.append((time.monotonic(), data))
+            await asyncio.sleep(0.01)
+
+    async def review_on_new_connection() -> bool:
+        exchange = await _Exchange.open(port, _unverified())
+        try:
+            served.add(exchange.served.public_bytes(serialization.Encoding.PEM))
+            return await exchange.review(token)
+        finally:
+            await exchange.close()
+
+    async def new_file_served() -> bool:
+        """A strict client that trusts the file as it is now."""
+        strict = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        strict.load_verify_locations(cadata=crt.read_text())
+        try:
+            exchange = await _Exchange.open(port, strict)
+        except ssl.SSLCertVerificationError:  # the previous pair, still
+            return False
+        try:
+            return await exchange.review(token)
+        finally:
+            await exchange.close()
+
+    async def nth_write(n: int) -> float:
+        async with asyncio.timeout(15):
+            while len(written) < n:
+                await asyncio.sleep(0.01)
+        return written[n - 1][0]
+
+    timings: dict[str, float] = {}
+    with Proc(*args) as proc:
+        await proc.await_log("serving", count=2, timeout=20)
+        await proc.await_log("jwks keys loaded", count=2, timeout=20)
+        watcher = asyncio.create_task(watch_file())
+        await nth_write(1)
+        first = written[0][1]
+        kept = await _Exchange.open(
+            port, ssl.create_default_context(cadata=first.decode())
+        )
+        assert await kept.review(token)
+        ok = failed = 0
+
+        async def load() -> None:
+            nonlocal ok, failed
+            while not stop.is_set():
+                try:
+                    if await review_on_new_connection():
+                        ok += 1
+                    else:
+                        failed += 1
+                except (OSError, ssl.SSLError, asyncio.IncompleteReadError):
+                    failed += 1
+
+        clients = [asyncio.create_task(load()) for _ in range(3)]
+        try:
+            for n in (2, 3):
+                changed = await nth_write(n)
+                took = await _streak(new_file_served, within=5) - changed
+                timings[f"renewal {n - 1}"] = took
+                if n == 2:
+                    # The connection made before the renewal still works, on
+                    # the first pair.
+                    assert await kept.review(token)
+                    assert kept.served.public_bytes(serialization.Encoding.PEM) == first
+                    await kept.close()
+            # Someone else's pair in the directory: loaded like a renewal.
+            external_ca = trustme.CA()
+            external = external_ca.issue_cert("127.0.0.1")
+            _write(cert_dir / "kube-oidc-gate.key", external.private_key_pem.bytes())
+            _write(crt, external.cert_chain_pems[0].bytes())
+            changed = time.monotonic()
+            strict = _client(external_ca)
+
+            async def external_served() -> bool:
+                try:
+                    exchange = await _Exchange.open(port, strict)
+                except ssl.SSLCertVerificationError:
+                    return False
+                try:
+                    return await exchange.review(token)
+                finally:
+                    await exchange.close()
+
+            took = await _streak(external_served, within=5) - changed
+            timings["external pair"] = took
+            await asyncio.sleep(0.3)
+        finally:
+            stop.set()
+            await asyncio.gather(*clients, watcher)
+        assert failed == 0, f"{failed} failed of {ok + failed}"
+        assert ok > 30
+        # Only pairs that were in the file were ever served.
+        in_file = {data for _, data in written}
+        assert served <= in_file, "a pair never written was served"
+        assert len(served) >= 3
+        # Each renewal written once, by one worker.
+        renewed = [
+            e
+            for e in proc.logs()
+            if e.get("event") == "self-signed certificate renewed"
+        ]
+        assert len(renewed) == 2, renewed
+        assert crt.read_bytes() == external.cert_chain_pems[0].bytes()
+        assert proc.stop() == 0
+    print(
+        "--cert-dir pair renewal to effect (webhook --workers 2):",
+        {k: round(v, 2) for k, v in timings.items()},
+    )
+    assert all(t < 3.0 for t in timings.values()), timings
+
+
+def test_the_new_flags_refuse_what_cannot_work(tmp_path: Path) -> None:
+    """``--cert-dir-validity`` too short to renew in time, and
+    ``--service-account-dir`` beside ``--kubeconfig``: named at start."""
+    from tests.test_cli_startup import run_cli
+
+    kubeconfig = tmp_path / "upstream.yaml"
+    kubeconfig.write_text(_kubeconfig("https://127.0.0.1:1", trustme.CA(), {}))
+    code, lines = run_cli(
+        "proxy",
+        "--oidc-issuer-url", "https://idp.example.test",
+        "--oidc-client-id", "kubernetes",
+        "--kubeconfig", str(kubeconfig),
+        "--service-account-dir", str(tmp_path),
+        "--cert-dir", str(tmp_path / "certs"),
+        "--cert-dir-validity", "2",
+    )  # fmt: skip
+    assert code == 2
+    listed = "\n".join(lines)
+    assert "--cert-dir-validity must be at least 6 seconds, got 2" in listed
+    assert "give either it or --kubeconfig, not both" in listed
+    assert not (tmp_path / "certs").exists()
+
+
+def test_the_generated_pair_is_renewed_by_one_writer(tmp_path: Path) -> None:
+    """``SelfSigned`` on its own: reused while fresh, renewed (a new key) once
+    a third is left, and of two processes due at once only one writes."""
+    import multiprocessing
+
+    from proxy.certs import ensure_self_signed
+
+    generated = ensure_self_signed(
+        str(tmp_path), ["127.0.0.1"], validity=dt.timedelta(seconds=3)
+    )
+    key = Path(generated.pair.key_file)
+    assert key.stat().st_mode & 0o777 == 0o600
+    first = key.read_bytes()
+    assert generated.renew_if_due() is False  # two thirds left
+    assert (
+        ensure_self_signed(
+            str(tmp_path), ["127.0.0.1"], validity=dt.timedelta(seconds=3)
+        ).pair
+        == generated.pair
+    )
+    assert key.read_bytes() == first, "reused at start while fresh"
+    time.sleep(max(0.0, generated.due_at() - time.time()) + 0.1)
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(2) as pool:
+        wrote = pool.map(_renew, [generated, generated])
+    assert sorted(wrote) == [False, True]
+    assert key.read_bytes() != first
+    assert key.stat().st_mode & 0o777 == 0o600
+
+
+def _renew(generated: object) -> bool:
+    from proxy.certs import SelfSigned
+
+    assert isinstance(generated, SelfSigned)
+    return generated.renew_if_due()
