@@ -60,6 +60,7 @@ __all__ = [
     "SelfSignedRenewal",
     "ServingTLS",
     "ensure_self_signed",
+    "self_signed",
     "server_context",
 ]
 
@@ -266,19 +267,29 @@ class SelfSigned:
         )
 
 
-def ensure_self_signed(
+def self_signed(
     cert_dir: str,
     extra_hosts: list[str] | None = None,
     *,
     validity: dt.timedelta = DEFAULT_SELF_SIGNED_VALIDITY,
 ) -> SelfSigned:
     """Reuse or create ``<cert_dir>/kube-oidc-gate.{crt,key}`` (ECDSA P-256);
-    the ``SelfSigned`` that renews it."""
+    the ``SelfSigned`` that renews it while running."""
     generated = SelfSigned(
         cert_dir=cert_dir, hosts=_hosts(extra_hosts), validity=validity
     )
     generated.ensure()
     return generated
+
+
+def ensure_self_signed(
+    cert_dir: str,
+    extra_hosts: list[str] | None = None,
+    *,
+    validity: dt.timedelta = DEFAULT_SELF_SIGNED_VALIDITY,
+) -> CertPair:
+    """``self_signed(...)``'s pair, for who only serves it (never renews)."""
+    return self_signed(cert_dir, extra_hosts, validity=validity).pair
 
 
 class SelfSignedRenewal:

@@ -596,7 +596,7 @@ def _serve_settings(ns: argparse.Namespace, *, reuse_port: bool) -> ServeSetting
     )
 
 
-#: What leaving out both TLS flags does (``proxy.certs.ensure_self_signed``).
+#: What leaving out both TLS flags does (``proxy.certs.self_signed``).
 _SELF_SIGNED = (
     "or leave out both --tls-cert-file and --tls-private-key-file to serve a "
     "self-signed certificate, generated in --cert-dir (default "
@@ -660,7 +660,7 @@ def _tls(
 ) -> tuple[str, str, SelfSigned | None]:
     """Return (cert, key, the generated pair or None); ``_tls_problems`` has
     checked the flags."""
-    from proxy.certs import ensure_self_signed
+    from proxy.certs import self_signed
 
     if ns.tls_cert_file:
         return ns.tls_cert_file, ns.tls_private_key_file, None
@@ -669,7 +669,7 @@ def _tls(
         if getattr(ns, "dev", False)
         else DEFAULT_CERT_DIR
     )
-    generated = ensure_self_signed(
+    generated = self_signed(
         cert_dir, [bind_address], validity=dt.timedelta(seconds=ns.cert_dir_validity)
     )
     return generated.pair.cert_file, generated.pair.key_file, generated

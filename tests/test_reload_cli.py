@@ -587,9 +587,9 @@ def test_the_generated_pair_is_renewed_by_one_writer(tmp_path: Path) -> None:
     a third is left, and of two processes due at once only one writes."""
     import multiprocessing
 
-    from proxy.certs import ensure_self_signed
+    from proxy.certs import ensure_self_signed, self_signed
 
-    generated = ensure_self_signed(
+    generated = self_signed(
         str(tmp_path), ["127.0.0.1"], validity=dt.timedelta(seconds=3)
     )
     key = Path(generated.pair.key_file)
@@ -599,7 +599,7 @@ def test_the_generated_pair_is_renewed_by_one_writer(tmp_path: Path) -> None:
     assert (
         ensure_self_signed(
             str(tmp_path), ["127.0.0.1"], validity=dt.timedelta(seconds=3)
-        ).pair
+        )
         == generated.pair
     )
     assert key.read_bytes() == first, "reused at start while fresh"
