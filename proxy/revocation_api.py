@@ -504,7 +504,7 @@ class RevocationWatcher:
             log.warning(
                 "revocation object ignored: malformed",
                 extra={
-                    "name": str(name)[:253],
+                    "revocation": str(name)[:253],
                     "namespace": self.namespace,
                     "problem": str(err),
                 },
