@@ -646,9 +646,6 @@ class RevocationWatcher:
                 deleted += 1
                 log.info(
                     "expired revocation deleted",
-                    extra={
-                        "revocation": revocation.name,
-                        "subject": revocation.subject,
-                    },
+                    extra={"revocation": revocation.name},
                 )
         return deleted

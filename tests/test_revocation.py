@@ -781,3 +781,101 @@ async def test_two_replicas_refuse_a_revoked_user_within_seconds(
             assert hook.stop() == 0
             assert px.stop() == 0
     print("revoke returned -> refused on every worker:", timings)
+
+
+# --- readiness through /readyz, and the flags ----------------------------------------
+
+
+async def test_readyz_before_the_first_list_and_while_broken(
+    issuer: FakeIssuer, tmp_path: Path
+) -> None:
+    """The engine as the CLI builds it (``start_engine`` with a list, then
+    ``start_revocation_watch`` from a kubeconfig), its probe app on loopback."""
+    from aiohttp import web
+
+    from proxy.app import probe_app, start_engine, start_revocation_watch
+    from tests.webhook_harness import issuer_auth_config
+
+    async with serve_apiserver(trustme.CA()) as fake:
+        fake.revocations.installed = False
+        kc = upstream_kubeconfig(tmp_path / "gate.kc", fake.url, fake.ca_pem)
+        engine = await start_engine(
+            issuer_auth_config(issuer.url, None),
+            metrics=Metrics(),
+            revocations=RevocationList(),
+        )
+        runner = web.AppRunner(probe_app(engine))
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        try:
+            await start_revocation_watch(
+                engine, replace(FAST, kubeconfig=str(kc), backoff_max=0.2)
+            )
+            await engine.keysets.get(issuer.url).refresh(force=True)
+
+            async def readyz() -> tuple[int, str]:
+                async with (
+                    aiohttp.ClientSession() as s,
+                    s.get(f"http://127.0.0.1:{port}/readyz") as r,
+                ):
+                    return r.status, await r.text()
+
+            token = issuer.token(sub="00u1alice")
+            with pytest.raises(errors.RevocationsUnavailable):
+                await engine.authenticator.authenticate(token)
+            status, text = await readyz()
+            assert status == 503
+            assert f"revocation list (namespace {NS}): not read yet" in text, text
+            fake.revocations.installed = True
+            watch = engine.revocation_watch
+            assert watch is not None
+            await until(lambda: watch.revocations.synced)
+            status, text = await readyz()
+            assert status == 200, text
+            assert "warning" not in text
+            assert await engine.authenticator.authenticate(token) is not None
+            fake.revocations.fail_next = 1000
+            fake.revocations.break_watches()
+            await until(lambda: watch.broken_since is not None)
+            status, text = await readyz()
+            assert status == 200
+            assert "revocation watch broken since" in text, text
+            # Resumed: what was created meanwhile applies, to the cached verdict.
+            fake.revocations.put(NS, obj("r", before=format_time(time.time() + 5)))
+            fake.revocations.fail_next = 0
+            await until(lambda: watch.revocations.get("r") is not None)
+            with pytest.raises(errors.TokenRevoked):
+                await engine.authenticator.authenticate(token)
+            assert "broken" not in (await readyz())[1]
+        finally:
+            await runner.cleanup()
+            await engine.close()
+
+
+FLAGS = [
+    ("off", ["webhook"], None),
+    ("webhook", ["webhook", "--revocation-namespace", "gate", "--kubeconfig", "k"], "gate"),
+    ("proxy", ["proxy", "--revocation-namespace", "gate"], "gate"),
+    ("bad-namespace", ["webhook", "--revocation-namespace", "Gate_1"], "must be a namespace name"),
+    ("kubeconfig-alone", ["webhook", "--kubeconfig", "k"], "give --revocation-namespace too"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("argv", "want"), [c[1:] for c in FLAGS], ids=[c[0] for c in FLAGS]
+)
+def test_revocation_flags(argv: list[str], want: str | None) -> None:
+    from proxy.cli import build_parser
+    from proxy.config import revocation_settings_from_args
+
+    ns = build_parser().parse_args(argv)
+    if want is None or want == "gate":
+        got = revocation_settings_from_args(ns)
+        assert (got.namespace if got else None) == want
+        if got is not None and argv[0] == "webhook":
+            assert got.kubeconfig == "k"
+        return
+    with pytest.raises(errors.ConfigError, match=want):
+        revocation_settings_from_args(ns)
