@@ -3,7 +3,8 @@
 Modes: ``webhook`` (TokenReview server), ``proxy`` (impersonating reverse
 proxy), ``check-token`` (explain one token), ``kubeconfig`` (generate the API
 server's webhook kubeconfig or a user's kubeconfig), ``apiserver-flags`` (the
-equivalent kube-apiserver configuration).
+equivalent kube-apiserver configuration), ``revoke`` (store a Revocation
+object that every replica watching its namespace enforces).
 
 Exit codes: 0 success, 1 a checked token was refused, 2 a usage or
 configuration error (printed as ``error: ...`` with every problem listed).
@@ -36,9 +37,12 @@ from proxy.config import (
     DEFAULT_PROXY_PORT,
     DEFAULT_WEBHOOK_PORT,
     add_auth_arguments,
+    add_revocation_arguments,
+    add_revoke_arguments,
     apply_tuning_args,
     auth_config_from_args,
     file_problem,
+    revocation_settings_from_args,
 )
 from proxy.errors import ConfigError, ProxyError
 from proxy.log import configure_logging, flush_logs
@@ -179,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     wh = sub.add_parser("webhook", help="Serve kube-apiserver's TokenReview webhook.")
     add_auth_arguments(wh)
     _add_serving(wh, default_port=DEFAULT_WEBHOOK_PORT)
+    add_revocation_arguments(wh, kubeconfig=True)
     g = wh.add_argument_group("webhook")
     g.add_argument(
         "--webhook-audiences",
@@ -200,7 +205,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_auth_arguments(px)
     _add_serving(px, default_port=DEFAULT_PROXY_PORT)
     _add_proxy_arguments(px)
+    add_revocation_arguments(px, kubeconfig=False)
     _add_common(px, serving=True)
+
+    rv = sub.add_parser(
+        "revoke",
+        help="Revoke a subject's tokens on every replica (a Revocation object).",
+        description="Create one Revocation object (CRD revocations.kube-oidc-gate.io) "
+        "in the namespace the gate watches (--revocation-namespace); every replica "
+        "refuses the subject's tokens issued before --before within seconds. Print "
+        "its name. kubectl get revocations -n NS lists them; kubectl delete lifts one.",
+    )
+    add_revoke_arguments(rv)
+    _add_common(rv, log_format="text", log_level="warning")
 
     ct = sub.add_parser(
         "check-token", help="Explain why a token is accepted or refused."
@@ -535,6 +552,58 @@ def _apiserver_flags(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _revoke(ns: argparse.Namespace) -> int:
+    """``revoke``: create the object with the operator's credential, print its name."""
+    import time
+
+    from proxy.config import DEFAULT_REVOCATION_LIFETIME, parse_duration
+    from proxy.revocation import parse_time
+
+    problems: list[str] = []
+    before = time.time()
+    if ns.before != "now":
+        try:
+            before = parse_time(ns.before, "--before")
+        except ProxyError as err:
+            problems.append(
+                f"config: --before must be 'now' or an RFC 3339 time such as "
+                f"2026-01-02T15:04:05Z, got {ns.before[:64]!r} ({err})"
+            )
+    lifetime = DEFAULT_REVOCATION_LIFETIME
+    try:
+        lifetime = parse_duration(ns.expires_in, "--expires-in")
+    except ConfigError as err:
+        problems.extend(err.problems)
+    if not ns.sub.strip():
+        problems.append("config: --sub must not be empty")
+    if problems:
+        raise ConfigError(problems)
+    name = asyncio.run(_revoke_async(ns, before, before + lifetime))
+    sys.stdout.write(f"{name}\n")
+    return 0
+
+
+async def _revoke_async(ns: argparse.Namespace, before: float, expires: float) -> str:
+    from proxy.revocation_api import create_revocation
+    from proxy.upstream import Upstream, UpstreamSettings
+
+    client = Upstream(UpstreamSettings(kubeconfig=ns.kubeconfig, context=ns.context))
+    await client.start()
+    try:
+        return await create_revocation(
+            client,
+            ns.namespace,
+            subject=ns.sub,
+            issuer=ns.issuer,
+            issued_before=before,
+            reason=ns.reason,
+            expires_at=expires,
+            name=ns.name,
+        )
+    finally:
+        await client.close()
+
+
 def _clear_metrics_dir(directory: str) -> None:
     """Start a user-given ``PROMETHEUS_MULTIPROC_DIR`` empty of earlier runs' samples."""
     from proxy.metrics import clear_multiprocess_dir
@@ -824,6 +893,13 @@ def _serve_mode(ns: argparse.Namespace) -> int:
     problems += _tls_problems(ns)
     if ns.command == "proxy":
         problems += _proxy_problems(ns)
+    revocation = _collect(problems, lambda: revocation_settings_from_args(ns))
+    if revocation is not None and ns.command == "webhook":
+        from proxy.upstream import UpstreamSettings, upstream_problems
+
+        problems += upstream_problems(
+            UpstreamSettings(kubeconfig=ns.kubeconfig, context=ns.context)
+        )
     if settings is not None:
         problems += listen_problems(settings)
     if problems:
@@ -890,6 +966,7 @@ async def _serve_async(
 ) -> int:
     from proxy.app import probe_app, serve, start_engine
     from proxy.metrics import Metrics
+    from proxy.revocation import RevocationList
     from proxy.watch import FileWatcher
 
     metrics = Metrics()
@@ -903,7 +980,12 @@ async def _serve_async(
             dev_auth_config(dev_issuer.url, dev_issuer.client_id), ns
         )
     assert config is not None
-    engine = await start_engine(config, metrics=metrics)
+    revocation = revocation_settings_from_args(ns)
+    engine = await start_engine(
+        config,
+        metrics=metrics,
+        revocations=None if revocation is None else RevocationList(),
+    )
     if dev_issuer is not None:
         # Print the demo only once it works: the dev issuer is local and fast.
         await engine.keysets.get(dev_issuer.url).refresh(force=True)
@@ -944,6 +1026,17 @@ async def _serve_async(
 
     closers.append(stop_watching)
     try:
+        if revocation is not None:
+            from proxy.app import start_revocation_watch
+
+            rw = await start_revocation_watch(engine, revocation)
+            if revocation.kubeconfig and engine.revocation_client is not None:
+                watcher.add(
+                    "revocation kubeconfig",
+                    [p for p in revocation.kubeconfig.split(os.pathsep) if p],
+                    engine.revocation_client.reload_kubeconfig,
+                )
+            log.info("revocation watch started", extra={"namespace": rw.namespace})
         main_app, on_ready, extra_checks = await _front_end(
             ns, engine, cert, dev_issuer, closers, watcher=watcher
         )
@@ -1047,6 +1140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _kubeconfig(ns)
         if ns.command == "apiserver-flags":
             return _apiserver_flags(ns)
+        if ns.command == "revoke":
+            return _revoke(ns)
         return _serve_mode(ns)
     except ConfigError as err:
         sys.stderr.write(f"error: {err}\n")

@@ -358,6 +358,39 @@ class Metrics:
             registry=r,
         )
 
+        self.revocations = Gauge(
+            "kube_oidc_gate_revocations",
+            "Revocation objects in force (--revocation-namespace), as this "
+            "process last read them.",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.revocation_watch_up = Gauge(
+            "kube_oidc_gate_revocation_watch_up",
+            "1 while the watch of the revocation list is open (or being "
+            "renewed after a normal end), 0 while it is broken or before the "
+            "first list; the lowest of the workers.",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.revocation_watch_restarts = Counter(
+            "kube_oidc_gate_revocation_watch_restarts",
+            "Restarts of the revocation watch by reason: closed (the API "
+            "server ended it, normal), expired (410 Gone: a full list "
+            "follows), error (an HTTP error status), unreachable (no answer, "
+            "or the connection broke), idle (no event or bookmark in time), "
+            "malformed (an unreadable event).",
+            ["reason"],
+            registry=r,
+        )
+        self.revocation_deletes = Counter(
+            "kube_oidc_gate_revocation_deletes",
+            "Deletions of expired Revocation objects by result (deleted, gone: "
+            "another replica was first, denied, error).",
+            ["result"],
+            registry=r,
+        )
+
     def child(self, metric: Any, *values: str) -> Any:
         """``metric.labels(*values)``, memoised per label set.
 
