@@ -369,6 +369,21 @@ class Authenticator:
             self.cache.forget_refusals()
         return changed
 
+    def forget_subject(self, subject: str) -> None:
+        """Forget what is cached about ``subject``: their groups changed in the IdP.
+
+        The result cache is keyed by a hash of the token, not by user, so every
+        accepted verdict goes (each costs one signature check to rebuild; group
+        changes are rare); the user's groups fetched from Okta's API go too. A
+        validation in flight must not store its verdict after this.
+        """
+        self._generation += 1
+        dropped = len(self.cache)
+        self.cache.clear()
+        if self._okta is not None:
+            self._okta.forget_subject(subject)
+        log.info("result cache purged", extra={"subject": subject, "entries": dropped})
+
     def forget_issuer(self, issuer: str) -> None:
         """Forget cached acceptances of ``issuer``: called when it withdraws a key.
 

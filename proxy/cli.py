@@ -35,9 +35,11 @@ from proxy.config import (
     DEFAULT_PROXY_PORT,
     DEFAULT_WEBHOOK_PORT,
     add_auth_arguments,
+    add_okta_event_hook_arguments,
     apply_tuning_args,
     auth_config_from_args,
     file_problem,
+    okta_event_hook_from_args,
 )
 from proxy.errors import ConfigError, ProxyError
 from proxy.log import configure_logging, flush_logs
@@ -47,8 +49,9 @@ if TYPE_CHECKING:
 
     from proxy.app import Engine, ServeSettings
     from proxy.certs import ServingTLS
-    from proxy.config import AuthConfig
+    from proxy.config import AuthConfig, OktaEventHookConfig
     from proxy.http1 import Server
+    from proxy.oktahook import Revoker
     from proxy.watch import FileWatcher
 
 __all__ = ["build_parser", "main"]
@@ -167,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     wh = sub.add_parser("webhook", help="Serve kube-apiserver's TokenReview webhook.")
     add_auth_arguments(wh)
     _add_serving(wh, default_port=DEFAULT_WEBHOOK_PORT)
+    add_okta_event_hook_arguments(wh)
     g = wh.add_argument_group("webhook")
     g.add_argument(
         "--webhook-audiences",
@@ -187,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_auth_arguments(px)
     _add_serving(px, default_port=DEFAULT_PROXY_PORT)
+    add_okta_event_hook_arguments(px)
     _add_proxy_arguments(px)
     _add_common(px, serving=True)
 
@@ -795,6 +800,7 @@ def _serve_mode(ns: argparse.Namespace) -> int:
     workers = min(max(ns.workers, 1), 64)
     settings = _collect(problems, lambda: _serve_settings(ns, reuse_port=workers > 1))
     problems += _tls_problems(ns)
+    hook = _collect(problems, lambda: okta_event_hook_from_args(ns))
     if ns.command == "proxy":
         problems += _proxy_problems(ns)
     if settings is not None:
@@ -832,7 +838,7 @@ def _serve_mode(ns: argparse.Namespace) -> int:
 
         def run_one() -> int:
             _install_uvloop()
-            return asyncio.run(_serve_async(ns, config, settings, tls, cert))
+            return asyncio.run(_serve_async(ns, config, settings, tls, cert, hook=hook))
 
         return _run_processes(ns.workers, run_one)
     finally:
@@ -856,6 +862,8 @@ async def _serve_async(
     settings: ServeSettings,
     tls: ServingTLS,
     cert: str,
+    *,
+    hook: OktaEventHookConfig | None = None,
 ) -> int:
     from proxy.app import probe_app, serve, start_engine
     from proxy.metrics import Metrics
@@ -909,6 +917,8 @@ async def _serve_async(
         main_app, on_ready, extra_checks = await _front_end(
             ns, engine, cert, dev_issuer, closers, watcher=watcher
         )
+        if hook is not None:
+            await _start_okta_hook(hook, engine, settings, tls, closers)
         # Everything built so far lives until exit: move it out of the garbage
         # collector's generations so full collections (which run while a busy
         # result cache grows) stop re-scanning every imported module.
@@ -932,6 +942,63 @@ async def _serve_async(
         flush_logs()
     log.info("stopped")
     return 0
+
+
+async def _start_okta_hook(
+    hook: OktaEventHookConfig,
+    engine: Engine,
+    settings: ServeSettings,
+    tls: ServingTLS,
+    closers: list[Callable[[], object]],
+) -> None:
+    """Serve Okta's event hook beside the front end, with its TLS context
+    (a reloaded serving certificate serves here too); ``closers`` drains it.
+    """
+    from proxy.oktahook import HOOK_PATH, OktaHook
+
+    receiver = OktaHook(
+        _okta_revoker(hook, engine), hook.secret, metrics=engine.metrics
+    )
+    closers.append(lambda: receiver.close(settings.shutdown_grace_period))
+    try:
+        port = await receiver.start(
+            hook.host,
+            hook.port,
+            ssl_context=tls.context,
+            reuse_port=settings.reuse_port,
+        )
+    except OSError as err:
+        raise ConfigError(
+            f"listen: {hook.host}:{hook.port} (--okta-event-hook-address): "
+            f"{(err.strerror or str(err)).lower()}"
+        ) from err
+    log.info(
+        "okta event hook listening",
+        extra={"bind": hook.host, "port": port, "path": HOOK_PATH},
+    )
+
+
+def _okta_revoker(hook: OktaEventHookConfig, engine: Engine) -> Revoker:
+    """Where the event hook's decisions go: the seam part 2's writer plugs into.
+
+    Revocations are for the Kubernetes revocation list in
+    ``hook.revocation_namespace`` (issue 22, part 2: ``create_revocation``
+    with its client and namespace bound, see ``proxy.oktahook.CreateRevocation``).
+    This tree has no writer yet, so each revocation fails, is retried, logged at
+    error level and counted as ``failed``: never acknowledged and dropped
+    silently. Cached verdicts are dropped in this worker.
+    """
+    from proxy.oktahook import CallbackRevoker
+
+    namespace = hook.revocation_namespace
+
+    async def create(**_: object) -> None:
+        raise ProxyError(
+            f"revocation: this build cannot write Revocation objects to namespace "
+            f"{namespace!r} (issue 22 part 2 is not wired)"
+        )
+
+    return CallbackRevoker(create, engine.authenticator.forget_subject)
 
 
 def _reload_config(ns: argparse.Namespace) -> AuthConfig:
