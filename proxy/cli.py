@@ -835,10 +835,26 @@ def _serve_mode(ns: argparse.Namespace) -> int:
         # Loaded once, here: a file that does not load stops the start before
         # any worker exists.
         tls = ServingTLS(CertPair(cert, key), client_ca_file=ns.client_ca_file)
+        # Okta presents no client certificate: with --client-ca-file the hook
+        # gets a context of its own, of the same pair.
+        hook_tls = (
+            ServingTLS(CertPair(cert, key))
+            if hook is not None and ns.client_ca_file
+            else tls
+        )
 
         def run_one() -> int:
             _install_uvloop()
-            return asyncio.run(_serve_async(ns, config, settings, tls, cert, hook=hook))
+            return asyncio.run(
+                _serve_async(
+                    ns,
+                    config,
+                    settings,
+                    tls,
+                    cert,
+                    hook=None if hook is None else (hook, hook_tls),
+                )
+            )
 
         return _run_processes(ns.workers, run_one)
     finally:
@@ -863,7 +879,7 @@ async def _serve_async(
     tls: ServingTLS,
     cert: str,
     *,
-    hook: OktaEventHookConfig | None = None,
+    hook: tuple[OktaEventHookConfig, ServingTLS] | None = None,
 ) -> int:
     from proxy.app import probe_app, serve, start_engine
     from proxy.metrics import Metrics
@@ -891,6 +907,13 @@ async def _serve_async(
     # Reading and parsing the pair happens in a thread; the swap is one
     # attribute assignment, seen whole by the next handshake.
     watcher.add("serving certificate", tls.files, lambda: asyncio.to_thread(tls.reload))
+    if hook is not None and hook[1] is not tls:
+        hook_tls = hook[1]
+        watcher.add(
+            "okta event hook certificate",
+            hook_tls.files,
+            lambda: asyncio.to_thread(hook_tls.reload),
+        )
     if not getattr(ns, "dev", False):
         from proxy.app import ConfigReloader
 
@@ -918,7 +941,7 @@ async def _serve_async(
             ns, engine, cert, dev_issuer, closers, watcher=watcher
         )
         if hook is not None:
-            await _start_okta_hook(hook, engine, settings, tls, closers)
+            await _start_okta_hook(*hook, engine, settings, closers)
         # Everything built so far lives until exit: move it out of the garbage
         # collector's generations so full collections (which run while a busy
         # result cache grows) stop re-scanning every imported module.
@@ -946,13 +969,13 @@ async def _serve_async(
 
 async def _start_okta_hook(
     hook: OktaEventHookConfig,
+    tls: ServingTLS,
     engine: Engine,
     settings: ServeSettings,
-    tls: ServingTLS,
     closers: list[Callable[[], object]],
 ) -> None:
-    """Serve Okta's event hook beside the front end, with its TLS context
-    (a reloaded serving certificate serves here too); ``closers`` drains it.
+    """Serve Okta's event hook beside the front end, with the serving pair
+    (reloaded with it); ``closers`` drains it.
     """
     from proxy.oktahook import HOOK_PATH, OktaHook
 

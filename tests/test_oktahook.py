@@ -794,6 +794,8 @@ async def test_the_cli_serves_the_hook_beside_the_webhook(
     key.write_bytes(leaf.private_key_pem.bytes())
     secret = tmp_path / "okta-hook-secret"
     secret.write_text(SECRET + "\n")
+    apiserver_ca = tmp_path / "apiserver-ca.crt"
+    apiserver_ca.write_bytes(trustme.CA().cert_pem.bytes())
     with Proc(
         "webhook",
         "--oidc-issuer-url", "https://idp.example.test",
@@ -803,6 +805,8 @@ async def test_the_cli_serves_the_hook_beside_the_webhook(
         "--probe-bind-address", f"127.0.0.1:{free_port()}",
         "--tls-cert-file", str(cert),
         "--tls-private-key-file", str(key),
+        # Only kube-apiserver may ask the webhook; Okta has no client certificate.
+        "--client-ca-file", str(apiserver_ca),
         "--okta-event-hook-address", "127.0.0.1:0",
         "--okta-event-hook-secret-file", str(secret),
         "--revocation-namespace", "kube-oidc-gate",
