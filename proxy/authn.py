@@ -301,9 +301,16 @@ class Authenticator:
         any), so their next request is validated again; return how many.
 
         For callers that learn a user's rights changed (the Okta event hook's
-        group membership removal) without revoking the user's tokens.
+        group membership removal) without revoking the user's tokens: the
+        user's groups fetched from Okta's API go too, and a validation in
+        flight does not store its verdict after this.
         """
-        return self.cache.forget_subject(issuer, subject)
+        self._generation += 1
+        if self._okta is not None:
+            self._okta.forget_subject(subject)
+        dropped = self.cache.forget_subject(issuer, subject)
+        log.info("result cache purged", extra={"subject": subject, "entries": dropped})
+        return dropped
 
     async def validate(self, token: str, key: bytes) -> UserInfo | None:
         """Validate a token ``lookup`` found no verdict for, and remember the result."""

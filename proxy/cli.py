@@ -29,7 +29,7 @@ import sys
 import tempfile
 import traceback
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Final, NoReturn, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeAlias, TypeVar
 
 from proxy import COMPILED, __version__
 from proxy.config import (
@@ -37,11 +37,13 @@ from proxy.config import (
     DEFAULT_PROXY_PORT,
     DEFAULT_WEBHOOK_PORT,
     add_auth_arguments,
+    add_okta_event_hook_arguments,
     add_revocation_arguments,
     add_revoke_arguments,
     apply_tuning_args,
     auth_config_from_args,
     file_problem,
+    okta_event_hook_from_args,
     revocation_settings_from_args,
 )
 from proxy.errors import ConfigError, ProxyError
@@ -52,8 +54,9 @@ if TYPE_CHECKING:
 
     from proxy.app import Engine, ServeSettings
     from proxy.certs import SelfSigned, ServingTLS
-    from proxy.config import AuthConfig
+    from proxy.config import AuthConfig, OktaEventHookConfig
     from proxy.http1 import Server
+    from proxy.oktahook import Revoker
     from proxy.watch import FileWatcher
 
 __all__ = ["build_parser", "main"]
@@ -184,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_auth_arguments(wh)
     _add_serving(wh, default_port=DEFAULT_WEBHOOK_PORT)
     add_revocation_arguments(wh, kubeconfig=True)
+    add_okta_event_hook_arguments(wh)
     g = wh.add_argument_group("webhook")
     g.add_argument(
         "--webhook-audiences",
@@ -204,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_auth_arguments(px)
     _add_serving(px, default_port=DEFAULT_PROXY_PORT)
+    add_okta_event_hook_arguments(px)
     _add_proxy_arguments(px)
     add_revocation_arguments(px, kubeconfig=False)
     _add_common(px, serving=True)
@@ -891,6 +896,7 @@ def _serve_mode(ns: argparse.Namespace) -> int:
     workers = min(max(ns.workers, 1), 64)
     settings = _collect(problems, lambda: _serve_settings(ns, reuse_port=workers > 1))
     problems += _tls_problems(ns)
+    hook = _collect(problems, lambda: okta_event_hook_from_args(ns))
     if ns.command == "proxy":
         problems += _proxy_problems(ns)
     revocation = _collect(problems, lambda: revocation_settings_from_args(ns))
@@ -932,11 +938,26 @@ def _serve_mode(ns: argparse.Namespace) -> int:
         # Loaded once, here: a file that does not load stops the start before
         # any worker exists.
         tls = ServingTLS(CertPair(cert, key), client_ca_file=ns.client_ca_file)
+        # Okta presents no client certificate: with --client-ca-file the hook
+        # gets a context of its own, of the same pair.
+        hook_tls = (
+            ServingTLS(CertPair(cert, key))
+            if hook is not None and ns.client_ca_file
+            else tls
+        )
 
         def run_one() -> int:
             _install_uvloop()
             return asyncio.run(
-                _serve_async(ns, config, settings, tls, cert, generated=generated)
+                _serve_async(
+                    ns,
+                    config,
+                    settings,
+                    tls,
+                    cert,
+                    generated=generated,
+                    hook=None if hook is None else (hook, hook_tls),
+                )
             )
 
         return _run_processes(ns.workers, run_one)
@@ -963,6 +984,7 @@ async def _serve_async(
     cert: str,
     *,
     generated: SelfSigned | None = None,
+    hook: tuple[OktaEventHookConfig, ServingTLS] | None = None,
 ) -> int:
     from proxy.app import probe_app, serve, start_engine
     from proxy.metrics import Metrics
@@ -1003,6 +1025,13 @@ async def _serve_async(
         # worker loads the new pair through the watch above.
         renewal = await asyncio.to_thread(SelfSignedRenewal, generated)
         watcher.add_periodic("self-signed certificate", renewal.check)
+    if hook is not None and hook[1] is not tls:
+        hook_tls = hook[1]
+        watcher.add(
+            "okta event hook certificate",
+            hook_tls.files,
+            lambda: asyncio.to_thread(hook_tls.reload),
+        )
     if not getattr(ns, "dev", False):
         from proxy.app import ConfigReloader
 
@@ -1040,6 +1069,8 @@ async def _serve_async(
         main_app, on_ready, extra_checks = await _front_end(
             ns, engine, cert, dev_issuer, closers, watcher=watcher
         )
+        if hook is not None:
+            await _start_okta_hook(*hook, engine, settings, closers)
         # Everything built so far lives until exit: move it out of the garbage
         # collector's generations so full collections (which run while a busy
         # result cache grows) stop re-scanning every imported module.
@@ -1063,6 +1094,66 @@ async def _serve_async(
         flush_logs()
     log.info("stopped")
     return 0
+
+
+async def _start_okta_hook(
+    hook: OktaEventHookConfig,
+    tls: ServingTLS,
+    engine: Engine,
+    settings: ServeSettings,
+    closers: list[Callable[[], object]],
+) -> None:
+    """Serve Okta's event hook beside the front end, with the serving pair
+    (reloaded with it); ``closers`` drains it.
+    """
+    from proxy.oktahook import HOOK_PATH, OktaHook
+
+    receiver = OktaHook(
+        _okta_revoker(hook, engine), hook.secret, metrics=engine.metrics
+    )
+    closers.append(lambda: receiver.close(settings.shutdown_grace_period))
+    try:
+        port = await receiver.start(
+            hook.host,
+            hook.port,
+            ssl_context=tls.context,
+            reuse_port=settings.reuse_port,
+        )
+    except OSError as err:
+        raise ConfigError(
+            f"listen: {hook.host}:{hook.port} (--okta-event-hook-address): "
+            f"{(err.strerror or str(err)).lower()}"
+        ) from err
+    log.info(
+        "okta event hook listening",
+        extra={"bind": hook.host, "port": port, "path": HOOK_PATH},
+    )
+
+
+def _okta_revoker(hook: OktaEventHookConfig, engine: Engine) -> Revoker:
+    """Where the event hook's decisions go: Revocation objects in
+    ``hook.revocation_namespace`` (the list every replica watches), written
+    with the revocation watch's own client; cached verdicts of a user whose
+    groups changed are dropped in this worker.
+    """
+    from proxy.oktahook import CallbackRevoker
+    from proxy.revocation_api import create_revocation
+
+    client = engine.revocation_client
+    if client is None:  # pragma: no cover - the hook requires the namespace
+        raise ConfigError(
+            "config: --okta-event-hook-address requires --revocation-namespace"
+        )
+    namespace = hook.revocation_namespace
+    authenticator = engine.authenticator
+
+    async def create(**fields: Any) -> None:
+        await create_revocation(client, namespace, **fields)
+
+    def forget(subject: str) -> None:
+        authenticator.forget_subject(None, subject)
+
+    return CallbackRevoker(create, forget)
 
 
 def _reload_config(ns: argparse.Namespace) -> AuthConfig:

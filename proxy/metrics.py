@@ -390,6 +390,26 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.okta_hook_requests = Counter(
+            "kube_oidc_gate_okta_hook_requests",
+            "Requests to the Okta event hook listener, by HTTP status code "
+            "(401: wrong or missing secret).",
+            ["code"],
+            registry=r,
+        )
+        self.okta_hook_events = Counter(
+            "kube_oidc_gate_okta_hook_events",
+            "Okta events received, by event type (a fixed set, else other) and "
+            "outcome (revoked, forgotten, ignored, duplicate, invalid, failed).",
+            ["event_type", "outcome"],
+            registry=r,
+        )
+        self.okta_hook_queue = Gauge(
+            "kube_oidc_gate_okta_hook_queue_events",
+            "Okta events acknowledged and waiting for their revocation to be stored.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
 
     def child(self, metric: Any, *values: str) -> Any:
         """``metric.labels(*values)``, memoised per label set.
