@@ -10,6 +10,12 @@ warnings, as text, by default: it talks to a person at a terminal.
 
 ``--offline --jwks-file F`` checks against a local JWK Set and makes no network
 request at all, for air-gapped debugging or a key set copied from the IdP.
+
+``--revocation-namespace NS`` (with ``--kubeconfig``, or the in-cluster
+service account) reads the Revocation objects once, as a replica's first list
+does, and says which one refuses the token ("revoked by Revocation NS/NAME")
+or that none does. Without it the list is not consulted: a token the replicas
+refuse as ``revoked`` can pass here (docs/troubleshooting.md).
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from typing import Final, TextIO
 import aiohttp
 
 from proxy.authn import Authenticator, Verdict
-from proxy.config import AuthConfig
+from proxy.config import AuthConfig, RevocationSettings
+from proxy.errors import RevocationError
 from proxy.introspection import Introspection, IntrospectionResult
 from proxy.jwk import load_jwks_file
 from proxy.keyset import (
@@ -34,9 +41,18 @@ from proxy.keyset import (
 )
 from proxy.oktaapi import OktaApiClient
 from proxy.oktagroups import GroupsProvenance, OktaGroups
+from proxy.revocation import RevocationList, format_time
 from proxy.tokens import KeyResolver
 
-__all__ = ["GROUPS_HINT", "HINTS", "check_token", "render", "warnings_for"]
+__all__ = [
+    "GROUPS_HINT",
+    "HINTS",
+    "check_token",
+    "read_revocations",
+    "render",
+    "revocation_line",
+    "warnings_for",
+]
 
 #: Reason code → what usually causes it and where to look. README's
 #: troubleshooting table says the same; keep them in step.
@@ -193,8 +209,74 @@ def _introspected(result: IntrospectionResult) -> str:
     return "introspection: active (the issuer's introspection endpoint says so)\n"
 
 
+async def read_revocations(settings: RevocationSettings) -> tuple[RevocationList, str]:
+    """The Revocation objects of ``settings.namespace``, read once with the
+    gate's credential; and why they could not be read ("" when they were).
+
+    An unread list stays unsynced, so the engine refuses the token as
+    ``revocations_unavailable``, exactly as a replica that could not list
+    would. A credential that does not load is a ``ConfigError`` (exit 2).
+    """
+    # Here, not at the top: proxy.upstream imports the kubernetes client
+    # (about 0.5 s), which check-token without the list does not need.
+    from proxy.revocation_api import RevocationWatcher  # noqa: PLC0415
+    from proxy.upstream import Upstream, UpstreamSettings  # noqa: PLC0415
+
+    listed = RevocationList()
+    client = Upstream(
+        UpstreamSettings(kubeconfig=settings.kubeconfig, context=settings.context)
+    )
+    await client.start()
+    try:
+        await RevocationWatcher(client, settings, listed).list_once()
+    except RevocationError as err:
+        return listed, str(err)
+    finally:
+        await client.close()
+    return listed, ""
+
+
+def revocation_line(
+    verdict: Verdict, revocations: RevocationList, namespace: str, problem: str = ""
+) -> str | None:
+    """What the revocation list says of the token, for a person: the object
+    that refuses it (with the command that lifts it), or that none does."""
+    if problem:
+        return f"revocations: not read, so every token is refused: {problem}"
+    claims = verdict.claims
+    if claims is None or verdict.issuer is None:
+        return None
+    sub, iat = claims.get("sub"), claims.get("iat")
+    found = revocations.revoked(
+        verdict.issuer,
+        sub if isinstance(sub, str) else None,
+        float(iat)
+        if isinstance(iat, int | float) and not isinstance(iat, bool)
+        else None,
+    )
+    if found is None:
+        return (
+            f"revocations: none of the {len(revocations)} in namespace {namespace} "
+            "names this token"
+        )
+    expires = (
+        "" if found.expires_at is None else f", expires {format_time(found.expires_at)}"
+    )
+    return (
+        f"revoked by Revocation {namespace}/{found.name} (subject {found.subject!r}, "
+        f"issuer {found.issuer or 'any'}, tokens issued before "
+        f"{format_time(found.issued_before)}, reason {found.reason!r}{expires}); "
+        f"kubectl delete revocation -n {namespace} {found.name} lifts it"
+    )
+
+
 def render(
-    verdict: Verdict, *, now: float, out: TextIO, warnings: Sequence[str] = ()
+    verdict: Verdict,
+    *,
+    now: float,
+    out: TextIO,
+    warnings: Sequence[str] = (),
+    revocation: str | None = None,
 ) -> int:
     """Print ``verdict`` for a person and return the exit code (0 accepted, 1 not)."""
     if verdict.header is not None:
@@ -223,6 +305,8 @@ def render(
             out.write(_provenance(verdict.groups_from))
         if verdict.introspection is not None:
             out.write(_introspected(verdict.introspection))
+        if revocation is not None:
+            out.write(revocation + "\n")
         for warning in warnings:
             out.write(f"warning: {warning}\n")
         return 0
@@ -234,6 +318,8 @@ def render(
     assert verdict.error is not None
     reason = verdict.error.reason
     out.write(f"result: rejected ({reason})\n{verdict.error}\n")
+    if revocation is not None:
+        out.write(revocation + "\n")
     if reason in HINTS:
         out.write(f"hint: {HINTS[reason]}\n")
     return 1
@@ -245,8 +331,10 @@ async def check_token(
     *,
     out: TextIO,
     jwks_file: str | None = None,
+    revocations: RevocationSettings | None = None,
 ) -> int:
-    """Validate ``token`` against ``config`` (online, or offline with ``jwks_file``)."""
+    """Validate ``token`` against ``config`` (online, or offline with
+    ``jwks_file``); with ``revocations``, against the Revocation objects too."""
     urls = [a.issuer.url for a in config.authenticators]
     if jwks_file is not None:
         static = StaticKeySet(load_jwks_file(jwks_file))
@@ -255,6 +343,9 @@ async def check_token(
         return render(
             verdict, now=time.time(), out=out, warnings=warnings_for(verdict, config)
         )
+    listed, problem = (
+        (None, "") if revocations is None else await read_revocations(revocations)
+    )
     async with aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=config.keyset.fetch_timeout),
         headers={"User-Agent": "kube-oidc-gate check-token"},
@@ -281,10 +372,20 @@ async def check_token(
                         timeout=config.introspection.timeout,
                     ),
                 ),
+                revocations=listed,
             )
             verdict = await authenticator.explain(token)
         finally:
             await keysets.close()
+    line = (
+        None
+        if revocations is None or listed is None
+        else revocation_line(verdict, listed, revocations.namespace, problem)
+    )
     return render(
-        verdict, now=time.time(), out=out, warnings=warnings_for(verdict, config)
+        verdict,
+        now=time.time(),
+        out=out,
+        warnings=warnings_for(verdict, config),
+        revocation=line,
     )

@@ -238,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument(
         "--jwks-file", help="A JWK Set file to verify against (with --offline)."
     )
+    # The replicas' revocation list, read once: which Revocation refuses it.
+    add_revocation_arguments(ct, kubeconfig=True)
     # A person at a terminal reads the verdict on stdout: only what went wrong
     # on the way (a failed fetch) belongs on stderr, and as text.
     _add_common(ct, log_format="text", log_level="warning")
@@ -456,11 +458,23 @@ def _check_token(ns: argparse.Namespace) -> int:
         raise ConfigError("config: --offline needs --jwks-file")
     if ns.jwks_file and not ns.offline:
         raise ConfigError("config: --jwks-file is only used with --offline")
+    revocations = revocation_settings_from_args(ns)
+    if ns.offline and revocations is not None:
+        raise ConfigError(
+            "config: --offline makes no network request; drop "
+            "--revocation-namespace (the list is read from the API server)"
+        )
     config = auth_config_from_args(ns)
     assert config is not None
     token = _read_token(ns)
     return asyncio.run(
-        check_token(config, token, out=sys.stdout, jwks_file=ns.jwks_file)
+        check_token(
+            config,
+            token,
+            out=sys.stdout,
+            jwks_file=ns.jwks_file,
+            revocations=revocations,
+        )
     )
 
 

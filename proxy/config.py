@@ -2623,7 +2623,8 @@ _NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 def add_revocation_arguments(
     parser: argparse.ArgumentParser, *, kubeconfig: bool
 ) -> None:
-    """``--revocation-namespace`` (both front ends); ``kubeconfig`` also adds
+    """``--revocation-namespace`` (both front ends, and ``check-token``, which
+    reads the list once); ``kubeconfig`` also adds
     ``--kubeconfig``/``--context`` (the webhook's: the proxy has its own)."""
     g = parser.add_argument_group("revocation list")
     g.add_argument(
@@ -2652,9 +2653,9 @@ def revocation_settings_from_args(ns: argparse.Namespace) -> RevocationSettings 
     """The revocation watch of a serving mode, or None when it is off."""
     namespace: str | None = getattr(ns, "revocation_namespace", None)
     if namespace is None:
-        if ns.command == "webhook" and (ns.kubeconfig or ns.context):
+        if ns.command in ("webhook", "check-token") and (ns.kubeconfig or ns.context):
             raise ConfigError(
-                "config: --kubeconfig and --context of the webhook are for the "
+                f"config: --kubeconfig and --context of {ns.command} are for the "
                 "revocation list: give --revocation-namespace too, or drop them"
             )
         return None

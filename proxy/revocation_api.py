@@ -32,6 +32,9 @@ Expired objects (past ``spec.expiresAt``) are deleted by the watcher every
 means another replica was first and is fine); the DELETED event then lifts
 them here as everywhere.
 
+``list_once`` is a single list without a watch, for ``kube-oidc-gate
+check-token --revocation-namespace``.
+
 ``create_revocation`` is the one writer (``kube-oidc-gate revoke``, the Okta
 event hook): with a ``name`` it is idempotent (409 AlreadyExists is
 success), without one the API server generates it.
@@ -345,6 +348,19 @@ class RevocationWatcher:
             asyncio.create_task(self.run(), name="revocation-watch"),
             asyncio.create_task(self._expire_loop(), name="revocation-expiry"),
         ]
+
+    async def list_once(self) -> None:
+        """One complete list and no watch: ``check-token`` then answers as a
+        replica would right now. Raises ``RevocationError`` saying what failed
+        (the list stays unsynced, so tokens are ``revocations_unavailable``).
+        """
+        where = f"revocation list of namespace {self.namespace!r}"
+        try:
+            await self._list()
+        except _Gone as err:  # a list from no resourceVersion is never too old
+            raise RevocationError(f"{where}: 410 Gone to a plain list") from err
+        except _Broken as err:
+            raise RevocationError(f"{where}: {err}") from err
 
     async def close(self) -> None:
         """Stop both tasks."""

@@ -10,6 +10,8 @@
   resumed with backoff, readiness before the first list and while broken,
   expired objects deleted (and the 404/409 races);
 - ``create_revocation`` and ``kube-oidc-gate revoke``: the specific errors;
+- ``kube-oidc-gate check-token --revocation-namespace``: names the object
+  that refuses a token, or says none does, or that the list was not read;
 - two replicas through the real CLI (a webhook with ``--workers 2`` and a
   proxy): ``revoke`` (the real CLI, a subprocess) and both refuse within 5 s;
   deleting the object lifts it.
@@ -624,6 +626,79 @@ async def test_revoke_cli_creates_one_object_and_says_what_is_wrong(
         code, _, err, _ = await revoke(*base)
         assert code == 2
         assert "CRD is not installed" in err, err
+
+
+async def check_token(*args: str) -> tuple[int, str, str]:
+    """``kube-oidc-gate check-token ...`` as a subprocess: (code, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "check-token", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        cwd=ROOT, env={**os.environ, **_env()},
+    )  # fmt: skip
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_check_token_says_which_revocation_refuses_a_token(
+    issuer: FakeIssuer, tmp_path: Path
+) -> None:
+    """``check-token --revocation-namespace`` reads the list once, as a
+    replica does, and names the object; without the flag it is not read."""
+    async with serve_apiserver(trustme.CA()) as fake:
+        gate_kc = upstream_kubeconfig(tmp_path / "gate.kc", fake.url, fake.ca_pem)
+        auth = ["--oidc-issuer-url", issuer.url, "--oidc-client-id", "kubernetes"]
+        listed = [*auth, "--revocation-namespace", NS, "--kubeconfig", str(gate_kc)]
+        alice, bob = issuer.token(sub="00u1alice"), issuer.token(sub="00u1bob")
+        fake.revocations.put(
+            NS,
+            obj(
+                "offboarded",
+                before=format_time(time.time() + 60),
+                expires="2099-01-01T00:00:00Z",
+                reason="left the company",
+            ),
+        )
+        code, out, err = await check_token(*listed, alice)
+        assert code == 1, err
+        assert "result: rejected (revoked)\n" in out
+        assert (
+            f"revoked by Revocation {NS}/offboarded (subject '00u1alice', issuer "
+            "any, tokens issued before "
+        ) in out
+        assert "reason 'left the company', expires 2099-01-01T00:00:00Z" in out
+        assert f"kubectl delete revocation -n {NS} offboarded lifts it" in out
+        code, out, err = await check_token(*listed, bob)
+        assert code == 0, err
+        assert f"revocations: none of the 1 in namespace {NS} names this token" in out
+        # Without the flag the list is not consulted (the replicas still refuse).
+        code, out, _ = await check_token(*auth, alice)
+        assert code == 0
+        assert "revocation" not in out.lower()
+        # The list cannot be read: refused, as on a replica that never listed.
+        fake.revocations.installed = False
+        code, out, _ = await check_token(*listed, bob)
+        assert code == 1
+        assert "result: rejected (revocations_unavailable)\n" in out
+        assert (
+            f"revocations: not read, so every token is refused: revocation list "
+            f"of namespace '{NS}': list: 404: the server could not find"
+        ) in out
+        for extra, needle in [
+            (["--kubeconfig", str(gate_kc)], "give --revocation-namespace too"),
+            (
+                [*listed[2:], "--offline", "--jwks-file", "x"],
+                "--offline makes no network request",
+            ),
+        ]:
+            code, out, err = await check_token(*auth, *extra, alice)
+            assert (code, out) == (2, ""), err
+            assert needle in err, err
 
 
 async def _review(url: str, ctx: ssl.SSLContext, token: str) -> str:
