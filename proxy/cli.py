@@ -43,8 +43,6 @@ from proxy.errors import ConfigError, ProxyError
 from proxy.log import configure_logging, flush_logs
 
 if TYPE_CHECKING:
-    from aiohttp import web
-
     from proxy.app import Engine, ServeSettings
     from proxy.certs import ServingTLS
     from proxy.config import AuthConfig
@@ -950,7 +948,7 @@ async def _front_end(
     *,
     watcher: FileWatcher,
 ) -> tuple[
-    web.Application | Server,
+    Server,
     Callable[[int, int], None] | None,
     Callable[[], list[str]] | None,
 ]:
