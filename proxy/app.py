@@ -37,6 +37,7 @@ from proxy.config import (
     DEFAULT_PROBE_ADDRESS,
     DEFAULT_WEBHOOK_PORT,
     AuthConfig,
+    RevocationSettings,
 )
 from proxy.errors import ConfigError
 from proxy.http1 import Server
@@ -47,7 +48,9 @@ from proxy.log import issuer_hash
 from proxy.metrics import CONTENT_TYPE, FLUSH_INTERVAL, Metrics
 from proxy.oktaapi import OktaApiClient
 from proxy.oktagroups import OktaGroups
-from proxy.upstream import Upstream
+from proxy.revocation import RevocationList
+from proxy.revocation_api import RevocationWatcher
+from proxy.upstream import Upstream, UpstreamSettings
 from proxy.webhook import WebhookSettings, webhook_server
 
 __all__ = [
@@ -62,6 +65,7 @@ __all__ = [
     "proxy_app",
     "serve",
     "start_engine",
+    "start_revocation_watch",
     "webhook_app",
 ]
 
@@ -103,9 +107,16 @@ class Engine:
     #: Why the last automatic reload was refused, for ``/readyz``; None once
     #: a reload succeeds.
     reload_problem: str | None = None
+    #: The revocation list's watch (``--revocation-namespace``) and its client.
+    revocation_watch: RevocationWatcher | None = None
+    revocation_client: Upstream | None = None
 
     async def close(self) -> None:
         """Stop the refreshers and the metrics flusher, then close the HTTP client."""
+        if self.revocation_watch is not None:
+            await self.revocation_watch.close()
+        if self.revocation_client is not None:
+            await self.revocation_client.close()
         if self.flusher is not None:
             self.flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -138,8 +149,13 @@ async def start_engine(
     metrics: Metrics,
     session: aiohttp.ClientSession | None = None,
     flush_interval: float = FLUSH_INTERVAL,
+    revocations: RevocationList | None = None,
 ) -> Engine:
-    """Build the engine and start fetching keys (returns at once; never fails on I/O)."""
+    """Build the engine and start fetching keys (returns at once; never fails on I/O).
+
+    With ``revocations`` the authenticator refuses what it lists (and, until
+    its first list, every token: see ``start_revocation_watch``).
+    """
     owns = session is None
     if session is None:
         session = aiohttp.ClientSession(
@@ -168,6 +184,7 @@ async def start_engine(
             metrics=metrics,
         ),
         introspection=introspection_for(config, keysets, session, metrics=metrics),
+        revocations=revocations,
     )
     for key_set in keysets:
         key_set.on_keys_withdrawn = authenticator.forget_issuer
@@ -259,6 +276,36 @@ class ConfigReloader:
             return True
 
 
+async def start_revocation_watch(
+    engine: Engine,
+    settings: RevocationSettings,
+    *,
+    client: Upstream | None = None,
+) -> RevocationWatcher:
+    """Watch the Revocation objects of ``settings.namespace`` into the engine's
+    list (``proxy.revocation_api``); ``engine.close`` stops it.
+
+    The client is an ``Upstream`` of its own (in-cluster service account or
+    ``--kubeconfig``), even in proxy mode: one long-lived watch connection
+    that the proxy's pool limits and kubeconfig reloads never touch. Raises
+    ``ConfigError`` when the credential does not load.
+    """
+    revocations = engine.authenticator.revocations
+    if revocations is None:
+        raise RuntimeError("app: start_engine was given no revocation list")
+    if client is None:
+        client = Upstream(
+            UpstreamSettings(kubeconfig=settings.kubeconfig, context=settings.context),
+            metrics=engine.metrics,
+        )
+        await client.start()
+        engine.revocation_client = client
+    watcher = RevocationWatcher(client, settings, revocations, metrics=engine.metrics)
+    engine.revocation_watch = watcher
+    watcher.start()
+    return watcher
+
+
 def introspection_for(
     config: AuthConfig,
     keysets: KeySets,
@@ -333,6 +380,10 @@ def probe_app(
             for ks in engine.keysets
             if ks.ready and ks.last_error
         ]
+        if engine.revocation_watch is not None:
+            unready, degraded = engine.revocation_watch.readiness()
+            problems.extend(unready)
+            warnings.extend(degraded)
         if engine.reload_problem is not None:
             warnings.append(
                 "authentication config: the last reload failed, the last good "

@@ -30,6 +30,15 @@ on an introspection answer is kept in the result cache only while that
 answer is fresh (at most ``--introspection-cache-ttl``), so a revoked token
 is refused within that TTL whether or not its verdict was cached.
 
+The revocation list (``proxy.revocation``, ``--revocation-namespace``) is
+checked right after the signature (before any call to the IdP) and again on
+every cache hit: two dictionary look-ups, one length test while the list is
+empty. A revocation that arrives also drops the cached acceptances of its
+subject at once (memory), and one that is lifted drops the cached refusals
+(so the user is let in at once, not after ``failure_ttl``). Until the list
+has been read once, tokens are refused as ``revocations_unavailable``
+(temporary): fail closed.
+
 The result cache sits in front of everything. Metrics are recorded here so both
 front ends count the same way: ``authentications{result,reason}`` per call and
 the validation latency only for cache misses (a hit says nothing about cost).
@@ -49,15 +58,23 @@ from proxy.cache import ResultCache, detached
 from proxy.claims import map_claims
 from proxy.config import AuthConfig, JWTAuthenticatorConfig
 from proxy.distclaims import ClaimSourceFetcher, DistributedClaims
-from proxy.errors import IssuerMismatch, MalformedToken, Overloaded, TokenError
+from proxy.errors import (
+    IssuerMismatch,
+    MalformedToken,
+    Overloaded,
+    RevocationsUnavailable,
+    TokenError,
+    TokenRevoked,
+)
 from proxy.introspection import Introspection, IntrospectionResult
 from proxy.kube import UserInfo
 from proxy.log import fingerprint
 from proxy.metrics import Metrics, null_tally
 from proxy.oktagroups import GroupsProvenance, OktaGroups
+from proxy.revocation import Revocation, RevocationList, format_time
 from proxy.tokens import KeyResolver, ParsedToken, peek, verify
 
-__all__ = ["Authenticator", "Verdict", "near_miss"]
+__all__ = ["Authenticator", "Verdict", "near_miss", "revoked_error"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +103,8 @@ class _Outcome:
     exp: float
     provenance: GroupsProvenance | None
     introspection: IntrospectionResult | None
+    subject: str | None = None
+    iat: float | None = None
 
 
 class Authenticator:
@@ -102,6 +121,7 @@ class Authenticator:
         claim_sources: ClaimSourceFetcher | None = None,
         okta_groups: OktaGroups | None = None,
         introspection: Introspection | None = None,
+        revocations: RevocationList | None = None,
     ) -> None:
         self._config = config
         self._by_issuer: dict[str, JWTAuthenticatorConfig] = {
@@ -131,6 +151,11 @@ class Authenticator:
             introspection = Introspection(config.introspection, None, clock=clock)
         self._introspection = introspection
         self.cache = ResultCache(config.cache, clock=clock, monotonic=monotonic)
+        self.revocations = revocations
+        if revocations is not None:
+            revocations.subscribe(
+                added=self._revocation_added, lifted=self._revocation_lifted
+            )
         #: Bumped by ``reconfigure``: verdicts reached under older rules are
         #: answered but not cached.
         self._generation = 0
@@ -168,6 +193,18 @@ class Authenticator:
         claims = await verify(
             parsed, auth.issuer, keys, now=self._clock(), leeway=leeway
         )
+        subject, iat = _subject_and_iat(claims)
+        revocations = self.revocations
+        if revocations is not None:
+            if not revocations.synced:
+                raise RevocationsUnavailable(
+                    "token: the revocation list has not been read yet "
+                    "(--revocation-namespace); retry",
+                    issuer=auth.issuer.url,
+                )
+            found = revocations.revoked(auth.issuer.url, subject, iat)
+            if found is not None:
+                raise revoked_error(found, auth.issuer.url)
         claims = await self._distributed.expand(auth, claims, keys, leeway=leeway)
         provenance = None
         if self._okta is not None:
@@ -181,7 +218,9 @@ class Authenticator:
             introspected = await self._introspection.check(
                 auth.issuer.url, token, exp=exp
             )
-        return _Outcome(auth.issuer.url, user, exp, provenance, introspected)
+        return _Outcome(
+            auth.issuer.url, user, exp, provenance, introspected, subject, iat
+        )
 
     async def authenticate(self, token: str) -> UserInfo | None:
         """The user ``token`` maps to, ``None`` if not ours; raise ``TokenError``."""
@@ -212,6 +251,9 @@ class Authenticator:
             return key, None
         self._hits.count += 1
         if isinstance(hit, UserInfo):
+            revocations = self.revocations
+            if revocations is not None and len(revocations):
+                self._check_revoked(key, revocations)
             self.admission.hit()
             self._oks.count += 1
             return key, hit
@@ -219,6 +261,56 @@ class Authenticator:
         # A fresh copy: raising the cached object itself would hang this
         # caller's frames on it for as long as it stays cached.
         raise detached(hit)
+
+    def _check_revoked(self, key: bytes, revocations: RevocationList) -> None:
+        """Raise ``TokenRevoked`` if the cached acceptance under ``key`` is
+        revoked now (it was cached before the revocation arrived)."""
+        found = self.cache.subject(key)
+        if found is None:
+            return
+        issuer, subject, iat = found
+        revocation = revocations.revoked(issuer, subject, iat)
+        if revocation is None:
+            return
+        self.cache.forget(key)
+        self._record("rejected", TokenRevoked.reason)
+        raise revoked_error(revocation, issuer)
+
+    def _revocation_added(self, revocation: Revocation) -> None:
+        dropped = self.cache.forget_subject(revocation.issuer, revocation.subject)
+        log.info(
+            "revocation in force",
+            extra={
+                "revocation": revocation.name,
+                "issuer": revocation.issuer,
+                "issued_before": format_time(revocation.issued_before),
+                "cached_verdicts_dropped": dropped,
+            },
+        )
+
+    def _revocation_lifted(self, revocation: Revocation) -> None:
+        # Refusals are not kept per subject; a lifted revocation is rare.
+        self.cache.forget_refusals()
+        log.info(
+            "revocation lifted",
+            extra={"revocation": revocation.name},
+        )
+
+    def forget_subject(self, issuer: str | None, subject: str) -> int:
+        """Drop the cached acceptances of ``subject`` (of ``issuer``; ``None``:
+        any), so their next request is validated again; return how many.
+
+        For callers that learn a user's rights changed (the Okta event hook's
+        group membership removal) without revoking the user's tokens: the
+        user's groups fetched from Okta's API go too, and a validation in
+        flight does not store its verdict after this.
+        """
+        self._generation += 1
+        if self._okta is not None:
+            self._okta.forget_subject(subject)
+        dropped = self.cache.forget_subject(issuer, subject)
+        log.info("result cache purged", extra={"subject": subject, "entries": dropped})
+        return dropped
 
     async def validate(self, token: str, key: bytes) -> UserInfo | None:
         """Validate a token ``lookup`` found no verdict for, and remember the result."""
@@ -266,6 +358,8 @@ class Authenticator:
             issuer=outcome.issuer,
             exp=outcome.exp,
             max_ttl=None if checked is None else checked.fresh_for,
+            subject=outcome.subject,
+            iat=outcome.iat,
         )
 
     async def _wait_turn(self, admission: Admission) -> None:
@@ -377,6 +471,29 @@ class Authenticator:
         """
         dropped = self.cache.forget_issuer(issuer)
         log.info("result cache purged", extra={"issuer": issuer, "entries": dropped})
+
+
+def _subject_and_iat(claims: Mapping[str, Any]) -> tuple[str | None, float | None]:
+    """The verified ``sub`` (a string) and ``iat`` (a number), or ``None`` each."""
+    sub = claims.get("sub")
+    iat = claims.get("iat")
+    return (
+        sub if isinstance(sub, str) else None,
+        float(iat)
+        if isinstance(iat, (int, float)) and not isinstance(iat, bool)
+        else None,
+    )
+
+
+def revoked_error(revocation: Revocation, issuer: str) -> TokenRevoked:
+    """The refusal of a token a Revocation object names (``revoked``)."""
+    # The object's name, not the subject: refusal lines are logged at info,
+    # where identities are not (kubectl get revocations NAME shows it).
+    return TokenRevoked(
+        f'token: revoked by Revocation "{revocation.name}" (its subject\'s tokens '
+        f"issued before {format_time(revocation.issued_before)})",
+        issuer=issuer,
+    )
 
 
 def near_miss(iss: str, configured: Iterable[str]) -> tuple[str, str] | None:

@@ -28,8 +28,9 @@ when the pool needs its room: the bound holds either way. (cachetools'
 lookup and insert on the webhook's hot path; a plain ``LRUCache`` with the
 check on the hit costs a dictionary lookup.)
 
-An acceptance is kept as a plain tuple of a float, a float, the issuer and the
-user encoded as JSON bytes: a tuple of such atoms is untracked by the garbage
+An acceptance is kept as a plain tuple of a float, a float, the issuer, the
+user encoded as JSON bytes, the token's ``sub`` and ``iat`` (or ``None``; for
+the revocation list, ``proxy.revocation``, checked on every hit): a tuple of such atoms is untracked by the garbage
 collector, so 75,000 cached verdicts add nothing to a full collection (as
 objects they were four tracked objects each, and a full collection over them
 paused the process for ~50-100 ms every few seconds while new tokens kept
@@ -84,6 +85,9 @@ def detached(error: TokenError) -> TokenError:
     return copy
 
 
+#: An acceptance: (expires_mono, exp, issuer, user JSON, sub, iat).
+_Accepted = tuple[float, float, str, bytes, str | None, float | None]
+
 #: How many distinct users' ``UserInfo`` objects are kept for sharing.
 _USER_MEMO: Final = 4096
 
@@ -104,8 +108,8 @@ class ResultCache:
         self._secret = os.urandom(32)
         self._max = max(settings.max_entries, 0)
         self._max_refused = self._max // 4
-        #: key -> (expires_mono, exp, issuer, user JSON): atoms only.
-        self._accepted: LRUCache[bytes, tuple[float, float, str, bytes]] = LRUCache(
+        #: key -> (expires_mono, exp, issuer, user JSON, sub, iat): atoms only.
+        self._accepted: LRUCache[bytes, _Accepted] = LRUCache(
             maxsize=max(self._max - self._max_refused, 1)
         )
         #: key -> (expires_mono, the refusal as a detached copy).
@@ -127,7 +131,7 @@ class ResultCache:
         """
         accepted = self._accepted.get(key)
         if accepted is not None:
-            expires_mono, exp, _, user_json = accepted
+            expires_mono, exp, _, user_json, _, _ = accepted
             if self._monotonic() >= expires_mono or self._clock() >= exp:
                 self._accepted.pop(key, None)
                 return None
@@ -147,7 +151,7 @@ class ResultCache:
             return None
         if isinstance(found, TokenError):
             return CachedResult(expires_mono=self._refused[key][0], error=found)
-        expires_mono, exp, issuer, _ = self._accepted[key]
+        expires_mono, exp, issuer, _, _, _ = self._accepted[key]
         return CachedResult(
             expires_mono=expires_mono, user=found, issuer=issuer, exp=exp
         )
@@ -172,6 +176,8 @@ class ResultCache:
         issuer: str,
         exp: float,
         max_ttl: float | None = None,
+        subject: str | None = None,
+        iat: float | None = None,
     ) -> UserInfo:
         """Remember an accepted token until ``min(exp, now + success_ttl)``.
 
@@ -199,6 +205,8 @@ class ResultCache:
             float(exp),
             issuer,
             user_json,
+            subject,
+            iat,
         )
         known = self._users.get(user_json)
         if known is not None:
@@ -224,6 +232,31 @@ class ResultCache:
     def forget_issuer(self, issuer: str) -> int:
         """Drop the accepted results of ``issuer`` (its keys changed); return how many."""
         doomed = [k for k, v in list(self._accepted.items()) if v[2] == issuer]
+        for key in doomed:
+            self._accepted.pop(key, None)
+        return len(doomed)
+
+    def subject(self, key: bytes) -> tuple[str, str | None, float | None] | None:
+        """(issuer, sub, iat) of the accepted token under ``key``, for the
+        revocation check after a hit; ``None`` if none is remembered."""
+        found = self._accepted.get(key)
+        if found is None:
+            return None
+        return found[2], found[4], found[5]
+
+    def forget(self, key: bytes) -> None:
+        """Drop the verdict under ``key`` (its token was just revoked)."""
+        self._accepted.pop(key, None)
+        self._refused.pop(key, None)
+
+    def forget_subject(self, issuer: str | None, subject: str) -> int:
+        """Drop the accepted results of ``subject`` (of ``issuer``; ``None``:
+        of any issuer): it was revoked. Return how many."""
+        doomed = [
+            k
+            for k, v in list(self._accepted.items())
+            if v[4] == subject and (issuer is None or v[2] == issuer)
+        ]
         for key in doomed:
             self._accepted.pop(key, None)
         return len(doomed)

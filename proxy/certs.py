@@ -6,6 +6,17 @@ convention: generate a self-signed certificate into ``--cert-dir`` once and reus
 it on later starts while it is valid, so clients can pin it (its path is logged
 as the CA to give them). The key file is created with mode 0600.
 
+A running process renews that pair too (issue 21; kube-apiserver never does):
+``SelfSigned.renew_if_due`` makes a new pair (a new key) once less than a
+third of ``--cert-dir-validity`` is left, the same rule as reuse at start. With
+``--workers N`` every worker asks on its own poll, and an exclusive ``flock`` on
+``kube-oidc-gate.lock`` in the directory makes exactly one of them write: the
+others, under the lock in turn, find the pair fresh and leave it. Each file is
+written to a temporary name and renamed over the old one; every worker
+(the writer included) then loads the pair through its file watch, like any
+pair replaced on disk, and ``ServingTLS`` refuses the instant between the two
+renames where the key does not match the certificate yet.
+
 ``ServingTLS`` reloads the pair and the client CA live (issue 21). The
 listener keeps one context for its whole life; its ``sni_callback`` (run for
 every handshake, with or without a server name) hands the handshake the
@@ -21,12 +32,17 @@ client-verification mode is the listener context's and never changes: the
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
+import fcntl
 import ipaddress
 import logging
 import os
 import socket
 import ssl
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,12 +53,26 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from proxy.errors import ConfigError
 
-__all__ = ["CertPair", "ServingTLS", "ensure_self_signed", "server_context"]
+__all__ = [
+    "DEFAULT_SELF_SIGNED_VALIDITY",
+    "CertPair",
+    "SelfSigned",
+    "SelfSignedRenewal",
+    "ServingTLS",
+    "ensure_self_signed",
+    "self_signed",
+    "server_context",
+]
 
 log = logging.getLogger(__name__)
 
 SELF_SIGNED_NAME = "kube-oidc-gate"
-_VALIDITY = dt.timedelta(days=365)
+#: Lifetime of a generated pair (``--cert-dir-validity``).
+DEFAULT_SELF_SIGNED_VALIDITY = dt.timedelta(days=365)
+#: Seconds before a renewal that failed (the disk, not the pair) is tried again.
+_RENEW_RETRY = 10.0
+#: Backdating of ``notBefore``, for clients whose clock is a little behind.
+_BACKDATE = dt.timedelta(minutes=5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,24 +83,15 @@ class CertPair:
     key_file: str
 
 
-def _still_valid(path: Path, hosts: list[str]) -> bool:
-    try:
-        cert = x509.load_pem_x509_certificate(path.read_bytes())
-    except (OSError, ValueError):
-        return False
-    now = dt.datetime.now(dt.UTC)
-    if cert.not_valid_after_utc - now < dt.timedelta(days=7):
-        return False
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return False
-    names = {str(n) for n in san.get_values_for_type(x509.DNSName)}
-    names |= {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
-    return all(h in names for h in hosts)
+def _hosts(extra_hosts: list[str] | None) -> tuple[str, ...]:
+    hosts = ["localhost", "127.0.0.1", "::1", socket.gethostname()]
+    for h in extra_hosts or []:
+        if h and h not in ("0.0.0.0", "::") and h not in hosts:  # noqa: S104
+            hosts.append(h)
+    return tuple(hosts)
 
 
-def _alt_names(hosts: list[str]) -> list[x509.GeneralName]:
+def _alt_names(hosts: tuple[str, ...]) -> list[x509.GeneralName]:
     out: list[x509.GeneralName] = []
     for host in hosts:
         try:
@@ -80,66 +101,223 @@ def _alt_names(hosts: list[str]) -> list[x509.GeneralName]:
     return out
 
 
-def ensure_self_signed(cert_dir: str, extra_hosts: list[str] | None = None) -> CertPair:
-    """Reuse or create ``<cert_dir>/kube-oidc-gate.{crt,key}`` (ECDSA P-256)."""
-    hosts = ["localhost", "127.0.0.1", "::1", socket.gethostname()]
-    for h in extra_hosts or []:
-        if h and h not in ("0.0.0.0", "::") and h not in hosts:  # noqa: S104
-            hosts.append(h)
-    directory = Path(cert_dir)
-    cert_path = directory / f"{SELF_SIGNED_NAME}.crt"
-    key_path = directory / f"{SELF_SIGNED_NAME}.key"
-    if cert_path.exists() and key_path.exists() and _still_valid(cert_path, hosts):
-        return CertPair(str(cert_path), str(key_path))
+def _write_atomically(path: Path, data: bytes, mode: int) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it over.
+
+    A reader sees the old file or the new one whole, never a part.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    except OSError as err:
-        raise ConfigError(f"config: --cert-dir {cert_dir}: {err.strerror}") from err
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name(
-        [x509.NameAttribute(NameOID.COMMON_NAME, f"{SELF_SIGNED_NAME}@{hosts[3]}")]
-    )
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + _VALIDITY)
-        .add_extension(x509.SubjectAlternativeName(_alt_names(hosts)), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SelfSigned:
+    """The generated pair of ``--cert-dir``: where it is, what it names, how long
+    it lives, and when it is made again (less than a third of ``validity``
+    left, at start and while running).
+    """
+
+    cert_dir: str
+    hosts: tuple[str, ...]
+    validity: dt.timedelta = DEFAULT_SELF_SIGNED_VALIDITY
+
+    @property
+    def pair(self) -> CertPair:
+        """The paths of the certificate and the key."""
+        directory = Path(self.cert_dir)
+        return CertPair(
+            str(directory / f"{SELF_SIGNED_NAME}.crt"),
+            str(directory / f"{SELF_SIGNED_NAME}.key"),
         )
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-        )
-        .sign(key, hashes.SHA256())
-    )
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
+
+    def due_at(self) -> float:
+        """Unix time at which the certificate on disk is due for renewal (now,
+        if it cannot be read). Blocking: call it in a thread."""
+        try:
+            cert = x509.load_pem_x509_certificate(
+                Path(self.pair.cert_file).read_bytes()
             )
+        except (OSError, ValueError):
+            return 0.0
+        due = cert.not_valid_after_utc - self.validity / 3
+        return due.timestamp()
+
+    def _names_all_hosts(self) -> bool:
+        try:
+            cert = x509.load_pem_x509_certificate(
+                Path(self.pair.cert_file).read_bytes()
+            )
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        except (OSError, ValueError, x509.ExtensionNotFound):
+            return False
+        names = {str(n) for n in san.value.get_values_for_type(x509.DNSName)}
+        names |= {str(ip) for ip in san.value.get_values_for_type(x509.IPAddress)}
+        return all(h in names for h in self.hosts)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the directory's lock: one writer among the workers (and any
+        other process started on the same ``--cert-dir``)."""
+        lock = os.path.join(self.cert_dir, f"{SELF_SIGNED_NAME}.lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    def ensure(self) -> CertPair:
+        """At start: reuse the pair while it names every host and is not due;
+        otherwise make a new one. Raises ``ConfigError`` for an unusable
+        directory."""
+        try:
+            Path(self.cert_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+            with self._locked():
+                pair = self.pair
+                fresh = time.time() < self.due_at() and self._names_all_hosts()
+                if not (fresh and Path(pair.key_file).exists()):
+                    self._generate()
+        except OSError as err:
+            raise ConfigError(
+                f"config: --cert-dir {self.cert_dir}: {err.strerror}"
+            ) from err
+        return self.pair
+
+    def renew_if_due(self) -> bool:
+        """While running: make a new pair if the one on disk is due; ``True`` if
+        this call wrote it. Blocking (a lock, a key generation): call it in a
+        thread. The check is made again under the lock, so of several workers
+        due at once, only the first writes."""
+        with self._locked():
+            if time.time() < self.due_at():
+                return False
+            self._generate()
+        log.info(
+            "self-signed certificate renewed",
+            extra={
+                "ca_file": self.pair.cert_file,
+                "valid_for_seconds": self.validity.total_seconds(),
+                "hint": "give clients the new file as their CA, or pass "
+                "--tls-cert-file",
+            },
         )
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return CertPair(str(cert_path), str(key_path))
+        return True
+
+    def _generate(self) -> None:
+        """A new key and certificate, each written atomically (key first)."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name(
+            [
+                x509.NameAttribute(
+                    NameOID.COMMON_NAME, f"{SELF_SIGNED_NAME}@{self.hosts[3]}"
+                )
+            ]
+        )
+        now = dt.datetime.now(dt.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - _BACKDATE)
+            .not_valid_after(now + self.validity)
+            .add_extension(
+                x509.SubjectAlternativeName(_alt_names(self.hosts)), critical=False
+            )
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+            )
+            .sign(key, hashes.SHA256())
+        )
+        pair = self.pair
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        _write_atomically(Path(pair.key_file), key_pem, 0o600)
+        _write_atomically(
+            Path(pair.cert_file), cert.public_bytes(serialization.Encoding.PEM), 0o644
+        )
+
+
+def self_signed(
+    cert_dir: str,
+    extra_hosts: list[str] | None = None,
+    *,
+    validity: dt.timedelta = DEFAULT_SELF_SIGNED_VALIDITY,
+) -> SelfSigned:
+    """Reuse or create ``<cert_dir>/kube-oidc-gate.{crt,key}`` (ECDSA P-256);
+    the ``SelfSigned`` that renews it while running."""
+    generated = SelfSigned(
+        cert_dir=cert_dir, hosts=_hosts(extra_hosts), validity=validity
+    )
+    generated.ensure()
+    return generated
+
+
+def ensure_self_signed(
+    cert_dir: str,
+    extra_hosts: list[str] | None = None,
+    *,
+    validity: dt.timedelta = DEFAULT_SELF_SIGNED_VALIDITY,
+) -> CertPair:
+    """``self_signed(...)``'s pair, for who only serves it (never renews)."""
+    return self_signed(cert_dir, extra_hosts, validity=validity).pair
+
+
+class SelfSignedRenewal:
+    """Asks ``SelfSigned.renew_if_due`` once the pair is due, from the file
+    watcher's poll (``FileWatcher.add_periodic``); before that a poll costs
+    one comparison, no I/O."""
+
+    __slots__ = ("_due", "_generated")
+
+    def __init__(self, generated: SelfSigned) -> None:
+        self._generated = generated
+        self._due = generated.due_at()
+
+    async def check(self) -> None:
+        """Renew if due (in a thread); learn the next due time from the disk,
+        which another worker may have written meanwhile."""
+        if time.time() < self._due:
+            return
+        try:
+            await asyncio.to_thread(self._generated.renew_if_due)
+        except OSError as err:  # a full disk, a directory gone: try again later
+            log.warning(
+                "self-signed certificate not renewed, the current one serves",
+                extra={"cert_dir": self._generated.cert_dir, "detail": err.strerror},
+            )
+            self._due = time.time() + _RENEW_RETRY
+            return
+        self._due = await asyncio.to_thread(self._generated.due_at)
 
 
 def server_context(

@@ -76,8 +76,15 @@ HINTS: Final[Mapping[str, str]] = {
     "okta.groups.read okta.users.read, a read-only admin role, DPoP), the org "
     "URL and rate limits (see the message); retried on the next review",
     "revoked": "the issuer's introspection endpoint says the token is no longer "
-    "active (the user was deactivated, signed out or the token revoked): log in "
-    "again (kubectl oidc-login; clear ~/.kube/cache/oidc-login)",
+    "active, or a Revocation object (--revocation-namespace; kubectl get "
+    "revocations) names the token's subject and it was issued before "
+    "issuedBefore (the user was deactivated, signed out or revoked): log in "
+    "again (kubectl oidc-login; clear ~/.kube/cache/oidc-login); deleting the "
+    "Revocation lifts it",
+    "revocations_unavailable": "--revocation-namespace is on and this process "
+    "has not read the revocation list yet: check the gate's credential (RBAC "
+    "get/list/watch on revocations.kube-oidc-gate.io) and that the CRD is "
+    "installed; /readyz says why; retried on the next review",
     "introspection_unavailable": "introspection is on for the issuer "
     "(--oidc-introspection-* / --introspection-config) and its endpoint did not "
     "answer: check the introspection_endpoint in discovery, the client id and "

@@ -3,7 +3,8 @@
 Modes: ``webhook`` (TokenReview server), ``proxy`` (impersonating reverse
 proxy), ``check-token`` (explain one token), ``kubeconfig`` (generate the API
 server's webhook kubeconfig or a user's kubeconfig), ``apiserver-flags`` (the
-equivalent kube-apiserver configuration).
+equivalent kube-apiserver configuration), ``revoke`` (store a Revocation
+object that every replica watching its namespace enforces).
 
 Exit codes: 0 success, 1 a checked token was refused, 2 a usage or
 configuration error (printed as ``error: ...`` with every problem listed).
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime as dt
 import gc
 import logging
 import os
@@ -27,7 +29,7 @@ import sys
 import tempfile
 import traceback
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Final, NoReturn, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeAlias, TypeVar
 
 from proxy import COMPILED, __version__
 from proxy.config import (
@@ -35,18 +37,24 @@ from proxy.config import (
     DEFAULT_PROXY_PORT,
     DEFAULT_WEBHOOK_PORT,
     add_auth_arguments,
+    add_okta_event_hook_arguments,
+    add_revocation_arguments,
+    add_revoke_arguments,
     apply_tuning_args,
     auth_config_from_args,
     file_problem,
+    okta_event_hook_from_args,
+    revocation_settings_from_args,
 )
 from proxy.errors import ConfigError, ProxyError
 from proxy.log import configure_logging, flush_logs
 
 if TYPE_CHECKING:
     from proxy.app import Engine, ServeSettings
-    from proxy.certs import ServingTLS
-    from proxy.config import AuthConfig
+    from proxy.certs import SelfSigned, ServingTLS
+    from proxy.config import AuthConfig, OktaEventHookConfig
     from proxy.http1 import Server
+    from proxy.oktahook import Revoker
     from proxy.watch import FileWatcher
 
 __all__ = ["build_parser", "main"]
@@ -54,6 +62,8 @@ __all__ = ["build_parser", "main"]
 log = logging.getLogger("proxy.cli")
 
 DEFAULT_CERT_DIR = "/var/run/kube-oidc-gate"
+#: Lifetime of the pair generated in --cert-dir (as ``proxy.certs``'s default).
+DEFAULT_CERT_DIR_VALIDITY: Final = 365 * 24 * 3600.0
 
 
 def _host_port(value: str, flag: str) -> tuple[str, int]:
@@ -124,6 +134,15 @@ def _add_serving(p: argparse.ArgumentParser, *, default_port: int) -> None:
         f"given (default {DEFAULT_CERT_DIR}; a temporary directory with --dev).",
     )
     g.add_argument(
+        "--cert-dir-validity",
+        type=float,
+        default=DEFAULT_CERT_DIR_VALIDITY,
+        metavar="SECONDS",
+        help="Lifetime of the certificate generated in --cert-dir (default "
+        f"{DEFAULT_CERT_DIR_VALIDITY:.0f}, 365 days). It is "
+        "reused at start and renewed while running once less than a third is left.",
+    )
+    g.add_argument(
         "--client-ca-file",
         help="If set, only clients presenting a certificate signed by this CA (the API "
         "server) are answered; others are refused during the TLS handshake.",
@@ -165,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     wh = sub.add_parser("webhook", help="Serve kube-apiserver's TokenReview webhook.")
     add_auth_arguments(wh)
     _add_serving(wh, default_port=DEFAULT_WEBHOOK_PORT)
+    add_revocation_arguments(wh, kubeconfig=True)
+    add_okta_event_hook_arguments(wh)
     g = wh.add_argument_group("webhook")
     g.add_argument(
         "--webhook-audiences",
@@ -185,8 +206,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_auth_arguments(px)
     _add_serving(px, default_port=DEFAULT_PROXY_PORT)
+    add_okta_event_hook_arguments(px)
     _add_proxy_arguments(px)
+    add_revocation_arguments(px, kubeconfig=False)
     _add_common(px, serving=True)
+
+    rv = sub.add_parser(
+        "revoke",
+        help="Revoke a subject's tokens on every replica (a Revocation object).",
+        description="Create one Revocation object (CRD revocations.kube-oidc-gate.io) "
+        "in the namespace the gate watches (--revocation-namespace); every replica "
+        "refuses the subject's tokens issued before --before within seconds. Print "
+        "its name. kubectl get revocations -n NS lists them; kubectl delete lifts one.",
+    )
+    add_revoke_arguments(rv)
+    _add_common(rv, log_format="text", log_level="warning")
 
     ct = sub.add_parser(
         "check-token", help="Explain why a token is accepted or refused."
@@ -521,6 +555,58 @@ def _apiserver_flags(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _revoke(ns: argparse.Namespace) -> int:
+    """``revoke``: create the object with the operator's credential, print its name."""
+    import time
+
+    from proxy.config import DEFAULT_REVOCATION_LIFETIME, parse_duration
+    from proxy.revocation import parse_time
+
+    problems: list[str] = []
+    before = time.time()
+    if ns.before != "now":
+        try:
+            before = parse_time(ns.before, "--before")
+        except ProxyError as err:
+            problems.append(
+                f"config: --before must be 'now' or an RFC 3339 time such as "
+                f"2026-01-02T15:04:05Z, got {ns.before[:64]!r} ({err})"
+            )
+    lifetime = DEFAULT_REVOCATION_LIFETIME
+    try:
+        lifetime = parse_duration(ns.expires_in, "--expires-in")
+    except ConfigError as err:
+        problems.extend(err.problems)
+    if not ns.sub.strip():
+        problems.append("config: --sub must not be empty")
+    if problems:
+        raise ConfigError(problems)
+    name = asyncio.run(_revoke_async(ns, before, before + lifetime))
+    sys.stdout.write(f"{name}\n")
+    return 0
+
+
+async def _revoke_async(ns: argparse.Namespace, before: float, expires: float) -> str:
+    from proxy.revocation_api import create_revocation
+    from proxy.upstream import Upstream, UpstreamSettings
+
+    client = Upstream(UpstreamSettings(kubeconfig=ns.kubeconfig, context=ns.context))
+    await client.start()
+    try:
+        return await create_revocation(
+            client,
+            ns.namespace,
+            subject=ns.sub,
+            issuer=ns.issuer,
+            issued_before=before,
+            reason=ns.reason,
+            expires_at=expires,
+            name=ns.name,
+        )
+    finally:
+        await client.close()
+
+
 def _clear_metrics_dir(directory: str) -> None:
     """Start a user-given ``PROMETHEUS_MULTIPROC_DIR`` empty of earlier runs' samples."""
     from proxy.metrics import clear_multiprocess_dir
@@ -582,12 +668,16 @@ def _serve_settings(ns: argparse.Namespace, *, reuse_port: bool) -> ServeSetting
     )
 
 
-#: What leaving out both TLS flags does (``proxy.certs.ensure_self_signed``).
+#: What leaving out both TLS flags does (``proxy.certs.self_signed``).
 _SELF_SIGNED = (
     "or leave out both --tls-cert-file and --tls-private-key-file to serve a "
     "self-signed certificate, generated in --cert-dir (default "
     f"{DEFAULT_CERT_DIR}), reused while valid and logged as the CA to give clients"
 )
+
+
+#: Shortest ``--cert-dir-validity``: its last third must span a few polls.
+_MIN_CERT_DIR_VALIDITY: Final = 6.0
 
 
 def _tls_problems(ns: argparse.Namespace) -> list[str]:
@@ -628,22 +718,33 @@ def _tls_problems(ns: argparse.Namespace) -> list[str]:
             problem = file_problem(flag, path, remedy)
             if problem is not None:
                 problems.append(problem)
+    if not ns.cert_dir_validity >= _MIN_CERT_DIR_VALIDITY:
+        problems.append(
+            f"config: --cert-dir-validity must be at least {_MIN_CERT_DIR_VALIDITY:g} "
+            f"seconds, got {ns.cert_dir_validity:g}: a pair is renewed when a third "
+            "of it is left, and files are looked at once a second"
+        )
     return problems
 
 
-def _tls(ns: argparse.Namespace, bind_address: str) -> tuple[str, str, bool]:
-    """Return (cert, key, generated); ``_tls_problems`` has checked the flags."""
-    from proxy.certs import ensure_self_signed
+def _tls(
+    ns: argparse.Namespace, bind_address: str
+) -> tuple[str, str, SelfSigned | None]:
+    """Return (cert, key, the generated pair or None); ``_tls_problems`` has
+    checked the flags."""
+    from proxy.certs import self_signed
 
     if ns.tls_cert_file:
-        return ns.tls_cert_file, ns.tls_private_key_file, False
+        return ns.tls_cert_file, ns.tls_private_key_file, None
     cert_dir = ns.cert_dir or (
         tempfile.mkdtemp(prefix="kube-oidc-gate-dev-")
         if getattr(ns, "dev", False)
         else DEFAULT_CERT_DIR
     )
-    pair = ensure_self_signed(cert_dir, [bind_address])
-    return pair.cert_file, pair.key_file, True
+    generated = self_signed(
+        cert_dir, [bind_address], validity=dt.timedelta(seconds=ns.cert_dir_validity)
+    )
+    return generated.pair.cert_file, generated.pair.key_file, generated
 
 
 def _proxy_problems(ns: argparse.Namespace) -> list[str]:
@@ -652,14 +753,14 @@ def _proxy_problems(ns: argparse.Namespace) -> list[str]:
     A worker would find the same problems only after the engine started, one
     at a time, and (with ``--workers N``) once per worker.
     """
-    from proxy.proxyflags import proxy_settings_from_args
-    from proxy.upstream import UpstreamSettings, upstream_problems
+    from proxy.proxyflags import proxy_settings_from_args, upstream_settings_from_args
+    from proxy.upstream import upstream_problems
 
     problems: list[str] = []
     _collect(problems, lambda: proxy_settings_from_args(ns))
-    problems += upstream_problems(
-        UpstreamSettings(kubeconfig=ns.kubeconfig, context=ns.context)
-    )
+    upstream = _collect(problems, lambda: upstream_settings_from_args(ns))
+    if upstream is not None:
+        problems += upstream_problems(upstream)
     return problems
 
 
@@ -793,8 +894,16 @@ def _serve_mode(ns: argparse.Namespace) -> int:
     workers = min(max(ns.workers, 1), 64)
     settings = _collect(problems, lambda: _serve_settings(ns, reuse_port=workers > 1))
     problems += _tls_problems(ns)
+    hook = _collect(problems, lambda: okta_event_hook_from_args(ns))
     if ns.command == "proxy":
         problems += _proxy_problems(ns)
+    revocation = _collect(problems, lambda: revocation_settings_from_args(ns))
+    if revocation is not None and ns.command == "webhook":
+        from proxy.upstream import UpstreamSettings, upstream_problems
+
+        problems += upstream_problems(
+            UpstreamSettings(kubeconfig=ns.kubeconfig, context=ns.context)
+        )
     if settings is not None:
         problems += listen_problems(settings)
     if problems:
@@ -815,7 +924,7 @@ def _serve_mode(ns: argparse.Namespace) -> int:
         enable_multiprocess(metrics_dir)
     try:
         cert, key, generated = _tls(ns, settings.bind_address)
-        if generated:
+        if generated is not None:
             log.warning(
                 "serving with a self-signed certificate",
                 extra={
@@ -827,10 +936,27 @@ def _serve_mode(ns: argparse.Namespace) -> int:
         # Loaded once, here: a file that does not load stops the start before
         # any worker exists.
         tls = ServingTLS(CertPair(cert, key), client_ca_file=ns.client_ca_file)
+        # Okta presents no client certificate: with --client-ca-file the hook
+        # gets a context of its own, of the same pair.
+        hook_tls = (
+            ServingTLS(CertPair(cert, key))
+            if hook is not None and ns.client_ca_file
+            else tls
+        )
 
         def run_one() -> int:
             _install_uvloop()
-            return asyncio.run(_serve_async(ns, config, settings, tls, cert))
+            return asyncio.run(
+                _serve_async(
+                    ns,
+                    config,
+                    settings,
+                    tls,
+                    cert,
+                    generated=generated,
+                    hook=None if hook is None else (hook, hook_tls),
+                )
+            )
 
         return _run_processes(ns.workers, run_one)
     finally:
@@ -854,9 +980,13 @@ async def _serve_async(
     settings: ServeSettings,
     tls: ServingTLS,
     cert: str,
+    *,
+    generated: SelfSigned | None = None,
+    hook: tuple[OktaEventHookConfig, ServingTLS] | None = None,
 ) -> int:
     from proxy.app import probe_app, serve, start_engine
     from proxy.metrics import Metrics
+    from proxy.revocation import RevocationList
     from proxy.watch import FileWatcher
 
     metrics = Metrics()
@@ -870,7 +1000,12 @@ async def _serve_async(
             dev_auth_config(dev_issuer.url, dev_issuer.client_id), ns
         )
     assert config is not None
-    engine = await start_engine(config, metrics=metrics)
+    revocation = revocation_settings_from_args(ns)
+    engine = await start_engine(
+        config,
+        metrics=metrics,
+        revocations=None if revocation is None else RevocationList(),
+    )
     if dev_issuer is not None:
         # Print the demo only once it works: the dev issuer is local and fast.
         await engine.keysets.get(dev_issuer.url).refresh(force=True)
@@ -881,6 +1016,20 @@ async def _serve_async(
     # Reading and parsing the pair happens in a thread; the swap is one
     # attribute assignment, seen whole by the next handshake.
     watcher.add("serving certificate", tls.files, lambda: asyncio.to_thread(tls.reload))
+    if generated is not None:
+        from proxy.certs import SelfSignedRenewal
+
+        # Every worker asks; the directory's lock lets one write, and every
+        # worker loads the new pair through the watch above.
+        renewal = await asyncio.to_thread(SelfSignedRenewal, generated)
+        watcher.add_periodic("self-signed certificate", renewal.check)
+    if hook is not None and hook[1] is not tls:
+        hook_tls = hook[1]
+        watcher.add(
+            "okta event hook certificate",
+            hook_tls.files,
+            lambda: asyncio.to_thread(hook_tls.reload),
+        )
     if not getattr(ns, "dev", False):
         from proxy.app import ConfigReloader
 
@@ -904,9 +1053,22 @@ async def _serve_async(
 
     closers.append(stop_watching)
     try:
+        if revocation is not None:
+            from proxy.app import start_revocation_watch
+
+            rw = await start_revocation_watch(engine, revocation)
+            if revocation.kubeconfig and engine.revocation_client is not None:
+                watcher.add(
+                    "revocation kubeconfig",
+                    [p for p in revocation.kubeconfig.split(os.pathsep) if p],
+                    engine.revocation_client.reload_kubeconfig,
+                )
+            log.info("revocation watch started", extra={"namespace": rw.namespace})
         main_app, on_ready, extra_checks = await _front_end(
             ns, engine, cert, dev_issuer, closers, watcher=watcher
         )
+        if hook is not None:
+            await _start_okta_hook(*hook, engine, settings, closers)
         # Everything built so far lives until exit: move it out of the garbage
         # collector's generations so full collections (which run while a busy
         # result cache grows) stop re-scanning every imported module.
@@ -930,6 +1092,66 @@ async def _serve_async(
         flush_logs()
     log.info("stopped")
     return 0
+
+
+async def _start_okta_hook(
+    hook: OktaEventHookConfig,
+    tls: ServingTLS,
+    engine: Engine,
+    settings: ServeSettings,
+    closers: list[Callable[[], object]],
+) -> None:
+    """Serve Okta's event hook beside the front end, with the serving pair
+    (reloaded with it); ``closers`` drains it.
+    """
+    from proxy.oktahook import HOOK_PATH, OktaHook
+
+    receiver = OktaHook(
+        _okta_revoker(hook, engine), hook.secret, metrics=engine.metrics
+    )
+    closers.append(lambda: receiver.close(settings.shutdown_grace_period))
+    try:
+        port = await receiver.start(
+            hook.host,
+            hook.port,
+            ssl_context=tls.context,
+            reuse_port=settings.reuse_port,
+        )
+    except OSError as err:
+        raise ConfigError(
+            f"listen: {hook.host}:{hook.port} (--okta-event-hook-address): "
+            f"{(err.strerror or str(err)).lower()}"
+        ) from err
+    log.info(
+        "okta event hook listening",
+        extra={"bind": hook.host, "port": port, "path": HOOK_PATH},
+    )
+
+
+def _okta_revoker(hook: OktaEventHookConfig, engine: Engine) -> Revoker:
+    """Where the event hook's decisions go: Revocation objects in
+    ``hook.revocation_namespace`` (the list every replica watches), written
+    with the revocation watch's own client; cached verdicts of a user whose
+    groups changed are dropped in this worker.
+    """
+    from proxy.oktahook import CallbackRevoker
+    from proxy.revocation_api import create_revocation
+
+    client = engine.revocation_client
+    if client is None:  # pragma: no cover - the hook requires the namespace
+        raise ConfigError(
+            "config: --okta-event-hook-address requires --revocation-namespace"
+        )
+    namespace = hook.revocation_namespace
+    authenticator = engine.authenticator
+
+    async def create(**fields: Any) -> None:
+        await create_revocation(client, namespace, **fields)
+
+    def forget(subject: str) -> None:
+        authenticator.forget_subject(None, subject)
+
+    return CallbackRevoker(create, forget)
 
 
 def _reload_config(ns: argparse.Namespace) -> AuthConfig:
@@ -1007,6 +1229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _kubeconfig(ns)
         if ns.command == "apiserver-flags":
             return _apiserver_flags(ns)
+        if ns.command == "revoke":
+            return _revoke(ns)
         return _serve_mode(ns)
     except ConfigError as err:
         sys.stderr.write(f"error: {err}\n")

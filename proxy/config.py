@@ -88,18 +88,26 @@ __all__ = [
     "IssuerConfig",
     "JWTAuthenticatorConfig",
     "KeySetSettings",
+    "OktaEventHookConfig",
     "OktaGroupsConfig",
     "PrefixedClaimOrExpression",
+    "RevocationSettings",
     "Secret",
     "UserValidationRule",
     "add_auth_arguments",
+    "add_okta_event_hook_arguments",
+    "add_revocation_arguments",
+    "add_revoke_arguments",
     "apply_tuning_args",
     "auth_config_from_args",
     "file_problem",
     "is_loopback_host",
     "load_authentication_config",
+    "okta_event_hook_from_args",
     "parse_authentication_config",
     "parse_client_key",
+    "parse_duration",
+    "revocation_settings_from_args",
     "url_problems",
 ]
 
@@ -414,6 +422,37 @@ class IntrospectionConfig:
             if client.issuer == issuer:
                 return client
         return None
+
+
+#: Where ``kube-oidc-gate revoke`` writes, and where ``deploy/`` puts the gate.
+DEFAULT_REVOCATION_NAMESPACE = "kube-oidc-gate"
+#: ``revoke --expires-in`` default: the longest token lifetime we expect
+#: (Okta access tokens may live up to 24 h; ID tokens 1 h).
+DEFAULT_REVOCATION_LIFETIME = 24 * 3600.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RevocationSettings:
+    """Watch the Revocation objects of one namespace (``proxy.revocation_api``)."""
+
+    namespace: str
+    #: kubeconfig with the gate's credential; ``None``: the in-cluster
+    #: service account.
+    kubeconfig: str | None = None
+    context: str | None = None
+    #: Server-side bound of one watch request (the API server ends it; we
+    #: re-watch from the last resourceVersion at once).
+    watch_timeout: float = 300.0
+    #: Longest silence on an open watch before it is taken as broken (the API
+    #: server sends a bookmark about every minute).
+    idle_timeout: float = 90.0
+    #: Backoff after a failure: first delay, and the bound (full jitter).
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    #: Timeout of a list, create or delete request.
+    request_timeout: float = 10.0
+    #: How often expired objects are looked for (and deleted).
+    expiry_interval: float = 60.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -1325,6 +1364,90 @@ def _okta_secret_problem(flag: str, path: str, problems: list[str]) -> str | Non
     """An Okta credential file's text, or None with a problem."""
     return _secret_text(
         flag, path, "give the file holding the Okta credential (docs/okta.md)", problems
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OktaEventHookConfig:
+    """``--okta-event-hook-*``: where Okta's event hook is served, and its secret."""
+
+    host: str
+    port: int
+    #: The whole ``Authorization`` header value Okta sends (its *secret*).
+    secret: Secret
+    #: Where the revocations the hook makes are stored (issue 22, part 2).
+    revocation_namespace: str
+
+
+def add_okta_event_hook_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the Okta event hook flags (both serving modes; docs/okta.md)."""
+    group = parser.add_argument_group(
+        "okta event hook",
+        "A second TLS listener for Okta's event hooks: a user deactivated, "
+        "suspended, locked or signed out in Okta is revoked on every replica.",
+    )
+    group.add_argument(
+        "--okta-event-hook-address",
+        metavar="HOST:PORT",
+        help="Serve Okta's event hook at https://HOST:PORT/okta/events, with the "
+        "serving certificate of the main listener (default: off).",
+    )
+    group.add_argument(
+        "--okta-event-hook-secret-file",
+        metavar="FILE",
+        help="File holding the whole Authorization header value Okta sends (the "
+        "hook's authentication secret); requests without it get 401. Required "
+        "with --okta-event-hook-address; read at start-up.",
+    )
+
+
+def okta_event_hook_from_args(ns: argparse.Namespace) -> OktaEventHookConfig | None:
+    """The event hook's settings, None when it is off; raises ``ConfigError``."""
+    address: str | None = getattr(ns, "okta_event_hook_address", None)
+    secret_file: str | None = getattr(ns, "okta_event_hook_secret_file", None)
+    namespace: str | None = getattr(ns, "revocation_namespace", None)
+    if address is None:
+        if secret_file is not None:
+            raise ConfigError(
+                "config: --okta-event-hook-secret-file requires "
+                "--okta-event-hook-address (where Okta's event hook is served)"
+            )
+        return None
+    problems: list[str] = []
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        problems.append(
+            f"config: --okta-event-hook-address must be HOST:PORT, got {address!r}"
+        )
+    secret: str | None = None
+    if secret_file is None:
+        problems.append(
+            "config: --okta-event-hook-address requires "
+            "--okta-event-hook-secret-file (the Authorization header value "
+            "configured in Okta; docs/okta.md)"
+        )
+    else:
+        secret = _secret_text(
+            "--okta-event-hook-secret-file",
+            secret_file,
+            "give the file holding the event hook's authentication secret "
+            "(docs/okta.md)",
+            problems,
+        )
+    if not namespace:
+        problems.append(
+            "config: --okta-event-hook-address requires --revocation-namespace "
+            "(where the revocations it makes are stored)"
+        )
+    if problems:
+        raise ConfigError(problems)
+    assert secret is not None
+    assert namespace
+    return OktaEventHookConfig(
+        host=host.strip("[]") or "0.0.0.0",  # noqa: S104
+        port=int(port_text),
+        secret=Secret(secret),
+        revocation_namespace=namespace,
     )
 
 
@@ -2488,3 +2611,118 @@ class _FileReader:
             if compiled is not None:
                 rules.append(UserValidationRule(expression=compiled, message=message))
         return tuple(rules)
+
+
+# --------------------------------------------------------------------------
+# The revocation list (``--revocation-namespace``) and ``revoke``
+# --------------------------------------------------------------------------
+
+_NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+def add_revocation_arguments(
+    parser: argparse.ArgumentParser, *, kubeconfig: bool
+) -> None:
+    """``--revocation-namespace`` (both front ends); ``kubeconfig`` also adds
+    ``--kubeconfig``/``--context`` (the webhook's: the proxy has its own)."""
+    g = parser.add_argument_group("revocation list")
+    g.add_argument(
+        "--revocation-namespace",
+        default=None,
+        metavar="NS",
+        help="Watch the Revocation objects (CRD revocations.kube-oidc-gate.io, "
+        "deploy/components/revocation) in this namespace and refuse the tokens "
+        "they name as revoked, within seconds, on every replica. Needs "
+        "get/list/watch (and delete, for expired objects) there. Default: off.",
+    )
+    if kubeconfig:
+        g.add_argument(
+            "--kubeconfig",
+            help="kubeconfig with the gate's credential for reading the revocation "
+            "list (default: the in-cluster service account). Only with "
+            "--revocation-namespace.",
+        )
+        g.add_argument(
+            "--context",
+            help="Context in --kubeconfig (default: its current-context).",
+        )
+
+
+def revocation_settings_from_args(ns: argparse.Namespace) -> RevocationSettings | None:
+    """The revocation watch of a serving mode, or None when it is off."""
+    namespace: str | None = getattr(ns, "revocation_namespace", None)
+    if namespace is None:
+        if ns.command == "webhook" and (ns.kubeconfig or ns.context):
+            raise ConfigError(
+                "config: --kubeconfig and --context of the webhook are for the "
+                "revocation list: give --revocation-namespace too, or drop them"
+            )
+        return None
+    if not _NAMESPACE.match(namespace):
+        raise ConfigError(
+            f"config: --revocation-namespace must be a namespace name (lowercase "
+            f"letters, digits, '-'), got {namespace[:64]!r}"
+        )
+    return RevocationSettings(
+        namespace=namespace, kubeconfig=ns.kubeconfig, context=ns.context
+    )
+
+
+def add_revoke_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``kube-oidc-gate revoke``."""
+    parser.add_argument(
+        "--sub", required=True, help="The subject (the tokens' sub claim) to revoke."
+    )
+    parser.add_argument(
+        "--issuer",
+        default=None,
+        help="Only tokens of this issuer URL (default: of any issuer).",
+    )
+    parser.add_argument(
+        "--before",
+        default="now",
+        metavar="TIME|now",
+        help="Refuse tokens issued before this RFC 3339 time (default now: every "
+        "token issued so far; tokens issued later, after a new login, pass).",
+    )
+    parser.add_argument(
+        "--reason", default="", help="Why (shown in kubectl get and the logs)."
+    )
+    parser.add_argument(
+        "--namespace",
+        default=DEFAULT_REVOCATION_NAMESPACE,
+        help="Namespace the gate watches (its --revocation-namespace; default "
+        f"{DEFAULT_REVOCATION_NAMESPACE}).",
+    )
+    parser.add_argument(
+        "--kubeconfig",
+        help="kubeconfig of the operator (default: the in-cluster service account).",
+    )
+    parser.add_argument(
+        "--context", help="Context in --kubeconfig (default: its current-context)."
+    )
+    parser.add_argument(
+        "--expires-in",
+        default=f"{int(DEFAULT_REVOCATION_LIFETIME // 3600)}h",
+        metavar="DURATION",
+        help="After --before plus this long (e.g. 90m, 24h, 7d) the gate deletes "
+        "the object: the longest token lifetime you accept (default 24h).",
+    )
+    parser.add_argument(
+        "--name",
+        default=None,
+        help="Object name (default: generated, revoked-xxxxx); with a name, a "
+        "second run with the same name succeeds without creating another.",
+    )
+
+
+def parse_duration(value: str, flag: str) -> float:
+    """Seconds of ``90s``, ``15m``, ``24h``, ``7d`` (or a bare number of seconds)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", value)
+    if match is None or float(match.group(1)) <= 0:
+        raise ConfigError(
+            f"config: {flag} must be a positive duration such as 90m, 24h or 7d, "
+            f"got {value[:32]!r}"
+        )
+    unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    return float(match.group(1)) * unit

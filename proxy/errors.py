@@ -30,9 +30,12 @@ passed to a constructor here.
     │   ├── InvalidClaim            present but of the wrong type or value
     │   ├── ClaimSourceError        a distributed claim cannot be resolved
     │   │   └── ClaimSourceUnavailable  its endpoint failed to answer (retry)
+    │   ├── TokenRevoked            introspection or a Revocation object says so
+    │   ├── RevocationsUnavailable  the revocation list was never read (retry)
     │   ├── ClaimRuleFailed         claimValidationRules / required claims
     │   └── UserRuleFailed          userValidationRules
     ├── ExpressionError             a CEL expression failed to evaluate
+    ├── RevocationError             a Revocation object, or the API holding them
     └── UpstreamError               the proxied API server failed
 """
 
@@ -57,6 +60,8 @@ __all__ = [
     "MissingClaim",
     "Overloaded",
     "ProxyError",
+    "RevocationError",
+    "RevocationsUnavailable",
     "SignatureInvalid",
     "TokenError",
     "TokenExpired",
@@ -265,14 +270,41 @@ class GroupsUnavailable(TokenError):
 
 
 class TokenRevoked(TokenError):
-    """The issuer's introspection endpoint (RFC 7662) says the token is not active.
+    """The token was revoked: the issuer's introspection endpoint (RFC 7662)
+    says it is not active, or a Revocation object names its subject
+    (``proxy.revocation``).
 
-    The signature and claims were fine: the issuer revoked the token (the
-    user was deactivated, the session ended). Not temporary: the token will
-    not become active again.
+    The signature and claims were fine: the user was deactivated, the
+    session ended. Not temporary: the token will not become valid again
+    (a lifted Revocation drops the remembered refusals).
     """
 
     reason = "revoked"
+
+
+class RevocationsUnavailable(TokenError):
+    """``--revocation-namespace`` is on and the list was never read.
+
+    Fail closed: until the first list of the Revocation objects succeeds,
+    a token that may be revoked is not accepted. Temporary: the webhook
+    answers 503 and kube-apiserver retries; ``/readyz`` says not ready.
+    Once read, the list stays in force while the watch is broken.
+    """
+
+    reason = "revocations_unavailable"
+    temporary = True
+
+
+class RevocationError(ProxyError):
+    """A Revocation object is malformed, or the API refused to store one.
+
+    ``status`` is the API server's HTTP status when it answered (403: RBAC,
+    404: namespace or CRD missing), ``None`` otherwise.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class IntrospectionUnavailable(TokenError):

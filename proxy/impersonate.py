@@ -905,7 +905,7 @@ class _ProxyHandler:
             self._finish(entry)
 
     async def _fetch(
-        self, request: http1.Request, headers: list[tuple[str, str]]
+        self, request: http1.Request, headers: list[tuple[str, str]], entry: _Entry
     ) -> PooledResponse:
         """Send a request upstream; the answer once its head is in.
 
@@ -928,6 +928,7 @@ class _ProxyHandler:
             body_length=length,
             connect_timeout=settings.connect_timeout,
             max_head_bytes=settings.max_header_bytes,
+            passthrough=entry.mode == "passthrough",
         )
 
     async def _forward(
@@ -941,7 +942,7 @@ class _ProxyHandler:
         started = False
         try:
             async with asyncio.timeout(settings.request_timeout):
-                upstream = await self._fetch(request, headers)
+                upstream = await self._fetch(request, headers, entry)
                 async with upstream:
                     self._count_upstream(str(upstream.status))
                     relayed = tuple(_response_headers(upstream.headers).items())
@@ -990,7 +991,7 @@ class _ProxyHandler:
         started = False
         try:
             async with asyncio.timeout(settings.request_timeout):
-                upstream = await self._fetch(request, headers)
+                upstream = await self._fetch(request, headers, entry)
             async with upstream:
                 self._count_upstream(str(upstream.status))
                 request.start_stream(
@@ -1243,6 +1244,7 @@ class _ProxyHandler:
             connect_timeout=settings.connect_timeout,
             head_timeout=settings.request_timeout,
             max_head_bytes=settings.max_header_bytes,
+            passthrough=entry.mode == "passthrough",
         )
         self._count_upstream(str(answer.status))
         if answer.status != 101:

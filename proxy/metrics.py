@@ -358,6 +358,59 @@ class Metrics:
             registry=r,
         )
 
+        self.revocations = Gauge(
+            "kube_oidc_gate_revocations",
+            "Revocation objects in force (--revocation-namespace), as this "
+            "process last read them.",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.revocation_watch_up = Gauge(
+            "kube_oidc_gate_revocation_watch_up",
+            "1 while the watch of the revocation list is open (or being "
+            "renewed after a normal end), 0 while it is broken or before the "
+            "first list; the lowest of the workers.",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.revocation_watch_restarts = Counter(
+            "kube_oidc_gate_revocation_watch_restarts",
+            "Restarts of the revocation watch by reason: closed (the API "
+            "server ended it, normal), expired (410 Gone: a full list "
+            "follows), error (an HTTP error status), unreachable (no answer, "
+            "or the connection broke), idle (no event or bookmark in time), "
+            "malformed (an unreadable event).",
+            ["reason"],
+            registry=r,
+        )
+        self.revocation_deletes = Counter(
+            "kube_oidc_gate_revocation_deletes",
+            "Deletions of expired Revocation objects by result (deleted, gone: "
+            "another replica was first, denied, error).",
+            ["result"],
+            registry=r,
+        )
+        self.okta_hook_requests = Counter(
+            "kube_oidc_gate_okta_hook_requests",
+            "Requests to the Okta event hook listener, by HTTP status code "
+            "(401: wrong or missing secret).",
+            ["code"],
+            registry=r,
+        )
+        self.okta_hook_events = Counter(
+            "kube_oidc_gate_okta_hook_events",
+            "Okta events received, by event type (a fixed set, else other) and "
+            "outcome (revoked, forgotten, ignored, duplicate, invalid, failed).",
+            ["event_type", "outcome"],
+            registry=r,
+        )
+        self.okta_hook_queue = Gauge(
+            "kube_oidc_gate_okta_hook_queue_events",
+            "Okta events acknowledged and waiting for their revocation to be stored.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+
     def child(self, metric: Any, *values: str) -> Any:
         """``metric.labels(*values)``, memoised per label set.
 

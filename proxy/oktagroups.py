@@ -109,6 +109,11 @@ class OktaGroups:
         ] = {}
         self._slots = asyncio.Semaphore(config.concurrency)
 
+    def forget_subject(self, sub: str) -> None:
+        """Drop the fetched groups of the user ``sub`` (in every org)."""
+        for key in [k for k in self._cache if k[1] == sub]:
+            del self._cache[key]
+
     def _count(self, outcome: str) -> None:
         if self._metrics is not None:
             self._metrics.tally(self._metrics.okta_groups_cache, outcome).count += 1

@@ -17,10 +17,15 @@ from proxy.app import Engine, proxy_app
 from proxy.errors import ConfigError
 from proxy.http1 import Server
 from proxy.impersonate import ProxySettings
-from proxy.upstream import Upstream, UpstreamSettings
+from proxy.upstream import SERVICE_ACCOUNT_DIR, Upstream, UpstreamSettings
 from proxy.watch import FileWatcher
 
-__all__ = ["add_proxy_arguments", "build_proxy_app", "proxy_settings_from_args"]
+__all__ = [
+    "add_proxy_arguments",
+    "build_proxy_app",
+    "proxy_settings_from_args",
+    "upstream_settings_from_args",
+]
 
 _DEFAULTS = ProxySettings()
 
@@ -35,6 +40,13 @@ def add_proxy_arguments(parser: argparse.ArgumentParser) -> None:
     )
     up.add_argument(
         "--context", help="Context in --kubeconfig (default: its current-context)."
+    )
+    up.add_argument(
+        "--service-account-dir",
+        default=None,
+        help="Without --kubeconfig: the directory holding the pod's service-account "
+        f"token and ca.crt (default {SERVICE_ACCOUNT_DIR}, where the kubelet mounts "
+        "them); the token is re-read as the kubelet rotates it.",
     )
     up.add_argument(
         "--upstream-connect-timeout",
@@ -136,6 +148,29 @@ def proxy_settings_from_args(ns: argparse.Namespace) -> ProxySettings:
     )
 
 
+def upstream_settings_from_args(ns: argparse.Namespace) -> UpstreamSettings:
+    """Where the proxy's own credential comes from, as the flags say.
+
+    ``--service-account-dir`` moves the in-cluster files (a pod that mounts
+    its projected token elsewhere, a test); with ``--kubeconfig`` it has no
+    meaning and is refused rather than ignored.
+    """
+    sa_dir = ns.service_account_dir
+    if sa_dir is not None and ns.kubeconfig:
+        raise ConfigError(
+            "config: --service-account-dir is for the in-cluster service account: "
+            "give either it or --kubeconfig, not both"
+        )
+    base = (sa_dir or SERVICE_ACCOUNT_DIR).rstrip("/") or "/"
+    return UpstreamSettings(
+        kubeconfig=ns.kubeconfig,
+        context=ns.context,
+        token_file=os.path.join(base, "token"),
+        ca_file=os.path.join(base, "ca.crt"),
+        token_passthrough=ns.token_passthrough,
+    )
+
+
 async def build_proxy_app(
     ns: argparse.Namespace,
     engine: Engine,
@@ -146,10 +181,9 @@ async def build_proxy_app(
     close, ``watcher`` the kubeconfig to reload when it changes (issue 21).
     """
     settings = proxy_settings_from_args(ns)
-    upstream = Upstream(
-        UpstreamSettings(kubeconfig=ns.kubeconfig, context=ns.context),
-        metrics=engine.metrics,
-    )
+    # Refuses a client-certificate credential under --token-passthrough, at
+    # start and on every reload of --kubeconfig.
+    upstream = Upstream(upstream_settings_from_args(ns), metrics=engine.metrics)
     await upstream.start()
     closers.append(upstream.close)
     if watcher is not None and ns.kubeconfig:
@@ -157,13 +191,5 @@ async def build_proxy_app(
             "upstream kubeconfig",
             [p for p in ns.kubeconfig.split(os.pathsep) if p],
             upstream.reload_kubeconfig,
-        )
-    if settings.token_passthrough and upstream.client_certificate:
-        # kube-apiserver authenticates the client certificate before any bearer
-        # token, so a passed-through request would run as the proxy itself.
-        raise ConfigError(
-            "config: --token-passthrough cannot be used when the upstream credential "
-            "is a client certificate: the API server would authenticate forwarded "
-            "requests as the proxy; give the proxy a token credential instead"
         )
     return proxy_app(engine, upstream, settings), None, None

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -70,12 +71,13 @@ from kubernetes.config.incluster_config import InClusterConfigLoader
 from yarl import URL
 
 from proxy.config import is_loopback_host
-from proxy.errors import ConfigError
+from proxy.errors import ConfigError, UpstreamError
 from proxy.metrics import Metrics
 from proxy.upstream_pool import BodySource, ConnectionPool, PooledResponse, Upgraded
 
 __all__ = [
     "RBAC_FILE",
+    "SERVICE_ACCOUNT_DIR",
     "SERVICE_CA_FILE",
     "SERVICE_TOKEN_FILE",
     "PooledResponse",
@@ -87,10 +89,19 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Where the kubelet mounts the pod's service-account token (rotated in place).
-SERVICE_TOKEN_FILE: Final = "/var/run/secrets/kubernetes.io/serviceaccount/token"  # noqa: S105 a path
+#: Where the kubelet mounts the pod's service account (``--service-account-dir``).
+SERVICE_ACCOUNT_DIR: Final = "/var/run/secrets/kubernetes.io/serviceaccount"
+#: The pod's service-account token in it (rotated in place by the kubelet).
+SERVICE_TOKEN_FILE: Final = SERVICE_ACCOUNT_DIR + "/token"
 #: The cluster CA that comes with it.
-SERVICE_CA_FILE: Final = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+SERVICE_CA_FILE: Final = SERVICE_ACCOUNT_DIR + "/ca.crt"
+
+#: Why a client-certificate credential and ``--token-passthrough`` never meet.
+_PASSTHROUGH_OVER_CERT: Final = (
+    "--token-passthrough cannot be used when the upstream credential is a client "
+    "certificate: the API server would authenticate forwarded requests as the "
+    "proxy; give the proxy a token credential instead"
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -118,6 +129,11 @@ class UpstreamSettings:
     max_connections: int = 0
     #: Seconds an idle pooled connection is kept for reuse.
     keepalive_timeout: float = 30.0
+    #: The proxy forwards clients' own tokens (``--token-passthrough``): a
+    #: credential that is a client certificate is refused, at start and on
+    #: every reload, since kube-apiserver authenticates a certificate before a
+    #: bearer token and the client would act as the proxy.
+    token_passthrough: bool = False
 
 
 @dataclass(slots=True, kw_only=True)
@@ -156,6 +172,24 @@ def _stat_all(paths: Iterable[str]) -> _Signature:
             continue
         out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
     return tuple(out)
+
+
+def _digest_all(paths: Iterable[str]) -> str:
+    """One digest of the files' contents (blocking, call in a thread).
+
+    A projected service-account volume swaps every file at each token
+    rotation, ``ca.crt`` included: a new inode, the same bytes. Comparing
+    contents keeps that from rebuilding TLS and dropping idle connections.
+    """
+    digest = hashlib.sha256()
+    for path in paths:
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read()
+        except OSError:
+            data = b"\x00missing"
+        digest.update(len(data).to_bytes(8, "big") + data)
+    return digest.hexdigest()
 
 
 def _kubeconfig_token_file(path: str, context: str | None) -> str | None:
@@ -247,7 +281,8 @@ def upstream_problems(
         return [
             f"upstream: in-cluster service account: no token at "
             f"{settings.token_file}: mount it (automountServiceAccountToken: true, "
-            "as deploy/overlays/proxy sets), or give --kubeconfig"
+            "as deploy/overlays/proxy sets), point --service-account-dir at "
+            "where it is mounted, or give --kubeconfig"
         ]
     return []
 
@@ -341,6 +376,8 @@ def _load(settings: UpstreamSettings, environ: Mapping[str, str] | None) -> _Tar
         raise ConfigError(
             f"upstream: {source}: plain http is only allowed to a loopback address"
         )
+    if settings.token_passthrough and cfg.cert_file:
+        raise ConfigError(f"config: {_PASSTHROUGH_OVER_CERT} ({source})")
     raw = cfg.api_key.get("BearerToken") or cfg.api_key.get("authorization")
     target = _Target(
         base_url=url,
@@ -408,6 +445,7 @@ class Upstream:
         self._authorization: str | None = None
         self._token_file: _TokenFile | None = None
         self._tls_seen: _Signature = ()
+        self._tls_digest = ""
         self._refresher: asyncio.Task[None] | None = None
         self._base = ""
         self._prefix = ""
@@ -469,9 +507,11 @@ class Upstream:
 
     async def _prepared(
         self, target: _Target
-    ) -> tuple[ssl.SSLContext, _Signature, _TokenFile | None, str | None]:
-        """TLS, file identities and credential for ``target``; nothing swapped."""
+    ) -> tuple[ssl.SSLContext, _Signature, str, _TokenFile | None, str | None]:
+        """TLS, file identities and contents, and credential for ``target``;
+        nothing swapped."""
         seen = await asyncio.to_thread(_stat_all, target.tls_files)
+        digest = await asyncio.to_thread(_digest_all, target.tls_files)
         ctx = await asyncio.to_thread(_ssl_context, target)
         authorization = target.authorization
         token_file = None
@@ -487,7 +527,7 @@ class Upstream:
                 token = None
             if token is not None:
                 authorization = "Bearer " + token
-        return ctx, seen, token_file, authorization
+        return ctx, seen, digest, token_file, authorization
 
     async def _use(self, target: _Target) -> ConnectionPool | None:
         """Serve ``target`` from now on; return the pool it replaces.
@@ -496,7 +536,7 @@ class Upstream:
         the swap itself has no ``await``, so a request sees the old target or
         the new one whole: its credential and its pool match.
         """
-        ctx, seen, token_file, authorization = await self._prepared(target)
+        ctx, seen, digest, token_file, authorization = await self._prepared(target)
         url = target.base_url
         use_tls = url.scheme == "https"
         assert url.host is not None
@@ -514,6 +554,7 @@ class Upstream:
         self._target = target
         self._ssl = ctx
         self._tls_seen = seen
+        self._tls_digest = digest
         self._token_file = token_file
         self._authorization = authorization
         self._base = str(url).rstrip("/")
@@ -631,6 +672,9 @@ class Upstream:
         if seen == self._tls_seen or self._target is not target:
             return False
         self._tls_seen = seen
+        digest = await asyncio.to_thread(_digest_all, target.tls_files)
+        if digest == self._tls_digest or self._target is not target:
+            return False  # new inodes, the same bytes: nothing to reload
         try:
             ctx = await asyncio.to_thread(_ssl_context, target)
         except ConfigError as err:
@@ -643,6 +687,7 @@ class Upstream:
         if self._target is not target:  # the kubeconfig was reloaded meanwhile
             return False
         self._ssl = ctx
+        self._tls_digest = digest
         retired = pool.replace_tls(ctx)
         self._count_reload("success")
         log.info(
@@ -676,6 +721,26 @@ class Upstream:
             raise RuntimeError("upstream: not started")
         return self._pool
 
+    def _pool_for(self, passthrough: bool) -> ConnectionPool:
+        """The pool to send on; never a client-certificate one for a client's token.
+
+        The proxy decides a request is passed through before it sends it, and
+        a kubeconfig reload may swap the target in between. Checked here, in
+        the same step as taking the pool (no ``await`` between), so a client's
+        token never rides the proxy's certificate, which kube-apiserver would
+        authenticate first (with the client's ``Impersonate-*`` headers).
+        ``token_passthrough`` in the settings already refuses such a target;
+        this holds for any caller.
+        """
+        pool = self.pool
+        if passthrough and self._loaded().cert_file is not None:
+            raise UpstreamError(
+                "proxy: token passthrough refused: the upstream credential is a "
+                "client certificate now",
+                status=503,
+            )
+        return pool
+
     def target(self, path_qs: str) -> str:
         """The request target for a client's raw path and query, as
         ``url(path_qs).raw_path_qs`` gives it, without building a URL in the
@@ -696,6 +761,7 @@ class Upstream:
         connect_timeout: float,
         head_timeout: float | None = None,
         max_head_bytes: int = 256 * 1024,
+        passthrough: bool = False,
     ) -> PooledResponse:
         """Send a request through the pool (``proxy.upstream_pool``) and return
         the answer once its head has arrived; its body is read whole or piece
@@ -705,9 +771,10 @@ class Upstream:
         ``body_length``, a streamed body's exact length when known). Close
         the response when done (``async with``). Failures are
         ``UpstreamError`` with the status to answer; ``head_timeout`` unset
-        leaves the bound to the caller's timeout.
+        leaves the bound to the caller's timeout. ``passthrough``: the request
+        carries the client's own token (see ``_pool_for``).
         """
-        return await self.pool.send(
+        return await self._pool_for(passthrough).send(
             method,
             self.target(path_qs),
             headers,
@@ -728,6 +795,7 @@ class Upstream:
         connect_timeout: float,
         head_timeout: float | None = None,
         max_head_bytes: int = 256 * 1024,
+        passthrough: bool = False,
     ) -> PooledResponse:
         """Ask for ``Upgrade: protocol`` on a fresh pooled connection; the
         answer once its head has arrived. ``detach()`` a ``101`` for
@@ -738,7 +806,7 @@ class Upstream:
         ``Host``, ``Connection``, ``Upgrade`` and the framing (none) are the
         pool's.
         """
-        return await self.pool.upgrade(
+        return await self._pool_for(passthrough).upgrade(
             method,
             self.target(path_qs),
             headers,

@@ -58,6 +58,15 @@ class _Watch:
     seen: _Signature = field(default=())
 
 
+async def _call(name: str, callback: Callable[[], object]) -> None:
+    try:
+        result = callback()
+        if inspect.isawaitable(result):
+            await result
+    except Exception:  # a callback's own bug must not stop the watching
+        log.exception("reload callback failed", extra={"watch": name})
+
+
 class FileWatcher:
     """Groups of files, each with the callback to run when any of them changes.
 
@@ -65,11 +74,12 @@ class FileWatcher:
     seen again on the next poll, when the other half lands.
     """
 
-    __slots__ = ("_interval", "_poked", "_watches")
+    __slots__ = ("_interval", "_periodic", "_poked", "_watches")
 
     def __init__(self, interval: float = POLL_INTERVAL) -> None:
         self._interval = interval
         self._watches: list[_Watch] = []
+        self._periodic: list[tuple[str, Callable[[], object]]] = []
         self._poked = asyncio.Event()
 
     def add(
@@ -79,6 +89,14 @@ class FileWatcher:
         files = tuple(p for p in paths if p)
         if files:
             self._watches.append(_Watch(name, files, on_change, _signature(files)))
+
+    def add_periodic(self, name: str, callback: Callable[[], object]) -> None:
+        """Call ``callback()`` on every turn, before the files are looked at.
+
+        For what time, not a file, makes due (a generated pair to renew): a
+        file it writes is then noticed in the same turn, like any change.
+        """
+        self._periodic.append((name, callback))
 
     def poke(self) -> None:
         """Run every callback on the next turn (``SIGHUP``)."""
@@ -90,6 +108,8 @@ class FileWatcher:
         A callback may return an awaitable (a reload that fetches keys): it is
         awaited before the next group, so reloads never overlap.
         """
+        for name, callback in self._periodic:
+            await _call(name, callback)
         changed: list[str] = []
         for watch in self._watches:
             # stat in a thread: no blocking I/O on the loop (house rule 7).
@@ -98,12 +118,7 @@ class FileWatcher:
                 continue
             watch.seen = now
             changed.append(watch.name)
-            try:
-                result = watch.on_change()
-                if inspect.isawaitable(result):
-                    await result
-            except Exception:  # a callback's own bug must not stop the watching
-                log.exception("reload callback failed", extra={"watch": watch.name})
+            await _call(watch.name, watch.on_change)
         return changed
 
     async def run(self) -> None:

@@ -78,6 +78,7 @@ class WebhookSettings:
 _TEMPORARY: Final = {
     "keys_unavailable": "webhook: issuer keys are not loaded yet; retry",
     "overloaded": "webhook: too many new tokens are waiting for their turn; retry",
+    "revocations_unavailable": "webhook: the revocation list is not read yet; retry",
 }
 
 

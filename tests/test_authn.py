@@ -340,3 +340,16 @@ async def test_a_full_turn_queue_refuses_for_now_and_remembers_nothing(
     assert sample(metrics, "kube_oidc_gate_new_token_waits_total", outcome="shed") == 1
     # Not remembered: the same token is accepted once there is room.
     assert await auth.authenticate(third) is not None
+
+
+async def test_forget_subject_drops_cached_verdicts(key: SigningKey) -> None:
+    """Okta's group.user_membership.remove (issue 22): the next review verifies again."""
+    auth, resolver, _ = make(key)
+    token = sign(key, claims_for(ISSUER))
+    await auth.authenticate(token)
+    await auth.authenticate(token)
+    assert resolver.lookups == 1
+    auth.forget_subject(None, "00u1alice")
+    assert len(auth.cache) == 0
+    await auth.authenticate(token)
+    assert resolver.lookups == 2

@@ -411,8 +411,8 @@ async def test_serve_reports_a_taken_port_as_the_check_does(
     )
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     trustme.CA().issue_cert(HOST).configure_cert(ctx)
+    front = Server({}, limits=Limits(), error_body=status_body)
     with pytest.raises(ConfigError) as raised:
-        front = Server({}, limits=Limits(), error_body=status_body)
         await serve(front, web.Application(), settings, ctx)
     (problem,) = raised.value.problems
     assert problem == listen_problems(settings)[0]

@@ -118,6 +118,8 @@ VARIANTS = (
     "proxy+cert-manager",
     "webhook+cert-manager",
     "proxy+client-impersonation",
+    "webhook+revocation",
+    "proxy+revocation",
 )
 OVERLAYS = tuple(v for v in VARIANTS if v not in ("base", "examples"))
 PROXIES = tuple(v for v in OVERLAYS if v.startswith("proxy"))
@@ -133,15 +135,22 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Objects]:
     for mode in ("proxy", "webhook"):
         shutil.copytree(copy / "overlays" / mode, copy / "overlays" / f"{mode}-cm")
         _switch_on_cert_manager(copy / "overlays" / f"{mode}-cm")
-    wrapper = copy / "overlays" / "proxy-client-impersonation"
-    wrapper.mkdir()
-    (wrapper / "kustomization.yaml").write_text(
-        "apiVersion: kustomize.config.k8s.io/v1beta1\n"
-        "kind: Kustomization\n"
-        "resources:\n  - ../proxy\n"
-        "components:\n  - ../../components/client-impersonation\n",
-        encoding="utf-8",
-    )
+    wrappers = {}
+    for mode, component in (
+        ("proxy", "client-impersonation"),
+        ("webhook", "revocation"),
+        ("proxy", "revocation"),
+    ):
+        wrapper = copy / "overlays" / f"{mode}-{component}"
+        wrapper.mkdir()
+        (wrapper / "kustomization.yaml").write_text(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\n"
+            "kind: Kustomization\n"
+            f"resources:\n  - ../{mode}\n"
+            f"components:\n  - ../../components/{component}\n",
+            encoding="utf-8",
+        )
+        wrappers[f"{mode}+{component}"] = wrapper
     dirs = {
         "base": DEPLOY / "base",
         "proxy": DEPLOY / "overlays" / "proxy",
@@ -149,7 +158,7 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Objects]:
         "examples": DEPLOY / "examples",
         "proxy+cert-manager": copy / "overlays" / "proxy-cm",
         "webhook+cert-manager": copy / "overlays" / "webhook-cm",
-        "proxy+client-impersonation": wrapper,
+        **wrappers,
     }
     assert set(dirs) == set(VARIANTS)
     return {name: render(path) for name, path in dirs.items()}
@@ -196,6 +205,7 @@ def test_every_kustomization_under_deploy_is_rendered() -> None:
         "examples",
         "components/cert-manager",
         "components/client-impersonation",
+        "components/revocation",
         # Rendered in both overlays by tests/test_monitoring.py.
         "components/monitoring",
     }
@@ -217,7 +227,12 @@ def test_renders_distinct_named_objects(
         )
         assert key not in seen, f"duplicate {key}"
         seen.add(key)
-        if obj["kind"] not in {"Namespace", "ClusterRole", "ClusterRoleBinding"}:
+        if obj["kind"] not in {
+            "Namespace",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "CustomResourceDefinition",
+        }:
             assert obj["metadata"].get("namespace") == "kube-oidc-gate", key
 
 
@@ -583,12 +598,99 @@ def test_subjectaccessreviews_only_with_client_impersonation(
 def test_webhook_gets_no_api_credentials(
     rendered: dict[str, Objects], variant: str
 ) -> None:
+    """None at all, unless the revocation list is on: then a token that may
+    read (and delete) Revocations in its namespace, and nothing else."""
     objects = rendered[variant]
-    assert not find(objects, "ClusterRole")
+    revocation = variant.endswith("revocation")
     assert not find(objects, "ClusterRoleBinding")
+    assert [r["metadata"]["name"] for r in find(objects, "ClusterRole")] == (
+        ["kube-oidc-gate-revoker"] if revocation else []
+    )
     assert one(objects, "ServiceAccount")["automountServiceAccountToken"] is False
     pod = one(objects, "Deployment")["spec"]["template"]["spec"]
-    assert pod["automountServiceAccountToken"] is False
+    assert pod["automountServiceAccountToken"] is revocation
+    granted = {
+        rule
+        for binding in find(objects, "RoleBinding")
+        if pod_service_account(objects)
+        in [(s["namespace"], s["name"]) for s in binding["subjects"]]
+        for rule in role_rules(objects, binding["roleRef"]["name"])
+    }
+    assert granted == (REVOCATION_RIGHTS if revocation else set())
+
+
+#: What the gate's service account may do with the revocation list.
+REVOCATION_RIGHTS = {
+    ("kube-oidc-gate.io", "revocations", verb)
+    for verb in ("get", "list", "watch", "delete")
+}
+
+
+def role_rules(objects: Objects, role: str) -> set[tuple[str, str, str]]:
+    out: set[tuple[str, str, str]] = set()
+    for rule in one(objects, "Role", role)["rules"]:
+        assert "resourceNames" not in rule
+        out |= {
+            (g, r, v)
+            for g in rule["apiGroups"]
+            for r in rule["resources"]
+            for v in rule["verbs"]
+        }
+    return out
+
+
+@pytest.mark.parametrize("variant", ["webhook+revocation", "proxy+revocation"])
+def test_revocation_component_fits_the_code(
+    rendered: dict[str, Objects], variant: str
+) -> None:
+    """The CRD is what ``proxy.revocation`` reads and writes; the gate may
+    read its own namespace's list and nothing else; the flag names that
+    namespace; operators get a separate role to create."""
+    import jsonschema  # type: ignore[import-untyped]  # kubernetes-validate's own
+
+    from proxy import revocation
+
+    objects = rendered[variant]
+    crd = one(objects, "CustomResourceDefinition")
+    spec = crd["spec"]
+    assert crd["metadata"]["name"] == f"{revocation.PLURAL}.{revocation.GROUP}"
+    assert (spec["group"], spec["scope"]) == (revocation.GROUP, "Namespaced")
+    assert (spec["names"]["kind"], spec["names"]["plural"]) == (
+        revocation.KIND,
+        revocation.PLURAL,
+    )
+    (version,) = spec["versions"]
+    assert version["name"] == revocation.VERSION
+    columns = [c["name"] for c in version["additionalPrinterColumns"]]
+    assert columns == ["Subject", "Issuer", "Issued-Before", "Expires", "Reason", "Age"]
+    schema = version["schema"]["openAPIV3Schema"]
+    good = revocation.revocation_object(
+        subject="00uyqenacur2MEKEp697",
+        issuer="https://acme.okta.com/oauth2/default",
+        issued_before=1.8e9,
+        reason="okta: user.lifecycle.deactivate",
+        expires_at=1.8e9 + 86400,
+    )
+    checker = jsonschema.Draft7Validator(
+        schema, format_checker=jsonschema.Draft7Validator.FORMAT_CHECKER
+    )
+    checker.validate(good)
+    for field in ("subject", "issuedBefore"):
+        bad = {**good, "spec": {k: v for k, v in good["spec"].items() if k != field}}
+        assert not checker.is_valid(bad), field
+    args = flag_values(container(objects)["args"])
+    role = one(objects, "Role", "kube-oidc-gate-revocations")
+    assert args["--revocation-namespace"] == role["metadata"]["namespace"]
+    assert role_rules(objects, "kube-oidc-gate-revocations") == REVOCATION_RIGHTS
+    binding = one(objects, "RoleBinding", "kube-oidc-gate-revocations")
+    assert binding["metadata"]["namespace"] == role["metadata"]["namespace"]
+    assert [(s["namespace"], s["name"]) for s in binding["subjects"]] == [
+        pod_service_account(objects)
+    ]
+    assert ("kube-oidc-gate.io", "revocations", "create") in rules_of(
+        objects, "kube-oidc-gate-revoker"
+    )
+    assert ("kube-oidc-gate.io", "revocations", "create") not in REVOCATION_RIGHTS
 
 
 # --------------------------------------------------------------------------

@@ -323,6 +323,24 @@ async def test_single_flight_per_user(
     assert sample(metrics, cache, outcome="hit") == 1
 
 
+async def test_a_removed_membership_drops_the_users_fetched_groups(
+    okta: FakeOkta, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """Okta's group.user_membership.remove event (issue 22): fetched again at once."""
+    okta.add_user("00u1someoneelse", ["other-team"])
+    metrics = Metrics()
+    authn = engine(okta_config(okta, tmp_path), session, metrics)
+    assert await authn.authenticate(token(None)) is not None
+    assert await authn.authenticate(token(None, sub="00u1someoneelse")) is not None
+    fetches = okta.counts["groups"]
+    authn.forget_subject(None, USER)
+    assert await authn.authenticate(token(None)) is not None
+    assert await authn.authenticate(token(None, sub="00u1someoneelse")) is not None
+    cache = "kube_oidc_gate_okta_groups_cache_requests_total"
+    assert okta.counts["groups"] == fetches + 2, "the user's two pages, again"
+    assert sample(metrics, cache, outcome="hit") == 1, "the other user's groups stay"
+
+
 async def test_secret_file_is_reread_when_it_changes(
     okta: FakeOkta, tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:

@@ -1174,3 +1174,130 @@ async def test_two_workers_reload_the_issuer_ca(tmp_path: Path) -> None:
         await issuer.stop()
     print(f"issuer CA change to effect (webhook --workers 2): {took:.2f}s")
     assert took < 3.0
+
+
+# --------------------------------------------------------------------------
+# Token passthrough across upstream reloads
+
+
+async def test_passthrough_keeps_the_clients_token_across_upstream_reloads(
+    tmp_path: Path,
+) -> None:
+    """``--token-passthrough`` under load while the upstream credential
+    reloads: a kubeconfig switched to a client certificate is refused (the API
+    server would authenticate passed-through requests as the proxy), then the
+    proxy's token rotates. Passed-through requests carry the client's token
+    and nothing else throughout; impersonated ones the proxy's current one."""
+    from proxy.errors import UpstreamError
+    from proxy.impersonate import ProxySettings
+    from tests.fakes.apiserver import FakeAPIServer
+    from tests.fakes.apiserver_harness import WHOAMI, run_proxy
+    from tests.keygen import claims_for, new_key, sign
+
+    ca, client_ca = trustme.CA(), trustme.CA()
+    client_cert, client_key = tmp_path / "client.crt", tmp_path / "client.key"
+    _write_pair(client_ca.issue_cert("proxy"), client_cert, client_key)
+    token_file, config = tmp_path / "proxy-token", tmp_path / "upstream.yaml"
+    _write(token_file, b"proxy-token-1\n")
+    metrics = Metrics()
+
+    def upstream(fake: FakeAPIServer) -> Upstream:
+        _write(
+            config,
+            _kubeconfig(fake.url, fake.ca, {"tokenFile": str(token_file)}).encode(),
+        )
+        settings = UpstreamSettings(kubeconfig=str(config), token_passthrough=True)
+        return Upstream(settings, metrics=metrics)
+
+    settings = ProxySettings(token_passthrough=True)
+    async with run_proxy(tmp_path, ca, settings=settings, upstream=upstream) as stack:
+        fake = stack.fake
+        fake.proxy_tokens = {"proxy-token-1"}
+        foreign = sign(new_key(), claims_for("https://other.test", sub="carol"))
+        fake.user_tokens[foreign] = {"username": "carol", "groups": ["team"]}
+        ours = stack.bearer()
+        watcher = FileWatcher(interval=0.2)
+        watcher.add(
+            "upstream kubeconfig", [str(config)], stack.upstream.reload_kubeconfig
+        )
+        watching = asyncio.create_task(watcher.run())
+        sent = 0
+        problems: list[str] = []
+        passed = impersonated = 0
+        stop = asyncio.Event()
+
+        async def one(passthrough: bool) -> str | None:
+            """One request; the proxy token it reached the API server with."""
+            nonlocal sent, passed, impersonated
+            sent += 1
+            n = sent
+            auth = {"Authorization": f"Bearer {foreign}"} if passthrough else ours
+            async with stack.client.post(
+                f"{stack.url}{WHOAMI}?n={n}", headers=auth, json={}
+            ) as r:
+                body = await r.json()
+            seen = next((q for q in fake.requests if q.query == f"n={n}"), None)
+            if r.status != 201 or seen is None:
+                problems.append(f"{passthrough=}: {r.status} {body}")
+                return None
+            user = body["status"]["userInfo"]["username"]
+            if passthrough:
+                passed += 1
+                if (seen.bearer, user) != (foreign, "carol"):
+                    problems.append(f"passthrough went out as {user}")
+                if "Impersonate-User" in seen.headers:
+                    problems.append("passthrough was impersonated")
+                return None
+            impersonated += 1
+            if user != "oidc:alice" or seen.bearer not in fake.proxy_tokens:
+                problems.append(f"impersonation went out as {user}")
+            return seen.bearer
+
+        async def load(passthrough: bool) -> None:
+            while not stop.is_set():
+                await one(passthrough)
+
+        clients = [asyncio.create_task(load(i % 2 == 0)) for i in range(4)]
+        try:
+            await asyncio.sleep(0.3)
+            _write(config, _kubeconfig(fake.url, fake.ca, {
+                "client-certificate": str(client_cert),
+                "client-key": str(client_key),
+            }).encode())  # fmt: skip
+            await asyncio.sleep(0.8)
+            assert stack.upstream.client_certificate is False
+            failures = metrics.registry.get_sample_value(
+                "kube_oidc_gate_upstream_reloads_total", {"status": "failure"}
+            )
+            assert failures == 1.0
+            fake.proxy_tokens = {"proxy-token-1", "proxy-token-2"}
+            _write(token_file, b"proxy-token-2\n")
+            changed = time.monotonic()
+            streak = 0
+            while streak < 10 and time.monotonic() < changed + 5:
+                streak = streak + 1 if await one(False) == "proxy-token-2" else 0
+            took = time.monotonic() - changed
+            assert streak >= 10
+            await asyncio.sleep(0.3)
+        finally:
+            stop.set()
+            await asyncio.gather(*clients)
+            watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watching
+        assert problems == [], problems[:3]
+        assert min(passed, impersonated) > 20, (passed, impersonated)
+        # The settings refuse a certificate; whoever builds an Upstream
+        # without them still never sends a client's token over one.
+        bare = Upstream(UpstreamSettings(kubeconfig=str(config)))
+        await bare.start()
+        try:
+            assert bare.client_certificate is True
+            with pytest.raises(UpstreamError) as refused:
+                await bare.fetch(
+                    "GET", "/api", headers=[], connect_timeout=5, passthrough=True
+                )
+            assert refused.value.status == 503
+        finally:
+            await bare.close()
+    print(f"proxy token change to effect with passthrough flowing: {took:.2f}s")

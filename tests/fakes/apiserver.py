@@ -28,6 +28,11 @@ WebSocket (``SPDY/3.1+portforward.k8s.io``, when ``spdy_dictionary`` is set;
 see ``apiserver_spdy``), both echoing data upper-cased, a large
 ``configmaps`` list generated on the fly (``big_size`` bytes), and a POST that
 streams the request body and answers with its length and digest.
+
+The gate's own Revocation collection (``revocations``, a
+``tests.fakes.apiserver_revocations.RevocationStore``) answers the proxy's
+credential without impersonation, as RBAC on the gate's service account
+would, and a user token (``user_tokens``) for ``kube-oidc-gate revoke``.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from aiohttp import WSMsgType, web
 from aiohttp.typedefs import Handler
 from multidict import CIMultiDict
 
+from tests.fakes.apiserver_revocations import RevocationStore, add_revocation_routes
 from tests.fakes.apiserver_spdy import SpdySession
 
 __all__ = ["ABORT", "FakeAPIServer", "Recorded", "serve_apiserver"]
@@ -170,6 +176,7 @@ class FakeAPIServer:
         self.delay = 0.0
         self.spdy_dictionary: bytes | None = None
         self.spdy_sessions: list[SpdySession] = []
+        self.revocations = RevocationStore()
         self.port = 0
         self.app = make_apiserver_app(self)
         self._runner: web.AppRunner | None = None
@@ -222,6 +229,8 @@ class FakeAPIServer:
     async def stop(self) -> None:
         for watch in self.watches:
             watch.queue.put_nowait(None)
+        for rwatch in self.revocations.watches:
+            rwatch.queue.put_nowait(None)
         self.log_lines.put_nowait(None)
         runner, self._runner = self._runner, None
         if runner is not None:
@@ -270,9 +279,11 @@ async def _authenticate(request: web.Request, handler: Handler) -> web.StreamRes
     if fake.delay:
         await asyncio.sleep(fake.delay)
     sar = request.path == "/apis/authorization.k8s.io/v1/subjectaccessreviews"
+    # The gate's own resources: its service account reads them as itself.
+    own = request.path.startswith("/apis/kube-oidc-gate.io/")
     if bearer in fake.proxy_tokens:
         user = _impersonated(request.headers)
-        if user is None and fake.require_impersonation and not sar:
+        if user is None and fake.require_impersonation and not (sar or own):
             return status(403, "Forbidden", "the proxy may only act for someone")
         if user is not None and sar:
             return status(403, "Forbidden", "reviews are made by the proxy itself")
@@ -725,6 +736,7 @@ def make_apiserver_app(fake: FakeAPIServer) -> web.Application:
     r.add_route("*", "/api/v1/namespaces/{ns}/pods/{name}/portforward", _portforward)
     r.add_get("/api/v1/namespaces/{ns}/configmaps", _configmaps)
     r.add_post("/api/v1/namespaces/{ns}/configmaps", _create_configmap)
+    add_revocation_routes(app, fake.revocations)
     r.add_route("*", "/{tail:.*}", _not_found)
     return app
 
