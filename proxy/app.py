@@ -1,10 +1,10 @@
 """Composition: the engine, the front-end apps, the probe app, and serving them.
 
 ``start_engine`` builds what both modes share (one ``ClientSession``, the issuer
-key sets and their refreshers, the authenticator); ``webhook_app`` (a
-``proxy.http1`` server) and ``proxy_app`` (an aiohttp application, served
-behind a ``proxy.http1`` fast lane for its short requests) put a front end on
-it; ``probe_app`` is the separate plain-HTTP
+key sets and their refreshers, the authenticator); ``webhook_app`` and
+``proxy_app`` put a front end on it, each a ``proxy.http1`` server (llhttp):
+one HTTP stack for every request either front end takes; ``probe_app`` is the
+separate plain-HTTP
 listener for ``/healthz``, ``/readyz`` and ``/metrics`` (it never sees a token,
 so it needs no TLS, and kubelet probes can reach it without certificates).
 
@@ -25,15 +25,12 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any, Final
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+from typing import Final
 
 import aiohttp
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.web_protocol import RequestHandler
-from aiohttp.web_request import BaseRequest
 
 from proxy.authn import Authenticator
 from proxy.config import (
@@ -44,11 +41,10 @@ from proxy.config import (
 )
 from proxy.errors import ConfigError
 from proxy.http1 import Server
-from proxy.impersonate import LEAN_LANE, ProxySettings, add_proxy_routes
+from proxy.impersonate import ProxySettings, proxy_server
 from proxy.introspection import Introspection
 from proxy.keyset import ClaimSourceClient, IntrospectionHttpClient, KeySets
-from proxy.kube import status_body
-from proxy.log import REQUEST_ID, issuer_hash, new_request_id
+from proxy.log import issuer_hash
 from proxy.metrics import CONTENT_TYPE, FLUSH_INTERVAL, Metrics
 from proxy.oktaapi import OktaApiClient
 from proxy.oktagroups import OktaGroups
@@ -60,7 +56,6 @@ from proxy.webhook import WebhookSettings, webhook_server
 __all__ = [
     "RELOAD_KEY_WAIT",
     "ConfigReloader",
-    "ConnectionGuard",
     "Engine",
     "ServeSettings",
     "introspection_for",
@@ -76,38 +71,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: After ``_drain`` has given in-flight requests the grace period, how long
-#: aiohttp's own shutdown may still wait for a handler.
-_CLEANUP_WAIT: Final = 1.0
-
-#: The logger aiohttp's server writes to, with parser refusals made safe.
-_HTTP_LOG: Final = logging.getLogger(__name__ + ".http")
-
-
-def _redact_parser_errors(record: logging.LogRecord) -> bool:
-    """Keep the class and status of a parser refusal, drop its text.
-
-    aiohttp logs a request its HTTP parser refused (a header over the size
-    limit, a malformed request line) at error level with the offending bytes
-    in the exception message, and those bytes may be a bearer token. It is a
-    client's mistake, not an operator's problem: one info line, no bytes.
-    """
-    exc = record.exc_info[1] if record.exc_info else None
-    if isinstance(exc, HttpProcessingError):
-        record.msg = "request refused by the http parser"
-        record.args = ()
-        record.exc_info = None
-        record.exc_text = None
-        record.levelno, record.levelname = logging.INFO, "INFO"
-        record.__dict__["error"] = type(exc).__name__
-        record.__dict__["status"] = exc.code
-    return True
-
-
-_HTTP_LOG.addFilter(_redact_parser_errors)
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ServeSettings:
@@ -122,12 +85,9 @@ class ServeSettings:
     #: A connection must complete a request's headers within this long of
     #: opening (or of its previous response): the slowloris bound.
     idle_timeout: float = 75.0
-    #: How long an unread request body is drained after an early answer (413,
-    #: 408) before the connection is closed; aiohttp's default is 10 s.
-    lingering_time: float = 1.0
-    #: Largest single request header (name or value) the HTTP parser accepts.
-    #: aiohttp's default (8 KiB) would refuse a bearer token the engine accepts
-    #: (up to 16 KiB); the sum of all headers is bounded by the proxy (431).
+    #: Largest single request header (name and value) the proxy's listener
+    #: accepts (431 beyond): above a bearer token the engine accepts (up to
+    #: 16 KiB); the sum of all headers is bounded by ``max_header_bytes``.
     max_field_bytes: int = 20 * 1024
     reuse_port: bool = False
 
@@ -370,169 +330,6 @@ def introspection_for(
     return Introspection(settings, client, metrics=metrics)
 
 
-@dataclass(slots=True)
-class ConnectionGuard:
-    """Closes connections that never complete a first request (slowloris).
-
-    aiohttp bounds the wait for a request only after a keep-alive response; the
-    first request on a connection may trickle in forever. The guard's site arms
-    a timer per accepted connection (TLS handshake and headers included); the
-    middleware disarms it once a request has fully arrived; a connection whose
-    timer fires first is closed. aiohttp's protocol objects have no weak
-    references, so ``pending`` holds them strongly, but never past the deadline.
-
-    It also knows the handlers in flight (``inflight``), so that ``serve`` can
-    give them the grace period and no more, and sets ``stopping`` when the
-    drain begins, so long-running streams end themselves cleanly instead of
-    holding the grace period and being cut.
-    """
-
-    pending: dict[Any, asyncio.TimerHandle] = field(default_factory=dict)
-    closed: int = 0
-    inflight: set[asyncio.Task[Any]] = field(default_factory=set)
-    stopping: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def arm(self, proto: Any, deadline: float) -> None:
-        """Start the first-request deadline of a new connection."""
-        loop = asyncio.get_running_loop()
-        self.pending[proto] = loop.call_later(deadline, self.expire, proto)
-
-    def expire(self, proto: Any) -> None:
-        """Close ``proto``'s connection unless a request arrived meanwhile."""
-        if self.pending.pop(proto, None) is None:
-            return
-        self.closed += 1
-        log.info("connection closed: no complete request in time")
-        proto.force_close()
-
-    def request_arrived(self, request: web.Request) -> None:
-        """Disarm the first-request deadline of the connection ``request`` came on."""
-        if self.pending:
-            timer = self.pending.pop(request.protocol, None)
-            if timer is not None:
-                timer.cancel()
-
-
-GUARD: web.AppKey[ConnectionGuard] = web.AppKey("connection_guard", ConnectionGuard)
-
-
-class _QuietHandler(RequestHandler):
-    """aiohttp's connection handler, minus the echo in its parser-error answers.
-
-    A request aiohttp's parser refuses (say, an oversized ``Authorization``
-    header) is answered 400 with the parser's message, which quotes the start of
-    the offending line: part of a token. We answer with the status alone.
-    """
-
-    def handle_error(
-        self,
-        request: BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        """Answer ``status`` without quoting anything the client sent."""
-        return super().handle_error(request, status, exc, None)
-
-
-class _GuardedSite(web.BaseSite):
-    """A TCP site whose connections must send a first request within a deadline."""
-
-    __slots__ = ("_deadline", "_guard", "_host", "_port", "_reuse_port")
-
-    def __init__(
-        self,
-        runner: web.AppRunner,
-        host: str,
-        port: int,
-        *,
-        guard: ConnectionGuard,
-        deadline: float,
-        ssl_context: ssl.SSLContext | None,
-        reuse_port: bool,
-    ) -> None:
-        super().__init__(runner, ssl_context=ssl_context, backlog=1024)
-        self._host, self._port = host, port
-        self._guard, self._deadline = guard, deadline
-        self._reuse_port = reuse_port
-
-    @property
-    def name(self) -> str:
-        """``https://host:port`` as aiohttp names sites."""
-        scheme = "https" if self._ssl_context else "http"
-        return f"{scheme}://{self._host}:{self._port}"
-
-    async def start(self) -> None:
-        """Listen, arming the guard's timer on every accepted connection."""
-        await super().start()
-        loop = asyncio.get_running_loop()
-        server = self._runner.server
-        assert server is not None
-        guard, deadline = self._guard, self._deadline
-
-        def factory() -> asyncio.Protocol:
-            # Built like web.Server builds its handlers, as our subclass.
-            proto = _QuietHandler(server, loop=loop, **server._kwargs)
-            guard.arm(proto, deadline)
-            return proto
-
-        self._server = await loop.create_server(
-            factory,
-            self._host,
-            self._port,
-            ssl=self._ssl_context,
-            # The guard cannot close a connection still in its TLS handshake
-            # (aiohttp's protocol has no transport yet): asyncio does, here.
-            ssl_handshake_timeout=deadline if self._ssl_context else None,
-            backlog=self._backlog,
-            reuse_address=True,
-            reuse_port=self._reuse_port or None,
-        )
-
-
-def _front_middleware(guard: ConnectionGuard) -> Callable[..., Any]:
-    """The one middleware of both front ends, on every request (404s included).
-
-    It disarms the connection's first-request deadline, records the handler as
-    in flight for the drain, binds a request id for the log lines, and turns
-    an unexpected exception into a 500, never a pass. One middleware rather
-    than one per concern: each layer costs a coroutine frame per request, which
-    the cached token review (a few tens of microseconds in all) notices.
-    """
-
-    @web.middleware
-    async def front(request: web.Request, handler: Handler) -> web.StreamResponse:
-        guard.request_arrived(request)
-        # The task aiohttp runs this request's handler in (one per request; not
-        # ``request.task``, the connection's): the one the drain waits for.
-        task = asyncio.current_task()
-        if task is not None:
-            guard.inflight.add(task)
-        rid = request.headers.get("X-Request-Id", "")[:64] or new_request_id()
-        token = REQUEST_ID.set(rid)
-        try:
-            return await handler(request)
-        except web.HTTPException:
-            raise
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception(
-                "unhandled error (likely a bug)", extra={"path": request.path}
-            )
-            return web.Response(
-                status=500,
-                body=status_body(500, "internal error"),
-                content_type="application/json",
-            )
-        finally:
-            REQUEST_ID.reset(token)
-            if task is not None:
-                guard.inflight.discard(task)
-
-    return front
-
-
 def webhook_app(engine: Engine, settings: WebhookSettings) -> Server:
     """The TokenReview webhook's listener (``POST /authenticate``, ``proxy.http1``).
 
@@ -543,21 +340,20 @@ def webhook_app(engine: Engine, settings: WebhookSettings) -> Server:
 
 
 def proxy_app(
-    engine: Engine, upstream: Upstream, settings: ProxySettings
-) -> web.Application:
-    """The impersonating proxy application (every method and path)."""
-    guard = ConnectionGuard()
-    app = web.Application(middlewares=[_front_middleware(guard)])
-    app[GUARD] = guard
-    add_proxy_routes(
-        app,
+    engine: Engine,
+    upstream: Upstream,
+    settings: ProxySettings,
+    *,
+    max_field_bytes: int | None = 20 * 1024,
+) -> Server:
+    """The impersonating proxy's listener (every method and path, ``proxy.http1``)."""
+    return proxy_server(
         authenticator=engine.authenticator,
         upstream=upstream,
         settings=settings,
         metrics=engine.metrics,
-        stopping=guard.stopping,
+        max_field_bytes=max_field_bytes,
     )
-    return app
 
 
 def probe_app(
@@ -621,7 +417,7 @@ def probe_app(
 
 
 async def serve(
-    main: web.Application | Server,
+    main: Server,
     probes: web.Application,
     settings: ServeSettings,
     ssl_context: ssl.SSLContext,
@@ -631,8 +427,8 @@ async def serve(
 ) -> None:
     """Serve until SIGTERM/SIGINT (or ``stop``), then drain and return.
 
-    ``main`` is the proxy (an aiohttp application) or the webhook (a
-    ``proxy.http1`` server); either drains the same way. ``on_ready(secure_port,
+    ``main`` is the proxy's or the webhook's ``proxy.http1`` server; both
+    drain the same way. ``on_ready(secure_port,
     probe_port)`` is called once both listeners accept, with the ports actually
     bound (useful with port 0).
     """
@@ -641,11 +437,7 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    listener = (
-        _Http1Listener(main, settings, ssl_context)
-        if isinstance(main, Server)
-        else _AppListener(main, settings, ssl_context)
-    )
+    listener = _Http1Listener(main, settings, ssl_context)
     probe_runner = web.AppRunner(probes, access_log=None, handle_signals=False)
     await probe_runner.setup()
     try:
@@ -765,10 +557,13 @@ def _try_bind(host: str, port: int) -> None:
 
 
 class _Http1Listener:
-    """The webhook's ``proxy.http1`` server behind the secure port."""
+    """A front end's ``proxy.http1`` server behind the secure port."""
 
     def __init__(
-        self, server: Server, settings: ServeSettings, ssl_context: ssl.SSLContext
+        self,
+        server: Server,
+        settings: ServeSettings,
+        ssl_context: ssl.SSLContext | None,
     ) -> None:
         self._server = server
         self._settings = settings
@@ -793,142 +588,19 @@ class _Http1Listener:
 
 @contextlib.asynccontextmanager
 async def listening(
-    app: web.Application,
+    server: Server,
     settings: ServeSettings,
     ssl_context: ssl.SSLContext | None,
-    **runner_options: Any,
 ) -> AsyncIterator[int]:
-    """Serve ``app`` on ``settings``' secure port as ``serve`` does (its lean
-    lane included, if it has one), without signals or probes; yield the port.
-
-    For tests and embedding; ``runner_options`` go to aiohttp's ``AppRunner``.
+    """Serve ``server`` on ``settings``' secure port as ``serve`` does, without
+    signals or probes; yield the port. For tests and embedding.
     """
-    listener = _AppListener(app, settings, ssl_context, runner_options)
+    listener = _Http1Listener(server, settings, ssl_context)
     try:
         yield await listener.start()
         await listener.drain(settings.shutdown_grace_period)
     finally:
         await listener.cleanup()
-
-
-class _AppListener:
-    """The proxy's aiohttp application behind the secure port, guarded.
-
-    An application with a ``LEAN_LANE`` (the proxy's) is served by a
-    ``proxy.http1`` server that answers the lane's requests itself and hands
-    every other connection to aiohttp's connection handler; both drain together.
-    """
-
-    def __init__(
-        self,
-        app: web.Application,
-        settings: ServeSettings,
-        ssl_context: ssl.SSLContext | None,
-        runner_options: Mapping[str, Any] | None = None,
-    ) -> None:
-        self._settings = settings
-        self._ssl = ssl_context
-        self._guard = app.get(GUARD) or ConnectionGuard()
-        self._lane = app.get(LEAN_LANE)
-        self._front: Server | None = None
-        options: dict[str, Any] = {
-            "access_log": None,
-            "handle_signals": False,
-            "shutdown_timeout": _CLEANUP_WAIT,
-            "keepalive_timeout": settings.idle_timeout,
-            "lingering_time": settings.lingering_time,
-            "max_field_size": settings.max_field_bytes,
-            "logger": _HTTP_LOG,
-        }
-        options.update(runner_options or {})
-        self._runner = web.AppRunner(app, **options)
-
-    async def start(self) -> int:
-        settings = self._settings
-        await self._runner.setup()
-        if self._lane is not None:
-            return await self._start_front()
-        site = _GuardedSite(
-            self._runner,
-            settings.bind_address,
-            settings.secure_port,
-            guard=self._guard,
-            deadline=settings.idle_timeout,
-            ssl_context=self._ssl,
-            reuse_port=settings.reuse_port,
-        )
-        await site.start()
-        return _bound_port(self._runner)
-
-    async def _start_front(self) -> int:
-        settings = self._settings
-        lane = self._lane
-        server = self._runner.server
-        assert lane is not None
-        assert server is not None
-        loop = asyncio.get_running_loop()
-
-        def fallback() -> asyncio.Protocol:
-            # Built like web.Server builds its handlers, as our subclass; the
-            # connection arrives with a request already, so no first-request
-            # guard is armed.
-            return _QuietHandler(server, loop=loop, **server._kwargs)
-
-        front = Server(
-            {},
-            default=lane.route,
-            limits=replace(lane.limits, head_timeout=settings.idle_timeout),
-            error_body=status_body,
-            fallback=fallback,
-            admit=lane.admit,
-        )
-        port = await front.start(
-            settings.bind_address,
-            settings.secure_port,
-            ssl_context=self._ssl,
-            reuse_port=settings.reuse_port,
-        )
-        self._front = front
-        return port
-
-    async def drain(self, grace: float) -> None:
-        if self._front is None:
-            await _drain(self._runner, self._guard, grace)
-            return
-        await asyncio.gather(
-            self._front.drain(grace), _drain(self._runner, self._guard, grace)
-        )
-
-    async def cleanup(self) -> None:
-        if self._front is not None:
-            await self._front.drain(0)
-        await self._runner.cleanup()
-
-
-async def _drain(runner: web.AppRunner, guard: ConnectionGuard, grace: float) -> None:
-    """Stop accepting, end streams, give in-flight requests ``grace``, cancel the rest.
-
-    aiohttp's own shutdown waits ``shutdown_timeout`` for a handler and then as
-    long again after cancelling the request's payload: a hung request would
-    hold the process for twice the grace period, and a watch or exec stream
-    (which never ends by itself) always would, only to be cut mid-response.
-    """
-    for site in list(runner.sites):
-        await site.stop()
-    if runner.server is not None:
-        # Idle keep-alive connections close now, busy ones after their answer.
-        runner.server.pre_shutdown()
-    guard.stopping.set()
-    pending = set(guard.inflight)
-    if pending:
-        _, pending = await asyncio.wait(pending, timeout=grace)
-    if pending:
-        log.warning(
-            "grace period over: cancelling requests", extra={"requests": len(pending)}
-        )
-        for task in pending:
-            task.cancel()
-        await asyncio.wait(pending, timeout=_CLEANUP_WAIT)
 
 
 def _bound_port(runner: web.AppRunner) -> int:

@@ -50,8 +50,6 @@ from proxy.errors import ConfigError, ProxyError
 from proxy.log import configure_logging, flush_logs
 
 if TYPE_CHECKING:
-    from aiohttp import web
-
     from proxy.app import Engine, ServeSettings
     from proxy.certs import SelfSigned, ServingTLS
     from proxy.config import AuthConfig, OktaEventHookConfig
@@ -1186,7 +1184,7 @@ async def _front_end(
     *,
     watcher: FileWatcher,
 ) -> tuple[
-    web.Application | Server,
+    Server,
     Callable[[int, int], None] | None,
     Callable[[], list[str]] | None,
 ]:

@@ -1,52 +1,53 @@
-"""A small, strict HTTP/1.1 server: the webhook's, and the proxy's fast lane.
+"""The one HTTP/1.1 listener of both front ends, on llhttp.
 
-Why not aiohttp? The webhook's HTTP surface is tiny and fixed: kube-apiserver
-(Go's net/http) POSTs a JSON ``TokenReview`` of a few KiB with a
-``Content-Length`` to one path, on keep-alive TLS connections, and reads back a
-JSON answer. Everything else a general framework does per request (a task per
-request, request and response objects, header multidicts, a router, middleware
-frames) cost about twice as much CPU as the review itself on a cached token:
-measured under the same load, a bare aiohttp echo of a review spends ~45 µs of
-CPU per request, the same echo on this protocol ~18 µs. The webhook sits in
-front of every API request of a cluster, so it gets this purpose-built path.
-
-The proxy needs all of HTTP (chunked uploads, upgrades, watches), which stays
-aiohttp's job; but most of what kubectl sends is a short request with a small
-body or none. So the proxy's listener is this server with a *fallback*: it
-serves what its ``admit`` takes and hands every other connection, at the first
-byte of the first request it does not take, to aiohttp's connection handler
-for good (see ``Server``). Answers may be streamed (``Request.start_stream``)
-for the API server's large or chunked bodies, with backpressure.
+Why one listener, and why llhttp: request smuggling lives where two parsers
+disagree about where a request ends. Until 0.2 the proxy answered on two
+stacks (a hand-written fast lane and aiohttp, with a hand-over between them)
+and at least eleven things had to agree between them. Now every request of
+both front ends, of every kind, goes through this one protocol, and every
+byte of every request head and body is read by llhttp (through ``httptools``),
+the parser Node.js ships, in its strict mode. This module adds only policy on
+top: limits, the ``Host`` rules, ``proxy.framing``'s refusals, deadlines, and
+the order of answers. uvicorn's ``httptools_impl`` is the model; where we
+differ (no task per request when the answer is ready, answers of one loop
+iteration written together, cancellation on disconnect) it says why below.
 
 What it accepts, and nothing else (anything else is refused with a Kubernetes
 ``Status`` and, where the stream can no longer be trusted, a closed connection):
 
-- origin-form request targets, ``HTTP/1.1`` (with ``Host``) or ``HTTP/1.0``;
-- header names that are RFC 9110 tokens, values without control characters, no
-  obsolete line folding, no bare ``CR`` or ``LF``; the whole head within
-  ``max_head_bytes`` and ``max_headers`` (431 beyond);
-- bodies delimited by one ``Content-Length``; ``proxy.framing`` refuses with
-  400 any ambiguity (a second length, even equal; a length with a
-  ``Transfer-Encoding``; any coding but ``chunked``) and any method the
-  Kubernetes API does not serve; a ``chunked`` body is refused with 411
-  (kube-apiserver always sends a length), so there is no chunked decoder to
-  get wrong. With a fallback, a malformed or ambiguous request is refused
-  here too, never handed on: a second parser must not get to read it its
-  own way;
+- what llhttp accepts in strict mode (no obsolete line folding, no bare ``CR``
+  or ``LF``, header names that are tokens, no ``NUL`` in values, one length);
+  then origin-form targets, ``HTTP/1.1`` (with exactly one ``Host``) or
+  ``HTTP/1.0``; the whole head within ``max_head_bytes`` and ``max_headers``
+  (431 beyond);
+- ``proxy.framing.check_request``: 400 for any framing ambiguity llhttp would
+  tolerate (equal lengths, a length list) and for a method the Kubernetes API
+  does not serve;
+- bodies: a body of at most ``max_body_bytes`` with a ``Content-Length`` is
+  read whole before the handler runs; a larger one, or a ``chunked`` one, is
+  either streamed to the handler (``Limits.stream_bodies``, the proxy:
+  ``Request.readany``, with backpressure) or refused (411/413, the webhook:
+  kube-apiserver always sends a small body with a length);
+- upgrades (``Connection: upgrade`` with ``Upgrade``) carry no body (400);
+  the handler may take the connection over (``Request.upgrade``) for a tunnel;
+  otherwise the connection closes after the answer, since what follows on it
+  is no longer HTTP;
 - no body in an answer to ``HEAD`` (refusals included), nor with 1xx, 204 or
-  304;
-- ``Expect: 100-continue`` is honoured; other expectations get 417.
+  304; ``Expect: 100-continue`` is honoured; other expectations get 417.
 
 Bounds, all enforced by one sweeper per server rather than a timer per request:
 a connection must complete a request head within ``head_timeout`` of opening
 or of its previous answer (slowloris, and the keep-alive idle limit), and a
-body within ``body_timeout`` of its head (408). Requests pipelined on one
-connection are answered in order, one at a time; reading pauses while a request
-is being handled and more than one request's worth of bytes is waiting, or
-while the client does not read its answers.
+whole body within ``body_timeout`` of its head (408); a streamed body may not
+pause for longer than ``body_timeout`` (the connection is cut). Requests
+pipelined on one connection are answered in order, one at a time; reading
+pauses while more than one request waits, while a streamed body is not being
+read, or while the client does not read its answers.
 
 Handlers return an ``Answer`` at once (a cached verdict needs no waiting, and
 then no task is created) or an awaitable that the connection runs as a task.
+A client that goes away cancels its handler's task (as Go's reverse proxy
+cancels the request's context), unless the connection was handed to a tunnel.
 Nothing a client sent is ever quoted back or logged.
 """
 
@@ -57,17 +58,20 @@ import contextlib
 import email.utils
 import http
 import logging
-import re
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple, cast
 
-from proxy import framing
+import httptools
+from mypy_extensions import mypyc_attr
+
+from proxy import framing, tunnel
 from proxy.log import REQUEST_ID, new_request_id
 
-__all__ = ["Admit", "Answer", "Handler", "Limits", "Request", "Route", "Server"]
+__all__ = ["Answer", "BodyError", "Handler", "Limits", "Request", "Route", "Server"]
 
 log = logging.getLogger(__name__)
 
@@ -79,34 +83,59 @@ class Limits:
     #: Request line and headers together; kube-apiserver sends well under 1 KiB.
     max_head_bytes: int = 16 * 1024
     max_headers: int = 64
+    #: The largest single field (name and value); ``None``: only the head's
+    #: total bounds it.
+    max_field_bytes: int | None = None
+    #: The largest body read whole before the handler runs.
     max_body_bytes: int = 1024 * 1024
+    #: A chunked body, or one over ``max_body_bytes``: streamed to the handler
+    #: (``Request.readany``) when true, refused (411/413) when false.
+    stream_bodies: bool = False
     #: A request head must be complete within this long of the connection
     #: opening or of the previous answer; an idle keep-alive connection is
     #: closed after it too.
     head_timeout: float = 75.0
-    #: A body must be complete within this long of its head (then 408).
+    #: A whole body must arrive within this long of its head (then 408); a
+    #: streamed body may not pause longer than this (then the cut).
     body_timeout: float = 10.0
 
 
+# A plain Python class even when compiled (``make compiled``): mypyc cannot
+# subclass a built-in exception natively.
+@mypyc_attr(native_class=False)
+class BodyError(ConnectionError):
+    """A streamed request body ended early: the client left, stalled, or sent
+    something llhttp refused. The answer cannot be completed honestly."""
+
+
 class Request:
-    """One parsed request.
+    """One request.
 
     ``headers`` has lower-case names with repeated fields joined (RFC 9110
     §5.3); ``fields`` keeps every field as sent, in order and in its case, for
     a handler that forwards them (the proxy). ``path`` is the target's path,
-    undecoded.
+    undecoded. ``body`` is the whole body when it was read before the handler
+    ran; a streamed body (``streamed``) is read with ``readany``.
     """
 
     __slots__ = (
         "_conn",
+        "_waiter",
         "body",
+        "complete",
+        "due",
         "fields",
         "headers",
         "http11",
         "keep_alive",
         "method",
         "path",
+        "pending",
+        "size",
+        "streamed",
         "target",
+        "upgrade",
+        "wants_continue",
     )
 
     def __init__(
@@ -120,6 +149,7 @@ class Request:
         fields: list[tuple[str, str]] | None = None,
         http11: bool = True,
         conn: _Connection | None = None,
+        size: int = 0,
     ) -> None:
         self.method = method
         self.target = target
@@ -130,12 +160,72 @@ class Request:
         self.fields = fields if fields is not None else []
         self.http11 = http11
         self._conn = conn
+        #: Bytes of the request line and header fields, as counted for limits.
+        self.size = size
+        #: ``Connection: upgrade`` with an ``Upgrade``: the handler may take
+        #: the connection (``upgrade``); otherwise it closes after the answer.
+        self.upgrade = False
+        #: The body is read piece by piece (``readany``), not held in ``body``.
+        self.streamed = False
+        #: Every byte of the body has arrived.
+        self.complete = True
+        #: Body bytes received and not yet handed out (streamed), or being
+        #: collected (whole).
+        self.pending = bytearray()
+        self._waiter: asyncio.Future[None] | None = None
+        #: ``Expect: 100-continue`` asked and not answered yet.
+        self.wants_continue = False
+        #: Loop time by which a whole body must have arrived (0: not set yet).
+        self.due = 0.0
 
     @property
     def peer(self) -> str | None:
         """The client's address (no port), ``None`` when unknown."""
         conn = self._conn
-        return conn.peer if conn is not None else None
+        return conn.peer() if conn is not None else None
+
+    @property
+    def content_type(self) -> str:
+        """The media type, lower-case, without parameters (``""`` if absent)."""
+        return self.headers.get("content-type", "").partition(";")[0].strip().lower()
+
+    # -- a streamed body --------------------------------------------------
+
+    async def readany(self) -> bytes:
+        """The next piece of a streamed body; ``b""`` at its end.
+
+        Raises ``BodyError`` when the body cannot be completed.
+        """
+        conn = self._conn
+        while not self.pending:
+            if self.complete:
+                return b""
+            if conn is None or conn.lost:
+                raise BodyError("http: the request body ended early")
+            conn.send_continue(self)
+            waiter = self._waiter = conn.loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        data = bytes(self.pending)
+        self.pending.clear()
+        if conn is not None:
+            conn.body_consumed()
+        return data
+
+    @property
+    def reading(self) -> bool:
+        """A ``readany`` is waiting for body bytes (or was just woken)."""
+        return self._waiter is not None
+
+    def wake(self) -> None:
+        """Wake a ``readany`` waiting for body bytes (or their end)."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- answering in pieces ----------------------------------------------
 
     def start_stream(
         self,
@@ -169,15 +259,23 @@ class Request:
         if self._conn is not None:
             self._conn.abort()
 
+    def upgrade_to(
+        self, headers: Iterable[tuple[str, str]], *, reason: str = ""
+    ) -> tunnel.ClientSide:
+        """Answer ``101 Switching Protocols`` and take the connection over.
+
+        For an ``upgrade`` request only; the handler's coroutine then relays
+        the tunnel and returns ``None``. Bytes the client sent after its
+        request are already in the returned pipe.
+        """
+        if not self.upgrade:
+            raise RuntimeError("http: not an upgrade request")
+        return self._stream().take_over(self, headers, reason)
+
     def _stream(self) -> _Connection:
         if self._conn is None:
             raise RuntimeError("http: this request has no connection")
         return self._conn
-
-    @property
-    def content_type(self) -> str:
-        """The media type, lower-case, without parameters (``""`` if absent)."""
-        return self.headers.get("content-type", "").partition(";")[0].strip().lower()
 
 
 class Answer(NamedTuple):
@@ -201,13 +299,9 @@ class Answer(NamedTuple):
 
 
 #: A handler answers at once, or returns a coroutine the connection runs as a
-#: task; that coroutine returns the answer, or ``None`` when it has streamed
-#: the answer itself (``Request.start_stream``).
+#: task; that coroutine returns the answer, or ``None`` when it has answered
+#: itself (``Request.start_stream``, ``Request.upgrade_to``).
 Handler = Callable[[Request], "Answer | Coroutine[Any, Any, Answer | None]"]
-
-#: ``admit(method, target, headers)``: whether this listener serves a request
-#: itself or hands its connection to the fallback (see ``Server``).
-Admit = Callable[[str, str, Mapping[str, str]], bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,25 +312,14 @@ class Route:
     methods: frozenset[str] | None = frozenset({"POST"})
 
 
-#: RFC 9110 token characters (header names, methods).
-_TOKEN: Final = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-#: Every header line of a head at once: ``name: value`` CRLF, values of visible
-#: characters, spaces, tabs and obs-text; no folding, no bare CR or LF.
-_HEADERS: Final = re.compile(rb"(?:" + _TOKEN + rb":[\t\x20-\x7e\x80-\xff]*\r\n)*")
-_REQUEST_LINE: Final = re.compile(rb"(" + _TOKEN + rb") (/[\x21-\x7e]*) HTTP/1\.([01])")
-#: One header line of a head ``_HEADERS`` accepted, on its Latin-1 text. The
-#: value is ``.*`` rather than ``[^\r\n]*``: the same match on such a line (no
-#: CR or LF in a value), and ``re`` scans ``.*`` about six times as fast, which
-#: matters for a kilobyte-long ``Authorization`` value (4.96 -> 0.79 µs).
-_FIELD: Final = re.compile(r"(" + _TOKEN.decode() + r"):(.*)\r\n")
 _REASONS: Final = {s.value: s.phrase for s in http.HTTPStatus}
 #: Fields of a relayed answer this server writes itself (``proxy.framing``).
 _FRAMING: Final = framing.HOP_BY_HOP | framing.FRAMING
-#: Refusals that mean "beyond this lane's limits" (a head too large, a chunked
-#: body, a body too large), not "wrong": the fallback may serve those.
-_BEYOND_LIMITS: Final = frozenset({411, 413, 431})
-#: ``_next_request``'s word for "this connection goes to the fallback".
-_HANDOFF: Final = object()
+#: Streamed body bytes held for a handler that has not read them yet before
+#: the connection stops being read.
+_STREAM_HIGH_WATER: Final = 256 * 1024
+#: Bytes a client may send after an upgrade request before its answer.
+_EARLY_TUNNEL_BYTES: Final = 64 * 1024
 
 
 class _Refused(Exception):
@@ -247,32 +330,16 @@ class _Refused(Exception):
         self.status = status
 
 
-@dataclass(slots=True)
-class _Head:
+class _Refusal(NamedTuple):
+    """A refusal queued in its request's place, answered in order."""
+
+    status: int
+    message: str
     method: str
-    target: str
-    headers: dict[str, str]
-    fields: list[tuple[str, str]]
-    length: int
-    keep_alive: bool
-    http11: bool
-    continue_sent: bool = False
 
 
 class Server:
-    """Routes, limits and the connections of one listener.
-
-    With a ``fallback`` (a protocol factory, for the proxy: aiohttp's
-    connection handler), this server is a fast lane in front of a general
-    one. A request beyond this lane's limits (a chunked body, a body over
-    ``max_body_bytes``, an oversized head), a head that is not plain ASCII,
-    and one ``admit`` declines (an upgrade, a watch) are not refused: the
-    connection is handed, at that
-    request's first byte, to a protocol from ``fallback``, which keeps it for
-    the rest of its life. Only one parser ever reads a given byte, and the
-    handover happens between requests, when every earlier answer has been
-    written, so the two cannot disagree about where a request ends.
-    """
+    """Routes, limits and the connections of one listener."""
 
     def __init__(
         self,
@@ -282,21 +349,21 @@ class Server:
         error_body: Callable[[int, str], bytes],
         on_answer: Callable[[str, int, float], None] | None = None,
         default: Route | None = None,
-        fallback: Callable[[], asyncio.Protocol] | None = None,
-        admit: Admit | None = None,
     ) -> None:
         self.routes = dict(routes)
         self.default = default
         self.limits = limits
         self.error_body = error_body
         self.on_answer = on_answer
-        self.fallback = fallback
-        self.admit = admit
-        #: Connections handed to the fallback so far (for tests and metrics).
-        self.handed_off = 0
         self.connections: set[_Connection] = set()
         self.inflight: set[asyncio.Task[Any]] = set()
         self.draining = False
+        #: Set when the drain begins: long-running answers (watches, tunnels)
+        #: end themselves cleanly rather than hold the grace period.
+        self.stopping = asyncio.Event()
+        #: Called once the drain is over (say, to report what a log limiter
+        #: held back).
+        self.on_drained: list[Callable[[], None]] = []
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._date_second = -1
@@ -340,9 +407,11 @@ class Server:
         """Stop accepting; finish in-flight requests within ``grace``; close all.
 
         Idle connections close at once, busy ones after their answer (which
-        says ``Connection: close``), as kube-apiserver's own shutdown does.
+        says ``Connection: close``), as kube-apiserver's own shutdown does;
+        long-running answers are told to end (``stopping``).
         """
         self.draining = True
+        self.stopping.set()
         if self._server is not None:
             self._server.close()
         for conn in list(self.connections):
@@ -364,6 +433,9 @@ class Server:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+            self._sweeper = None
+            for callback in self.on_drained:
+                callback()
 
     async def _sweep(self) -> None:
         """Close connections past their deadline; one pass per fraction of a bound."""
@@ -405,55 +477,102 @@ class Server:
 
 
 class _Connection(asyncio.Protocol):
-    """One client connection: parse, dispatch, answer, in order."""
+    """One client connection: parse (llhttp), dispatch, answer, in order."""
 
     __slots__ = (
-        "_buffer",
         "_busy",
         "_close_after",
         "_closing",
         "_drained",
-        "_head",
-        "_loop",
+        "_early",
+        "_fed_body",
+        "_fields",
+        "_framing",
+        "_head_bytes",
+        "_last",
         "_marked",
         "_out",
+        "_parser",
+        "_parsing",
         "_paused_reading",
         "_paused_writing",
+        "_queue",
+        "_raw_head",
+        "_refused",
         "_server",
         "_started",
         "_stream",
+        "_taken",
+        "_task",
         "_transport",
+        "_upgraded",
+        "_url",
+        "active",
         "deadline",
         "loop",
-        "peer",
+        "lost",
     )
 
     def __init__(self, server: Server) -> None:
         self._server = server
-        self.loop = self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpRequestParser(self)
         #: Output queued this iteration, written by ``flush`` (see ``queue``).
         self._out: list[bytes] = []
         self._marked = False
-        #: Close once the queued output is written; read nothing more meanwhile.
+        #: Close once the queued output is written.
         self._close_after = False
+        #: Read and answer nothing more (a refusal or a close is under way).
         self._closing = False
-        self._buffer = bytearray()
-        self._head: _Head | None = None
+        #: Requests parsed and not yet dispatched, and refusals in their place.
+        self._queue: deque[Request | _Refusal] = deque()
+        #: The request whose head or body llhttp is reading.
+        self._parsing: Request | None = None
+        self._url = b""
+        self._fields: list[tuple[str, str]] = []
+        #: Head bytes counted for the request being parsed: exactly (line and
+        #: fields), and as fed to llhttp (which bounds a field never ended).
+        self._head_bytes = 0
+        self._raw_head = 0
+        #: Bytes of a body's framing read since its last body byte.
+        self._framing = 0
+        #: Body bytes llhttp handed over in the current read.
+        self._fed_body = 0
+        #: The last request whose message llhttp completed.
+        self._last: Request | None = None
+        #: Our own refusal, raised inside an llhttp callback.
+        self._refused: _Refused | None = None
+        #: llhttp stopped at an upgrade: later bytes belong to the tunnel.
+        self._upgraded = False
+        self._early = bytearray()
+        #: The dispatched request, until its answer is complete.
+        self.active: Request | None = None
+        self._task: asyncio.Task[Any] | None = None
         self._busy = False
+        #: The connection was handed to a tunnel (``take_over``).
+        self._taken = False
         self._paused_reading = False
         self._paused_writing = False
-        #: The streamed answer under way: ``None``, ``"length"``, ``"chunked"``
-        #: or ``"close"`` (delimited by closing, for an HTTP/1.0 client).
+        #: The streamed answer under way: ``None``, ``"none"``, ``"length"``,
+        #: ``"chunked"`` or ``"close"`` (delimited by closing, for HTTP/1.0).
         self._stream: str | None = None
         #: ``perf_counter`` when the request being answered was dispatched; 0:
         #: none (a refusal before a whole request arrived takes no time).
         self._started = 0.0
         #: Resolved when writing may go on (``resume_writing``) or never will.
         self._drained: asyncio.Future[None] | None = None
-        #: Loop time by which the current wait (head or body) must end; 0: none.
+        #: Loop time by which the current wait must end; 0: none.
         self.deadline = 0.0
-        self.peer: str | None = None
+        self.lost = False
+
+    def peer(self) -> str | None:
+        """The client's address (no port), ``None`` when unknown."""
+        transport = self._transport
+        address = transport.get_extra_info("peername") if transport else None
+        if isinstance(address, tuple | list) and address:
+            return str(address[0])
+        return None
 
     # -- asyncio.Protocol -------------------------------------------------
 
@@ -462,28 +581,101 @@ class _Connection(asyncio.Protocol):
         # its methods.
         self._transport = cast(asyncio.Transport, transport)
         self._server.connections.add(self)
-        self.deadline = self._loop.time() + self._server.limits.head_timeout
-        if self._server.fallback is not None:
-            peer = transport.get_extra_info("peername")
-            if isinstance(peer, tuple | list) and peer:
-                self.peer = str(peer[0])
+        self.deadline = self.loop.time() + self._server.limits.head_timeout
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
         self._server.connections.discard(self)
         self._transport = None
-        self._buffer.clear()
         self._out.clear()
+        self._queue.clear()
         self.deadline = 0.0
         self._wake_writer()
+        active = self.active
+        if active is not None:
+            active.wake()
+        task = self._task
+        if task is not None and not task.done() and not self._taken:
+            if active is not None and active.reading:
+                # Woken above, its ``readany`` raises ``BodyError``: the
+                # handler learns why, and cleans up as it would for a body
+                # broken off.
+                return
+            # The client is gone: nobody will read the answer (Go's reverse
+            # proxy cancels the request's context here too). A silent watch
+            # learns it now rather than at its next byte.
+            task.cancel()
 
     def data_received(self, data: bytes) -> None:
-        if self._closing:
+        if self._closing or self._taken:
             return
-        self._buffer += data
-        if self._busy or self._paused_writing:
-            self._throttle()
+        if self._upgraded:
+            self._keep_early(data)
             return
+        before = self._parsing
+        in_head = before is not None and not before.method
+        self._fed_body = 0
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            # llhttp stops after an upgrade request: what follows is not HTTP,
+            # so this connection ends with that request's answer.
+            self._upgraded = True
+            if self._last is not None:
+                self._last.keep_alive = False
+            self._keep_early(data[upgrade.args[0] :])
+        except httptools.HttpParserCallbackError:
+            refused = self._refused or _Refused(500, "http: internal error")
+            self._refuse(refused.status, str(refused))
+        except httptools.HttpParserError:
+            self._refuse(400, "http: malformed request")
+        else:
+            parsing = self._parsing
+            if parsing is not None and not parsing.method:
+                self._bound_head(data, continued=in_head)
+            elif parsing is not None and parsing is before and not in_head:
+                self._bound_framing(len(data))
         self._process()
+
+    def _bound_head(self, data: bytes, *, continued: bool) -> None:
+        """Refuse a head growing past the limit before llhttp has ended it.
+
+        llhttp holds a field until its line ends and only then hands it over
+        (``on_header``), so an unterminated line is bounded here by what was
+        fed: the bytes after the last LF (every complete line of a head ends
+        with one), accumulated while a line goes on across reads. In the read
+        where the head began, the body bytes before it are not its own.
+        """
+        last = data.rfind(b"\n")
+        if last >= 0:
+            tail = len(data) - last - 1
+            if not continued:
+                tail = min(tail, len(data) - self._fed_body)
+            self._raw_head = tail
+        else:
+            self._raw_head += len(data) if continued else len(data) - self._fed_body
+        if self._head_bytes + self._raw_head > self._server.limits.max_head_bytes:
+            self._refuse(431, "http: request head too large")
+
+    def _bound_framing(self, size: int) -> None:
+        """Refuse a chunked body's framing growing past the head's limit.
+
+        Between body bytes llhttp reads only chunk sizes, their extensions
+        and, at the end, trailers, which ``httptools`` holds until their line
+        ends: reads that carried no body byte are counted, within the limit
+        of a head (plus the read a body byte last came in).
+        """
+        if self._fed_body:
+            self._framing = 0
+            return
+        self._framing += size
+        if self._framing > self._server.limits.max_head_bytes:
+            self._refuse(431, "http: chunk framing or trailers too large")
+
+    def eof_received(self) -> bool | None:
+        # A half-close ends the connection (as HTTP/1.1 servers commonly do);
+        # a streamed body waiting for more learns it has ended early.
+        return None
 
     def pause_writing(self) -> None:
         self._paused_writing = True
@@ -501,29 +693,190 @@ class _Connection(asyncio.Protocol):
             if not waiter.done():
                 waiter.set_result(None)
 
+    # -- llhttp's callbacks -----------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._parsing = Request("", "", {}, b"", True, conn=self)
+        self._url = b""
+        self._fields = []
+        self._head_bytes = 0
+        self._raw_head = 0
+        self._framing = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_bytes += len(url)
+        if self._head_bytes > self._server.limits.max_head_bytes:
+            raise _refuse_in_callback(self, 431, "http: request head too large")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        fields = self._fields
+        parsing = self._parsing
+        # After the head, llhttp hands over a chunked body's trailers here.
+        trailer = parsing is not None and bool(parsing.method)
+        self._head_bytes += len(name) + len(value) + 4
+        limits = self._server.limits
+        if self._head_bytes > limits.max_head_bytes:
+            raise _refuse_in_callback(self, 431, "http: request head too large")
+        if len(fields) >= limits.max_headers:
+            raise _refuse_in_callback(self, 431, "http: too many headers")
+        if (
+            limits.max_field_bytes is not None
+            and len(name) + len(value) > limits.max_field_bytes
+        ):
+            raise _refuse_in_callback(self, 431, "http: header field too large")
+        if trailer:
+            # Counted against the head's limits, then dropped: a trailer is
+            # never a header field (RFC 9110 §6.5.1), and none is forwarded.
+            return
+        # Names are tokens (llhttp checked); values Latin-1 as RFC 9110 §5.5
+        # reads obs-text.
+        fields.append((name.decode("latin-1"), value.decode("latin-1").strip(" \t")))
+
+    def on_headers_complete(self) -> None:
+        request = self._parsing
+        assert request is not None
+        parser = self._parser
+        method = parser.get_method().decode("ascii", "replace")
+        try:
+            self._admit_head(request, method, parser.get_http_version())
+        except _Refused as refused:
+            self._refused = refused
+            raise
+
+    def on_body(self, body: bytes) -> None:
+        request = self._parsing
+        if request is None:  # pragma: no cover - llhttp calls it within a message
+            return
+        request.pending += body
+        self._fed_body += len(body)
+        if request.streamed:
+            if request is self.active:
+                self.deadline = self.loop.time() + self._server.limits.body_timeout
+            request.wake()
+
+    def on_message_complete(self) -> None:
+        request = self._parsing
+        self._parsing = None
+        if request is None:  # pragma: no cover - llhttp pairs begin and complete
+            return
+        request.complete = True
+        self._last = request
+        if request.streamed:
+            if request is self.active:
+                self.deadline = 0.0
+            request.wake()
+        else:
+            request.body = bytes(request.pending)
+            request.pending = bytearray()
+
+    # -- our policy on a head ---------------------------------------------
+
+    def _admit_head(self, request: Request, method: str, version: str) -> None:
+        limits = self._server.limits
+        fields = self._fields
+        # Known before any refusal: an answer to HEAD carries no body, its
+        # refusals included (RFC 9110 §9.3.2).
+        request.method = method
+        try:
+            framed = framing.check_request(method, fields)
+        except framing.AmbiguousRequest as err:
+            raise _Refused(err.status, str(err)) from None
+        target = self._url.decode("latin-1")
+        if not target.startswith("/"):
+            raise _Refused(400, "http: malformed request line")
+        if version not in ("1.1", "1.0"):
+            raise _Refused(400, "http: malformed request line")
+        http10 = version == "1.0"
+        headers: dict[str, str] = {}
+        for original, text in fields:
+            key = original.lower()
+            if key in headers:
+                if key == "host":
+                    raise _Refused(400, "http: more than one Host")  # RFC 9112 §3.2
+                # RFC 9110 §5.3: repeated fields combine as a list.
+                headers[key] = headers[key] + ", " + text
+            else:
+                headers[key] = text
+        if not http10 and "host" not in headers:
+            raise _Refused(400, "http: HTTP/1.1 request without Host")
+        expect = headers.get("expect")
+        if expect is not None and expect.lower() != "100-continue":
+            raise _Refused(417, "http: unsupported expectation")
+        connection = headers.get("connection", "").lower()
+        upgrade = "upgrade" in headers and "upgrade" in _tokens(connection)
+        length = framed.length
+        if upgrade and (framed.chunked or length):
+            # Nothing before the 101 is forwarded: a body could only be read as
+            # the tunnel's first bytes by one side and not by the other.
+            raise _Refused(400, "http: a body on an upgrade request")
+        if framed.chunked or (length is not None and length > limits.max_body_bytes):
+            if not limits.stream_bodies:
+                if framed.chunked:
+                    raise _Refused(411, "http: a Content-Length is required")
+                raise _Refused(
+                    413, f"http: body larger than {limits.max_body_bytes} bytes"
+                )
+            request.streamed = True
+        request.method = method
+        request.target = target
+        request.path = target.partition("?")[0]
+        request.headers = headers
+        request.fields = fields
+        request.size = self._head_bytes
+        request.http11 = not http10
+        request.upgrade = upgrade
+        request.keep_alive = (
+            "keep-alive" in connection if http10 else "close" not in connection
+        )
+        request.complete = not (framed.chunked or length)
+        request.wants_continue = expect is not None and not request.complete
+        self._queue.append(request)
+
     # -- lifecycle --------------------------------------------------------
 
     def expire(self) -> None:
-        """The deadline passed: 408 for a late body, otherwise just close."""
+        """A deadline passed: 408 for a late body, a cut for a stalled stream,
+        otherwise just close."""
         self.deadline = 0.0
         if self._transport is None:
             return
-        if self._head is not None:
-            limits = self._server.limits
+        limits = self._server.limits
+        active = self.active
+        if active is not None:
+            if active.streamed and not active.complete:
+                if active.pending:
+                    # The handler has not read what came: the pause is ours
+                    # (backpressure), not a stalled client.
+                    self.deadline = self.loop.time() + limits.body_timeout
+                    return
+                log.info("connection closed: request body stalled")
+                self.abort()
+            return
+        front = self._queue[0] if self._queue else None
+        if isinstance(front, Request):
+            self._queue.clear()
+            self._closing = True
             self._answer(
                 "",
                 self._server.refusal(
                     408, f"http: body not received within {limits.body_timeout:g}s"
                 ),
+                front,
             )
             return
-        if self._buffer:
+        if self._parsing is not None:
             log.info("connection closed: request head not complete in time")
         self._close_soon()
 
     def close_if_idle(self) -> None:
         """Close now unless a request is being handled or has begun to arrive."""
-        if self._transport is not None and not self._busy and not self._buffer:
+        if (
+            self._transport is not None
+            and not self._busy
+            and not self._queue
+            and self._parsing is None
+        ):
             self.flush()
             if self._transport is not None:
                 self._transport.close()
@@ -554,7 +907,7 @@ class _Connection(asyncio.Protocol):
         self._marked = False
         out = self._out
         transport = self._transport
-        if transport is None:
+        if transport is None or self._taken:
             out.clear()
             return
         if out:
@@ -568,12 +921,56 @@ class _Connection(asyncio.Protocol):
         """Close after the queued output; read and answer nothing more."""
         self._closing = True
         self._close_after = True
-        self._head = None
-        self._buffer.clear()
+        self._queue.clear()
         self.deadline = 0.0
         if not self._marked:
             self._marked = True
             self._server.mark(self)
+
+    def send_continue(self, request: Request) -> None:
+        """``100 Continue``, once, to a client waiting for it before its body."""
+        if request.wants_continue and self._transport is not None:
+            request.wants_continue = False
+            self.queue(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    # -- refusals ---------------------------------------------------------
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Queue a refusal in the place of the request being parsed; stop reading.
+
+        A streamed body already being handled cannot be completed: its
+        handler learns it (``BodyError``) and the connection is cut after.
+        """
+        log.info(
+            "request refused by the http parser",
+            extra={"status": status, "error": message},
+        )
+        self._refused = None
+        parsing, self._parsing = self._parsing, None
+        method = parsing.method if parsing is not None else ""
+        self._closing = True
+        active = self.active
+        if parsing is not None and parsing is active:
+            self.abort()
+            active.wake()
+            return
+        if parsing is not None and parsing in self._queue:
+            # Its head was admitted, its body broke: it is refused instead.
+            self._queue.remove(parsing)
+        self._queue.append(_Refusal(status, message, method))
+
+    def _keep_early(self, data: bytes) -> None:
+        """Hold what came after an upgrade request for the tunnel (bounded)."""
+        if not data:
+            return
+        self._early += data
+        if (
+            len(self._early) > _EARLY_TUNNEL_BYTES
+            and not self._paused_reading
+            and self._transport is not None
+        ):
+            self._paused_reading = True
+            self._transport.pause_reading()
 
     # -- streamed answers -------------------------------------------------
 
@@ -600,6 +997,9 @@ class _Connection(asyncio.Protocol):
         _relayed_fields(head, headers, server.date)
         if framing.bodyless(request.method, status):
             self._stream = "none"
+            if length is not None and not framing.bodyless("", status):
+                # HEAD: the length a GET would have had (RFC 9110 §8.6).
+                head.append(b"Content-Length: %d\r\n" % length)
         elif length is not None:
             head.append(b"Content-Length: %d\r\n" % length)
             self._stream = "length"
@@ -608,7 +1008,7 @@ class _Connection(asyncio.Protocol):
             self._stream = "chunked"
         else:
             self._stream = "close"
-        if self._stream == "close" or not request.keep_alive or server.draining:
+        if self._stream == "close" or _closes_after(request, server):
             head.append(b"Connection: close\r\n")
             request.keep_alive = False
         head.append(b"\r\n")
@@ -628,222 +1028,126 @@ class _Connection(asyncio.Protocol):
             self._out.append(data)
         self.flush()
         while self._paused_writing and self._transport is not None:
-            waiter = self._drained = self._loop.create_future()
+            waiter = self._drained = self.loop.create_future()
             await waiter
         if self._transport is None:
             raise ConnectionResetError("http: the client has gone")
 
     def end_stream(self) -> None:
-        transport = self._transport
-        if transport is None:
+        if self._transport is None:
             raise ConnectionResetError("http: the client has gone")
         if self._stream == "chunked":
             self.queue(b"0\r\n\r\n")
 
-    def _stream_finished(self, request: Request) -> None:
-        """After a streamed answer: keep the connection, or close it."""
-        stream, self._stream = self._stream, None
+    def take_over(
+        self, request: Request, headers: Iterable[tuple[str, str]], reason: str
+    ) -> tunnel.ClientSide:
+        """Write the ``101`` head, then hand the transport to a tunnel pipe."""
         transport = self._transport
-        if transport is None:
-            return
-        if stream is None:
-            # The handler said it answered but never began: nothing honest
-            # can follow on this connection.
-            log.error("handler returned no answer (likely a bug)")
-            transport.abort()
-            return
-        if not request.keep_alive or self._server.draining:
-            self._close_soon()
-            return
-        self.deadline = self._loop.time() + self._server.limits.head_timeout
-
-    # -- handing over -----------------------------------------------------
-
-    def _handoff(self) -> None:
-        """Give this connection, from the current request on, to the fallback."""
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("http: the client has gone")
+        if self._stream is not None:
+            raise RuntimeError("http: an answer is already under way")
         server = self._server
-        transport = self._transport
-        factory = server.fallback
-        if transport is None or factory is None:  # pragma: no cover - callers check
-            return
-        # Earlier answers go out before anything the fallback writes.
+        if server.on_answer is not None:
+            server.on_answer("other", 101, self._elapsed())
+        head = [b"HTTP/1.1 101 %s\r\n" % (reason or "Switching Protocols").encode()]
+        for key, value in headers:
+            head.append(b"%s: %s\r\n" % (key.encode("latin-1"), value.encode()))
+        head.append(b"\r\n")
         self.flush()
-        data = bytes(self._buffer)
-        self._buffer.clear()
-        self._head = None
+        transport.write(b"".join(head))
+        self._taken = True
+        self._stream = "none"
         self.deadline = 0.0
-        self._transport = None
         server.connections.discard(self)
-        server.handed_off += 1
-        protocol = factory()
-        transport.set_protocol(protocol)
-        protocol.connection_made(transport)
+        client = tunnel.ClientSide(transport)
+        transport.set_protocol(client)
+        early, self._early = bytes(self._early), bytearray()
         if self._paused_reading:
             self._paused_reading = False
             transport.resume_reading()
-        if data:
-            protocol.data_received(data)
+        if early:
+            client.data_received(early)
+        return client
+
+    # -- requests ---------------------------------------------------------
+
+    def buffered(self) -> int:
+        """Bytes received and held for requests not yet answered (bounded by
+        the throttle: the limits plus what one read delivers)."""
+        held = sum(
+            len(r.pending) + r.size for r in self._queue if isinstance(r, Request)
+        )
+        return held + len(self._early)
+
+    def body_consumed(self) -> None:
+        """A handler read a streamed body's bytes: read the client again (and
+        the client's stall clock starts now, not when we stopped reading)."""
+        active = self.active
+        if active is not None and not active.complete:
+            self.deadline = self.loop.time() + self._server.limits.body_timeout
+        if self._paused_reading and not self._busy_throttled():
+            self._unthrottle()
+
+    def _busy_throttled(self) -> bool:
+        """Whether enough is waiting that reading the client should pause."""
+        if self._paused_writing or len(self._queue) > 1 or self._upgraded:
+            return True
+        limits = self._server.limits
+        active = self.active
+        if active is not None and len(active.pending) > _STREAM_HIGH_WATER:
+            return True
+        waiting = sum(len(r.pending) for r in self._queue if isinstance(r, Request))
+        return waiting > limits.max_head_bytes + limits.max_body_bytes
 
     def _throttle(self) -> None:
-        limits = self._server.limits
-        waiting = len(self._buffer)
-        if (
-            not self._paused_reading
-            and self._transport is not None
-            and waiting > limits.max_head_bytes + limits.max_body_bytes
-        ):
+        if not self._paused_reading and self._transport is not None:
             self._paused_reading = True
             self._transport.pause_reading()
 
     def _unthrottle(self) -> None:
-        if self._paused_reading and self._transport is not None:
+        if (
+            self._paused_reading
+            and self._transport is not None
+            and not self._upgraded
+            and not self._closing
+        ):
             self._paused_reading = False
             self._transport.resume_reading()
 
-    # -- requests ---------------------------------------------------------
-
     def _process(self) -> None:
-        """Answer every complete request buffered, in order, until one must wait."""
+        """Answer every request queued, in order, until one must wait."""
         server = self._server
-        while self._transport is not None and not self._busy and not self._closing:
+        queue = self._queue
+        while self._transport is not None and not self._busy and not self._taken:
             if self._paused_writing:
-                self._throttle()
-                return
-            try:
-                request = self._next_request()
-            except _Refused as refused:
-                log.info(
-                    "request refused by the http parser",
-                    extra={"status": refused.status, "error": str(refused)},
+                break
+            if not queue:
+                break
+            front = queue[0]
+            if isinstance(front, _Refusal):
+                queue.clear()
+                self._answer(
+                    "",
+                    server.refusal(front.status, front.message),
+                    method=front.method,
                 )
-                self._answer("", server.refusal(refused.status, str(refused)))
                 return
-            if request is None:
-                self._unthrottle()
-                return
-            if request is _HANDOFF:
-                self._handoff()
-                return
-            self._dispatch(cast(Request, request))
-
-    def _next_request(self) -> Request | object | None:
-        """The next complete request in the buffer, ``None`` if it is not all
-        here, ``_HANDOFF`` if it is the fallback's.
-        """
-        server = self._server
-        limits = server.limits
-        buffer = self._buffer
-        head = self._head
-        if head is None:
-            # RFC 9112 §2.2: ignore empty lines before a request line.
-            while buffer[:2] == b"\r\n":
-                del buffer[:2]
-            end = buffer.find(b"\r\n\r\n", 0, limits.max_head_bytes + 4)
-            if end < 0:
-                if len(buffer) > limits.max_head_bytes:
-                    if server.fallback is not None:
-                        return _HANDOFF
-                    raise _Refused(431, "http: request head too large")
-                return None
-            raw = bytes(buffer[: end + 2])
-            if server.fallback is None:
-                head = self._parse_head(raw)
-            else:
-                if not raw.isascii():
-                    return _HANDOFF
-                try:
-                    head = self._parse_head(raw)
-                except _Refused as refused:
-                    # Beyond this lane's limits, not wrong: the fallback's.
-                    # Anything wrong is refused here, never handed on for a
-                    # second parser to read its own way.
-                    if refused.status in _BEYOND_LIMITS:
-                        return _HANDOFF
-                    raise
-                admit = server.admit
-                if admit is not None and not admit(
-                    head.method, head.target, head.headers
-                ):
-                    return _HANDOFF
-            self._head = head
-            del buffer[: end + 4]
-            self.deadline = self._loop.time() + limits.body_timeout
-        if len(buffer) < head.length:
-            if (
-                not head.continue_sent
-                and head.headers.get("expect", "").lower() == "100-continue"
-                and self._transport is not None
-            ):
-                head.continue_sent = True
-                self.queue(b"HTTP/1.1 100 Continue\r\n\r\n")
-            return None
-        body = bytes(buffer[: head.length])
-        del buffer[: head.length]
-        self._head = None
-        self.deadline = 0.0
-        return Request(
-            head.method,
-            head.target,
-            head.headers,
-            body,
-            head.keep_alive,
-            fields=head.fields,
-            http11=head.http11,
-            conn=self,
-        )
-
-    def _parse_head(self, raw: bytes) -> _Head:
-        limits = self._server.limits
-        line_end = raw.find(b"\r\n")
-        match = _REQUEST_LINE.fullmatch(raw, 0, line_end)
-        if match is None:
-            raise _Refused(400, "http: malformed request line")
-        if _HEADERS.fullmatch(raw, line_end + 2) is None:
-            raise _Refused(400, "http: malformed header")
-        # Checked whole above; now split at once (names are ASCII tokens, values
-        # Latin-1 as RFC 9110 §5.5 reads obs-text).
-        found = _FIELD.findall(raw.decode("latin-1"), line_end + 2)
-        if len(found) > limits.max_headers:
-            raise _Refused(431, "http: too many headers")
-        headers: dict[str, str] = {}
-        pairs: list[tuple[str, str]] = []
-        for original, value in found:
-            key = original.lower()
-            text = value.strip(" \t")
-            pairs.append((original, text))
-            if key in headers:
-                if key == "host":
-                    raise _Refused(400, "http: more than one Host")  # RFC 9112 §3.2
-                # RFC 9110 §5.3: repeated fields combine as a list.
-                text = headers[key] + ", " + text
-            headers[key] = text
-        method = match.group(1).decode("ascii")
-        try:
-            framed = framing.check_request(method, pairs)
-        except framing.AmbiguousRequest as err:
-            raise _Refused(err.status, str(err)) from None
-        http10 = match.group(3) == b"0"
-        if not http10 and "host" not in headers:
-            raise _Refused(400, "http: HTTP/1.1 request without Host")
-        if framed.chunked:
-            raise _Refused(411, "http: a Content-Length is required")
-        length = framed.length or 0
-        if length > limits.max_body_bytes:
-            raise _Refused(413, f"http: body larger than {limits.max_body_bytes} bytes")
-        expect = headers.get("expect")
-        if expect is not None and expect.lower() != "100-continue":
-            raise _Refused(417, "http: unsupported expectation")
-        connection = headers.get("connection", "").lower()
-        keep_alive = "keep-alive" in connection if http10 else "close" not in connection
-        return _Head(
-            method=method,
-            target=match.group(2).decode("ascii"),
-            headers=headers,
-            fields=pairs,
-            length=length,
-            keep_alive=keep_alive,
-            http11=not http10,
-        )
+            if not front.streamed and not front.complete:
+                self.send_continue(front)
+                if not front.due:
+                    front.due = self.loop.time() + server.limits.body_timeout
+                self.deadline = front.due
+                break
+            queue.popleft()
+            self._dispatch(front)
+        if self._transport is None or self._closing:
+            return
+        if self._busy_throttled():
+            self._throttle()
+        else:
+            self._unthrottle()
 
     def _dispatch(self, request: Request) -> None:
         self._started = time.perf_counter()
@@ -870,7 +1174,7 @@ class _Connection(asyncio.Protocol):
                 self._answer(name, result, request)
                 return
             # The task copies the context now, request id included.
-            task = self._loop.create_task(result)
+            task = self.loop.create_task(result)
         except Exception:
             log.exception(
                 "unhandled error (likely a bug)", extra={"path": request.path}
@@ -880,7 +1184,13 @@ class _Connection(asyncio.Protocol):
         finally:
             REQUEST_ID.reset(token)
         self._busy = True
-        self.deadline = 0.0
+        self.active = request
+        self._task = task
+        self.deadline = (
+            self.loop.time() + server.limits.body_timeout
+            if request.streamed and not request.complete
+            else 0.0
+        )
         server.inflight.add(task)
         task.add_done_callback(lambda t: self._finished(t, name, request))
 
@@ -894,6 +1204,10 @@ class _Connection(asyncio.Protocol):
     ) -> None:
         self._server.inflight.discard(task)
         self._busy = False
+        self.active = None
+        self._task = None
+        if self._taken:
+            return
         if task.cancelled():
             self.abort()
             return
@@ -918,8 +1232,34 @@ class _Connection(asyncio.Protocol):
             self._answer(name, answer, request)
         self._process()
 
+    def _stream_finished(self, request: Request) -> None:
+        """After a streamed answer: keep the connection, or close it."""
+        stream, self._stream = self._stream, None
+        transport = self._transport
+        if transport is None:
+            return
+        if stream is None:
+            # The handler said it answered but never began: nothing honest
+            # can follow on this connection.
+            log.error("handler returned no answer (likely a bug)")
+            transport.abort()
+            return
+        if stream == "close" or _closes_after(request, self._server):
+            self._close_soon()
+            return
+        self._after_answer()
+
+    def _after_answer(self) -> None:
+        """The connection waits for its next request head."""
+        self.deadline = self.loop.time() + self._server.limits.head_timeout
+
     def _answer(
-        self, name: str, answer: Answer, request: Request | None = None
+        self,
+        name: str,
+        answer: Answer,
+        request: Request | None = None,
+        *,
+        method: str = "",
     ) -> None:
         server = self._server
         transport = self._transport
@@ -927,18 +1267,11 @@ class _Connection(asyncio.Protocol):
             server.on_answer(name or "other", answer.status, self._elapsed())
         if transport is None:
             return
-        close = (
-            answer.close or request is None or not request.keep_alive or server.draining
-        )
+        close = answer.close or request is None or _closes_after(request, server)
         status = answer.status
         body = answer.body
-        # A refusal by the parser has no request: its method is the buffer's
-        # first word, which is all "HEAD" needs (RFC 9110 §9.3.2).
-        method = (
-            request.method
-            if request is not None
-            else ("HEAD" if self._buffer[:5] == b"HEAD " else "")
-        )
+        if request is not None:
+            method = request.method
         head = [
             b"HTTP/1.1 %d %s\r\n"
             % (status, (answer.reason or _REASONS.get(status, "")).encode("latin-1"))
@@ -963,7 +1296,31 @@ class _Connection(asyncio.Protocol):
         if close:
             self._close_soon()
             return
-        self.deadline = self._loop.time() + server.limits.head_timeout
+        self._after_answer()
+
+
+def _refuse_in_callback(conn: _Connection, status: int, message: str) -> _Refused:
+    """Our refusal from inside an llhttp callback (llhttp stops; see
+    ``data_received``)."""
+    refused = _Refused(status, message)
+    conn._refused = refused
+    return refused
+
+
+def _closes_after(request: Request, server: Server) -> bool:
+    """Whether the connection ends with this request's answer (a body not
+    read to its end included: the rest of it would have to be read and
+    dropped, unbounded, before the next request)."""
+    return (
+        not request.keep_alive
+        or request.upgrade
+        or server.draining
+        or not request.complete
+    )
+
+
+def _tokens(value: str) -> set[str]:
+    return {token.strip(" \t") for token in value.split(",")}
 
 
 def _relayed_fields(

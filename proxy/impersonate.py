@@ -53,10 +53,11 @@ backpressure, never buffered whole. Long-running requests are recognised as
 kube-apiserver does (verb ``watch``, or subresource ``log``, ``exec``,
 ``attach``, ``portforward``, ``proxy``) plus every upgrade: they get no total
 timeout, only an idle limit (no bytes for ``stream_idle_timeout`` /
-``tunnel_idle_timeout``), and the client's disconnect is noticed within half a
-second even while the stream is silent (aiohttp only cancels handlers on
-disconnect when the server enables ``handler_cancellation``). Every other
-request must finish within ``request_timeout``.
+``tunnel_idle_timeout``); a client's disconnect cancels its request at once
+(``proxy.http1``), even while the stream is silent. Every other request must
+finish within ``request_timeout``. Request bodies up to 64 KiB with a length
+are read whole first; larger or chunked ones (``kubectl cp``, a large
+``apply``) stream through under the length the client declared, or chunked.
 
 Every request reaches the API server through one client, the pool of
 ``proxy.upstream_pool`` (``Upstream.fetch``/``Upstream.upgrade``), whose answers
@@ -67,11 +68,9 @@ connection is handed over to ``proxy.tunnel``, which copies the bytes; any
 other answer is relayed as an ordinary response (kubectl needs that body to
 fall back from WebSocket to SPDY or to print the error).
 
-Two lanes, one pipeline: short plain requests (most of what kubectl sends) are
-served by ``proxy.http1`` (``LeanLane``), everything else by aiohttp; both go
-through ``_admit`` for every check above and through the same pool, and
-``tests/test_proxy_lanes.py`` holds them to the same upstream request and the
-same answer.
+One listener: every request, of every kind, is read by ``proxy.http1`` (llhttp)
+and served by ``_ProxyHandler.handle``; a cached verdict's refusal is answered
+without a task, everything else runs as one task per request.
 
 Errors are Kubernetes ``Status`` objects with short, generic messages; the
 detail goes to this module's log. One access-log line per request goes to the
@@ -94,10 +93,9 @@ import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol, TypeVar
+from typing import Any, Final, Protocol
 
-from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
 from proxy import framing, http1, tunnel
 from proxy.errors import IssuerMismatch, TokenError, UpstreamError
@@ -109,14 +107,11 @@ from proxy.upstream_pool import PooledResponse
 
 __all__ = [
     "BEARER_PROTOCOL_PREFIX",
-    "LEAN_LANE",
-    "LeanLane",
     "ProxySettings",
     "TokenAuthenticator",
-    "add_proxy_routes",
     "classify_request",
     "escape_extra_key",
-    "status_response",
+    "proxy_server",
 ]
 
 log = logging.getLogger(__name__)
@@ -159,7 +154,6 @@ _IMPERSONATE: Final = "impersonate-"
 _IMPERSONATE_EXTRA: Final = "impersonate-extra-"
 _MAX_ERROR_BODY: Final = 1024 * 1024
 _MAX_SAR_BODY: Final = 256 * 1024
-_DISCONNECT_POLL: Final = 0.5
 _UNSAFE_VALUE: Final = re.compile(r"[\x00-\x1f\x7f]")
 #: Bytes an extra key keeps as they are in a header name. Upper-case letters
 #: are not among them (client-go keeps them): kube-apiserver lower-cases the
@@ -179,37 +173,12 @@ _UPSTREAM_MESSAGES: Final = {
     504: "the API server did not answer in time",
 }
 _UPSTREAM_LABELS: Final = {502: "error", 503: "unavailable", 504: "timeout"}
-_T = TypeVar("_T")
-_Headers = CIMultiDictProxy[str] | CIMultiDict[str]
-#: Bodies the lean lane reads whole before forwarding; larger ones are
-#: streamed by the aiohttp lane (kubectl's requests are mostly far smaller).
-_LEAN_MAX_BODY: Final = 64 * 1024
-#: Substrings of a target that may make it long-running; only a target with
-#: one is classified in full before the lean lane takes it.
-_LONG_HINTS: Final = ("watch", "/log", "/exec", "/attach", "/portforward", "/proxy")
-#: Request headers that send a request to the aiohttp lane.
-_LEAN_DECLINES: Final = ("upgrade", "expect", "transfer-encoding")
-
-
-@dataclass(frozen=True, slots=True)
-class LeanLane:
-    """The proxy's fast lane: ``proxy.http1`` serves the requests ``admit``
-    takes with ``route``; the listener hands every other connection to aiohttp.
-
-    Why two lanes: aiohttp's server costs about half of the proxy's CPU on a
-    small cached-token GET, the common request. The lean lane takes only what
-    it fully understands (plain-ASCII heads within 16 KiB, a body of at most
-    64 KiB with a ``Content-Length``, no upgrade, no ``Expect``, no client
-    ``Impersonate-*``, nothing long-running) and applies the same checks, in
-    the same order, with the same answers, through the same functions.
-    """
-
-    route: http1.Route
-    admit: http1.Admit
-    limits: http1.Limits
-
-
-LEAN_LANE: Final = web.AppKey("proxy_lean_lane", LeanLane)
+_Headers = CIMultiDict[str]
+#: Bodies read whole before the API server is called (kubectl's requests are
+#: mostly far smaller); larger and chunked ones are streamed through.
+_WHOLE_BODY: Final = 64 * 1024
+#: Request line bytes the listener allows beyond ``max_header_bytes``.
+_REQUEST_LINE: Final = 16 * 1024
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -314,18 +283,6 @@ def _token_refusal(err: TokenError) -> _Refusal:
     return _Refusal(401, "Unauthorized", str(err), cause=err.reason, reason=err.reason)
 
 
-def status_response(
-    code: int, message: str, *, headers: Mapping[str, str] | None = None
-) -> web.Response:
-    """A Kubernetes ``Status`` failure body, which kubectl prints well."""
-    return web.Response(
-        status=code,
-        body=_status_body(code, message),
-        content_type="application/json",
-        headers=headers,
-    )
-
-
 def classify_request(
     method: str, path: str, query: Mapping[str, str]
 ) -> tuple[str, str]:
@@ -388,7 +345,7 @@ def _connection_tokens(headers: _Headers) -> set[str]:
     return tokens
 
 
-def _upgrade_protocol(headers: CIMultiDictProxy[str]) -> str | None:
+def _upgrade_protocol(headers: _Headers) -> str | None:
     """The ``Upgrade`` value when this is an upgrade we relay, else ``None``."""
     if "upgrade" not in _connection_tokens(headers):
         return None
@@ -585,14 +542,6 @@ def _impersonation_checks(identity: _Identity) -> list[dict[str, str]]:
     return checks
 
 
-def _peer(request: web.Request) -> str | None:
-    transport = request.transport
-    peer = transport.get_extra_info("peername") if transport is not None else None
-    if isinstance(peer, tuple | list) and peer:
-        return str(peer[0])
-    return None
-
-
 def _trusted(peer: str | None, networks: Sequence[IPNetwork]) -> bool:
     if peer is None or not networks:
         return False
@@ -676,59 +625,12 @@ def _declared_length(method: str, upstream: PooledResponse) -> int | None:
     return upstream.body_length
 
 
-def _check_framing(request: web.Request) -> None:
-    """``framing.check_request`` on what aiohttp received, plus: an upgrade
-    carries no body (nothing before the ``101`` is forwarded, so a body could
-    only be read as the start of the tunnel by one side and not the other).
-    """
-    fields = [
-        (name.decode("latin-1"), value.decode("latin-1"))
-        for name, value in request.raw_headers
-    ]
-    framed = framing.check_request(request.method, fields)
-    if (framed.chunked or framed.length) and "upgrade" in _connection_tokens(
-        request.headers
-    ):
-        raise framing.AmbiguousRequest("http: a body on an upgrade request")
-
-
-def _client_gone(request: web.Request) -> bool:
-    transport = request.transport
-    return transport is None or transport.is_closing()
-
-
-async def _unless_client_leaves(
-    request: web.Request, work: Awaitable[_T], stopping: asyncio.Event | None
-) -> _T | None:
-    """Run ``work`` but give up (``None``) once the client's connection is gone;
-    raise ``_Stopping`` once the server drains (``stopping`` set).
-    """
-    task = asyncio.ensure_future(work)
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL)
-            if done:
-                return task.result()
-            if _client_gone(request):
-                return None
-            if stopping is not None and stopping.is_set():
-                raise _Stopping
-    finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.wait({task})
-
-
 class _UpstreamBroken(Exception):
     """The API server failed after the response head was relayed."""
 
 
 class _ClientLeft(Exception):
     """The client went away while the response was being relayed."""
-
-
-class _Stopping(Exception):
-    """The server is shutting down: end a long-running response cleanly."""
 
 
 # --------------------------------------------------------------------------
@@ -828,8 +730,8 @@ class _ProxyHandler:
         self._stopping = stopping
         self._identities = PerUser(self._checked_headers, limit=_IDENTITY_CACHE)
         self._limiter = RefusalLimiter(access_log, limit=settings.refusal_log_limit)
-        # The engine's two steps, when the authenticator has them (the lean
-        # lane answers a cached verdict without a task); ``authenticate`` else.
+        # The engine's two steps, when the authenticator has them (``handle``
+        # answers a cached verdict without a task); ``authenticate`` else.
         lookup = getattr(authenticator, "lookup", None)
         validate = getattr(authenticator, "validate", None)
         self._lookup: Callable[[str], tuple[bytes, UserInfo | None]] | None = (
@@ -839,57 +741,74 @@ class _ProxyHandler:
             validate if self._lookup is not None else None
         )
 
-    async def cleanup(self, _: web.Application) -> None:
-        """Report the refusals not logged yet (the app is stopping)."""
+    def cleanup(self) -> None:
+        """Report the refusals not logged yet (the server is stopping)."""
         self._limiter.flush()
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        """Serve one request (the route's handler)."""
-        try:
-            _check_framing(request)
-        except framing.AmbiguousRequest as err:
-            # The stream cannot be trusted past this request: answer, close.
-            entry = _Entry(request.method, request.path, "", None)
-            entry.status, entry.detail = err.status, str(err)
-            entry.cause = str(err)
-            self._finish(entry)
-            refusal = status_response(err.status, "bad request")
-            refusal.force_close()
-            return refusal
-        upgrade = _upgrade_protocol(request.headers)
-        verb, subresource = classify_request(
-            request.method, request.path, request.query
-        )
+    def handle(
+        self, request: http1.Request
+    ) -> http1.Answer | Coroutine[Any, Any, http1.Answer | None]:
+        """Serve one request (the listener's only route).
+
+        The checks before the upstream call run here, synchronously, up to the
+        cache lookup: a refusal they reach (a replayed bad or expired token,
+        no token) is answered without creating a task, which is most of what
+        a refusal costs beyond the protocol and the log line.
+        """
+        path = _decoded_path(request.path)
+        src = CIMultiDict(request.fields)
+        upgrade = _upgrade_protocol(src) if request.upgrade else None
+        verb, subresource = _classify_target(request.method, request.target)
         kind: str | None = None
         if upgrade is not None:
             kind = subresource or "upgrade"
         elif verb == "watch" or subresource in _LONG_SUBRESOURCES:
             kind = "watch" if verb == "watch" else subresource
-        entry = _Entry(request.method, request.path, verb, kind)
+        entry = _Entry(request.method, path, verb, kind)
+        key: bytes | None = None
+        user: UserInfo | None = None
+        token = ""
         try:
-            size = sum(len(k) + len(v) + 4 for k, v in request.raw_headers)
-            headers = await self._admit(
-                request.headers,
-                size=size,
-                target=request.raw_path,
-                peer=_peer(request),
-                entry=entry,
-                upgrade=upgrade,
+            token, protocols = self._presented(
+                src, size=request.size, target=request.target, upgrade=upgrade
             )
-            response = await self._forward(request, headers, entry, upgrade)
-        except (_Refusal, UpstreamError) as err:
-            status, message, extra = self._refused(err, entry)
-            response = status_response(status, message, headers=extra)
-        except Exception:
-            if entry.prepared:
-                _abort(request)
-                raise
-            log.exception("proxy handler failed")
-            response = status_response(500, "internal error")
-            entry.status = 500
-        finally:
+            if self._lookup is not None:
+                key, user = self._lookup(token)
+        except TokenError as err:
+            if self._passes_through(err):
+                return self._serve(
+                    request,
+                    entry,
+                    src,
+                    token,
+                    protocols=None,
+                    upgrade=upgrade,
+                    key=key,
+                    user=None,
+                    foreign=True,
+                )
+            answer = self._refusal_answer(_token_refusal(err), entry)
             self._finish(entry)
-        return response
+            return answer
+        except _Refusal as err:
+            answer = self._refusal_answer(err, entry)
+            self._finish(entry)
+            return answer
+        except Exception:
+            log.exception("proxy handler failed")
+            entry.status = 500
+            self._finish(entry)
+            return http1.Answer(500, _status_body(500, "internal error"))
+        return self._serve(
+            request,
+            entry,
+            src,
+            token,
+            protocols=protocols,
+            upgrade=upgrade,
+            key=key,
+            user=user,
+        )
 
     def _refused(
         self, err: _Refusal | UpstreamError, entry: _Entry
@@ -908,69 +827,6 @@ class _ProxyHandler:
         entry.status = err.status
         return err.status, _UPSTREAM_MESSAGES.get(err.status, "proxy error"), None
 
-    # -- the lean lane ------------------------------------------------------
-
-    def lean_admits(self, method: str, target: str, headers: Mapping[str, str]) -> bool:
-        """Whether the lean lane takes this request (see ``LeanLane``)."""
-        if method == "HEAD":
-            return False
-        for name in headers:
-            if name in _LEAN_DECLINES or name.startswith(_IMPERSONATE):
-                return False
-        if "upgrade" in headers.get("connection", "").lower():
-            return False
-        # A body over _LEAN_MAX_BODY is the fallback's already: http1 declines
-        # it with the lane's limits.
-        if any(hint in target for hint in _LONG_HINTS):
-            verb, subresource = _classify_target(method, target)
-            return verb != "watch" and subresource not in _LONG_SUBRESOURCES
-        return True
-
-    def handle_lean(
-        self, request: http1.Request
-    ) -> http1.Answer | Coroutine[Any, Any, http1.Answer | None]:
-        """Serve one request of the lean lane (its route's handler).
-
-        The checks before the upstream call run here, synchronously, up to the
-        cache lookup: a refusal they reach (a replayed bad or expired token,
-        no token) is answered without creating a task, which is most of what
-        a refusal costs beyond the protocol and the log line.
-        """
-        path = _decoded_path(request.path)
-        verb, _ = _classify_target(request.method, request.target)
-        entry = _Entry(request.method, path, verb, None)
-        fields = request.fields
-        src = CIMultiDict(fields)
-        key: bytes | None = None
-        user: UserInfo | None = None
-        try:
-            token, _ = self._presented(
-                src,
-                size=sum(len(k) + len(v) + 4 for k, v in fields),
-                target=request.target,
-                upgrade=None,
-            )
-            if self._lookup is not None:
-                key, user = self._lookup(token)
-        except TokenError as err:
-            if self._passes_through(err):
-                return self._lean(
-                    request, entry, src, token, key=key, user=None, foreign=True
-                )
-            answer = self._lean_refusal(_token_refusal(err), entry)
-            self._finish(entry)
-            return answer
-        except _Refusal as err:
-            answer = self._lean_refusal(err, entry)
-            self._finish(entry)
-            return answer
-        except Exception:
-            log.exception("proxy handler failed")
-            entry.status = 500
-            self._finish(entry)
-            return http1.Answer(500, _status_body(500, "internal error"))
-        return self._lean(request, entry, src, token, key=key, user=user)
-
     def _passes_through(self, err: TokenError) -> bool:
         """Whether a refused token is still "not mine" here: a near-miss
         issuer under ``--token-passthrough`` goes to the API server, which
@@ -982,7 +838,7 @@ class _ProxyHandler:
             and err.near_miss
         )
 
-    def _lean_refusal(
+    def _refusal_answer(
         self, err: _Refusal | UpstreamError, entry: _Entry
     ) -> http1.Answer:
         status, message, extra = self._refused(err, entry)
@@ -992,18 +848,20 @@ class _ProxyHandler:
             tuple(extra.items()) if extra else (),
         )
 
-    async def _lean(
+    async def _serve(
         self,
         request: http1.Request,
         entry: _Entry,
-        src: CIMultiDict[str],
+        src: _Headers,
         token: str,
         *,
+        protocols: list[str] | None,
+        upgrade: str | None,
         key: bytes | None,
         user: UserInfo | None,
         foreign: bool = False,
     ) -> http1.Answer | None:
-        """The rest of a lean request: validation on a cache miss, the checks
+        """The rest of a request: validation on a cache miss, the checks
         after it, the upstream exchange. ``foreign``: the token is known not
         to be ours (``_passes_through``).
         """
@@ -1022,12 +880,20 @@ class _ProxyHandler:
                 src,
                 peer=request.peer,
                 entry=entry,
-                upgrade=None,
-                protocols=None,
+                upgrade=upgrade,
+                protocols=protocols,
             )
-            return await self._forward_lean(request, headers, entry)
+            if upgrade is not None:
+                return await self._forward_upgrade(request, headers, entry, upgrade)
+            if entry.kind is not None:
+                return await self._forward_stream(request, headers, entry)
+            return await self._forward(request, headers, entry)
         except (_Refusal, UpstreamError) as err:
-            return self._lean_refusal(err, entry)
+            return self._refusal_answer(err, entry)
+        except asyncio.CancelledError:
+            # The listener cancels a request whose client has gone.
+            entry.outcome = "client_closed"
+            raise
         except Exception:
             if entry.prepared:
                 request.abort()
@@ -1038,33 +904,60 @@ class _ProxyHandler:
         finally:
             self._finish(entry)
 
-    async def _forward_lean(
+    async def _fetch(
+        self, request: http1.Request, headers: list[tuple[str, str]], entry: _Entry
+    ) -> PooledResponse:
+        """Send a request upstream; the answer once its head is in.
+
+        A whole body is sent as bytes (the pool declares exactly its length);
+        a streamed one is copied as it arrives, under the length the client
+        declared (llhttp read the body by it) or chunked.
+        """
+        settings = self._settings
+        body: bytes | http1.Request | None = request.body or None
+        length: int | None = None
+        if request.streamed:
+            body = request
+            declared = request.headers.get("content-length")
+            length = int(declared) if declared is not None else None
+        return await self._upstream.fetch(
+            request.method,
+            request.target,
+            headers=headers,
+            body=body,
+            body_length=length,
+            connect_timeout=settings.connect_timeout,
+            max_head_bytes=settings.max_header_bytes,
+            passthrough=entry.mode == "passthrough",
+        )
+
+    async def _forward(
         self, request: http1.Request, headers: list[tuple[str, str]], entry: _Entry
     ) -> http1.Answer | None:
-        """``_forward_pooled`` for the lean lane: the same exchange, answered
-        whole when the API server's body is small and has a length, relayed
-        piece by piece otherwise.
+        """An ordinary request: answered whole when the API server's body is
+        small and has a length, relayed piece by piece otherwise; the whole
+        exchange within ``request_timeout``.
         """
         settings = self._settings
         started = False
         try:
             async with asyncio.timeout(settings.request_timeout):
-                # A bytes body: the pool declares exactly its length, whatever
-                # the client's fields said (http1 read exactly that many).
-                upstream = await self._upstream.fetch(
-                    request.method,
-                    request.target,
-                    headers=headers,
-                    body=request.body or None,
-                    connect_timeout=settings.connect_timeout,
-                    max_head_bytes=settings.max_header_bytes,
-                    passthrough=entry.mode == "passthrough",
-                )
+                upstream = await self._fetch(request, headers, entry)
                 async with upstream:
                     self._count_upstream(str(upstream.status))
                     relayed = tuple(_response_headers(upstream.headers).items())
-                    body = upstream.body
                     entry.status = upstream.status
+                    if request.method == "HEAD":
+                        # RFC 9110 §8.6: the length a GET would have had.
+                        request.start_stream(
+                            upstream.status,
+                            relayed,
+                            length=_declared_length(request.method, upstream),
+                            reason=upstream.reason,
+                        )
+                        request.end_stream()
+                        return None
+                    body = upstream.body
                     if body is not None:
                         entry.bytes_out = len(body)
                         return http1.Answer(
@@ -1086,6 +979,63 @@ class _ProxyHandler:
         except (TimeoutError, _UpstreamBroken, _ClientLeft, ConnectionError) as err:
             _relay_ended(err, started, request.abort, entry)
         return None
+
+    async def _forward_stream(
+        self, request: http1.Request, headers: list[tuple[str, str]], entry: _Entry
+    ) -> http1.Answer | None:
+        """A long-running request (watch, log stream): no total timeout, only
+        the head's and, while streaming, the idle one; it ends cleanly when
+        the server drains.
+        """
+        settings = self._settings
+        started = False
+        try:
+            async with asyncio.timeout(settings.request_timeout):
+                upstream = await self._fetch(request, headers, entry)
+            async with upstream:
+                self._count_upstream(str(upstream.status))
+                request.start_stream(
+                    upstream.status,
+                    tuple(_response_headers(upstream.headers).items()),
+                    length=upstream.body_length,
+                    reason=upstream.reason,
+                )
+                entry.status = upstream.status
+                started = entry.prepared = True
+                self._stream_started(entry)
+                try:
+                    if not await self._copy_until_stopped(upstream, request, entry):
+                        # End the chunked body properly: a watch client
+                        # sees the stream end and re-watches elsewhere.
+                        entry.outcome = "shutdown"
+                    request.end_stream()
+                finally:
+                    self._stream_ended(entry)
+        except (TimeoutError, _UpstreamBroken, _ClientLeft, ConnectionError) as err:
+            _relay_ended(err, started, request.abort, entry)
+        return None
+
+    async def _copy_until_stopped(
+        self, upstream: PooledResponse, request: http1.Request, entry: _Entry
+    ) -> bool:
+        """Relay a stream's body; ``False`` if the server began to drain first."""
+        stopping = self._stopping
+        copy = asyncio.ensure_future(self._copy_body(upstream, request.send, entry))
+        if stopping is None:
+            await copy
+            return True
+        stop = asyncio.ensure_future(stopping.wait())
+        try:
+            await asyncio.wait({copy, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (copy, stop):
+                if not task.done():
+                    task.cancel()
+            await asyncio.wait({copy, stop})
+        if copy.cancelled():
+            return False
+        copy.result()
+        return True
 
     def _finish(self, entry: _Entry) -> None:
         if entry.status == 0:
@@ -1114,32 +1064,6 @@ class _ProxyHandler:
     def _count_upstream(self, label: str) -> None:
         if self._metrics is not None:
             self._metrics.tally(self._metrics.upstream_requests, label).count += 1
-
-    async def _admit(
-        self,
-        src: _Headers,
-        *,
-        size: int,
-        target: str,
-        peer: str | None,
-        entry: _Entry,
-        upgrade: str | None,
-    ) -> list[tuple[str, str]]:
-        """Every check before the API server is called (the module docstring's
-        order); the headers to forward, or a ``_Refusal``.
-        """
-        token, protocols = self._presented(
-            src, size=size, target=target, upgrade=upgrade
-        )
-        user: UserInfo | None = None
-        try:
-            user = await self._authenticator.authenticate(token)
-        except TokenError as err:
-            if not self._passes_through(err):
-                raise _token_refusal(err) from err
-        return await self._admitted(
-            user, src, peer=peer, entry=entry, upgrade=upgrade, protocols=protocols
-        )
 
     def _presented(
         self, src: _Headers, *, size: int, target: str, upgrade: str | None
@@ -1265,17 +1189,6 @@ class _ProxyHandler:
             raise UpstreamError("proxy: subjectaccessreview answer unreadable") from err
         return allowed is True
 
-    async def _forward(
-        self,
-        request: web.Request,
-        headers: list[tuple[str, str]],
-        entry: _Entry,
-        upgrade: str | None,
-    ) -> web.StreamResponse:
-        if upgrade is not None:
-            return await self._forward_upgrade(request, headers, entry, upgrade)
-        return await self._forward_http(request, headers, entry)
-
     def _stream_started(self, entry: _Entry) -> None:
         if entry.kind is None:
             return
@@ -1288,128 +1201,18 @@ class _ProxyHandler:
         if entry.kind is not None and self._metrics is not None:
             self._metrics.inflight_streams.labels(entry.kind).dec()
 
-    async def _forward_pooled(
-        self, request: web.Request, headers: list[tuple[str, str]], entry: _Entry
-    ) -> web.StreamResponse:
-        """An ordinary request through the lean pool: a small body with a length
-        is answered whole with ``web.Response``; anything else is relayed piece
-        by piece as ``_forward_http`` does.
-        """
-        settings = self._settings
-        response: web.StreamResponse | None = None
-        try:
-            async with asyncio.timeout(settings.request_timeout):
-                upstream = await self._fetch(request, headers, entry)
-                async with upstream:
-                    self._count_upstream(str(upstream.status))
-                    body = upstream.body
-                    if body is not None:
-                        entry.status = upstream.status
-                        entry.bytes_out = len(body)
-                        return web.Response(
-                            status=upstream.status,
-                            reason=upstream.reason,
-                            body=body,
-                            headers=_response_headers(
-                                upstream.headers,
-                                length=_declared_length(request.method, upstream),
-                            ),
-                        )
-                    response = await _prepared(
-                        request,
-                        upstream.status,
-                        upstream.reason,
-                        upstream.headers,
-                        entry,
-                        length=upstream.body_length,
-                    )
-                    await _relay_pooled(upstream, response.write, entry)
-                    await response.write_eof()
-        except (TimeoutError, _UpstreamBroken, _ClientLeft, ConnectionError) as err:
-            _relay_ended(
-                err, response is not None, functools.partial(_abort, request), entry
-            )
-        if response is None:  # pragma: no cover - every path above sets or raises
-            raise UpstreamError("proxy: no response")
-        return response
-
-    async def _fetch(
-        self, request: web.Request, headers: list[tuple[str, str]], entry: _Entry
-    ) -> PooledResponse:
-        """Send an aiohttp-lane request upstream; the answer once its head is in."""
-        settings = self._settings
-        return await self._upstream.fetch(
-            request.method,
-            request.raw_path,
-            headers=headers,
-            body=request.content if request.body_exists else None,
-            # handle() refused every request with more than one framing
-            # field: this is the length aiohttp read the body by.
-            body_length=request.content_length,
-            connect_timeout=settings.connect_timeout,
-            max_head_bytes=settings.max_header_bytes,
-            passthrough=entry.mode == "passthrough",
-        )
-
-    async def _forward_http(
-        self, request: web.Request, headers: list[tuple[str, str]], entry: _Entry
-    ) -> web.StreamResponse:
-        if entry.kind is None:
-            return await self._forward_pooled(request, headers, entry)
-        # A long-running request (watch, log stream): no total timeout, only
-        # the head's and, while streaming, the idle one.
-        settings = self._settings
-        response: web.StreamResponse | None = None
-        try:
-            async with asyncio.timeout(settings.request_timeout):
-                upstream = await self._fetch(request, headers, entry)
-            async with upstream:
-                self._count_upstream(str(upstream.status))
-                response = await _prepared(
-                    request,
-                    upstream.status,
-                    upstream.reason,
-                    upstream.headers,
-                    entry,
-                    length=upstream.body_length,
-                )
-                self._stream_started(entry)
-                try:
-                    copy = self._copy_body(upstream, response, entry)
-                    try:
-                        finished = await _unless_client_leaves(
-                            request, copy, self._stopping
-                        )
-                    except _Stopping:
-                        # End the chunked body properly: a watch client
-                        # sees the stream end and re-watches elsewhere.
-                        entry.outcome = "shutdown"
-                    else:
-                        if finished is None:
-                            raise _ClientLeft
-                    await response.write_eof()
-                finally:
-                    self._stream_ended(entry)
-        except (TimeoutError, _UpstreamBroken, _ClientLeft, ConnectionError) as err:
-            _relay_ended(
-                err, response is not None, functools.partial(_abort, request), entry
-            )
-        if response is None:  # pragma: no cover - every path above sets or raises
-            raise UpstreamError("proxy: no response")
-        return response
-
     async def _copy_body(
         self,
         upstream: PooledResponse,
-        response: web.StreamResponse,
+        write: Callable[[bytes], Awaitable[None]],
         entry: _Entry,
-    ) -> bool:
+    ) -> None:
         """Relay a stream's body until it ends or nothing comes for
         ``stream_idle_timeout`` (``entry.outcome`` then says ``idle``).
         """
         if upstream.body is not None:  # read whole with the head
-            await _write_to(response.write, upstream.body, entry)
-            return True
+            await _write_to(write, upstream.body, entry)
+            return
         idle = self._settings.stream_idle_timeout
         while True:
             try:
@@ -1417,25 +1220,25 @@ class _ProxyHandler:
                     chunk = await upstream.read_chunk()
             except TimeoutError:
                 entry.outcome = "idle"
-                return True
+                return
             except UpstreamError as err:
                 log.warning("upstream stream broke", extra={"detail": str(err)})
                 raise _UpstreamBroken from err
             if not chunk:
-                return True
-            await _write_to(response.write, chunk, entry)
+                return
+            await _write_to(write, chunk, entry)
 
     async def _forward_upgrade(
         self,
-        request: web.Request,
+        request: http1.Request,
         headers: list[tuple[str, str]],
         entry: _Entry,
         upgrade: str,
-    ) -> web.StreamResponse:
+    ) -> http1.Answer | None:
         settings = self._settings
         answer = await self._upstream.upgrade(
             request.method,
-            request.raw_path,
+            request.target,
             headers=headers,
             protocol=upgrade,
             connect_timeout=settings.connect_timeout,
@@ -1448,15 +1251,14 @@ class _ProxyHandler:
             return await self._upgrade_refused(answer, entry)
         pipe = answer.detach()
         try:
-            response, client = await tunnel.accept(
-                request,
+            client = request.upgrade_to(
+                _response_headers(answer.headers, upgrade=True).items(),
                 reason=answer.reason,
-                headers=_response_headers(answer.headers, upgrade=True),
             )
         except ConnectionError:
             await pipe.close()
             entry.outcome = "client_closed"
-            return web.Response(status=499, reason="Client Closed Request")
+            return None
         entry.status = 101
         entry.prepared = True
         self._stream_started(entry)
@@ -1469,16 +1271,17 @@ class _ProxyHandler:
             )
         finally:
             self._stream_ended(entry)
+            client.close()
             await pipe.close()
         entry.bytes_in = result.bytes_to_upstream
         entry.bytes_out = result.bytes_to_client
         if result.closed_by not in ("client", "upstream"):
             entry.outcome = result.closed_by
-        return response
+        return None
 
     async def _upgrade_refused(
         self, answer: PooledResponse, entry: _Entry
-    ) -> web.Response:
+    ) -> http1.Answer:
         """Relay a non-101 answer to an upgrade (kubectl reads it to fall back)."""
         async with answer:
             try:
@@ -1488,32 +1291,15 @@ class _ProxyHandler:
                 raise UpstreamError(
                     "proxy: upgrade answer timed out", status=504
                 ) from err
-        reply = web.Response(status=answer.status, reason=answer.reason, body=body)
-        reply.headers.extend(_response_headers(answer.headers))
         entry.status = answer.status
         entry.bytes_out = len(body)
-        return reply
-
-
-async def _prepared(
-    request: web.Request,
-    status: int,
-    reason: str | None,
-    headers: _Headers,
-    entry: _Entry,
-    *,
-    length: int | None = None,
-) -> web.StreamResponse:
-    """Send the API server's status and headers to an aiohttp-lane client; the
-    body follows piece by piece, under ``length`` when we know it exactly
-    (else chunked).
-    """
-    response = web.StreamResponse(status=status, reason=reason)
-    response.headers.extend(_response_headers(headers, length=length))
-    await response.prepare(request)
-    entry.status = status
-    entry.prepared = True
-    return response
+        return http1.Answer(
+            answer.status,
+            body,
+            tuple(_response_headers(answer.headers).items()),
+            content_type=None,
+            reason=answer.reason,
+        )
 
 
 async def _relay_pooled(
@@ -1567,37 +1353,33 @@ def _relay_ended(
         entry.outcome = "client_closed"
 
 
-def _abort(request: web.Request) -> None:
-    """Cut the client's connection: the response cannot be completed honestly."""
-    transport = request.transport
-    if transport is not None:
-        transport.abort()
-
-
-def add_proxy_routes(
-    app: web.Application,
+def proxy_server(
     *,
     authenticator: TokenAuthenticator,
     upstream: Upstream,
     settings: ProxySettings,
     metrics: Metrics | None,
-    stopping: asyncio.Event | None = None,
-) -> None:
-    """Register the catch-all proxy route (every method, every path).
+    max_field_bytes: int | None = None,
+) -> http1.Server:
+    """The proxy's listener: every method and path goes to one handler.
 
-    Register ``/healthz``, ``/readyz`` and ``/metrics`` *before* calling this:
-    aiohttp matches routes in registration order and this one matches all.
-    ``stopping`` is set when the server starts draining: watches and log
-    streams then end their response properly and tunnels close both sides,
-    instead of holding the grace period and being cut.
+    The server's ``stopping`` event (set when it starts draining) ends watches
+    and log streams with a proper end of body and closes tunnels on both
+    sides, instead of holding the grace period and being cut.
     """
-    handler = _ProxyHandler(authenticator, upstream, settings, metrics, stopping)
-    app.router.add_route("*", "/{path:.*}", handler.handle)
-    app.on_cleanup.append(handler.cleanup)
-    app[LEAN_LANE] = LeanLane(
-        route=http1.Route(handler.handle_lean, methods=None),
-        admit=handler.lean_admits,
+    server = http1.Server(
+        {},
         limits=http1.Limits(
-            max_body_bytes=_LEAN_MAX_BODY, body_timeout=settings.request_timeout
+            max_head_bytes=settings.max_header_bytes + _REQUEST_LINE,
+            max_headers=4096,
+            max_field_bytes=max_field_bytes,
+            max_body_bytes=_WHOLE_BODY,
+            stream_bodies=True,
+            body_timeout=settings.request_timeout,
         ),
+        error_body=status_body,
     )
+    handler = _ProxyHandler(authenticator, upstream, settings, metrics, server.stopping)
+    server.default = http1.Route(handler.handle, methods=None)
+    server.on_drained.append(handler.cleanup)
+    return server

@@ -13,10 +13,9 @@ import ipaddress
 import os
 from collections.abc import Callable
 
-from aiohttp import web
-
 from proxy.app import Engine, proxy_app
 from proxy.errors import ConfigError
+from proxy.http1 import Server
 from proxy.impersonate import ProxySettings
 from proxy.upstream import SERVICE_ACCOUNT_DIR, Upstream, UpstreamSettings
 from proxy.watch import FileWatcher
@@ -177,9 +176,7 @@ async def build_proxy_app(
     engine: Engine,
     closers: list[Callable[[], object]],
     watcher: FileWatcher | None = None,
-) -> tuple[
-    web.Application, Callable[[int, int], None] | None, Callable[[], list[str]] | None
-]:
+) -> tuple[Server, Callable[[int, int], None] | None, Callable[[], list[str]] | None]:
     """Start the upstream client and build the proxy app; ``closers`` gets its
     close, ``watcher`` the kubeconfig to reload when it changes (issue 21).
     """

@@ -8,34 +8,20 @@ understand any of them; it copies bytes both ways until either side closes,
 and then closes both (what Go's reverse proxy and kube-apiserver's
 upgrade-aware handler do).
 
-The seam in aiohttp's server
-----------------------------
-aiohttp's HTTP parser only treats ``Upgrade: websocket`` (and ``tcp``) as an
-upgrade; after a ``101`` for ``SPDY/3.1`` it would go on parsing the SPDY
-frames as HTTP requests. So instead of feeding aiohttp's parser (what
-``web.WebSocketResponse`` does through ``set_parser``), ``accept()`` takes the
-connection away from aiohttp with the public asyncio API:
-``transport.set_protocol(ClientSide(...))`` *before* the ``101`` head is
-written (through an ordinary prepared ``web.StreamResponse``, so headers are
-serialised by aiohttp), so no byte the client sends after the ``101`` can reach
-aiohttp's parser. From then on the transport delivers data, EOF, flow-control
-and connection-loss events to ``ClientSide``, which:
+The client's side
+-----------------
+``proxy.http1`` reads the upgrade request with llhttp, which stops after it
+(anything the client sends next is the tunnel's, not HTTP). The handler calls
+``Request.upgrade_to``: the listener writes the ``101`` head and hands the
+transport, with the bytes that came after the request, to a ``ClientSide``
+(``transport.set_protocol``), so no later byte can reach the HTTP parser. From
+then on the transport delivers data, EOF, flow-control and connection-loss
+events to ``ClientSide``, which:
 
 - buffers received bytes and pauses reading above a high-water mark, so a fast
   client cannot fill memory while the API server is slow;
 - implements ``pause_writing``/``resume_writing`` so writes to a slow client
-  wait (backpressure towards the API server);
-- forwards ``connection_lost`` to aiohttp's original protocol, so aiohttp's
-  connection bookkeeping (and handler cancellation, if enabled) happens exactly
-  as if it had seen the close itself.
-
-When the relay ends the handler returns the prepared ``101`` response marked
-``force_close``: aiohttp's ``write_eof`` writes nothing for a bodiless status
-and the connection is not reused.
-
-Assumption: a client sends nothing after the upgrade request before it has read
-the ``101`` (RFC 6455 and SPDY clients wait), so there are no bytes buffered in
-aiohttp's parser at the moment of the switch.
+  wait (backpressure towards the API server).
 
 The API server's side is what ``proxy.upstream_pool`` hands over after the
 ``101`` (``Upgraded``, the connection the upgrade was asked on, with any bytes
@@ -54,10 +40,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Final, Literal, Protocol
 
-from aiohttp import web
-from multidict import CIMultiDict
-
-__all__ = ["ClientSide", "TunnelResult", "UpstreamSide", "accept", "relay"]
+__all__ = ["ClientSide", "TunnelResult", "UpstreamSide", "relay"]
 
 #: Client bytes buffered before reading from the client is paused.
 _HIGH_WATER: Final = 256 * 1024
@@ -84,9 +67,8 @@ class UpstreamSide(Protocol):
 class ClientSide(asyncio.Protocol):
     """The client's connection after the switch: a small buffered byte pipe."""
 
-    def __init__(self, transport: asyncio.Transport, previous: asyncio.BaseProtocol):
+    def __init__(self, transport: asyncio.Transport) -> None:
         self._transport = transport
-        self._previous: asyncio.BaseProtocol | None = previous
         self._buffer = bytearray()
         self._eof = False
         self._lost = False
@@ -112,14 +94,11 @@ class ClientSide(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        """Wake every waiter, then let aiohttp's protocol clean up as usual."""
+        """Wake every waiter: the tunnel ends."""
         self._lost = True
         self._eof = True
         self._readable.set()
         self._writable.set()
-        previous, self._previous = self._previous, None
-        if previous is not None:
-            previous.connection_lost(exc)
 
     def pause_writing(self) -> None:
         """The transport's write buffer is full: writers wait."""
@@ -165,34 +144,6 @@ class TunnelResult:
     bytes_to_upstream: int
     bytes_to_client: int
     closed_by: ClosedBy
-
-
-async def accept(
-    request: web.Request, *, reason: str, headers: CIMultiDict[str]
-) -> tuple[web.StreamResponse, ClientSide]:
-    """Take the client's connection from aiohttp and answer ``101`` on it.
-
-    ``headers`` are the ``101`` headers to send (``Connection: Upgrade``,
-    ``Upgrade``, ``Sec-WebSocket-*``...), already filtered by the caller.
-    Return the prepared response (to be returned by the handler once the relay
-    is over) and the client side of the pipe.
-    """
-    transport = request.transport
-    # Not ``isinstance(transport, asyncio.Transport)``: uvloop's transports
-    # (what the CLI runs on) implement the interface without the base class.
-    if transport is None or transport.is_closing():
-        raise ConnectionResetError("tunnel: client went away before the upgrade")
-    client = ClientSide(transport, transport.get_protocol())
-    transport.set_protocol(client)
-    response = web.StreamResponse(status=101, reason=reason or "Switching Protocols")
-    response.headers.extend(headers)
-    try:
-        await response.prepare(request)
-    except BaseException:
-        client.close()
-        raise
-    response.force_close()
-    return response, client
 
 
 class _Activity:

@@ -276,9 +276,7 @@ async def running_gate(
                 resolver=upstream_resolver,
             )
             await upstream.start()
-            app: web.Application | Server = proxy_app(
-                engine, upstream, proxy_settings or ProxySettings()
-            )
+            app: Server = proxy_app(engine, upstream, proxy_settings or ProxySettings())
         else:
             app = webhook_app(engine, webhook_settings or WebhookSettings())
         settings = replace(

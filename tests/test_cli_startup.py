@@ -26,6 +26,8 @@ from aiohttp import web
 
 from proxy.app import ServeSettings, listen_problems, serve
 from proxy.errors import ConfigError
+from proxy.http1 import Limits, Server
+from proxy.kube import status_body
 from tests.fakes.issuer import FakeIssuer
 from tests.proc import ROOT, Proc
 from tests.test_cli_webhook import free_port
@@ -409,8 +411,9 @@ async def test_serve_reports_a_taken_port_as_the_check_does(
     )
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     trustme.CA().issue_cert(HOST).configure_cert(ctx)
+    front = Server({}, limits=Limits(), error_body=status_body)
     with pytest.raises(ConfigError) as raised:
-        await serve(web.Application(), web.Application(), settings, ctx)
+        await serve(front, web.Application(), settings, ctx)
     (problem,) = raised.value.problems
     assert problem == listen_problems(settings)[0]
     assert problem.startswith(f"listen: {HOST}:{port} (")

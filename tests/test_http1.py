@@ -478,7 +478,7 @@ async def test_a_client_that_does_not_read_stops_being_read() -> None:
         assert len(recorder.seen) < 20_000
         # The limit, plus what one read delivered before the pause took effect.
         assert (
-            len(conn._buffer)
+            conn.buffered()
             <= limits.max_head_bytes + limits.max_body_bytes + 256 * 1024
         )
         writer.transport.abort()

@@ -723,13 +723,10 @@ async def test_request_body_is_streamed(stack: Stack) -> None:
     assert answer == {"bytes": 128 * len(block), "sha256": digest.hexdigest()}
 
 
-@pytest.mark.parametrize(
-    "cancellation", [False, True], ids=["polling", "handler-cancellation"]
-)
 async def test_watch_events_arrive_while_streaming_and_disconnect_cancels(
-    tmp_path: Path, ca: trustme.CA, cancellation: bool
+    tmp_path: Path, ca: trustme.CA
 ) -> None:
-    async with run_proxy(tmp_path, ca, handler_cancellation=cancellation) as stack:
+    async with run_proxy(tmp_path, ca) as stack:
         await _watch_and_leave(stack)
 
 
@@ -1115,20 +1112,15 @@ def test_settings_defaults_are_fail_closed() -> None:
     assert settings.max_impersonation_values > 0
 
 
-@pytest.mark.parametrize(
-    "cancellation", [False, True], ids=["polling", "handler-cancellation"]
-)
 async def test_client_leaving_a_tunnel_closes_the_upstream_side(
-    tmp_path: Path, ca: trustme.CA, cancellation: bool
+    tmp_path: Path, ca: trustme.CA
 ) -> None:
     async with serve_raw_upgrade(ca) as raw:
         config = upstream_kubeconfig(
             tmp_path / "raw.kubeconfig", raw.url, ca.cert_pem.bytes()
         )
         upstream = Upstream(UpstreamSettings(kubeconfig=str(config)))
-        async with run_proxy(
-            tmp_path, ca, upstream=upstream, handler_cancellation=cancellation
-        ) as stack:
+        async with run_proxy(tmp_path, ca, upstream=upstream) as stack:
             reader, writer, head = await _raw_upgrade(
                 stack.url,
                 ca,
@@ -1259,12 +1251,11 @@ def test_a_blank_anywhere_in_a_token_is_found_as_re_finds_it() -> None:
     assert not _has_blank("")
 
 
-@pytest.mark.parametrize("lean", [True, False], ids=["lean", "aiohttp"])
 async def test_a_near_miss_issuer_is_401_with_its_reason_and_both_values(
-    tmp_path: Path, ca: trustme.CA, lean: bool, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, ca: trustme.CA, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="proxy.access")
-    async with run_proxy(tmp_path, ca, lean=lean) as stack:
+    async with run_proxy(tmp_path, ca) as stack:
         token = sign(stack.key, claims_for(ISSUER + "/", groups=["devs"]))
         code, body = await whoami(stack, {"Authorization": f"Bearer {token}"})
         assert code == 401
@@ -1277,16 +1268,15 @@ async def test_a_near_miss_issuer_is_401_with_its_reason_and_both_values(
     assert token not in str(line)
 
 
-@pytest.mark.parametrize("lean", [True, False], ids=["lean", "aiohttp"])
 async def test_passthrough_still_forwards_a_near_miss_issuer(
-    tmp_path: Path, ca: trustme.CA, lean: bool
+    tmp_path: Path, ca: trustme.CA
 ) -> None:
     """Only the explanation changed: a token that nearly names our issuer is
     still not ours to judge, and ``--token-passthrough`` lets the API server
     (which may trust that issuer) decide, twice (the second from the cache).
     """
     async with run_proxy(
-        tmp_path, ca, settings=ProxySettings(token_passthrough=True), lean=lean
+        tmp_path, ca, settings=ProxySettings(token_passthrough=True)
     ) as stack:
         near = sign(new_key(), claims_for(ISSUER + "/", sub="carol"))
         stack.fake.user_tokens[near] = {"username": "carol", "groups": ["team"]}

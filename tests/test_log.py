@@ -1,4 +1,4 @@
-"""The log handler batches a loop iteration's lines into one write, in order, losing none."""
+"""The log handler batches a loop iteration's lines and writes them off the loop, in order."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -24,15 +25,23 @@ from proxy.log import (
 
 
 class _CountingStream(io.StringIO):
-    """Counts ``write`` calls: one per batch is the point of the handler."""
+    """Counts ``write`` calls (one per batch is the point of the handler) and
+    notes which threads wrote or flushed: never the event loop's.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.writes = 0
+        self.threads: set[str] = set()
 
     def write(self, s: str) -> int:
         self.writes += 1
+        self.threads.add(threading.current_thread().name)
         return super().write(s)
+
+    def flush(self) -> None:
+        self.threads.add(threading.current_thread().name)
+        super().flush()
 
 
 @pytest.fixture
@@ -49,23 +58,34 @@ def logged() -> Iterator[tuple[logging.Logger, _CountingStream, LoopBatchingHand
     finally:
         logger.removeHandler(handler)
         logger.propagate = True
+        handler.close()
 
 
 def _events(stream: io.StringIO) -> list[str]:
     return [json.loads(line)["event"] for line in stream.getvalue().splitlines()]
 
 
-async def test_one_write_per_loop_iteration(
+def _wait_for(stream: io.StringIO, count: int, timeout: float = 5.0) -> list[str]:
+    """The events once ``count`` lines are written, blocking whatever loop runs."""
+    deadline = time.monotonic() + timeout
+    while len(events := _events(stream)) < count and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return events
+
+
+async def test_one_write_per_loop_iteration_and_never_on_the_loop(
     logged: tuple[logging.Logger, _CountingStream, LoopBatchingHandler],
 ) -> None:
-    logger, stream, _ = logged
+    logger, stream, handler = logged
     for i in range(50):
         logger.info("line %d", i)
-    assert stream.getvalue() == ""  # queued, not yet written
+    assert _wait_for(stream, 1, timeout=0.1) == []  # queued, not handed over yet
     await asyncio.sleep(0)
     await asyncio.sleep(0)
+    handler.flush()
     assert _events(stream) == [f"line {i}" for i in range(50)]
     assert stream.writes == 1
+    assert stream.threads == {"kube-oidc-gate-log-writer"}
 
 
 async def test_lines_of_separate_iterations_are_not_held_back(
@@ -74,82 +94,210 @@ async def test_lines_of_separate_iterations_are_not_held_back(
     logger, stream, _ = logged
     for i in range(3):
         logger.info("tick %d", i)
-        await asyncio.sleep(0.001)
-        assert _events(stream)[-1] == f"tick {i}"
+        for _ in range(500):  # bounded: 5 s at most, and no flush to help
+            if _events(stream)[-1:] == [f"tick {i}"]:
+                break
+            await asyncio.sleep(0.01)
+        assert _events(stream) == [f"tick {n}" for n in range(i + 1)]
 
 
-async def test_a_warning_is_written_at_once_after_what_is_queued(
+async def test_a_warning_is_handed_over_at_once_after_what_is_queued(
     logged: tuple[logging.Logger, _CountingStream, LoopBatchingHandler],
 ) -> None:
-    logger, stream, _ = logged
+    logger, stream, handler = logged
     logger.info("first")
     logger.warning("second")
-    assert _events(stream) == ["first", "second"]
+    # The loop is blocked here, so this iteration has not ended: the warning
+    # (and the line queued before it) went to the writer at once.
+    assert _wait_for(stream, 2) == ["first", "second"]
     logger.info("third")
+    logger.error("fourth")
+    logger.info("fifth")
     await asyncio.sleep(0)
-    await asyncio.sleep(0)
-    assert _events(stream) == ["first", "second", "third"]
+    handler.flush()
+    assert _events(stream) == ["first", "second", "third", "fourth", "fifth"]
 
 
-def test_without_a_running_loop_lines_are_written_at_once(
+async def test_order_is_kept_across_levels_and_threads(
     logged: tuple[logging.Logger, _CountingStream, LoopBatchingHandler],
 ) -> None:
-    logger, stream, _ = logged
+    logger, stream, handler = logged
+    logger.info("a: loop")
+    thread = threading.Thread(target=logger.info, args=("b: thread",))
+    thread.start()
+    thread.join(timeout=5)
+    logger.info("c: loop")
+    logger.warning("d: loop warning")
+    logger.info("e: loop")
+    await asyncio.sleep(0)
+    handler.flush()
+    assert _events(stream) == [
+        "a: loop",
+        "b: thread",
+        "c: loop",
+        "d: loop warning",
+        "e: loop",
+    ]
+    assert "MainThread" not in stream.threads
+
+
+def test_without_a_running_loop_lines_are_handed_over_at_once(
+    logged: tuple[logging.Logger, _CountingStream, LoopBatchingHandler],
+) -> None:
+    logger, stream, handler = logged
     logger.info("outside any loop")
-    assert _events(stream) == ["outside any loop"]
+    assert _wait_for(stream, 1) == ["outside any loop"]
     thread = threading.Thread(target=logger.info, args=("from a thread",))
     thread.start()
     thread.join(timeout=5)
+    handler.flush()
     assert _events(stream) == ["outside any loop", "from a thread"]
 
 
 async def test_flush_logs_writes_the_queue_now(
     logged: tuple[logging.Logger, _CountingStream, LoopBatchingHandler],
 ) -> None:
-    logger, stream, _ = logged
+    logger, stream, handler = logged
     logger.info("before exit")
     flush_logs()  # what a forked worker does before os._exit
     assert _events(stream) == ["before exit"]
     await asyncio.sleep(0)
     await asyncio.sleep(0)
+    handler.flush()
     assert _events(stream) == ["before exit"]  # and never twice
+
+
+def _child_report(write: int, stream: io.StringIO) -> None:  # pragma: no cover
+    os.write(write, json.dumps(_events(stream)).encode())
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 async def test_a_forked_child_does_not_repeat_its_parents_queue(
     logged: tuple[logging.Logger, _CountingStream, LoopBatchingHandler],
 ) -> None:
-    logger, stream, _ = logged
+    logger, stream, handler = logged
     logger.info("queued in the parent")
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
         os.close(read)
-        os.write(write, stream.getvalue().encode())
+        logger.info("logged in the child")
+        flush_logs()  # the child's own writer thread writes it
+        _child_report(write, stream)
         os._exit(0)
     os.close(write)
     with os.fdopen(read, "rb") as pipe:
-        seen_by_child = pipe.read().decode()
+        seen_by_child = json.loads(pipe.read())  # bounded: the child exits at once
     os.waitpid(pid, 0)  # noqa: ASYNC222 - the child has already written and exits at once
     # The parent wrote its queue before the fork, so the child's copy of the
-    # stream holds the line and its queue is empty: nothing to write twice.
-    assert [json.loads(x)["event"] for x in seen_by_child.splitlines()] == [
-        "queued in the parent"
-    ]
+    # stream holds the line once and the child's queue was empty.
+    assert seen_by_child == ["queued in the parent", "logged in the child"]
+    handler.flush()
     assert _events(stream) == ["queued in the parent"]
-    assert not logged[2]._queued
+
+
+class _StuckStream(io.StringIO):
+    """A stream whose writes block (in the process that made it) until let go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.owner = os.getpid()
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def write(self, s: str) -> int:
+        if os.getpid() == self.owner:
+            self.entered.set()
+            self.gate.wait(10)
+        return super().write(s)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+async def test_a_fork_while_the_writer_is_stuck_leaves_the_parents_lines_to_it() -> (
+    None
+):
+    stream = _StuckStream()
+    handler = LoopBatchingHandler(stream, flush_timeout=0.2)
+    handler.setFormatter(JSONFormatter())
+    logger = logging.getLogger("test.stuck")
+    logger.propagate = False
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        logger.info("a")
+        await asyncio.sleep(0)
+        assert stream.entered.wait(5), "the writer is in write() and stays there"
+        logger.info("b")  # waits behind "a" when the fork comes
+        await asyncio.sleep(0)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            os.close(read)
+            logger.info("c")
+            flush_logs()
+            _child_report(write, stream)
+            os._exit(0)
+        os.close(write)
+        with os.fdopen(read, "rb") as pipe:
+            seen_by_child = json.loads(pipe.read())
+        os.waitpid(pid, 0)  # noqa: ASYNC222 - the child has already written and exits at once
+        assert seen_by_child == ["c"], "nothing of the parent's written twice"
+        stream.gate.set()
+        handler.flush()
+        assert _events(stream) == ["a", "b"]
+    finally:
+        stream.gate.set()
+        logger.removeHandler(handler)
+        handler.close()
 
 
 async def test_a_broken_stream_never_raises_into_the_caller(
     logged: tuple[logging.Logger, _CountingStream, LoopBatchingHandler],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    logger, stream, _ = logged
+    logger, stream, handler = logged
     stream.close()
     logger.info("lost")
+    logger.error("lost too")
     await asyncio.sleep(0)
-    await asyncio.sleep(0)
+    handler.flush()
     assert "log lines could not be written" in capsys.readouterr().err
+
+
+async def test_past_the_backlog_limit_lines_are_dropped_counted_and_reported() -> None:
+    stream = _StuckStream()
+    handler = LoopBatchingHandler(stream, backlog_limit=2000)
+    handler.setFormatter(JSONFormatter())
+    logger = logging.getLogger("test.dropping")
+    logger.propagate = False
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        for i in range(100):  # about 100 characters a line
+            logger.info("line %03d", i)
+            await asyncio.sleep(0)
+        logger.warning("dropped too")
+        assert handler._dropped > 0, "counted while the writer is stuck"
+        stream.gate.set()
+        handler.flush()
+        logger.info("after")
+        handler.flush()
+        lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    finally:
+        stream.gate.set()
+        logger.removeHandler(handler)
+        handler.close()
+    *kept, notice, after = lines
+    assert 0 < len(kept) < 100
+    assert [x["event"] for x in kept] == [f"line {i:03d}" for i in range(len(kept))]
+    assert sum(len(json.dumps(x, separators=(",", ":"))) + 1 for x in kept) <= 2000
+    assert (notice["event"], notice["level"], notice["dropped"]) == (
+        "log lines dropped",
+        "warning",
+        101 - len(kept),
+    )
+    assert notice["backlog_limit"] == 2000
+    assert after["event"] == "after", "and lines flow again once caught up"
 
 
 def test_request_ids_are_16_hex_digits_and_unique() -> None:
@@ -193,6 +341,7 @@ def as_configured() -> Iterator[_CountingStream]:
     finally:
         root.handlers = saved[0]
         root.setLevel(saved[1])
+        handler.close()
 
 
 def _without_time(line: str) -> dict[str, object]:
@@ -212,7 +361,7 @@ async def test_request_log_renders_the_same_line_as_the_logging_path(
     finally:
         REQUEST_ID.reset(token)
     await asyncio.sleep(0)
-    await asyncio.sleep(0)
+    flush_logs()
     direct, classic = as_configured.getvalue().splitlines()
     assert _without_time(direct) == _without_time(classic)
     assert list(json.loads(direct)) == list(json.loads(classic)), "same member order"
@@ -250,7 +399,7 @@ async def test_request_log_respects_levels_and_filters(
     finally:
         logger.removeFilter(drop)
     await asyncio.sleep(0)
-    await asyncio.sleep(0)
+    flush_logs()
     assert as_configured.getvalue() == ""
     assert dropped == ["filtered"]
 

@@ -739,7 +739,6 @@ async def proxy_stack(
     client_ca: trustme.CA,
     *,
     credential: str,
-    lean: bool,
 ) -> AsyncIterator[ProxyUnderTest]:
     async with recording_upstream(
         ca,
@@ -753,7 +752,6 @@ async def proxy_stack(
             tmp_path,
             ca,
             upstream=Upstream(UpstreamSettings(kubeconfig=str(config))),
-            lean=lean,
         ) as stack:
             port = int(stack.url.rsplit(":", 1)[1])
             yield ProxyUnderTest(
@@ -804,7 +802,6 @@ async def run_proxy_vectors(
     return problems
 
 
-@pytest.mark.parametrize("lane", ["lean", "aiohttp"])
 @pytest.mark.parametrize("credential", ["token", "client-cert"])
 @pytest.mark.parametrize("group", sorted(GROUPS))
 async def test_the_proxy_forwards_exactly_what_llhttp_sees(
@@ -813,11 +810,8 @@ async def test_the_proxy_forwards_exactly_what_llhttp_sees(
     client_ca: trustme.CA,
     group: str,
     credential: str,
-    lane: str,
 ) -> None:
-    async with proxy_stack(
-        tmp_path, ca, client_ca, credential=credential, lean=lane == "lean"
-    ) as proxy:
+    async with proxy_stack(tmp_path, ca, client_ca, credential=credential) as proxy:
         problems = await run_proxy_vectors(proxy, GROUPS[group], credential)
     assert problems == []
 
@@ -869,17 +863,14 @@ def _token(key: SigningKey, sub: str) -> str:
 # Targeted proofs
 
 
-@pytest.mark.parametrize("lane", ["lean", "aiohttp"])
 @pytest.mark.parametrize("credential", ["token", "client-cert"])
 async def test_two_users_on_one_pooled_connection_never_get_each_others_answers(
-    tmp_path: Path, ca: trustme.CA, client_ca: trustme.CA, credential: str, lane: str
+    tmp_path: Path, ca: trustme.CA, client_ca: trustme.CA, credential: str
 ) -> None:
     """An attacker's smuggling attempts and a victim's reads, interleaved over
     the proxy's pool: each answer names the identity of the client it reached.
     """
-    async with proxy_stack(
-        tmp_path, ca, client_ca, credential=credential, lean=lane == "lean"
-    ) as proxy:
+    async with proxy_stack(tmp_path, ca, client_ca, credential=credential) as proxy:
         attacker, victim = proxy.token("mallory"), proxy.token("victim")
         attack = dict(ISSUE_17)["connection-content-length"].replace(
             b"@TOKEN@", attacker.encode()
@@ -909,14 +900,11 @@ async def test_two_users_on_one_pooled_connection_never_get_each_others_answers(
         assert not got.target.startswith("/api/v1/secrets")
 
 
-@pytest.mark.parametrize("lane", ["lean", "aiohttp"])
 async def test_connection_content_length_reaches_upstream_as_one_request_with_its_length(
-    tmp_path: Path, ca: trustme.CA, client_ca: trustme.CA, lane: str
+    tmp_path: Path, ca: trustme.CA, client_ca: trustme.CA
 ) -> None:
     """The issue's exact report: the body stays a body, under our own length."""
-    async with proxy_stack(
-        tmp_path, ca, client_ca, credential="token", lean=lane == "lean"
-    ) as proxy:
+    async with proxy_stack(tmp_path, ca, client_ca, credential="token") as proxy:
         raw = dict(ISSUE_17)["connection-content-length"].replace(
             b"@TOKEN@", proxy.token("alice").encode()
         )
@@ -966,9 +954,8 @@ def _upgraded(raw: bytes) -> bool:
     ],
     ids=["length", "chunked"],
 )
-@pytest.mark.parametrize("lane", ["lean", "aiohttp"])
 async def test_an_answers_connection_header_cannot_unframe_what_we_relay(
-    tmp_path: Path, ca: trustme.CA, answer: bytes, lane: str
+    tmp_path: Path, ca: trustme.CA, answer: bytes
 ) -> None:
     """The API server's ``Connection`` may drop its hop-by-hop fields, never
     the framing: the client gets exactly the body, framed by us, then the
@@ -993,7 +980,6 @@ async def test_an_answers_connection_header_cannot_unframe_what_we_relay(
             tmp_path,
             ca,
             upstream=Upstream(UpstreamSettings(kubeconfig=str(config))),
-            lean=lane == "lean",
         ) as stack:
             get = (
                 b"GET "

@@ -1,6 +1,6 @@
-"""The upgraded-connection relay, on its own: an aiohttp handler that takes the
-connection over after a 101 and splices it to what the pool hands over after
-an upstream's 101 (``proxy.upstream_pool.Upgraded``).
+"""The upgraded-connection relay, on its own: a ``proxy.http1`` handler that
+takes the connection over after a 101 (``Request.upgrade_to``) and splices it to
+what the pool hands over after an upstream's 101 (``proxy.upstream_pool.Upgraded``).
 """
 
 from __future__ import annotations
@@ -11,15 +11,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import pytest
-from aiohttp import web
-from multidict import CIMultiDict
 
-from proxy import tunnel
+from proxy import http1, tunnel
+from proxy.kube import status_body
 from proxy.upstream_pool import ConnectionPool
-
-_RESULT: web.AppKey[list[tunnel.TunnelResult]] = web.AppKey("results")
-_UPSTREAM: web.AppKey[ConnectionPool] = web.AppKey("upstream")
-_IDLE: web.AppKey[float] = web.AppKey("idle")
 
 
 @dataclass
@@ -74,40 +69,15 @@ async def echo_server(*, silent: bool = False) -> AsyncIterator[Echo]:
         await server.wait_closed()
 
 
-async def splice(request: web.Request) -> web.StreamResponse:
-    answer = await request.app[_UPSTREAM].upgrade(
-        "POST", "/", [], protocol=request.headers["Upgrade"], connect_timeout=5
-    )
-    assert answer.status == 101
-    upstream = answer.detach()
-    headers = CIMultiDict(
-        {"Connection": "Upgrade", "Upgrade": request.headers["Upgrade"]}
-    )
-    response, client = await tunnel.accept(
-        request, reason="Switching Protocols", headers=headers
-    )
-    try:
-        result = await tunnel.relay(client, upstream, idle_seconds=request.app[_IDLE])
-    finally:
-        await upstream.close()
-    request.app[_RESULT].append(result)
-    return response
-
-
-async def hello(request: web.Request) -> web.Response:
-    return web.Response(text="still serving")
-
-
 @dataclass
 class Server:
     port: int
-    runner: web.AppRunner
+    server: http1.Server
     results: list[tunnel.TunnelResult]
 
 
 @contextlib.asynccontextmanager
 async def tunnel_app(echo: Echo, idle: float = 0.0) -> AsyncIterator[Server]:
-    app = web.Application()
     pool = ConnectionPool(
         host="127.0.0.1",
         port=echo.port,
@@ -119,19 +89,43 @@ async def tunnel_app(echo: Echo, idle: float = 0.0) -> AsyncIterator[Server]:
         host_header="echo.test",
         buffer_limit=64 * 1024,
     )
-    app[_UPSTREAM] = pool
-    app[_IDLE] = idle
-    app[_RESULT] = []
-    app.router.add_get("/hello", hello)
-    app.router.add_route("*", "/tunnel", splice)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    results: list[tunnel.TunnelResult] = []
+
+    async def splice(request: http1.Request) -> http1.Answer | None:
+        protocol = request.headers["upgrade"]
+        answer = await pool.upgrade(
+            "POST", "/", [], protocol=protocol, connect_timeout=5
+        )
+        assert answer.status == 101
+        upstream = answer.detach()
+        client = request.upgrade_to(
+            [("Connection", "Upgrade"), ("Upgrade", protocol)],
+            reason="Switching Protocols",
+        )
+        try:
+            result = await tunnel.relay(client, upstream, idle_seconds=idle)
+        finally:
+            client.close()
+            await upstream.close()
+        results.append(result)
+        return None
+
+    def hello(_: http1.Request) -> http1.Answer:
+        return http1.Answer(200, b"still serving", content_type="text/plain")
+
+    server = http1.Server(
+        {
+            "/hello": http1.Route(hello, methods=frozenset({"GET"})),
+            "/tunnel": http1.Route(splice, methods=None),
+        },
+        limits=http1.Limits(head_timeout=5, body_timeout=5),
+        error_body=status_body,
+    )
+    port = await server.start("127.0.0.1", 0, ssl_context=None)
     try:
-        yield Server(runner.addresses[0][1], runner, app[_RESULT])
+        yield Server(port, server, results)
     finally:
-        await runner.cleanup()
+        await server.drain(0.1)
         await pool.close()
 
 
@@ -198,9 +192,8 @@ async def test_client_close_closes_upstream_and_frees_the_connection() -> None:
         writer.close()
         await asyncio.wait_for(echo.closed.wait(), 5)
         await wait_for(lambda: server.results)
-        low_level = server.runner.server
-        assert low_level is not None
-        await wait_for(lambda: not low_level.connections)
+        await wait_for(lambda: not server.server.connections)
+        await wait_for(lambda: not server.server.inflight)
 
 
 async def test_upstream_close_closes_client_and_server_keeps_serving() -> None:

@@ -169,6 +169,10 @@ class FakeAPIServer:
         self.big_size = 100 * 1024 * 1024
         #: Cut the connection after this many bytes of the big list (None: never).
         self.big_abort_after: int | None = None
+        #: What ``exec`` of ``tar`` (``kubectl cp``) received on stdin.
+        self.exec_stdin = bytearray()
+        #: (bytes, sha256) of each ConfigMap created, as received.
+        self.created: list[tuple[int, str]] = []
         self.delay = 0.0
         self.spdy_dictionary: bytes | None = None
         self.spdy_sessions: list[SpdySession] = []
@@ -509,14 +513,34 @@ async def _log(request: web.Request) -> web.StreamResponse:
 async def _exec(request: web.Request) -> web.StreamResponse:
     """``cat`` with v5.channel.k8s.io framing: stdin (0) is echoed on stdout (1);
     the v5 close frame for stdin (255, 0) ends it with a Success status (3).
+    ``tar`` (what ``kubectl cp`` runs) keeps stdin instead (``exec_stdin``).
     """
+    fake = request.app[_FAKE_KEY]
+    command = request.query.getall("command", [""])[0]
+    keep = command == "tar"
     ws = web.WebSocketResponse(protocols=("v5.channel.k8s.io", "v4.channel.k8s.io"))
     await ws.prepare(request)
+    if request.query.get("stdin") != "true":
+        # Nothing to read (``kubectl cp`` first runs ``test -d DEST``): the
+        # command ends at once; ``test`` says "not a directory".
+        result: dict[str, Any] = {"metadata": {}, "status": "Success"}
+        if command == "test":
+            result = {
+                "metadata": {},
+                "status": "Failure",
+                "reason": "NonZeroExitCode",
+                "details": {"causes": [{"reason": "ExitCode", "message": "1"}]},
+            }
+        await ws.send_bytes(b"\x03" + json.dumps(result).encode())
+        await ws.close()
+        return ws
     async for msg in ws:
         if msg.type != WSMsgType.BINARY or not msg.data:
             continue
         channel, payload = msg.data[0], msg.data[1:]
-        if channel == 0:
+        if channel == 0 and keep:
+            fake.exec_stdin += payload
+        elif channel == 0:
             await ws.send_bytes(b"\x01" + payload)
         elif channel == 255 and payload[:1] == b"\x00":
             break
@@ -663,11 +687,28 @@ async def _configmaps(request: web.Request) -> web.StreamResponse:
 
 
 async def _create_configmap(request: web.Request) -> web.Response:
+    """Stream the body through a digest; a ConfigMap sent as JSON (kubectl
+    ``apply``/``create``) is answered with itself, anything else with the digest.
+    """
+    fake = request.app[_FAKE_KEY]
     digest = hashlib.sha256()
     size = 0
+    head = bytearray()
     async for chunk in request.content.iter_any():
         digest.update(chunk)
         size += len(chunk)
+        if len(head) < 64 * 1024 * 1024:
+            head += chunk
+    fake.created.append((size, digest.hexdigest()))
+    try:
+        obj = json.loads(head)
+    except ValueError:
+        obj = None
+    if isinstance(obj, dict) and obj.get("kind") == "ConfigMap":
+        obj.setdefault("metadata", {}).update(
+            namespace=request.match_info["ns"], uid="u1", resourceVersion="1"
+        )
+        return web.json_response(obj, status=201)
     return web.json_response({"bytes": size, "sha256": digest.hexdigest()}, status=201)
 
 

@@ -27,17 +27,12 @@ from typing import Any
 import aiohttp
 import trustme
 import yaml
-from aiohttp import web
 
 from proxy.app import ServeSettings, listening
 from proxy.authn import Authenticator
 from proxy.config import ClaimMappings, PrefixedClaimOrExpression
-from proxy.impersonate import (
-    LEAN_LANE,
-    ProxySettings,
-    TokenAuthenticator,
-    add_proxy_routes,
-)
+from proxy.http1 import Server
+from proxy.impersonate import ProxySettings, TokenAuthenticator, proxy_server
 from proxy.metrics import Metrics
 from proxy.upstream import Upstream, UpstreamSettings
 from tests.fakes.apiserver import FakeAPIServer, serve_apiserver
@@ -125,18 +120,8 @@ def client_ssl(ca: trustme.CA) -> ssl.SSLContext:
 
 
 @asynccontextmanager
-async def serve_app(
-    app: web.Application,
-    ca: trustme.CA | None,
-    *,
-    handler_cancellation: bool = False,
-    lean: bool = True,
-) -> AsyncIterator[str]:
-    """Serve ``app`` as production does (``proxy.app.listening``): the proxy's
-    lean lane in front of aiohttp, unless ``lean`` is false (aiohttp only).
-    """
-    if not lean:
-        app.pop(LEAN_LANE, None)
+async def serve_app(server: Server, ca: trustme.CA | None) -> AsyncIterator[str]:
+    """Serve the proxy's listener as production does (``proxy.app.listening``)."""
     ctx = None
     if ca is not None:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -144,9 +129,7 @@ async def serve_app(
     settings = ServeSettings(
         bind_address="127.0.0.1", secure_port=0, shutdown_grace_period=0.1
     )
-    async with listening(
-        app, settings, ctx, handler_cancellation=handler_cancellation
-    ) as port:
+    async with listening(server, settings, ctx) as port:
         yield f"{'https' if ctx else 'http'}://127.0.0.1:{port}"
 
 
@@ -160,15 +143,11 @@ async def run_proxy(
     tls: bool = True,
     claim_mappings: ClaimMappings | None = None,
     authenticator: TokenAuthenticator | None = None,
-    handler_cancellation: bool = False,
-    lean: bool = True,
 ) -> AsyncIterator[Stack]:
     """Fake API server + proxy in front of it + a client session, all started.
 
     ``upstream`` replaces the default (a kubeconfig naming the fake API server);
     a callable gets the started fake API server and returns the ``Upstream``.
-    ``handler_cancellation`` is aiohttp's server option (the proxy must work
-    with either setting); ``lean=False`` serves every request through aiohttp.
     """
     settings = settings or ProxySettings()
     key = new_key("RS256")
@@ -189,21 +168,14 @@ async def run_proxy(
             upstream = upstream(fake)
         await upstream.start()
         try:
-            app = web.Application()
-            add_proxy_routes(
-                app,
+            server = proxy_server(
                 authenticator=authenticator,
                 upstream=upstream,
                 settings=settings,
                 metrics=metrics,
             )
             async with (
-                serve_app(
-                    app,
-                    ca if tls else None,
-                    handler_cancellation=handler_cancellation,
-                    lean=lean,
-                ) as url,
+                serve_app(server, ca if tls else None) as url,
                 aiohttp.ClientSession(
                     connector=aiohttp.TCPConnector(ssl=client_ssl(ca)),
                     auto_decompress=False,

@@ -1,14 +1,12 @@
-"""The proxy's two lanes: ``proxy.http1`` serves the common requests itself and
-hands every other connection to aiohttp. Which lane takes what, that both lanes
-send the API server the same request and the client the same answer, and that a
-connection moving from one lane to the other mid-way keeps its requests apart.
+"""The proxy on its one listener (``proxy.http1``, llhttp): requests of every
+kind pipelined on one connection, streamed answers broken off on either side,
+remembered refusals, and answers without a body.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,16 +15,13 @@ from typing import Any
 import aiohttp
 import pytest
 import trustme
-from aiohttp import web
-from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.impersonate import LEAN_LANE, ProxySettings, add_proxy_routes
+from proxy.impersonate import ProxySettings
 from proxy.metrics import Metrics
 from proxy.upstream import Upstream, UpstreamSettings
 from tests.fakes.apiserver_harness import (
     PODS,
-    WHOAMI,
     Stack,
     client_ssl,
     run_proxy,
@@ -39,218 +34,6 @@ CONFIGMAPS = "/api/v1/namespaces/default/configmaps"
 @pytest.fixture(scope="module")
 def ca() -> trustme.CA:
     return trustme.CA()
-
-
-class _NoAuth:
-    async def authenticate(self, token: str) -> None:
-        return None
-
-
-# --------------------------------------------------------------------------
-# Which lane takes what
-
-
-@pytest.mark.parametrize(
-    ("method", "target", "headers", "lean"),
-    [
-        ("GET", PODS, {}, True),
-        ("GET", PODS + "/p?resourceVersion=0", {}, True),
-        ("POST", WHOAMI, {"content-length": "2"}, True),
-        ("DELETE", PODS + "/p", {}, True),
-        ("GET", "/api/v1/namespaces/watchers/pods", {}, True),
-        ("GET", CONFIGMAPS + "/logs", {}, True),
-        ("GET", "/api/v1/pods?watch=true", {}, False),
-        ("GET", "/api/v1/pods?watch=1&limit=5", {}, False),
-        ("GET", "/api/v1/watch/namespaces/default/pods", {}, False),
-        ("GET", PODS + "/p/log?follow=true", {}, False),
-        ("POST", PODS + "/p/exec?command=ls", {}, False),
-        ("POST", PODS + "/p/attach", {}, False),
-        ("GET", PODS + "/p/portforward", {}, False),
-        ("GET", "/api/v1/namespaces/default/services/s/proxy/x", {}, False),
-        ("HEAD", PODS, {}, False),
-        ("GET", PODS, {"connection": "Upgrade", "upgrade": "websocket"}, False),
-        ("GET", PODS, {"connection": "keep-alive, upgrade"}, False),
-        ("GET", PODS, {"impersonate-user": "bob"}, False),
-        ("GET", PODS, {"impersonate-extra-scopes": "x"}, False),
-        ("POST", WHOAMI, {"expect": "100-continue", "content-length": "2"}, False),
-    ],
-    ids=[
-        "list",
-        "get-with-query",
-        "create",
-        "delete",
-        "watch-in-a-namespace-name",
-        "log-in-a-resource-name",
-        "watch-query",
-        "watch-query-1",
-        "watch-path",
-        "log",
-        "exec",
-        "attach",
-        "portforward",
-        "service-proxy",
-        "head",
-        "websocket-upgrade",
-        "connection-upgrade",
-        "impersonate-user",
-        "impersonate-extra",
-        "expect",
-    ],
-)
-def test_lean_lane_takes_only_short_plain_requests(
-    tmp_path: Path,
-    ca: trustme.CA,
-    method: str,
-    target: str,
-    headers: dict[str, str],
-    lean: bool,
-) -> None:
-    config = upstream_kubeconfig(
-        tmp_path / "kubeconfig", "https://127.0.0.1:9", ca.cert_pem.bytes()
-    )
-    app = web.Application()
-    add_proxy_routes(
-        app,
-        authenticator=_NoAuth(),
-        upstream=Upstream(UpstreamSettings(kubeconfig=str(config))),
-        settings=ProxySettings(),
-        metrics=Metrics(),
-    )
-    lane = app[LEAN_LANE]
-    assert lane.admit(method, target, {"host": "x", **headers}) is lean
-    assert lane.route.methods is None
-
-
-# --------------------------------------------------------------------------
-# Both lanes, the same requests: the same upstream request, the same answer
-
-
-def _cases(stack: Stack) -> list[tuple[str, str, str, list[tuple[str, str]], bytes]]:
-    """(id, method, path, headers, body): ordinary requests and refusals."""
-    token = stack.token()
-    bearer = ("Authorization", f"Bearer {token}")
-    return [
-        (
-            "hop-by-hop-and-spoofable",
-            "GET",
-            PODS + "?limit=5&labelSelector=app%3Dweb",
-            [
-                bearer,
-                ("Connection", "keep-alive, X-Secret"),
-                ("X-Secret", "drop me"),
-                ("TE", "trailers"),
-                ("X-Remote-User", "admin"),
-                ("X-Remote-Extra-Scopes", "all"),
-                ("X-Forwarded-For", "6.6.6.6"),
-                ("X-Custom", "kept"),
-                ("x-custom", "twice"),
-                ("Accept", "application/json;as=Table;v=v1;g=meta.k8s.io"),
-            ],
-            b"",
-        ),
-        (
-            "create",
-            "POST",
-            WHOAMI,
-            [bearer, ("Content-Type", "application/json")],
-            b"{}",
-        ),
-        ("not-found-relayed", "GET", PODS + "/missing", [bearer], b""),
-        ("percent-encoded-path", "GET", PODS + "/%70", [bearer], b""),
-        ("no-token", "GET", PODS, [], b""),
-        ("bad-token", "GET", PODS, [("Authorization", "Bearer not.a.jwt")], b""),
-        ("basic-scheme", "GET", PODS, [("Authorization", "Basic YTpi")], b""),
-        (
-            "two-authorization-headers",
-            "GET",
-            PODS,
-            [bearer, ("Authorization", f"Bearer {token}")],
-            b"",
-        ),
-        (
-            "expired",
-            "GET",
-            PODS,
-            [("Authorization", f"Bearer {stack.token(exp=1_000_000)}")],
-            b"",
-        ),
-    ]
-
-
-async def _exchange(
-    stack: Stack, method: str, path: str, headers: list[tuple[str, str]], body: bytes
-) -> tuple[int, str, bytes]:
-    async with stack.client.request(
-        method,
-        stack.url + path,
-        headers=CIMultiDict(headers),
-        data=body or None,
-        skip_auto_headers=("Content-Type",) if not body else (),
-    ) as r:
-        return r.status, r.headers.get("Content-Type", ""), await r.read()
-
-
-async def test_both_lanes_forward_and_answer_alike(
-    tmp_path: Path, ca: trustme.CA, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.INFO, logger="proxy.access")
-    seen: dict[bool, list[Any]] = {}
-    logged: dict[bool, list[dict[str, Any]]] = {}
-    for lean in (True, False):
-        caplog.clear()
-        (tmp_path / str(lean)).mkdir()
-        async with run_proxy(tmp_path / str(lean), ca, lean=lean) as stack:
-            answers = []
-            for case, method, path, headers, body in _cases(stack):
-                status, ctype, data = await _exchange(
-                    stack, method, path, headers, body
-                )
-                answers.append((case, status, ctype, data))
-            # Host names the fake's port, which differs between the runs.
-            upstream = [
-                (
-                    r.method,
-                    r.path,
-                    r.query,
-                    [h for h in r.headers.items() if h[0] != "Host"],
-                )
-                for r in stack.fake.requests
-            ]
-            seen[lean] = [answers, upstream]
-        # A detail may quote a time ("expired 1795649492s ago"): compare its words.
-        logged[lean] = [
-            {
-                k: re.sub(r"\d+", "N", v) if k == "detail" else v
-                for k, v in vars(rec).items()
-                if k in _ACCESS_FIELDS
-            }
-            for rec in caplog.records
-            if rec.name == "proxy.access"
-        ]
-    lean_answers, lean_upstream = seen[True]
-    plain_answers, plain_upstream = seen[False]
-    # Tokens differ between the two runs (fresh keys): compare everything else.
-    assert [a[:3] for a in lean_answers] == [a[:3] for a in plain_answers]
-    assert [a[3] for a in lean_answers] == [a[3] for a in plain_answers]
-    assert [a[1] for a in lean_answers] == [200, 201, 404, 200, 401, 401, 401, 401, 401]
-    assert len(lean_upstream) == 4  # the four that passed authentication
-    assert lean_upstream == plain_upstream
-    first_headers = dict(lean_upstream[0][3])
-    assert "X-Secret" not in first_headers
-    assert "X-Remote-User" not in first_headers
-    assert first_headers["X-Forwarded-For"] == "127.0.0.1"
-    assert logged[True] == logged[False]
-    assert [line["status"] for line in logged[True]] == [
-        200,
-        201,
-        404,
-        200,
-        401,
-        401,
-        401,
-        401,
-        401,
-    ]
 
 
 def _sample(metrics: Metrics, name: str, result: str) -> float:
@@ -288,7 +71,7 @@ _ACCESS_FIELDS = frozenset(
 
 
 # --------------------------------------------------------------------------
-# One connection, both lanes
+# One connection, every kind of request
 
 
 async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
@@ -316,7 +99,7 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     raise AssertionError("unbounded chunked body")
 
 
-async def test_a_connection_moves_to_aiohttp_and_stays_there(
+async def test_pipelined_requests_of_every_kind_are_answered_in_order(
     tmp_path: Path, ca: trustme.CA
 ) -> None:
     async with run_proxy(tmp_path, ca) as stack:
@@ -330,14 +113,13 @@ async def test_a_connection_moves_to_aiohttp_and_stays_there(
         )
         auth = f"Authorization: Bearer {stack.token()}\r\n"
         get = f"GET {PODS} HTTP/1.1\r\nHost: {host}\r\n{auth}\r\n".encode()
-        # A chunked body: the lean lane never reads those, so the connection
-        # is handed to aiohttp at this request's first byte.
+        # A chunked body, streamed through to the API server.
         post = (
             f"POST {CONFIGMAPS} HTTP/1.1\r\nHost: {host}\r\n{auth}"
             "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
             "5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
         ).encode()
-        # All three in one write: pipelined across the handover.
+        # All three in one write: pipelined.
         writer.write(get + post + get)
         statuses = []
         bodies = []
@@ -354,7 +136,7 @@ async def test_a_connection_moves_to_aiohttp_and_stays_there(
 
 
 # --------------------------------------------------------------------------
-# Streamed answers on the lean lane
+# Streamed answers broken off
 
 
 @pytest.fixture
@@ -379,7 +161,7 @@ async def test_upstream_dying_mid_list_cuts_the_client(
     assert [(x["status"], x.get("outcome")) for x in lines] == [(200, "upstream_error")]
 
 
-async def test_client_leaving_mid_list_is_logged_and_the_lane_goes_on(
+async def test_client_leaving_mid_list_is_logged_and_the_proxy_goes_on(
     small_big: Stack, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="proxy.access")
@@ -397,7 +179,7 @@ async def test_client_leaving_mid_list_is_logged_and_the_lane_goes_on(
             break
         await asyncio.sleep(0.05)
     assert [(x["status"], x.get("outcome")) for x in lines] == [(200, "client_closed")]
-    # The proxy still serves, on the same lane.
+    # The proxy still serves.
     async with small_big.client.get(
         small_big.url + PODS, headers=small_big.bearer()
     ) as r:
@@ -442,16 +224,14 @@ async def test_a_replayed_refusal_is_answered_alike_from_the_cache(
     assert stack.fake.requests == []
 
 
-@pytest.mark.parametrize("lean", [True, False], ids=["lean", "aiohttp"])
 async def test_replayed_refusals_are_logged_up_to_the_limit_then_counted(
     tmp_path: Path,
     ca: trustme.CA,
     caplog: pytest.LogCaptureFixture,
-    lean: bool,
 ) -> None:
     caplog.set_level(logging.INFO, logger="proxy.access")
     settings = ProxySettings(refusal_log_limit=2)
-    async with run_proxy(tmp_path, ca, settings=settings, lean=lean) as stack:
+    async with run_proxy(tmp_path, ca, settings=settings) as stack:
         bad = {"Authorization": f"Bearer {stack.token(exp=1_000_000)}"}
         good = {"Authorization": f"Bearer {stack.token()}"}
         statuses = []
@@ -504,7 +284,7 @@ async def test_replayed_refusals_are_logged_up_to_the_limit_then_counted(
     ],
     ids=["204", "empty-200", "304"],
 )
-async def test_bodiless_answers_are_relayed_without_a_body_on_both_lanes(
+async def test_bodiless_answers_are_relayed_without_a_body(
     tmp_path: Path,
     ca: trustme.CA,
     answer: bytes,
@@ -526,15 +306,14 @@ async def test_bodiless_answers_are_relayed_without_a_body_on_both_lanes(
     listener = await asyncio.start_server(scripted, "127.0.0.1", 0)
     port = listener.sockets[0].getsockname()[1]
     try:
-        for lean in (True, False):
-            (tmp_path / str(lean)).mkdir()
+        for method in ("GET", "HEAD"):
+            (tmp_path / method).mkdir()
             config = upstream_kubeconfig(
-                tmp_path / str(lean) / "kc", f"http://127.0.0.1:{port}", b""
+                tmp_path / method / "kc", f"http://127.0.0.1:{port}", b""
             )
             async with run_proxy(
-                tmp_path / str(lean),
+                tmp_path / method,
                 ca,
-                lean=lean,
                 upstream=Upstream(UpstreamSettings(kubeconfig=str(config))),
             ) as stack:
                 host = "127.0.0.1"
@@ -548,7 +327,7 @@ async def test_bodiless_answers_are_relayed_without_a_body_on_both_lanes(
                     5,
                 )
                 get = (
-                    f"GET {PODS}/p HTTP/1.1\r\nHost: {host}\r\n"
+                    f"{method} {PODS}/p HTTP/1.1\r\nHost: {host}\r\n"
                     f"Authorization: Bearer {stack.token()}\r\n\r\n"
                 ).encode()
                 # Twice on one connection: the first answer must end where
@@ -557,13 +336,13 @@ async def test_bodiless_answers_are_relayed_without_a_body_on_both_lanes(
                 for _ in range(2):
                     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
                     lines = head.decode("latin-1").split("\r\n")
-                    assert lines[0].split(" ")[1] == str(status), lean
+                    assert lines[0].split(" ")[1] == str(status), method
                     fields = {
                         k.strip().lower(): v.strip()
                         for k, _, v in (x.partition(":") for x in lines[1:] if x)
                     }
-                    assert "transfer-encoding" not in fields, lean
-                    assert fields.get("content-length") == length, lean
+                    assert "transfer-encoding" not in fields, method
+                    assert fields.get("content-length") == length, method
                     assert fields["audit-id"] == "a1"
                 writer.close()
     finally:
