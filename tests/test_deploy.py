@@ -44,6 +44,7 @@ from proxy.claims import CREDENTIAL_ID_EXTRA, map_claims
 from proxy.cli import build_parser
 from proxy.config import AuthConfig, parse_authentication_config
 from proxy.errors import TokenError, UserRuleFailed
+from proxy.impersonate import ORIGINAL_USER_EXTRA
 from proxy.kubeconfig import WEBHOOK_APISERVER_FLAGS, proxy_rbac, webhook_kubeconfig
 from proxy.metrics import Metrics
 
@@ -577,6 +578,10 @@ def test_subjectaccessreviews_only_with_client_impersonation(
         assert bound_service_accounts(
             objects, "kube-oidc-gate-client-impersonation"
         ) == [pod_service_account(objects)]
+        # The original user behind an approved --as (issue 24), by its exact
+        # resource name, not only through the group's wildcard.
+        original = (AUTH_GROUP, f"userextras/{ORIGINAL_USER_EXTRA}", IMPERSONATE)
+        assert original in rules_of(objects, "kube-oidc-gate-client-impersonation")
 
 
 @pytest.mark.parametrize("variant", WEBHOOKS)
