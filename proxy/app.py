@@ -35,6 +35,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
+from proxy.audit.auditor import Auditor
 from proxy.authn import Authenticator
 from proxy.config import (
     DEFAULT_PROBE_ADDRESS,
@@ -55,6 +56,7 @@ from proxy.upstream import Upstream
 from proxy.webhook import WebhookSettings, webhook_server
 
 __all__ = [
+    "AUDITOR",
     "RELOAD_KEY_WAIT",
     "ConfigReloader",
     "ConnectionGuard",
@@ -367,6 +369,8 @@ class ConnectionGuard:
 
 
 GUARD: web.AppKey[ConnectionGuard] = web.AppKey("connection_guard", ConnectionGuard)
+#: The proxy's auditor (``None``: no ``--audit-policy-file``).
+AUDITOR: web.AppKey[Auditor | None] = web.AppKey("proxy_auditor")
 
 
 class _QuietHandler(RequestHandler):
@@ -496,12 +500,22 @@ def webhook_app(engine: Engine, settings: WebhookSettings) -> Server:
 
 
 def proxy_app(
-    engine: Engine, upstream: Upstream, settings: ProxySettings
+    engine: Engine,
+    upstream: Upstream,
+    settings: ProxySettings,
+    *,
+    auditor: Auditor | None = None,
 ) -> web.Application:
-    """The impersonating proxy application (every method and path)."""
+    """The impersonating proxy application (every method and path).
+
+    ``auditor`` (``--audit-*``, issue 24) is stored under ``AUDITOR`` for the
+    handler to call (``proxy.audit.auditor``'s contract); the caller owns its
+    ``close()``.
+    """
     guard = ConnectionGuard()
     app = web.Application(middlewares=[_front_middleware(guard)])
     app[GUARD] = guard
+    app[AUDITOR] = auditor
     add_proxy_routes(
         app,
         authenticator=engine.authenticator,

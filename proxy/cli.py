@@ -654,11 +654,12 @@ def _proxy_problems(ns: argparse.Namespace) -> list[str]:
     A worker would find the same problems only after the engine started, one
     at a time, and (with ``--workers N``) once per worker.
     """
-    from proxy.proxyflags import proxy_settings_from_args
+    from proxy.proxyflags import audit_options_from_args, proxy_settings_from_args
     from proxy.upstream import UpstreamSettings, upstream_problems
 
     problems: list[str] = []
     _collect(problems, lambda: proxy_settings_from_args(ns))
+    _collect(problems, lambda: audit_options_from_args(ns))
     problems += upstream_problems(
         UpstreamSettings(kubeconfig=ns.kubeconfig, context=ns.context)
     )
