@@ -39,6 +39,7 @@ import trustme
 import yaml
 
 from proxy import __version__
+from proxy.audit.policy import load_policy
 from proxy.checktoken import HINTS
 from proxy.claims import CREDENTIAL_ID_EXTRA, map_claims
 from proxy.cli import build_parser
@@ -47,6 +48,7 @@ from proxy.errors import TokenError, UserRuleFailed
 from proxy.impersonate import ORIGINAL_USER_EXTRA
 from proxy.kubeconfig import WEBHOOK_APISERVER_FLAGS, proxy_rbac, webhook_kubeconfig
 from proxy.metrics import Metrics
+from proxy.proxyflags import audit_options_from_args
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -119,6 +121,7 @@ VARIANTS = (
     "proxy+cert-manager",
     "webhook+cert-manager",
     "proxy+client-impersonation",
+    "proxy+audit",
 )
 OVERLAYS = tuple(v for v in VARIANTS if v not in ("base", "examples"))
 PROXIES = tuple(v for v in OVERLAYS if v.startswith("proxy"))
@@ -143,6 +146,15 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Objects]:
         "components:\n  - ../../components/client-impersonation\n",
         encoding="utf-8",
     )
+    audit = copy / "overlays" / "proxy-audit"
+    audit.mkdir()
+    (audit / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\n"
+        "kind: Kustomization\n"
+        "resources:\n  - ../proxy\n"
+        "components:\n  - ../../components/audit\n",
+        encoding="utf-8",
+    )
     dirs = {
         "base": DEPLOY / "base",
         "proxy": DEPLOY / "overlays" / "proxy",
@@ -151,6 +163,7 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Objects]:
         "proxy+cert-manager": copy / "overlays" / "proxy-cm",
         "webhook+cert-manager": copy / "overlays" / "webhook-cm",
         "proxy+client-impersonation": wrapper,
+        "proxy+audit": audit,
     }
     assert set(dirs) == set(VARIANTS)
     return {name: render(path) for name, path in dirs.items()}
@@ -197,6 +210,7 @@ def test_every_kustomization_under_deploy_is_rendered() -> None:
         "examples",
         "components/cert-manager",
         "components/client-impersonation",
+        "components/audit",
         # Rendered in both overlays by tests/test_monitoring.py.
         "components/monitoring",
     }
@@ -582,6 +596,33 @@ def test_subjectaccessreviews_only_with_client_impersonation(
         # resource name, not only through the group's wildcard.
         original = (AUTH_GROUP, f"userextras/{ORIGINAL_USER_EXTRA}", IMPERSONATE)
         assert original in rules_of(objects, "kube-oidc-gate-client-impersonation")
+
+
+def test_audit_component_mounts_the_policy_it_names(
+    rendered: dict[str, Objects], tmp_path: Path
+) -> None:
+    """The audit component's flags parse, name the mounted policy, and the
+    policy in its ConfigMap loads (issue 24)."""
+    objects = rendered["proxy+audit"]
+    args = container(objects)["args"]
+    flags = flag_values(args)
+    assert flags["--audit-log-path"] == "-"
+    policy_path = flags["--audit-policy-file"]
+    mounts = {m["mountPath"]: m["name"] for m in container(objects)["volumeMounts"]}
+    directory, _, filename = policy_path.rpartition("/")
+    volume = mounts[directory]
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    (source,) = [v for v in pod["volumes"] if v["name"] == volume]
+    config_map = one(objects, "ConfigMap", source["configMap"]["name"])
+    policy_file = tmp_path / filename
+    policy_file.write_text(config_map["data"][filename])
+    assert load_policy(str(policy_file)).rules
+    ns = build_parser().parse_args(
+        [a.replace(policy_path, str(policy_file)) for a in args]
+    )
+    options = audit_options_from_args(ns)
+    assert options is not None
+    assert options.log_path == "-"
 
 
 @pytest.mark.parametrize("variant", WEBHOOKS)

@@ -14,7 +14,8 @@ right after the version are verbs (``proxy`` takes no subresource);
 otherwise the method gives ``create``/``get``/``update``/``patch``/
 ``delete``. ``namespaces/<ns>/<resource>...`` moves the namespace out of the
 parts unless the next segment is a namespace subresource (``status``,
-``finalize``). The parts then read ``resource/name/subresource``. A ``get``
+``finalize``); a ``patch`` of ``namespaces/<ns>`` itself (server-side apply
+creating it) has no namespace. The parts then read ``resource/name/subresource``. A ``get``
 without a name is ``list``, or ``watch`` when the first ``watch`` query value
 is anything but ``0``/``false`` (any case; ``watch=`` too, as Go's
 conversion reads it); a ``fieldSelector`` that requires ``metadata.name=x``
@@ -177,7 +178,13 @@ def request_info(method: str, path: str, query: str = "") -> RequestInfo:
     else:
         verb = _METHOD_VERBS.get(method, "")
     namespace = ""
-    if parts[0] == "namespaces" and len(parts) > 1:
+    # A server-side apply that creates a namespace PATCHes
+    # /namespaces/<new>: kube-apiserver gives it no namespace.
+    if (
+        parts[0] == "namespaces"
+        and len(parts) > 1
+        and not (len(parts) == 2 and verb == "patch")
+    ):
         namespace = parts[1]
         if len(parts) > 2 and parts[2] not in _NAMESPACE_SUBRESOURCES:
             parts = parts[2:]
