@@ -229,8 +229,9 @@ def audit_options_from_args(ns: argparse.Namespace) -> AuditOptions | None:
     ]
     if backends and not policy_file:
         problems.append(
-            f"audit: {' and '.join(backends)} need --audit-policy-file (without a "
-            "policy nothing would be recorded)"
+            f"audit: {' and '.join(backends)} "
+            f"{'need' if len(backends) > 1 else 'needs'} --audit-policy-file "
+            "(without a policy nothing would be recorded)"
         )
     if policy_file and not backends:
         problems.append(

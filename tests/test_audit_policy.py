@@ -229,7 +229,7 @@ def test_checker_omit_stages(
 
 
 @pytest.mark.parametrize(
-    ("policy_stages", "rule_stages", "union"), UNION_CASES, ids=lambda v: str(v)
+    ("policy_stages", "rule_stages", "union"), UNION_CASES, ids=str
 )
 def test_union_of_policy_and_rule_stages(
     policy_stages: tuple[str, ...], rule_stages: tuple[str, ...], union: set[str]
@@ -260,7 +260,7 @@ def test_omit_managed_fields(
 def test_no_rule_matches_is_none_with_the_policys_stages() -> None:
     policy = policy_of([RULES["create"]], omitStages=["Panic"])
     config = evaluate(policy, ATTRS["namespaced"])
-    assert (config.level, config.omit_stages) == ("None", {"Panic"})
+    assert (config.level, config.omit_stages) == ("None", frozenset({"Panic"}))
 
 
 def test_a_namespaces_only_rule_is_a_resource_rule() -> None:
