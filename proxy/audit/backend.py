@@ -321,7 +321,11 @@ class LogBackend:
         if self._file is not None:
             self._file.write(data)
         else:
-            self._out().write(data)
+            # One write per line: with --workers N sharing stdout, a line of
+            # up to PIPE_BUF (4 KiB) is then never split by another worker's.
+            out = self._out()
+            out.write(data)
+            out.flush()
 
     def _flush(self) -> None:
         if self._file is not None:
@@ -358,6 +362,9 @@ class LogBackend:
             try:
                 self._queue.put(_STOP, timeout=_CLOSE_GRACE)
             except queue.Full:
+                # The writer is stuck (a stdout nobody reads): what it has
+                # not written is lost.
+                self.drops.add(self._queue.qsize(), "closed before written")
                 return
             thread.join(_CLOSE_GRACE)
 
