@@ -38,6 +38,11 @@ event).
 The policy is evaluated once per request with the authenticated user, as
 kube-apiserver evaluates it before impersonation; ``impersonatedUser`` is
 recorded from the stage after ``set_impersonated``.
+
+Deliberate difference: kube-apiserver records a failed authentication as a
+single event at stage ``ResponseStarted`` (its failed-authentication audit
+filter); here a refused request gets the ordinary stages
+(``RequestReceived``, ``ResponseComplete``), so every request reads the same.
 """
 
 from __future__ import annotations
