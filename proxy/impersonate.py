@@ -34,7 +34,15 @@ Order of checks (each refusal is final; nothing goes upstream on a refusal):
    subresource and ``uids``, both in ``authentication.k8s.io``); more than
    ``max_impersonation_values`` values is 431, a group/extra/uid without a
    user or a repeated user/uid is 400, an unknown ``Impersonate-`` header is
-   400. On success the requested identity is forwarded instead.
+   400. On success the requested identity is forwarded instead, plus the
+   reserved extra ``kube-oidc-gate.io/original-user`` (``ORIGINAL_USER_EXTRA``):
+   the authenticated user as compact JSON ``{"username", "uid", "groups"}``,
+   so the API server's audit log and authorisation webhooks still see who
+   is behind the ``--as``. A client can never send that key itself (403, in
+   any case or escaping that would decode to it). It is not reviewed as the
+   user (the user did not ask for it); the API server checks that the
+   proxy's service account may impersonate exactly
+   ``userextras/kube-oidc-gate.io/original-user``.
 
 What reaches the API server: the client's headers minus ``Authorization``, every
 ``Impersonate-*``, the hop-by-hop headers (and those ``Connection`` names; but
@@ -92,12 +100,13 @@ import string
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final, Protocol
 
 from multidict import CIMultiDict
 
 from proxy import framing, http1, tunnel
+from proxy.audit.auditor import Auditor
 from proxy.errors import IssuerMismatch, TokenError, UpstreamError
 from proxy.kube import SYSTEM_AUTHENTICATED, PerUser, UserInfo, status_body
 from proxy.log import RefusalLimiter, RequestLog
@@ -107,10 +116,12 @@ from proxy.upstream_pool import PooledResponse
 
 __all__ = [
     "BEARER_PROTOCOL_PREFIX",
+    "ORIGINAL_USER_EXTRA",
     "ProxySettings",
     "TokenAuthenticator",
     "classify_request",
     "escape_extra_key",
+    "original_user_json",
     "proxy_server",
 ]
 
@@ -119,6 +130,10 @@ access_log = RequestLog("proxy.access")
 
 #: WebSocket subprotocol prefix carrying a bearer token (kube-apiserver's).
 BEARER_PROTOCOL_PREFIX: Final = "base64url.bearer.authorization.k8s.io."
+
+#: The extra key under which an approved ``--as`` carries the user who asked
+#: (reserved: a client sending it is refused; see the module docstring).
+ORIGINAL_USER_EXTRA: Final = "kube-oidc-gate.io/original-user"
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -485,6 +500,15 @@ def _requested_identity(headers: _Headers, settings: ProxySettings) -> _Identity
         return None
     if not settings.allow_client_impersonation:
         raise _Refusal(403, "impersonation is not allowed through this proxy")
+    # Compared without case: kube-apiserver's keys are case-sensitive, but a
+    # near-twin of the reserved key would mislead whoever reads the audit log.
+    if any(key.lower() == ORIGINAL_USER_EXTRA for key in extra):
+        raise _Refusal(
+            403,
+            f'forbidden: the extra "{ORIGINAL_USER_EXTRA}" is set by the proxy, '
+            "never by a client",
+            "client sent the reserved original-user extra",
+        )
     if count > settings.max_impersonation_values:
         raise _Refusal(
             431,
@@ -506,6 +530,25 @@ def _requested_identity(headers: _Headers, settings: ProxySettings) -> _Identity
         groups=tuple(groups),
         uid=uids[0] if uids else "",
         extra={k: tuple(v) for k, v in extra.items()},
+    )
+
+
+def original_user_json(user: UserInfo) -> str:
+    """The ``ORIGINAL_USER_EXTRA`` value for ``user``: compact JSON, ASCII only
+    (``\\u`` escapes), so that a header carries it unchanged; groups as the
+    token mapped them (the API server adds ``system:authenticated``).
+    """
+    return json.dumps(
+        {"username": user.username, "uid": user.uid, "groups": list(user.groups)},
+        separators=(",", ":"),
+    )
+
+
+def _with_original(identity: _Identity, user: UserInfo) -> _Identity:
+    """The approved ``--as`` identity plus who asked for it (module docstring)."""
+    return replace(
+        identity,
+        extra={**identity.extra, ORIGINAL_USER_EXTRA: (original_user_json(user),)},
     )
 
 
@@ -1116,7 +1159,7 @@ class _ProxyHandler:
         if identity is not None:
             entry.as_user = identity.username
             await self._authorize(user, identity)
-            impersonate = identity.headers()
+            impersonate = _with_original(identity, user).headers()
         headers = _forward_headers(
             src, peer, settings, passthrough=False, protocols=protocols
         )
@@ -1360,13 +1403,16 @@ def proxy_server(
     settings: ProxySettings,
     metrics: Metrics | None,
     max_field_bytes: int | None = None,
+    auditor: Auditor | None = None,
 ) -> http1.Server:
     """The proxy's listener: every method and path goes to one handler.
 
     The server's ``stopping`` event (set when it starts draining) ends watches
     and log streams with a proper end of body and closes tunnels on both
-    sides, instead of holding the grace period and being cut.
+    sides, instead of holding the grace period and being cut. ``auditor``
+    (``--audit-*``) is not called by the handler yet.
     """
+    del auditor
     server = http1.Server(
         {},
         limits=http1.Limits(
