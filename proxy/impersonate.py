@@ -101,12 +101,14 @@ import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Any, Final, Protocol
 
 from multidict import CIMultiDict
 
 from proxy import framing, http1, tunnel
-from proxy.audit.auditor import Auditor
+from proxy.audit.auditor import AuditContext, Auditor
+from proxy.audit.event import REQUEST_OBJECT_NOTE, RESPONSE_OBJECT_NOTE, source_ips
 from proxy.errors import IssuerMismatch, TokenError, UpstreamError
 from proxy.kube import SYSTEM_AUTHENTICATED, PerUser, UserInfo, status_body
 from proxy.log import RefusalLimiter, RequestLog
@@ -142,6 +144,9 @@ _REQUEST_DROP: Final = frozenset(
     {
         "host",
         "expect",
+        # Ours is sent when the request is audited (it names our event and
+        # the API server's); a client's would let it pick the id of records.
+        "audit-id",
         "x-forwarded-for",
         "x-remote-user",
         "x-remote-group",
@@ -194,6 +199,10 @@ _Headers = CIMultiDict[str]
 _WHOLE_BODY: Final = 64 * 1024
 #: Request line bytes the listener allows beyond ``max_header_bytes``.
 _REQUEST_LINE: Final = 16 * 1024
+#: The annotation saying why the proxy refused a request it audited.
+_REFUSAL_NOTE: Final = "kube-oidc-gate.io/refusal"
+_MODE_NOTE: Final = "kube-oidc-gate.io/mode"
+_MAX_NOTE: Final = 256
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -459,6 +468,15 @@ class _Identity:
             username=user.username, groups=user.groups, uid=user.uid, extra=user.extra
         )
 
+    def user_info(self) -> UserInfo:
+        """This identity as the audit log's ``impersonatedUser``."""
+        return UserInfo(
+            username=self.username,
+            uid=self.uid,
+            groups=self.groups,
+            extra=MappingProxyType(dict(self.extra)),
+        )
+
     def headers(self) -> list[tuple[str, str]]:
         out = [("Impersonate-User", self.username)]
         out.extend(("Impersonate-Group", g) for g in self.groups)
@@ -636,12 +654,18 @@ def _forward_headers(
 
 
 def _response_headers(
-    headers: _Headers, *, upgrade: bool = False, length: int | None = None
+    headers: _Headers,
+    *,
+    upgrade: bool = False,
+    length: int | None = None,
+    audit_id: str | None = None,
 ) -> CIMultiDict[str]:
     """The API server's response headers as we relay them: minus hop-by-hop
     ones and every framing field (``proxy.framing``); ``length`` is the one
     ``Content-Length`` we declare, when we know the body we relay has exactly
-    that many bytes (else the client's writer frames it).
+    that many bytes (else the client's writer frames it). ``audit_id``: the
+    request's audit id, echoed as ``Audit-Id`` as kube-apiserver does (the API
+    server echoes the one we sent; a kubelet's exec answer has none).
     """
     drop = framing.hop_by_hop(headers.getall("Connection", ()))
     out: CIMultiDict[str] = CIMultiDict()
@@ -651,6 +675,8 @@ def _response_headers(
         out.add(name, value)
     if length is not None:
         out["Content-Length"] = str(length)
+    if audit_id is not None:
+        out["Audit-Id"] = audit_id
     if upgrade:
         out["Connection"] = "Upgrade"
         out["Upgrade"] = headers.get("Upgrade", "")
@@ -685,6 +711,8 @@ class _Entry:
 
     __slots__ = (
         "as_user",
+        "audit",
+        "audited",
         "bytes_in",
         "bytes_out",
         "cause",
@@ -724,6 +752,16 @@ class _Entry:
         self.reason = ""
         #: What the refusal log limit counts it by (its own refusals only).
         self.cause = ""
+        #: The request's audit record (``None``: not audited, or not yet).
+        self.audit: AuditContext | None = None
+        #: The audit policy was consulted (``_ProxyHandler._audit_begin``).
+        self.audited = False
+
+    @property
+    def audit_id(self) -> str | None:
+        """The id sent upstream and echoed to the client, if audited."""
+        audit = self.audit
+        return audit.audit_id if audit is not None else None
 
     def fields(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -765,8 +803,11 @@ class _ProxyHandler:
         settings: ProxySettings,
         metrics: Metrics | None,
         stopping: asyncio.Event | None,
+        *,
+        auditor: Auditor | None = None,
     ) -> None:
         self._authenticator = authenticator
+        self._auditor = auditor
         self._upstream = upstream
         self._settings = settings
         self._metrics = metrics
@@ -830,18 +871,18 @@ class _ProxyHandler:
                     user=None,
                     foreign=True,
                 )
-            answer = self._refusal_answer(_token_refusal(err), entry)
-            self._finish(entry)
+            answer = self._refusal_answer(_token_refusal(err), entry, request, src)
+            self._finish(entry, request, src)
             return answer
         except _Refusal as err:
-            answer = self._refusal_answer(err, entry)
-            self._finish(entry)
+            answer = self._refusal_answer(err, entry, request, src)
+            self._finish(entry, request, src)
             return answer
         except Exception:
             log.exception("proxy handler failed")
-            entry.status = 500
-            self._finish(entry)
-            return http1.Answer(500, _status_body(500, "internal error"))
+            answer = self._failed(entry, request, src)
+            self._finish(entry, request, src)
+            return answer
         return self._serve(
             request,
             entry,
@@ -882,14 +923,95 @@ class _ProxyHandler:
         )
 
     def _refusal_answer(
-        self, err: _Refusal | UpstreamError, entry: _Entry
+        self,
+        err: _Refusal | UpstreamError,
+        entry: _Entry,
+        request: http1.Request,
+        src: _Headers,
     ) -> http1.Answer:
         status, message, extra = self._refused(err, entry)
-        return http1.Answer(
-            status,
-            _status_body(status, message),
-            tuple(extra.items()) if extra else (),
+        body = _status_body(status, message)
+        headers = tuple(extra.items()) if extra else ()
+        if self._auditor is not None:
+            # Refused before authentication finished: audited with no user,
+            # as kube-apiserver audits a failed authentication.
+            audit = (
+                entry.audit
+                if entry.audited
+                else self._audit_begin(entry, request, src, None)
+            )
+            if audit is not None:
+                headers = (*headers, ("Audit-Id", audit.audit_id))
+                note = entry.reason or entry.detail
+                if note:
+                    audit.annotate(_REFUSAL_NOTE, note[:_MAX_NOTE])
+                audit.complete(status, body, "application/json")
+        return http1.Answer(status, body, headers)
+
+    def _failed(
+        self, entry: _Entry, request: http1.Request, src: _Headers
+    ) -> http1.Answer:
+        """The answer to an unexpected failure: 500, and a ``Panic`` event."""
+        entry.status = 500
+        headers: tuple[tuple[str, str], ...] = ()
+        if self._auditor is not None:
+            audit = (
+                entry.audit
+                if entry.audited
+                else self._audit_begin(entry, request, src, None)
+            )
+            if audit is not None:
+                audit.panic()
+                headers = (("Audit-Id", audit.audit_id),)
+        return http1.Answer(500, _status_body(500, "internal error"), headers)
+
+    def _audit_begin(
+        self,
+        entry: _Entry,
+        request: http1.Request,
+        src: _Headers,
+        user: UserInfo | None,
+    ) -> AuditContext | None:
+        """Consult the audit policy once ``user`` is known (kube-apiserver's
+        audit filter runs after authentication, before impersonation);
+        ``RequestReceived`` carries the time the request arrived.
+        """
+        assert self._auditor is not None
+        entry.audited = True
+        peer = request.peer
+        target = request.target
+        audit = entry.audit = self._auditor.begin(
+            request.method,
+            entry.path,
+            target.partition("?")[2],
+            request_uri=target,
+            user=user,
+            source_ips=source_ips(
+                peer,
+                forwarded_for=src.getall("X-Forwarded-For", ()),
+                real_ip=src.get("X-Real-Ip"),
+                trusted=_trusted(peer, self._settings.trusted_proxies),
+            ),
+            user_agent=src.get("User-Agent", ""),
+            long_running=entry.kind is not None,
+            received=time.time() - (time.monotonic() - entry.started_at),
         )
+        return audit
+
+    def _audit_admitted(
+        self, audit: AuditContext, request: http1.Request, entry: _Entry
+    ) -> tuple[str, str]:
+        """What an admitted request adds to its record; the ``Audit-ID`` to
+        send upstream.
+        """
+        if entry.mode == "passthrough":
+            audit.annotate(_MODE_NOTE, "passthrough")
+        if audit.wants_request_body:
+            if request.streamed:
+                audit.annotate(REQUEST_OBJECT_NOTE, "omitted: streamed request body")
+            else:
+                audit.request_body(request.body, request.headers.get("content-type"))
+        return ("Audit-ID", audit.audit_id)
 
     async def _serve(
         self,
@@ -918,6 +1040,11 @@ class _ProxyHandler:
                 except TokenError as err:
                     if not self._passes_through(err):
                         raise _token_refusal(err) from err
+            audit = (
+                self._audit_begin(entry, request, src, user)
+                if self._auditor is not None
+                else None
+            )
             headers = await self._admitted(
                 user,
                 src,
@@ -926,26 +1053,29 @@ class _ProxyHandler:
                 upgrade=upgrade,
                 protocols=protocols,
             )
+            if audit is not None:
+                headers.append(self._audit_admitted(audit, request, entry))
             if upgrade is not None:
                 return await self._forward_upgrade(request, headers, entry, upgrade)
             if entry.kind is not None:
                 return await self._forward_stream(request, headers, entry)
             return await self._forward(request, headers, entry)
         except (_Refusal, UpstreamError) as err:
-            return self._refusal_answer(err, entry)
+            return self._refusal_answer(err, entry, request, src)
         except asyncio.CancelledError:
             # The listener cancels a request whose client has gone.
             entry.outcome = "client_closed"
             raise
         except Exception:
             if entry.prepared:
+                if entry.audit is not None:
+                    entry.audit.panic()
                 request.abort()
                 raise
             log.exception("proxy handler failed")
-            entry.status = 500
-            return http1.Answer(500, _status_body(500, "internal error"))
+            return self._failed(entry, request, src)
         finally:
-            self._finish(entry)
+            self._finish(entry, request, src)
 
     async def _fetch(
         self, request: http1.Request, headers: list[tuple[str, str]], entry: _Entry
@@ -988,7 +1118,11 @@ class _ProxyHandler:
                 upstream = await self._fetch(request, headers, entry)
                 async with upstream:
                     self._count_upstream(str(upstream.status))
-                    relayed = tuple(_response_headers(upstream.headers).items())
+                    relayed = tuple(
+                        _response_headers(
+                            upstream.headers, audit_id=entry.audit_id
+                        ).items()
+                    )
                     entry.status = upstream.status
                     if request.method == "HEAD":
                         # RFC 9110 §8.6: the length a GET would have had.
@@ -1001,8 +1135,11 @@ class _ProxyHandler:
                         request.end_stream()
                         return None
                     body = upstream.body
+                    audit = entry.audit
                     if body is not None:
                         entry.bytes_out = len(body)
+                        if audit is not None:
+                            _audit_answer(audit, upstream, body)
                         return http1.Answer(
                             upstream.status,
                             body,
@@ -1017,6 +1154,10 @@ class _ProxyHandler:
                         reason=upstream.reason,
                     )
                     started = entry.prepared = True
+                    if audit is not None and audit.wants_response_body:
+                        audit.annotate(
+                            RESPONSE_OBJECT_NOTE, "omitted: streamed response body"
+                        )
                     await _relay_pooled(upstream, request.send, entry)
                     request.end_stream()
         except (TimeoutError, _UpstreamBroken, _ClientLeft, ConnectionError) as err:
@@ -1039,7 +1180,11 @@ class _ProxyHandler:
                 self._count_upstream(str(upstream.status))
                 request.start_stream(
                     upstream.status,
-                    tuple(_response_headers(upstream.headers).items()),
+                    tuple(
+                        _response_headers(
+                            upstream.headers, audit_id=entry.audit_id
+                        ).items()
+                    ),
                     length=upstream.body_length,
                     reason=upstream.reason,
                 )
@@ -1080,10 +1225,21 @@ class _ProxyHandler:
         copy.result()
         return True
 
-    def _finish(self, entry: _Entry) -> None:
+    def _finish(self, entry: _Entry, request: http1.Request, src: _Headers) -> None:
         if entry.status == 0:
             entry.status = 499
             entry.outcome = "client_closed" if entry.outcome == "ok" else entry.outcome
+        if self._auditor is not None:
+            # Every request that reached the handler has its record closed
+            # here, whatever way it ended (a client gone during validation
+            # included); a record already completed is left as it is.
+            audit = (
+                entry.audit
+                if entry.audited
+                else self._audit_begin(entry, request, src, None)
+            )
+            if audit is not None:
+                audit.complete(entry.status)
         # Every admitted request is logged; the proxy's own refusals are
         # limited per cause (a replayed bad token must not buy a line each).
         if not entry.cause or self._limiter.admit(
@@ -1159,6 +1315,8 @@ class _ProxyHandler:
         if identity is not None:
             entry.as_user = identity.username
             await self._authorize(user, identity)
+            if entry.audit is not None:
+                entry.audit.set_impersonated(identity.user_info())
             impersonate = _with_original(identity, user).headers()
         headers = _forward_headers(
             src, peer, settings, passthrough=False, protocols=protocols
@@ -1235,6 +1393,8 @@ class _ProxyHandler:
     def _stream_started(self, entry: _Entry) -> None:
         if entry.kind is None:
             return
+        if entry.audit is not None:
+            entry.audit.response_started(entry.status)
         access_log.info("request started", entry.fields())
         if self._metrics is not None:
             self._observe_duration(entry)
@@ -1295,7 +1455,9 @@ class _ProxyHandler:
         pipe = answer.detach()
         try:
             client = request.upgrade_to(
-                _response_headers(answer.headers, upgrade=True).items(),
+                _response_headers(
+                    answer.headers, upgrade=True, audit_id=entry.audit_id
+                ).items(),
                 reason=answer.reason,
             )
         except ConnectionError:
@@ -1336,13 +1498,29 @@ class _ProxyHandler:
                 ) from err
         entry.status = answer.status
         entry.bytes_out = len(body)
+        if entry.audit is not None:
+            _audit_answer(entry.audit, answer, body)
         return http1.Answer(
             answer.status,
             body,
-            tuple(_response_headers(answer.headers).items()),
+            tuple(_response_headers(answer.headers, audit_id=entry.audit_id).items()),
             content_type=None,
             reason=answer.reason,
         )
+
+
+def _audit_answer(audit: AuditContext, upstream: PooledResponse, body: bytes) -> None:
+    """Close the record of a request answered whole: the body is read for a
+    failure's ``Status`` message, or recorded at ``RequestResponse``; a
+    success's body is not parsed otherwise (a large list costs milliseconds).
+    """
+    status = upstream.status
+    wanted = status >= 300 or audit.wants_response_body
+    audit.complete(
+        status,
+        body if wanted else None,
+        upstream.headers.get("Content-Type") if wanted else None,
+    )
 
 
 async def _relay_pooled(
@@ -1409,10 +1587,8 @@ def proxy_server(
 
     The server's ``stopping`` event (set when it starts draining) ends watches
     and log streams with a proper end of body and closes tunnels on both
-    sides, instead of holding the grace period and being cut. ``auditor``
-    (``--audit-*``) is not called by the handler yet.
+    sides, instead of holding the grace period and being cut.
     """
-    del auditor
     server = http1.Server(
         {},
         limits=http1.Limits(
@@ -1425,7 +1601,9 @@ def proxy_server(
         ),
         error_body=status_body,
     )
-    handler = _ProxyHandler(authenticator, upstream, settings, metrics, server.stopping)
+    handler = _ProxyHandler(
+        authenticator, upstream, settings, metrics, server.stopping, auditor=auditor
+    )
     server.default = http1.Route(handler.handle, methods=None)
     server.on_drained.append(handler.cleanup)
     return server

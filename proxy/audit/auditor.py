@@ -372,13 +372,16 @@ class Auditor:
         user_agent: str = "",
         audit_id: str | None = None,
         long_running: bool = False,
+        received: float | None = None,
     ) -> AuditContext | None:
         """Start auditing a request; ``None`` when the policy says ``None``.
 
         ``path`` is percent-decoded, ``query`` raw; ``request_uri`` is the
         target as the client sent it (default: ``path?query``); ``user`` the
         authenticated identity (``None``: the token was refused or missing);
-        ``audit_id`` a trusted incoming ``Audit-ID`` (module docstring).
+        ``audit_id`` a trusted incoming ``Audit-ID`` (module docstring);
+        ``received`` the wall time the request arrived (default: now), since
+        the policy can only be evaluated once authentication is done.
         Emits ``RequestReceived`` unless the policy omits it.
         """
         info = request_info(method, path, query)
@@ -391,7 +394,7 @@ class Auditor:
             return None
         if audit_id is None or not _AUDIT_ID.fullmatch(audit_id):
             audit_id = self._new_id()
-        now = self.clock()
+        now = self.clock() if received is None else received
         ctx = AuditContext(
             self,
             config,
