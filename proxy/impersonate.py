@@ -711,8 +711,6 @@ class _Entry:
 
     __slots__ = (
         "as_user",
-        "audit",
-        "audited",
         "bytes_in",
         "bytes_out",
         "cause",
@@ -752,10 +750,13 @@ class _Entry:
         self.reason = ""
         #: What the refusal log limit counts it by (its own refusals only).
         self.cause = ""
-        #: The request's audit record (``None``: not audited, or not yet).
-        self.audit: AuditContext | None = None
-        #: The audit policy was consulted (``_ProxyHandler._audit_begin``).
-        self.audited = False
+
+    #: The request's audit record (``None``: not audited, or not yet). Class
+    #: attributes here, slots in ``_AuditedEntry``: a proxy without auditing
+    #: stores nothing more per request.
+    audit: AuditContext | None = None
+    #: The audit policy was consulted (``_ProxyHandler._audit_begin``).
+    audited = False
 
     @property
     def audit_id(self) -> str | None:
@@ -789,6 +790,17 @@ class _Entry:
         return out
 
 
+class _AuditedEntry(_Entry):
+    """An ``_Entry`` of a proxy that audits (``--audit-policy-file``)."""
+
+    __slots__ = ("audit", "audited")
+
+    def __init__(self, method: str, path: str, verb: str, kind: str | None) -> None:
+        super().__init__(method, path, verb, kind)
+        self.audit = None
+        self.audited = False
+
+
 # --------------------------------------------------------------------------
 # The handler
 
@@ -808,6 +820,7 @@ class _ProxyHandler:
     ) -> None:
         self._authenticator = authenticator
         self._auditor = auditor
+        self._entry = _Entry if auditor is None else _AuditedEntry
         self._upstream = upstream
         self._settings = settings
         self._metrics = metrics
@@ -848,7 +861,7 @@ class _ProxyHandler:
             kind = subresource or "upgrade"
         elif verb == "watch" or subresource in _LONG_SUBRESOURCES:
             kind = "watch" if verb == "watch" else subresource
-        entry = _Entry(request.method, path, verb, kind)
+        entry = self._entry(request.method, path, verb, kind)
         key: bytes | None = None
         user: UserInfo | None = None
         token = ""
@@ -977,6 +990,7 @@ class _ProxyHandler:
         ``RequestReceived`` carries the time the request arrived.
         """
         assert self._auditor is not None
+        assert isinstance(entry, _AuditedEntry)
         entry.audited = True
         peer = request.peer
         target = request.target

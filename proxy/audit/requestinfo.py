@@ -194,12 +194,17 @@ def request_info(method: str, path: str, query: str = "") -> RequestInfo:
     if len(parts) >= 3 and verb not in _SPECIAL_VERBS_NO_SUBRESOURCES:
         subresource = parts[2]
     if not name and verb == "get":
-        params = urllib.parse.parse_qs(query, keep_blank_values=True)
-        watch = params.get("watch")
-        verb = "watch" if watch and _watch_value(watch[0]) else "list"
-        selectors = params.get("fieldSelector")
-        if selectors:
-            name = _selector_name(selectors[0])
+        verb = "list"
+        # Parsed only when it can name either key (an escaped key is decoded
+        # first, as Go's url.Query does): most lists carry just a limit.
+        if "%" in query or "watch" in query or "fieldSelector" in query:
+            params = urllib.parse.parse_qs(query, keep_blank_values=True)
+            watch = params.get("watch")
+            if watch and _watch_value(watch[0]):
+                verb = "watch"
+            selectors = params.get("fieldSelector")
+            if selectors:
+                name = _selector_name(selectors[0])
     if not name and verb == "delete":
         verb = "deletecollection"
     return RequestInfo(
