@@ -47,14 +47,25 @@ Order of checks (each refusal is final; nothing goes upstream on a refusal):
 What reaches the API server: the client's headers minus ``Authorization``, every
 ``Impersonate-*``, the hop-by-hop headers (and those ``Connection`` names; but
 ``Connection: Upgrade`` + ``Upgrade`` are kept on an upgrade), ``Host``,
-``Expect``, the bearer WebSocket subprotocol, ``X-Remote-User/Group/Extra-*``
+``Expect``, ``Audit-ID``, the bearer WebSocket subprotocol, ``X-Remote-User/Group/Extra-*``
 (request-header authentication names: dropped so that a proxy credential
 trusted by a front-proxy CA can never make a client's header count) and a
 client ``X-Forwarded-For`` unless the peer is in ``trusted_proxies``; plus our
 ``X-Forwarded-For``, the proxy's credential, ``Impersonate-User``, one
 ``Impersonate-Group`` per group, ``Impersonate-Uid`` when non-empty and
 ``Impersonate-Extra-<key>`` per value, the key percent-encoded as client-go
-does. The API server adds ``system:authenticated`` itself.
+does, and our ``Audit-ID`` when the request is audited. The API server adds
+``system:authenticated`` itself.
+
+Auditing (``auditor``, ``--audit-policy-file``; ``proxy.audit.auditor``): the
+policy is consulted once per request when authentication is done (with no
+user when the request is refused before that, the synchronous refusals of
+``handle`` included); ``impersonatedUser`` once an ``--as`` is approved;
+``ResponseStarted`` when a long-running request's head or ``101`` goes out;
+``ResponseComplete`` in ``_finish`` (or with the body, for an answer held
+whole), ``Panic`` on an unexpected failure. Our audit id goes upstream as
+``Audit-ID`` and back to the client as ``Audit-Id``. Without an auditor the
+handler does nothing more per request (``_Entry`` keeps no audit slots).
 
 Streaming: request and response bodies are relayed chunk by chunk with
 backpressure, never buffered whole. Long-running requests are recognised as

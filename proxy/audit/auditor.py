@@ -9,8 +9,8 @@ How the handler uses it (the integration contract)::
         user=user,                           # UserInfo, None if the token was refused
         source_ips=source_ips(peer, forwarded_for=..., trusted=...),
         user_agent=headers.get("User-Agent", ""),
-        audit_id=headers.get("Audit-ID") if peer_is_trusted else None,
         long_running=kind is not None,       # watch, logs -f, exec, ...
+        received=arrival_wall_time,          # the policy runs after authn
     )
     # ctx is None: the policy says level None; do nothing more, cost is nil.
     if ctx is not None:
@@ -28,12 +28,11 @@ add the refusal's reason. Every method is synchronous and cheap: events go to
 the backends' bounded buffers (``proxy.audit.backend``) and never wait for a
 disk or a webhook.
 
-``auditID``: a new UUID, unless the handler passes the ``Audit-ID`` a
-trusted front proxy (``--trusted-proxies``) sent, which is kept when it is a
-short printable token (at most 128 characters), so that the front proxy's,
-our and the API server's records of one request share one id; the handler
-sends it upstream as ``Audit-ID`` (kube-apiserver then uses it for its own
-event).
+``auditID``: a new UUID (``begin``'s ``audit_id`` can adopt an id, a short
+printable token of at most 128 characters, but the proxy's handler never
+passes one: it drops every client's ``Audit-ID``); the handler sends it
+upstream as ``Audit-ID`` (kube-apiserver then uses it for its own event) and
+returns it to the client as ``Audit-Id``.
 
 The policy is evaluated once per request with the authenticated user, as
 kube-apiserver evaluates it before impersonation; ``impersonatedUser`` is
@@ -295,8 +294,8 @@ class AuditContext:
 class Auditor:
     """Decides per request whether and how to audit, and feeds the backends.
 
-    Built once per app (``from_options`` in the app factory, stored under
-    ``proxy.app.AUDITOR``); no globals.
+    Built once per process (``from_options`` in ``proxy.proxyflags``) and
+    handed to ``proxy.impersonate.proxy_server``; no globals.
     """
 
     def __init__(
