@@ -32,6 +32,7 @@ from typing import Final
 import aiohttp
 from aiohttp import web
 
+from proxy.audit.auditor import Auditor
 from proxy.authn import Authenticator
 from proxy.config import (
     DEFAULT_PROBE_ADDRESS,
@@ -345,14 +346,20 @@ def proxy_app(
     settings: ProxySettings,
     *,
     max_field_bytes: int | None = 20 * 1024,
+    auditor: Auditor | None = None,
 ) -> Server:
-    """The impersonating proxy's listener (every method and path, ``proxy.http1``)."""
+    """The impersonating proxy's listener (every method and path, ``proxy.http1``).
+
+    ``auditor`` (``--audit-*``, issue 24) audits every request it serves; the
+    caller owns its ``close()``.
+    """
     return proxy_server(
         authenticator=engine.authenticator,
         upstream=upstream,
         settings=settings,
         metrics=engine.metrics,
         max_field_bytes=max_field_bytes,
+        auditor=auditor,
     )
 
 

@@ -767,11 +767,16 @@ def _proxy_problems(ns: argparse.Namespace) -> list[str]:
     A worker would find the same problems only after the engine started, one
     at a time, and (with ``--workers N``) once per worker.
     """
-    from proxy.proxyflags import proxy_settings_from_args, upstream_settings_from_args
+    from proxy.proxyflags import (
+        audit_options_from_args,
+        proxy_settings_from_args,
+        upstream_settings_from_args,
+    )
     from proxy.upstream import upstream_problems
 
     problems: list[str] = []
     _collect(problems, lambda: proxy_settings_from_args(ns))
+    _collect(problems, lambda: audit_options_from_args(ns))
     upstream = _collect(problems, lambda: upstream_settings_from_args(ns))
     if upstream is not None:
         problems += upstream_problems(upstream)

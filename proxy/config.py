@@ -100,6 +100,7 @@ __all__ = [
     "add_revoke_arguments",
     "apply_tuning_args",
     "auth_config_from_args",
+    "decode_document",
     "file_problem",
     "is_loopback_host",
     "load_authentication_config",
@@ -2016,6 +2017,14 @@ def _decode(text: str, source: str) -> object:
         raise ConfigError(
             f"config: {source}: not valid YAML or JSON: {detail}{hint}"
         ) from err
+
+
+def decode_document(text: str, source: str) -> object:
+    """A configuration file's text as kube's decoders read it (JSON or YAML,
+    a duplicated field refused), for the other Kubernetes-style files the
+    service loads (the audit ``Policy``); ``ConfigError`` names ``source``.
+    """
+    return _decode(text, source)
 
 
 #: ``key: value:`` where the second colon is the one YAML refused: the value

@@ -13,6 +13,7 @@ passed to a constructor here.
 
     ProxyError
     ├── ConfigError                 start-up: flags or AuthenticationConfiguration
+    │   └── AuditPolicyError        the --audit-policy-file (field paths listed)
     ├── KeySetError                 the issuer's discovery document or JWKS
     │   └── DiscoveryError
     ├── TokenError                  a presented token is refused (reason code)
@@ -44,6 +45,7 @@ from __future__ import annotations
 __all__ = [
     "AlgorithmNotAllowed",
     "AudienceMismatch",
+    "AuditPolicyError",
     "ClaimRuleFailed",
     "ClaimSourceError",
     "ClaimSourceUnavailable",
@@ -95,6 +97,13 @@ class ConfigError(ProxyError):
                 f"  - {p}" for p in self.problems
             )
         super().__init__(text)
+
+
+class AuditPolicyError(ConfigError):
+    """The audit ``Policy`` file cannot be used; ``problems`` names each field
+    (``rules[2].level``) so it is fixed in one pass, as kube-apiserver's
+    validation reports it.
+    """
 
 
 class KeySetError(ProxyError):

@@ -34,19 +34,38 @@ Order of checks (each refusal is final; nothing goes upstream on a refusal):
    subresource and ``uids``, both in ``authentication.k8s.io``); more than
    ``max_impersonation_values`` values is 431, a group/extra/uid without a
    user or a repeated user/uid is 400, an unknown ``Impersonate-`` header is
-   400. On success the requested identity is forwarded instead.
+   400. On success the requested identity is forwarded instead, plus the
+   reserved extra ``kube-oidc-gate.io/original-user`` (``ORIGINAL_USER_EXTRA``):
+   the authenticated user as compact JSON ``{"username", "uid", "groups"}``,
+   so the API server's audit log and authorisation webhooks still see who
+   is behind the ``--as``. A client can never send that key itself (403, in
+   any case or escaping that would decode to it). It is not reviewed as the
+   user (the user did not ask for it); the API server checks that the
+   proxy's service account may impersonate exactly
+   ``userextras/kube-oidc-gate.io/original-user``.
 
 What reaches the API server: the client's headers minus ``Authorization``, every
 ``Impersonate-*``, the hop-by-hop headers (and those ``Connection`` names; but
 ``Connection: Upgrade`` + ``Upgrade`` are kept on an upgrade), ``Host``,
-``Expect``, the bearer WebSocket subprotocol, ``X-Remote-User/Group/Extra-*``
+``Expect``, ``Audit-ID``, the bearer WebSocket subprotocol, ``X-Remote-User/Group/Extra-*``
 (request-header authentication names: dropped so that a proxy credential
 trusted by a front-proxy CA can never make a client's header count) and a
 client ``X-Forwarded-For`` unless the peer is in ``trusted_proxies``; plus our
 ``X-Forwarded-For``, the proxy's credential, ``Impersonate-User``, one
 ``Impersonate-Group`` per group, ``Impersonate-Uid`` when non-empty and
 ``Impersonate-Extra-<key>`` per value, the key percent-encoded as client-go
-does. The API server adds ``system:authenticated`` itself.
+does, and our ``Audit-ID`` when the request is audited. The API server adds
+``system:authenticated`` itself.
+
+Auditing (``auditor``, ``--audit-policy-file``; ``proxy.audit.auditor``): the
+policy is consulted once per request when authentication is done (with no
+user when the request is refused before that, the synchronous refusals of
+``handle`` included); ``impersonatedUser`` once an ``--as`` is approved;
+``ResponseStarted`` when a long-running request's head or ``101`` goes out;
+``ResponseComplete`` in ``_finish`` (or with the body, for an answer held
+whole), ``Panic`` on an unexpected failure. Our audit id goes upstream as
+``Audit-ID`` and back to the client as ``Audit-Id``. Without an auditor the
+handler does nothing more per request (``_Entry`` keeps no audit slots).
 
 Streaming: request and response bodies are relayed chunk by chunk with
 backpressure, never buffered whole. Long-running requests are recognised as
@@ -92,12 +111,15 @@ import string
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Any, Final, Protocol
 
 from multidict import CIMultiDict
 
 from proxy import framing, http1, tunnel
+from proxy.audit.auditor import AuditContext, Auditor
+from proxy.audit.event import REQUEST_OBJECT_NOTE, RESPONSE_OBJECT_NOTE, source_ips
 from proxy.errors import IssuerMismatch, TokenError, UpstreamError
 from proxy.kube import SYSTEM_AUTHENTICATED, PerUser, UserInfo, status_body
 from proxy.log import RefusalLimiter, RequestLog
@@ -107,10 +129,12 @@ from proxy.upstream_pool import PooledResponse
 
 __all__ = [
     "BEARER_PROTOCOL_PREFIX",
+    "ORIGINAL_USER_EXTRA",
     "ProxySettings",
     "TokenAuthenticator",
     "classify_request",
     "escape_extra_key",
+    "original_user_json",
     "proxy_server",
 ]
 
@@ -120,6 +144,10 @@ access_log = RequestLog("proxy.access")
 #: WebSocket subprotocol prefix carrying a bearer token (kube-apiserver's).
 BEARER_PROTOCOL_PREFIX: Final = "base64url.bearer.authorization.k8s.io."
 
+#: The extra key under which an approved ``--as`` carries the user who asked
+#: (reserved: a client sending it is refused; see the module docstring).
+ORIGINAL_USER_EXTRA: Final = "kube-oidc-gate.io/original-user"
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: Dropped from every forwarded request, whatever the mode.
@@ -127,6 +155,9 @@ _REQUEST_DROP: Final = frozenset(
     {
         "host",
         "expect",
+        # Ours is sent when the request is audited (it names our event and
+        # the API server's); a client's would let it pick the id of records.
+        "audit-id",
         "x-forwarded-for",
         "x-remote-user",
         "x-remote-group",
@@ -179,6 +210,10 @@ _Headers = CIMultiDict[str]
 _WHOLE_BODY: Final = 64 * 1024
 #: Request line bytes the listener allows beyond ``max_header_bytes``.
 _REQUEST_LINE: Final = 16 * 1024
+#: The annotation saying why the proxy refused a request it audited.
+_REFUSAL_NOTE: Final = "kube-oidc-gate.io/refusal"
+_MODE_NOTE: Final = "kube-oidc-gate.io/mode"
+_MAX_NOTE: Final = 256
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -444,6 +479,15 @@ class _Identity:
             username=user.username, groups=user.groups, uid=user.uid, extra=user.extra
         )
 
+    def user_info(self) -> UserInfo:
+        """This identity as the audit log's ``impersonatedUser``."""
+        return UserInfo(
+            username=self.username,
+            uid=self.uid,
+            groups=self.groups,
+            extra=MappingProxyType(dict(self.extra)),
+        )
+
     def headers(self) -> list[tuple[str, str]]:
         out = [("Impersonate-User", self.username)]
         out.extend(("Impersonate-Group", g) for g in self.groups)
@@ -485,6 +529,15 @@ def _requested_identity(headers: _Headers, settings: ProxySettings) -> _Identity
         return None
     if not settings.allow_client_impersonation:
         raise _Refusal(403, "impersonation is not allowed through this proxy")
+    # Compared without case: kube-apiserver's keys are case-sensitive, but a
+    # near-twin of the reserved key would mislead whoever reads the audit log.
+    if any(key.lower() == ORIGINAL_USER_EXTRA for key in extra):
+        raise _Refusal(
+            403,
+            f'forbidden: the extra "{ORIGINAL_USER_EXTRA}" is set by the proxy, '
+            "never by a client",
+            "client sent the reserved original-user extra",
+        )
     if count > settings.max_impersonation_values:
         raise _Refusal(
             431,
@@ -506,6 +559,25 @@ def _requested_identity(headers: _Headers, settings: ProxySettings) -> _Identity
         groups=tuple(groups),
         uid=uids[0] if uids else "",
         extra={k: tuple(v) for k, v in extra.items()},
+    )
+
+
+def original_user_json(user: UserInfo) -> str:
+    """The ``ORIGINAL_USER_EXTRA`` value for ``user``: compact JSON, ASCII only
+    (``\\u`` escapes), so that a header carries it unchanged; groups as the
+    token mapped them (the API server adds ``system:authenticated``).
+    """
+    return json.dumps(
+        {"username": user.username, "uid": user.uid, "groups": list(user.groups)},
+        separators=(",", ":"),
+    )
+
+
+def _with_original(identity: _Identity, user: UserInfo) -> _Identity:
+    """The approved ``--as`` identity plus who asked for it (module docstring)."""
+    return replace(
+        identity,
+        extra={**identity.extra, ORIGINAL_USER_EXTRA: (original_user_json(user),)},
     )
 
 
@@ -593,12 +665,18 @@ def _forward_headers(
 
 
 def _response_headers(
-    headers: _Headers, *, upgrade: bool = False, length: int | None = None
+    headers: _Headers,
+    *,
+    upgrade: bool = False,
+    length: int | None = None,
+    audit_id: str | None = None,
 ) -> CIMultiDict[str]:
     """The API server's response headers as we relay them: minus hop-by-hop
     ones and every framing field (``proxy.framing``); ``length`` is the one
     ``Content-Length`` we declare, when we know the body we relay has exactly
-    that many bytes (else the client's writer frames it).
+    that many bytes (else the client's writer frames it). ``audit_id``: the
+    request's audit id, echoed as ``Audit-Id`` as kube-apiserver does (the API
+    server echoes the one we sent; a kubelet's exec answer has none).
     """
     drop = framing.hop_by_hop(headers.getall("Connection", ()))
     out: CIMultiDict[str] = CIMultiDict()
@@ -608,6 +686,8 @@ def _response_headers(
         out.add(name, value)
     if length is not None:
         out["Content-Length"] = str(length)
+    if audit_id is not None:
+        out["Audit-Id"] = audit_id
     if upgrade:
         out["Connection"] = "Upgrade"
         out["Upgrade"] = headers.get("Upgrade", "")
@@ -682,6 +762,19 @@ class _Entry:
         #: What the refusal log limit counts it by (its own refusals only).
         self.cause = ""
 
+    #: The request's audit record (``None``: not audited, or not yet). Class
+    #: attributes here, slots in ``_AuditedEntry``: a proxy without auditing
+    #: stores nothing more per request.
+    audit: AuditContext | None = None
+    #: The audit policy was consulted (``_ProxyHandler._audit_begin``).
+    audited = False
+
+    @property
+    def audit_id(self) -> str | None:
+        """The id sent upstream and echoed to the client, if audited."""
+        audit = self.audit
+        return audit.audit_id if audit is not None else None
+
     def fields(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "user": self.user,
@@ -708,6 +801,17 @@ class _Entry:
         return out
 
 
+class _AuditedEntry(_Entry):
+    """An ``_Entry`` of a proxy that audits (``--audit-policy-file``)."""
+
+    __slots__ = ("audit", "audited")
+
+    def __init__(self, method: str, path: str, verb: str, kind: str | None) -> None:
+        super().__init__(method, path, verb, kind)
+        self.audit = None
+        self.audited = False
+
+
 # --------------------------------------------------------------------------
 # The handler
 
@@ -722,8 +826,12 @@ class _ProxyHandler:
         settings: ProxySettings,
         metrics: Metrics | None,
         stopping: asyncio.Event | None,
+        *,
+        auditor: Auditor | None = None,
     ) -> None:
         self._authenticator = authenticator
+        self._auditor = auditor
+        self._entry = _Entry if auditor is None else _AuditedEntry
         self._upstream = upstream
         self._settings = settings
         self._metrics = metrics
@@ -764,7 +872,7 @@ class _ProxyHandler:
             kind = subresource or "upgrade"
         elif verb == "watch" or subresource in _LONG_SUBRESOURCES:
             kind = "watch" if verb == "watch" else subresource
-        entry = _Entry(request.method, path, verb, kind)
+        entry = self._entry(request.method, path, verb, kind)
         key: bytes | None = None
         user: UserInfo | None = None
         token = ""
@@ -787,18 +895,18 @@ class _ProxyHandler:
                     user=None,
                     foreign=True,
                 )
-            answer = self._refusal_answer(_token_refusal(err), entry)
-            self._finish(entry)
+            answer = self._refusal_answer(_token_refusal(err), entry, request, src)
+            self._finish(entry, request, src)
             return answer
         except _Refusal as err:
-            answer = self._refusal_answer(err, entry)
-            self._finish(entry)
+            answer = self._refusal_answer(err, entry, request, src)
+            self._finish(entry, request, src)
             return answer
         except Exception:
             log.exception("proxy handler failed")
-            entry.status = 500
-            self._finish(entry)
-            return http1.Answer(500, _status_body(500, "internal error"))
+            answer = self._failed(entry, request, src)
+            self._finish(entry, request, src)
+            return answer
         return self._serve(
             request,
             entry,
@@ -839,14 +947,96 @@ class _ProxyHandler:
         )
 
     def _refusal_answer(
-        self, err: _Refusal | UpstreamError, entry: _Entry
+        self,
+        err: _Refusal | UpstreamError,
+        entry: _Entry,
+        request: http1.Request,
+        src: _Headers,
     ) -> http1.Answer:
         status, message, extra = self._refused(err, entry)
-        return http1.Answer(
-            status,
-            _status_body(status, message),
-            tuple(extra.items()) if extra else (),
+        body = _status_body(status, message)
+        headers = tuple(extra.items()) if extra else ()
+        if self._auditor is not None:
+            # Refused before authentication finished: audited with no user,
+            # as kube-apiserver audits a failed authentication.
+            audit = (
+                entry.audit
+                if entry.audited
+                else self._audit_begin(entry, request, src, None)
+            )
+            if audit is not None:
+                headers = (*headers, ("Audit-Id", audit.audit_id))
+                note = entry.reason or entry.detail
+                if note:
+                    audit.annotate(_REFUSAL_NOTE, note[:_MAX_NOTE])
+                audit.complete(status, body, "application/json")
+        return http1.Answer(status, body, headers)
+
+    def _failed(
+        self, entry: _Entry, request: http1.Request, src: _Headers
+    ) -> http1.Answer:
+        """The answer to an unexpected failure: 500, and a ``Panic`` event."""
+        entry.status = 500
+        headers: tuple[tuple[str, str], ...] = ()
+        if self._auditor is not None:
+            audit = (
+                entry.audit
+                if entry.audited
+                else self._audit_begin(entry, request, src, None)
+            )
+            if audit is not None:
+                audit.panic()
+                headers = (("Audit-Id", audit.audit_id),)
+        return http1.Answer(500, _status_body(500, "internal error"), headers)
+
+    def _audit_begin(
+        self,
+        entry: _Entry,
+        request: http1.Request,
+        src: _Headers,
+        user: UserInfo | None,
+    ) -> AuditContext | None:
+        """Consult the audit policy once ``user`` is known (kube-apiserver's
+        audit filter runs after authentication, before impersonation);
+        ``RequestReceived`` carries the time the request arrived.
+        """
+        assert self._auditor is not None
+        assert isinstance(entry, _AuditedEntry)
+        entry.audited = True
+        peer = request.peer
+        target = request.target
+        audit = entry.audit = self._auditor.begin(
+            request.method,
+            entry.path,
+            target.partition("?")[2],
+            request_uri=target,
+            user=user,
+            source_ips=source_ips(
+                peer,
+                forwarded_for=src.getall("X-Forwarded-For", ()),
+                real_ip=src.get("X-Real-Ip"),
+                trusted=_trusted(peer, self._settings.trusted_proxies),
+            ),
+            user_agent=src.get("User-Agent", ""),
+            long_running=entry.kind is not None,
+            received=time.time() - (time.monotonic() - entry.started_at),
         )
+        return audit
+
+    def _audit_admitted(
+        self, audit: AuditContext, request: http1.Request, entry: _Entry
+    ) -> tuple[str, str]:
+        """What an admitted request adds to its record; the ``Audit-ID`` to
+        send upstream.
+        """
+        if entry.mode == "passthrough":
+            audit.annotate(_MODE_NOTE, "passthrough")
+        if audit.wants_request_body:
+            if request.streamed:
+                audit.annotate(REQUEST_OBJECT_NOTE, "omitted: streamed request body")
+            else:
+                audit.request_body(request.body, request.headers.get("content-type"))
+        return ("Audit-ID", audit.audit_id)
 
     async def _serve(
         self,
@@ -875,6 +1065,11 @@ class _ProxyHandler:
                 except TokenError as err:
                     if not self._passes_through(err):
                         raise _token_refusal(err) from err
+            audit = (
+                self._audit_begin(entry, request, src, user)
+                if self._auditor is not None
+                else None
+            )
             headers = await self._admitted(
                 user,
                 src,
@@ -883,26 +1078,29 @@ class _ProxyHandler:
                 upgrade=upgrade,
                 protocols=protocols,
             )
+            if audit is not None:
+                headers.append(self._audit_admitted(audit, request, entry))
             if upgrade is not None:
                 return await self._forward_upgrade(request, headers, entry, upgrade)
             if entry.kind is not None:
                 return await self._forward_stream(request, headers, entry)
             return await self._forward(request, headers, entry)
         except (_Refusal, UpstreamError) as err:
-            return self._refusal_answer(err, entry)
+            return self._refusal_answer(err, entry, request, src)
         except asyncio.CancelledError:
             # The listener cancels a request whose client has gone.
             entry.outcome = "client_closed"
             raise
         except Exception:
             if entry.prepared:
+                if entry.audit is not None:
+                    entry.audit.panic()
                 request.abort()
                 raise
             log.exception("proxy handler failed")
-            entry.status = 500
-            return http1.Answer(500, _status_body(500, "internal error"))
+            return self._failed(entry, request, src)
         finally:
-            self._finish(entry)
+            self._finish(entry, request, src)
 
     async def _fetch(
         self, request: http1.Request, headers: list[tuple[str, str]], entry: _Entry
@@ -945,7 +1143,11 @@ class _ProxyHandler:
                 upstream = await self._fetch(request, headers, entry)
                 async with upstream:
                     self._count_upstream(str(upstream.status))
-                    relayed = tuple(_response_headers(upstream.headers).items())
+                    relayed = tuple(
+                        _response_headers(
+                            upstream.headers, audit_id=entry.audit_id
+                        ).items()
+                    )
                     entry.status = upstream.status
                     if request.method == "HEAD":
                         # RFC 9110 §8.6: the length a GET would have had.
@@ -958,8 +1160,11 @@ class _ProxyHandler:
                         request.end_stream()
                         return None
                     body = upstream.body
+                    audit = entry.audit
                     if body is not None:
                         entry.bytes_out = len(body)
+                        if audit is not None:
+                            _audit_answer(audit, upstream, body)
                         return http1.Answer(
                             upstream.status,
                             body,
@@ -974,6 +1179,10 @@ class _ProxyHandler:
                         reason=upstream.reason,
                     )
                     started = entry.prepared = True
+                    if audit is not None and audit.wants_response_body:
+                        audit.annotate(
+                            RESPONSE_OBJECT_NOTE, "omitted: streamed response body"
+                        )
                     await _relay_pooled(upstream, request.send, entry)
                     request.end_stream()
         except (TimeoutError, _UpstreamBroken, _ClientLeft, ConnectionError) as err:
@@ -996,7 +1205,11 @@ class _ProxyHandler:
                 self._count_upstream(str(upstream.status))
                 request.start_stream(
                     upstream.status,
-                    tuple(_response_headers(upstream.headers).items()),
+                    tuple(
+                        _response_headers(
+                            upstream.headers, audit_id=entry.audit_id
+                        ).items()
+                    ),
                     length=upstream.body_length,
                     reason=upstream.reason,
                 )
@@ -1037,10 +1250,21 @@ class _ProxyHandler:
         copy.result()
         return True
 
-    def _finish(self, entry: _Entry) -> None:
+    def _finish(self, entry: _Entry, request: http1.Request, src: _Headers) -> None:
         if entry.status == 0:
             entry.status = 499
             entry.outcome = "client_closed" if entry.outcome == "ok" else entry.outcome
+        if self._auditor is not None:
+            # Every request that reached the handler has its record closed
+            # here, whatever way it ended (a client gone during validation
+            # included); a record already completed is left as it is.
+            audit = (
+                entry.audit
+                if entry.audited
+                else self._audit_begin(entry, request, src, None)
+            )
+            if audit is not None:
+                audit.complete(entry.status)
         # Every admitted request is logged; the proxy's own refusals are
         # limited per cause (a replayed bad token must not buy a line each).
         if not entry.cause or self._limiter.admit(
@@ -1116,7 +1340,9 @@ class _ProxyHandler:
         if identity is not None:
             entry.as_user = identity.username
             await self._authorize(user, identity)
-            impersonate = identity.headers()
+            if entry.audit is not None:
+                entry.audit.set_impersonated(identity.user_info())
+            impersonate = _with_original(identity, user).headers()
         headers = _forward_headers(
             src, peer, settings, passthrough=False, protocols=protocols
         )
@@ -1192,6 +1418,8 @@ class _ProxyHandler:
     def _stream_started(self, entry: _Entry) -> None:
         if entry.kind is None:
             return
+        if entry.audit is not None:
+            entry.audit.response_started(entry.status)
         access_log.info("request started", entry.fields())
         if self._metrics is not None:
             self._observe_duration(entry)
@@ -1252,7 +1480,9 @@ class _ProxyHandler:
         pipe = answer.detach()
         try:
             client = request.upgrade_to(
-                _response_headers(answer.headers, upgrade=True).items(),
+                _response_headers(
+                    answer.headers, upgrade=True, audit_id=entry.audit_id
+                ).items(),
                 reason=answer.reason,
             )
         except ConnectionError:
@@ -1293,13 +1523,29 @@ class _ProxyHandler:
                 ) from err
         entry.status = answer.status
         entry.bytes_out = len(body)
+        if entry.audit is not None:
+            _audit_answer(entry.audit, answer, body)
         return http1.Answer(
             answer.status,
             body,
-            tuple(_response_headers(answer.headers).items()),
+            tuple(_response_headers(answer.headers, audit_id=entry.audit_id).items()),
             content_type=None,
             reason=answer.reason,
         )
+
+
+def _audit_answer(audit: AuditContext, upstream: PooledResponse, body: bytes) -> None:
+    """Close the record of a request answered whole: the body is read for a
+    failure's ``Status`` message, or recorded at ``RequestResponse``; a
+    success's body is not parsed otherwise (a large list costs milliseconds).
+    """
+    status = upstream.status
+    wanted = status >= 300 or audit.wants_response_body
+    audit.complete(
+        status,
+        body if wanted else None,
+        upstream.headers.get("Content-Type") if wanted else None,
+    )
 
 
 async def _relay_pooled(
@@ -1360,6 +1606,7 @@ def proxy_server(
     settings: ProxySettings,
     metrics: Metrics | None,
     max_field_bytes: int | None = None,
+    auditor: Auditor | None = None,
 ) -> http1.Server:
     """The proxy's listener: every method and path goes to one handler.
 
@@ -1379,7 +1626,9 @@ def proxy_server(
         ),
         error_body=status_body,
     )
-    handler = _ProxyHandler(authenticator, upstream, settings, metrics, server.stopping)
+    handler = _ProxyHandler(
+        authenticator, upstream, settings, metrics, server.stopping, auditor=auditor
+    )
     server.default = http1.Route(handler.handle, methods=None)
     server.on_drained.append(handler.cleanup)
     return server

@@ -307,6 +307,22 @@ class Metrics:
         for status in ("success", "failure"):
             self.config_reloads.labels(status)
             self.upstream_reloads.labels(status)
+        # Issue 24: audit events, by backend (log, webhook).
+        self.audit_events = Counter(
+            "kube_oidc_gate_audit_events",
+            "Audit events written (log) or accepted by the webhook, by backend.",
+            ["backend"],
+            registry=r,
+        )
+        self.audit_events_dropped = Counter(
+            "kube_oidc_gate_audit_events_dropped",
+            "Audit events lost, by backend: its buffer was full (the writer or "
+            "the webhook is slower than the requests), the write failed, or the "
+            "webhook refused or kept failing a batch. Requests are never delayed "
+            "for auditing; this counter is the price.",
+            ["backend"],
+            registry=r,
+        )
         self.okta_api_requests = Counter(
             "kube_oidc_gate_okta_api_requests",
             "Requests to Okta's API for groups beyond the token, by endpoint "

@@ -39,13 +39,16 @@ import trustme
 import yaml
 
 from proxy import __version__
+from proxy.audit.policy import load_policy
 from proxy.checktoken import HINTS
 from proxy.claims import CREDENTIAL_ID_EXTRA, map_claims
 from proxy.cli import build_parser
 from proxy.config import AuthConfig, parse_authentication_config
 from proxy.errors import TokenError, UserRuleFailed
+from proxy.impersonate import ORIGINAL_USER_EXTRA
 from proxy.kubeconfig import WEBHOOK_APISERVER_FLAGS, proxy_rbac, webhook_kubeconfig
 from proxy.metrics import Metrics
+from proxy.proxyflags import audit_options_from_args
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -120,6 +123,7 @@ VARIANTS = (
     "proxy+client-impersonation",
     "webhook+revocation",
     "proxy+revocation",
+    "proxy+audit",
 )
 OVERLAYS = tuple(v for v in VARIANTS if v not in ("base", "examples"))
 PROXIES = tuple(v for v in OVERLAYS if v.startswith("proxy"))
@@ -140,6 +144,7 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Objects]:
         ("proxy", "client-impersonation"),
         ("webhook", "revocation"),
         ("proxy", "revocation"),
+        ("proxy", "audit"),
     ):
         wrapper = copy / "overlays" / f"{mode}-{component}"
         wrapper.mkdir()
@@ -206,6 +211,7 @@ def test_every_kustomization_under_deploy_is_rendered() -> None:
         "components/cert-manager",
         "components/client-impersonation",
         "components/revocation",
+        "components/audit",
         # Rendered in both overlays by tests/test_monitoring.py.
         "components/monitoring",
     }
@@ -592,6 +598,37 @@ def test_subjectaccessreviews_only_with_client_impersonation(
         assert bound_service_accounts(
             objects, "kube-oidc-gate-client-impersonation"
         ) == [pod_service_account(objects)]
+        # The original user behind an approved --as (issue 24), by its exact
+        # resource name, not only through the group's wildcard.
+        original = (AUTH_GROUP, f"userextras/{ORIGINAL_USER_EXTRA}", IMPERSONATE)
+        assert original in rules_of(objects, "kube-oidc-gate-client-impersonation")
+
+
+def test_audit_component_mounts_the_policy_it_names(
+    rendered: dict[str, Objects], tmp_path: Path
+) -> None:
+    """The audit component's flags parse, name the mounted policy, and the
+    policy in its ConfigMap loads (issue 24)."""
+    objects = rendered["proxy+audit"]
+    args = container(objects)["args"]
+    flags = flag_values(args)
+    assert flags["--audit-log-path"] == "-"
+    policy_path = flags["--audit-policy-file"]
+    mounts = {m["mountPath"]: m["name"] for m in container(objects)["volumeMounts"]}
+    directory, _, filename = policy_path.rpartition("/")
+    volume = mounts[directory]
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    (source,) = [v for v in pod["volumes"] if v["name"] == volume]
+    config_map = one(objects, "ConfigMap", source["configMap"]["name"])
+    policy_file = tmp_path / filename
+    policy_file.write_text(config_map["data"][filename])
+    assert load_policy(str(policy_file)).rules
+    ns = build_parser().parse_args(
+        [a.replace(policy_path, str(policy_file)) for a in args]
+    )
+    options = audit_options_from_args(ns)
+    assert options is not None
+    assert options.log_path == "-"
 
 
 @pytest.mark.parametrize("variant", WEBHOOKS)

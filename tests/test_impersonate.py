@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.errors import KeysUnavailable, Overloaded, TokenError
 from proxy.impersonate import (
+    ORIGINAL_USER_EXTRA,
     ProxySettings,
     _has_blank,
     classify_request,
@@ -457,6 +458,11 @@ async def test_as_user_allowed_by_sar_is_forwarded(
         assert body["status"]["userInfo"] == {
             "username": "bob",
             "groups": ["system:authenticated"],
+            "extra": {
+                ORIGINAL_USER_EXTRA: [
+                    '{"username":"oidc:alice","uid":"","groups":["oidc:devs"]}'
+                ]
+            },
         }
         (review,) = stack.fake.sar_reviews
         spec = review["spec"]
@@ -477,6 +483,96 @@ async def test_as_user_allowed_by_sar_is_forwarded(
         forwarded = stack.fake.seen(WHOAMI)[0]
         assert forwarded.headers.getall("Impersonate-User") == ["bob"]
         assert "Impersonate-Group" not in forwarded.headers
+
+
+async def test_as_forwards_the_original_user_in_the_reserved_extra(
+    tmp_path: Path, ca: trustme.CA
+) -> None:
+    """kube-apiserver lower-cases the header name, then percent-decodes it; the
+    value is compact JSON of who authenticated, never reviewed as the user."""
+    async with run_proxy(tmp_path, ca, settings=allow_as()) as stack:
+        stack.fake.sar_rules |= {
+            ("oidc:alice", "users", "bob"),
+            ("oidc:alice", "groups", "admins"),
+            ("oidc:alice", "userextras/example.com/scopes", "read"),
+        }
+        code, _ = await whoami(
+            stack,
+            {
+                **stack.bearer(groups=["devs", "ops"]),
+                "Impersonate-User": "bob",
+                "Impersonate-Group": "admins",
+                "Impersonate-Extra-example.com%2fscopes": "read",
+            },
+        )
+        assert code == 201
+        sent = stack.fake.seen(WHOAMI)[0].headers
+        names = [n for n in sent if n.lower().startswith("impersonate-extra-")]
+        reserved = [n for n in names if "original-user" in n.lower()]
+        assert reserved == ["Impersonate-Extra-kube-oidc-gate.io%2Foriginal-user"]
+        (value,) = sent.getall(reserved[0])
+        assert json.loads(value) == {
+            "username": "oidc:alice",
+            "uid": "",
+            "groups": ["oidc:devs", "oidc:ops"],
+        }
+        assert value == json.dumps(json.loads(value), separators=(",", ":"))
+        assert sent.getall("Impersonate-Extra-example.com%2fscopes") == ["read"]
+        user = stack.fake.seen(WHOAMI)[0].user
+        assert user is not None
+        assert set(user["extra"]) == {"example.com/scopes", ORIGINAL_USER_EXTRA}
+        checked = [
+            r["spec"]["resourceAttributes"].get("subresource")
+            for r in stack.fake.sar_reviews
+        ]
+        assert ORIGINAL_USER_EXTRA not in checked
+        assert len(stack.fake.sar_reviews) == 3
+
+
+async def test_without_as_no_original_user_extra_is_sent(stack: Stack) -> None:
+    code, body = await whoami(stack, stack.bearer())
+    assert code == 201
+    assert "extra" not in body["status"]["userInfo"]
+    sent = stack.fake.seen(WHOAMI)[0].headers
+    assert not [n for n in sent if "original-user" in n.lower()]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Impersonate-Extra-kube-oidc-gate.io%2foriginal-user",
+        "Impersonate-Extra-kube-oidc-gate.io%2Foriginal-user",
+        "IMPERSONATE-EXTRA-KUBE-OIDC-GATE.IO%2FORIGINAL-USER",
+        "impersonate-extra-kube-oidc-gate.io%2Foriginal%2Duser",
+        "Impersonate-Extra-%6Bube-oidc-gate.io%2foriginal-user",
+        "Impersonate-Extra-%4Bube-oidc-gate.io%2foriginal-user",
+        "Impersonate-Extra-kube%2doidc%2dgate%2eio%2f%6f%72iginal-user",
+    ],
+    ids=[
+        "lower-escape",
+        "upper-escape",
+        "upper-case",
+        "escaped-dash",
+        "escaped-letter",
+        "escaped-capital",
+        "all-escaped",
+    ],
+)
+async def test_a_client_can_never_set_the_original_user_extra(
+    tmp_path: Path, ca: trustme.CA, name: str
+) -> None:
+    async with run_proxy(tmp_path, ca, settings=allow_as()) as stack:
+        stack.fake.sar_rules.add(("oidc:alice", "users", "bob"))
+        stack.fake.sar_rules.add(("oidc:alice", "userextras/*", "*"))
+        status, body = await whoami(
+            stack,
+            {**stack.bearer(), "Impersonate-User": "bob", name: '{"username":"x"}'},
+        )
+        assert status == 403
+        _status_of(body, 403)
+        assert "kube-oidc-gate.io/original-user" in body["message"]
+        assert "set by the proxy" in body["message"]
+        assert stack.fake.requests == []
 
 
 SAR_CASES: list[

@@ -181,7 +181,11 @@ async def test_as_allowed_by_subject_access_review(kube_as: Kube) -> None:
         "auth", "whoami", "--as", "bob", "--as-group", "admins", "-o", "json"
     )
     assert code == 0, err
-    assert json.loads(out)["status"]["userInfo"] == {
+    info = json.loads(out)["status"]["userInfo"]
+    # Who is behind the --as, as the API server's audit log sees it (issue 24).
+    (original,) = info.pop("extra")["kube-oidc-gate.io/original-user"]
+    assert json.loads(original)["username"] == "oidc:alice"
+    assert info == {
         "username": "bob",
         "groups": ["admins", "system:authenticated"],
     }

@@ -29,6 +29,7 @@ import trustme
 import yaml
 
 from proxy.app import ServeSettings, listening
+from proxy.audit.auditor import Auditor
 from proxy.authn import Authenticator
 from proxy.config import ClaimMappings, PrefixedClaimOrExpression
 from proxy.http1 import Server
@@ -143,11 +144,13 @@ async def run_proxy(
     tls: bool = True,
     claim_mappings: ClaimMappings | None = None,
     authenticator: TokenAuthenticator | None = None,
+    auditor: Auditor | None = None,
 ) -> AsyncIterator[Stack]:
     """Fake API server + proxy in front of it + a client session, all started.
 
     ``upstream`` replaces the default (a kubeconfig naming the fake API server);
     a callable gets the started fake API server and returns the ``Upstream``.
+    ``auditor`` audits the proxy's requests (the caller starts and closes it).
     """
     settings = settings or ProxySettings()
     key = new_key("RS256")
@@ -173,6 +176,7 @@ async def run_proxy(
                 upstream=upstream,
                 settings=settings,
                 metrics=metrics,
+                auditor=auditor,
             )
             async with (
                 serve_app(server, ca if tls else None) as url,
