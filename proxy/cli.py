@@ -891,7 +891,9 @@ def _read_report(fd: int) -> list[str]:
     return [line for line in text.splitlines() if line]
 
 
-def _serve_mode(ns: argparse.Namespace) -> int:
+def _serve_mode(ns: argparse.Namespace, metrics_dir: str | None) -> int:
+    """Check every flag, then serve in one process or ``--workers`` processes;
+    ``metrics_dir`` is the shared metrics directory ``main`` made, if any."""
     from proxy.app import listen_problems
     from proxy.certs import CertPair, ServingTLS
 
@@ -928,61 +930,44 @@ def _serve_mode(ns: argparse.Namespace) -> int:
     if problems:
         raise ConfigError(problems)
     assert settings is not None
-    metrics_dir: str | None = None
     given_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if given_dir:
+    if given_dir and given_dir != metrics_dir:
         _clear_metrics_dir(given_dir)
-    elif ns.workers > 1:
-        from proxy.metrics import enable_multiprocess
+    cert, key, generated = _tls(ns, settings.bind_address)
+    if generated is not None:
+        log.warning(
+            "serving with a self-signed certificate",
+            extra={
+                "ca_file": cert,
+                "hint": "give clients this file as their CA, or pass --tls-cert-file",
+            },
+        )
+    # Loaded once, here: a file that does not load stops the start before
+    # any worker exists.
+    tls = ServingTLS(CertPair(cert, key), client_ca_file=ns.client_ca_file)
+    # Okta presents no client certificate: with --client-ca-file the hook
+    # gets a context of its own, of the same pair.
+    hook_tls = (
+        ServingTLS(CertPair(cert, key))
+        if hook is not None and ns.client_ca_file
+        else tls
+    )
 
-        # Before the fork, so every worker writes its samples where any
-        # worker's /metrics can aggregate them. prometheus_client is imported
-        # by now and chose its in-memory value store: the environment variable
-        # alone would leave every worker's samples out of every scrape.
-        metrics_dir = tempfile.mkdtemp(prefix="kube-oidc-gate-metrics-")
-        enable_multiprocess(metrics_dir)
-    try:
-        cert, key, generated = _tls(ns, settings.bind_address)
-        if generated is not None:
-            log.warning(
-                "serving with a self-signed certificate",
-                extra={
-                    "ca_file": cert,
-                    "hint": "give clients this file as their CA, or pass "
-                    "--tls-cert-file",
-                },
+    def run_one() -> int:
+        _install_uvloop()
+        return asyncio.run(
+            _serve_async(
+                ns,
+                config,
+                settings,
+                tls,
+                cert,
+                generated=generated,
+                hook=None if hook is None else (hook, hook_tls),
             )
-        # Loaded once, here: a file that does not load stops the start before
-        # any worker exists.
-        tls = ServingTLS(CertPair(cert, key), client_ca_file=ns.client_ca_file)
-        # Okta presents no client certificate: with --client-ca-file the hook
-        # gets a context of its own, of the same pair.
-        hook_tls = (
-            ServingTLS(CertPair(cert, key))
-            if hook is not None and ns.client_ca_file
-            else tls
         )
 
-        def run_one() -> int:
-            _install_uvloop()
-            return asyncio.run(
-                _serve_async(
-                    ns,
-                    config,
-                    settings,
-                    tls,
-                    cert,
-                    generated=generated,
-                    hook=None if hook is None else (hook, hook_tls),
-                )
-            )
-
-        return _run_processes(ns.workers, run_one)
-    finally:
-        # Only the parent gets here (a worker leaves with os._exit): the
-        # samples die with the pod's processes, so their files go too.
-        if metrics_dir is not None:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
+    return _run_processes(ns.workers, run_one)
 
 
 def _install_uvloop() -> None:
@@ -1234,8 +1219,55 @@ def _dev_banner(dev_issuer: object, cert: str) -> Callable[[int, int], None]:
     return banner
 
 
+def _shared_metrics_dir(argv: Sequence[str] | None) -> str | None:
+    """With ``--workers N`` (N > 1), make the directory the workers share their
+    metrics through and name it in ``PROMETHEUS_MULTIPROC_DIR``; ``None``
+    otherwise, or when the variable is already set (the operator's own).
+
+    Why here, before anything else: prometheus_client reads the variable once,
+    when it is first imported (its documented way to share samples between
+    processes), and building the parser imports modules that import it. So
+    ``--workers`` alone is read first; the full parser checks it again.
+    """
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return None
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("command", nargs="?")
+    early.add_argument("--workers", type=int, default=1)
+    try:
+        known, _ = early.parse_known_args(argv)
+    except SystemExit:  # a malformed --workers: the full parser says so
+        return None
+    if known.command not in ("webhook", "proxy") or not 1 < known.workers <= 64:
+        return None
+    if "prometheus_client" in sys.modules:  # pragma: no cover - embedding, or a bug
+        raise ProxyError(
+            "metrics: prometheus_client was imported before --workers could set "
+            "PROMETHEUS_MULTIPROC_DIR: set it yourself before starting"
+        )
+    directory = tempfile.mkdtemp(prefix="kube-oidc-gate-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    return directory
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script and ``python -m proxy``."""
+    try:
+        metrics_dir = _shared_metrics_dir(argv)
+    except ProxyError as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 2
+    try:
+        return _main(argv, metrics_dir)
+    finally:
+        # Only the parent gets here (a worker leaves with os._exit): the
+        # samples die with the pod's processes, so their files go too.
+        if metrics_dir is not None:
+            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _main(argv: Sequence[str] | None, metrics_dir: str | None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     configure_logging(
@@ -1250,7 +1282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _apiserver_flags(ns)
         if ns.command == "revoke":
             return _revoke(ns)
-        return _serve_mode(ns)
+        return _serve_mode(ns, metrics_dir)
     except ConfigError as err:
         sys.stderr.write(f"error: {err}\n")
         return 2

@@ -20,7 +20,6 @@ from prometheus_client import (
     Histogram,
     generate_latest,
     multiprocess,
-    values,
 )
 
 __all__ = [
@@ -30,7 +29,6 @@ __all__ = [
     "Metrics",
     "Tally",
     "clear_multiprocess_dir",
-    "enable_multiprocess",
     "null_tally",
 ]
 
@@ -159,18 +157,6 @@ def clear_multiprocess_dir(directory: str) -> int:
                 os.unlink(entry.path)
                 removed += 1
     return removed
-
-
-def enable_multiprocess(directory: str) -> None:
-    """Make every ``Metrics`` created from now on share samples through ``directory``.
-
-    For ``--workers N``: call in the parent before forking. prometheus_client
-    picks its value store when first imported, from ``PROMETHEUS_MULTIPROC_DIR``;
-    this sets the variable and re-runs that choice, so it works even though the
-    library was imported before the number of workers was known.
-    """
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
-    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
 
 
 class Metrics:

@@ -419,3 +419,19 @@ async def test_serve_reports_a_taken_port_as_the_check_does(
     assert problem.startswith(f"listen: {HOST}:{port} (")
     change = "--secure-port" if listener == "secure" else "--probe-bind-address"
     assert problem.endswith(f"or choose another port with {change}")
+
+
+def test_the_cli_imports_no_prometheus_client_before_it_reads_workers() -> None:
+    """prometheus_client reads PROMETHEUS_MULTIPROC_DIR once, at its first
+    import; the CLI sets it for --workers N, so nothing may import it sooner
+    (issue 26: no patching the library's value class afterwards)."""
+    code = "import sys, proxy.cli; print('prometheus_client' in sys.modules)"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert done.stdout.strip() == "False"
