@@ -66,6 +66,7 @@ from dataclasses import dataclass
 from typing import Any, Final, NamedTuple, cast
 
 import httptools
+from mypy_extensions import mypyc_attr
 
 from proxy import framing, tunnel
 from proxy.log import REQUEST_ID, new_request_id
@@ -99,9 +100,14 @@ class Limits:
     body_timeout: float = 10.0
 
 
+@mypyc_attr(native_class=False)
 class BodyError(ConnectionError):
     """A streamed request body ended early: the client left, stalled, or sent
-    something llhttp refused. The answer cannot be completed honestly."""
+    something llhttp refused. The answer cannot be completed honestly.
+
+    Not a native class in the compiled build: mypyc cannot subclass
+    ``OSError``'s family natively, and refused to compile the module.
+    """
 
 
 class Request:
