@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 __all__ = [
     "Key",
+    "b64_json",
     "bad_signature",
     "claims",
     "mint",
@@ -45,6 +46,11 @@ _GROUPS = [
 
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def b64_json(value: dict[str, Any]) -> str:
+    """A JWS part: compact JSON, base64url without padding."""
+    return _b64(json.dumps(value, separators=(",", ":")).encode())
 
 
 def _int_b64(n: int) -> str:

@@ -26,7 +26,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Route", "argv", "missing", "nginx_binary", "version", "write_config"]
+__all__ = [
+    "HEADERS_PATH",
+    "Route",
+    "argv",
+    "missing",
+    "nginx_binary",
+    "version",
+    "write_config",
+    "write_proxy_config",
+]
+
+#: Answers the two headers a front end must set (``Impersonate-User`` and
+#: ``Authorization``), so the harness can check a peer forwards what the proxy
+#: does before it measures it.
+HEADERS_PATH = "/_bench/headers"
 
 #: The escapes nginx's config parser understands inside a quoted string.
 _ESCAPES = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -90,15 +104,7 @@ def _location(path: str, route: Route) -> str:
 
 def write_config(root: Path, *, port: int, routes: Mapping[str, Route]) -> Path:
     """Write ``root/nginx.conf`` serving ``routes`` on 127.0.0.1:``port``; return its path."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "tmp").mkdir(exist_ok=True)
-    # As root, the worker drops to www-data (as Apache's children do); it reads
-    # nothing here, and the master creates the temp directories for it.
-    user = "user www-data www-data;\n" if os.geteuid() == 0 else ""
-    temp = "\n".join(
-        f"  {kind}_temp_path {root}/tmp/{kind};"
-        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    )
+    user, temp = _common(root)
     locations = "".join(_location(p, r) for p, r in routes.items())
     conf = f"""# Private nginx instance for the kube-oidc-gate benchmark (generated).
 daemon off;
@@ -118,8 +124,87 @@ http {{
 {temp}
   server {{
     listen 127.0.0.1:{port} backlog=1024;
-{locations}    location / {{
+{locations}    location = {HEADERS_PATH} {{
+      default_type text/plain;
+      return 200 "$http_impersonate_user\\n$http_authorization\\n";
+    }}
+    location / {{
       return 404;
+    }}
+  }}
+}}
+"""
+    path = root / "nginx.conf"
+    path.write_text(conf)
+    return path
+
+
+def _common(root: Path) -> tuple[str, str]:
+    """The ``user`` line and the temp paths, all in ``root``.
+
+    As root, the worker drops to www-data (as Apache's children do); it reads
+    nothing here, and the master creates the temp directories for it.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "tmp").mkdir(exist_ok=True)
+    user = "user www-data www-data;\n" if os.geteuid() == 0 else ""
+    temp = "\n".join(
+        f"  {kind}_temp_path {root}/tmp/{kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    return user, temp
+
+
+def write_proxy_config(
+    root: Path,
+    *,
+    port: int,
+    cert: str,
+    key: str,
+    upstream: str,
+    credential: str,
+    workers: int,
+) -> Path:
+    """The ceiling: nginx as a TLS reverse proxy to ``upstream`` (``host:port``), no authentication.
+
+    What any proxy on this machine must do at least: TLS in front, the same
+    header rewrite (the client's ``Authorization`` replaced by the upstream
+    credential), kept-alive upstream connections; no token is looked at.
+    ``workers`` worker processes, as many as the proxy's workers.
+    """
+    if any(c.isspace() or c in "\"'\\$;{}#" for c in credential + upstream):
+        raise ValueError("nginx: unusable credential or upstream")
+    user, temp = _common(root)
+    conf = f"""# Private nginx TLS reverse proxy for the kube-oidc-gate benchmark (generated).
+daemon off;
+master_process on;
+worker_processes {workers};
+{user}pid {root}/nginx.pid;
+error_log {root}/error.log warn;
+events {{
+  worker_connections 4096;
+}}
+http {{
+  access_log off;
+  server_tokens off;
+  keepalive_requests 1000000;
+  keepalive_timeout 75s;
+  types {{}}
+{temp}
+  upstream up {{
+    server {upstream};
+    keepalive 128;
+    keepalive_requests 1000000;
+  }}
+  server {{
+    listen 127.0.0.1:{port} ssl backlog=1024;
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    location / {{
+      proxy_pass http://up;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "Bearer {credential}";
     }}
   }}
 }}

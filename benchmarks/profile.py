@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from benchmarks.run import (
     gate_proxy,
     make_ctx,
     prepare,
+    shared_upstream,
     start_issuer,
     upstream_server,
     webhook,
@@ -44,6 +46,7 @@ TARGETS = (
     "webhook-cold",
     "webhook-random-kid",
     "proxy-cached",
+    "proxy-cold",
     "proxy-badsig",
 )
 
@@ -97,7 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         print("error: py-spy is not installed (pip install py-spy)", file=sys.stderr)
         return 2
     seconds = min(max(ns.seconds, 1.0), 60.0)
-    settings = Settings.make(False, seconds + 3, 1)
+    # A new token for every request of one worker (at most ~5,000/s here);
+    # minting the full run's pool would take longer than the profile.
+    settings = dataclasses.replace(
+        Settings.make(False, seconds + 3, 1), cold_pool=int((seconds + 3) * 6000)
+    )
     ctx = make_ctx(settings, ns.out)
     ns.out.mkdir(parents=True, exist_ok=True)
     raw = ns.out / f"profile-{ns.target}.txt"
@@ -122,8 +129,14 @@ def main(argv: list[str] | None = None) -> int:
                     native=ns.native,
                 )
         else:
+            tokens = {
+                "proxy-cold": ctx.cold_files[0],
+                "proxy-badsig": ctx.files["badsig-one"],
+            }.get(ns.target, ctx.files["one"])
+            # The upstream of the proxy scenarios: nginx when installed.
             with (
-                upstream_server(ctx) as up,
+                upstream_server(ctx) as aio,
+                shared_upstream(ctx, aio) as up,
                 gate_proxy(ctx, up.url, 1, "proxy-profile") as px,
             ):
                 _sample(
@@ -131,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                     px.proc.pid,
                     f"{px.url}{SMALL_PATH}",
                     "bearer",
-                    ctx.files["badsig-one" if ns.target == "proxy-badsig" else "one"],
+                    tokens,
                     seconds,
                     ns.rate,
                     raw,

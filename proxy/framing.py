@@ -58,12 +58,14 @@ __all__ = [
 ]
 
 #: The methods the Kubernetes API serves; any other request line is refused.
-METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+METHODS: Final[frozenset[str]] = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
+)
 #: The fields that say where a message's body ends.
-FRAMING: Final = frozenset({"content-length", "transfer-encoding"})
+FRAMING: Final[frozenset[str]] = frozenset({"content-length", "transfer-encoding"})
 #: Hop-by-hop fields (RFC 9110 §7.6.1, plus the legacy ``Keep-Alive`` and
 #: ``Proxy-Connection``): never forwarded by name, whatever ``Connection`` says.
-HOP_BY_HOP: Final = frozenset(
+HOP_BY_HOP: Final[frozenset[str]] = frozenset(
     {
         "connection",
         "keep-alive",

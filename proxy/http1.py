@@ -100,12 +100,14 @@ class Limits:
     body_timeout: float = 10.0
 
 
-# A plain Python class even when compiled (``make compiled``): mypyc cannot
-# subclass a built-in exception natively.
 @mypyc_attr(native_class=False)
 class BodyError(ConnectionError):
     """A streamed request body ended early: the client left, stalled, or sent
-    something llhttp refused. The answer cannot be completed honestly."""
+    something llhttp refused. The answer cannot be completed honestly.
+
+    Not a native class in the compiled build: mypyc cannot subclass
+    ``OSError``'s family natively, and refused to compile the module.
+    """
 
 
 class Request:

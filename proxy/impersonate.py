@@ -898,8 +898,8 @@ class _ProxyHandler:
             answer = self._refusal_answer(_token_refusal(err), entry, request, src)
             self._finish(entry, request, src)
             return answer
-        except _Refusal as err:
-            answer = self._refusal_answer(err, entry, request, src)
+        except _Refusal as refusal:
+            answer = self._refusal_answer(refusal, entry, request, src)
             self._finish(entry, request, src)
             return answer
         except Exception:
@@ -1085,8 +1085,8 @@ class _ProxyHandler:
             if entry.kind is not None:
                 return await self._forward_stream(request, headers, entry)
             return await self._forward(request, headers, entry)
-        except (_Refusal, UpstreamError) as err:
-            return self._refusal_answer(err, entry, request, src)
+        except (_Refusal, UpstreamError) as refusal:
+            return self._refusal_answer(refusal, entry, request, src)
         except asyncio.CancelledError:
             # The listener cancels a request whose client has gone.
             entry.outcome = "client_closed"
@@ -1411,8 +1411,10 @@ class _ProxyHandler:
             raise UpstreamError(f"proxy: subjectaccessreview answered {status}")
         try:
             allowed = json.loads(body)["status"]["allowed"]
-        except (ValueError, KeyError, TypeError) as err:
-            raise UpstreamError("proxy: subjectaccessreview answer unreadable") from err
+        except (ValueError, KeyError, TypeError) as unreadable:
+            raise UpstreamError(
+                "proxy: subjectaccessreview answer unreadable"
+            ) from unreadable
         return allowed is True
 
     def _stream_started(self, entry: _Entry) -> None:

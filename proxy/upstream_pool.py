@@ -524,11 +524,11 @@ class PooledResponse:
             raise UpstreamError(
                 "upstream: connection lost in the response body", status=502
             ) from err
-        except _Malformed as err:
+        except _Malformed as malformed:
             self.close()
             raise UpstreamError(
-                f"upstream: malformed response: {err}", status=502
-            ) from err
+                f"upstream: malformed response: {malformed}", status=502
+            ) from malformed
         if not data or (conn.done and not conn.body):
             self._finish()
         return data
@@ -746,17 +746,17 @@ class ConnectionPool:
         except TimeoutError as err:
             self._forget(placeholder)
             raise UpstreamError("upstream: connect timed out", status=504) from err
-        except ssl.SSLError as err:
+        except ssl.SSLError as tls_err:
             self._forget(placeholder)
             raise UpstreamError(
-                f"upstream: tls handshake failed: {err.reason}", status=502
-            ) from err
-        except OSError as err:
+                f"upstream: tls handshake failed: {tls_err.reason}", status=502
+            ) from tls_err
+        except OSError as os_err:
             self._forget(placeholder)
             raise UpstreamError(
-                f"upstream: cannot connect: {err.strerror or type(err).__name__}",
+                f"upstream: cannot connect: {os_err.strerror or type(os_err).__name__}",
                 status=503,
-            ) from err
+            ) from os_err
         except BaseException:
             self._forget(placeholder)
             raise
@@ -990,16 +990,16 @@ class ConnectionPool:
                     ) from err
                 retry = False
                 conn = await self._acquire(connect_timeout, fresh=True)
-            except _Malformed as err:
+            except _Malformed as malformed:
                 self._discard(conn, abort=True)
                 raise UpstreamError(
-                    f"upstream: malformed response: {err}", status=502
-                ) from err
-            except TimeoutError as err:
+                    f"upstream: malformed response: {malformed}", status=502
+                ) from malformed
+            except TimeoutError as late:
                 self._discard(conn, abort=True)
                 raise UpstreamError(
                     "upstream: no response in time", status=504
-                ) from err
+                ) from late
             except BaseException:
                 self._discard(conn, abort=True)
                 raise

@@ -18,9 +18,20 @@ from typing import Any
 
 import pytest
 
-from benchmarks import nginx
+from benchmarks import haproxy, nginx
 from benchmarks.procs import Proc, free_port, start, wait_http
-from benchmarks.run import NGINX_ROUTES, compute_targets, upstream_summary
+from benchmarks.run import (
+    NGINX_ROUTES,
+    Settings,
+    check_front,
+    compute_targets,
+    haproxy_peer,
+    make_ctx,
+    nginx_ceiling,
+    nginx_upstream,
+    prepare_checks,
+    upstream_summary,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,6 +51,7 @@ EXPECTED = [
     "cache-distinct-tokens",
     "proxy-cached-1",
     "proxy-cached-2",
+    "proxy-cold-2",
     "proxy-latency-1",
     "proxy-badsig-replay-2",
     "proxy-expired-replay-2",
@@ -49,6 +61,9 @@ EXPECTED = [
     "apache-latency",
     "apache-badsig-replay",
     "apache-expired-replay",
+    "haproxy-cached",
+    "haproxy-cold",
+    "nginx-ceiling",
 ]
 #: Scenarios that never depend on optional software: they must have run.
 ALWAYS_OK = [
@@ -127,8 +142,23 @@ def test_quick_report_scenarios(quick_report: tuple[dict[str, Any], Path]) -> No
         "upstream-direct-latency",
         "proxy-cached-1",
         "proxy-cached-2",
+        "proxy-cold-2",
         "apache-cached",
+        "haproxy-cached",
+        "haproxy-cold",
+        "nginx-ceiling",
     ]
+    peers_here = nginx.missing() is None
+    for name in ("haproxy-cached", "haproxy-cold"):
+        want = "ok" if peers_here and haproxy.missing() is None else "skipped"
+        assert by_name[name]["status"] == want, by_name[name]
+    assert by_name["nginx-ceiling"]["status"] == ("ok" if peers_here else "skipped")
+    for name in ("proxy-cached-2", "proxy-cold-2", "haproxy-cached", "haproxy-cold"):
+        if by_name[name]["status"] == "ok":
+            # Every request answered 200: no peer measured its refusals.
+            assert by_name[name]["non2xx"] == 0, by_name[name]
+    if by_name["proxy-cold-2"]["status"] == "ok":
+        assert 0 < by_name["proxy-cold-2"]["cold_fraction"] <= 1
     for name in through_shared:
         if by_name[name]["status"] == "ok":
             assert by_name[name]["upstream"] == upstream["shared"], by_name[name]
@@ -147,7 +177,7 @@ def test_quick_report_scenarios(quick_report: tuple[dict[str, Any], Path]) -> No
 def test_quick_report_targets(quick_report: tuple[dict[str, Any], Path]) -> None:
     report, _ = quick_report
     targets = report["targets"]
-    assert {t["target"] for t in targets} == {"1", "2", "3", "4", "5", "6"}
+    assert {t["target"] for t in targets} == {str(n) for n in range(1, 10)}
     for t in targets:
         assert set(t) >= {"target", "check", "value", "threshold", "op", "met"}
         assert t["met"] in (True, False, None)
@@ -212,10 +242,11 @@ def test_capacity_scaling_counts_the_second_core(
         value,
         met,
         "cpu_ratio",
-        True,
-    )
+        False,
+    ), "T4 is judged on CPU per request (issue 25)"
     throughput = _target(compute_targets(scenarios), "webhook cached: 2 workers")
     assert throughput["value"] == 1.4, "the throughput ratio stays what it was"
+    assert throughput["informational"] is True
 
 
 @pytest.mark.parametrize(
@@ -226,7 +257,7 @@ def test_capacity_scaling_counts_the_second_core(
 def test_skipped_scenarios_are_not_measured(status: str, met: bool | None) -> None:
     scenarios = [
         _load("echo-1", 10000.0, "baseline"),
-        {**_load("webhook-cold-1", 6000.0), "status": status},
+        {**_load("webhook-cold-1", 8000.0), "status": status},
     ]
     assert _target(compute_targets(scenarios), "webhook cold")["met"] is met
 
@@ -413,8 +444,8 @@ def test_t2_is_not_judged_on_a_run_whose_tokens_were_not_new(
     scenarios = [
         {**_load("echo-1", 10000.0, "baseline"), "server_cpu_us_per_request": 45.0},
         {
-            **_load("webhook-cold-1", 6000.0),
-            "server_cpu_us_per_request": 80.0,
+            **_load("webhook-cold-1", 8000.0),
+            "server_cpu_us_per_request": 58.0,
             "cold_fraction": fraction,
         },
     ]
@@ -428,6 +459,108 @@ def test_t2_is_not_judged_on_a_run_whose_tokens_were_not_new(
             "85.7% of the requests carried a new token"
             in _target(targets, "webhook cold")["invalid"]
         )
+
+
+@pytest.mark.parametrize(
+    ("target", "ours", "theirs", "rps", "threshold"),
+    [
+        ("7", "proxy-cached-2", "haproxy-cached", 14000.0, 1.0),
+        ("8", "proxy-cold-2", "haproxy-cold", 11600.0, 0.6),
+        ("9", "proxy-cached-2", "nginx-ceiling", 25000.0, 0.5),
+        ("2", "webhook-cold-1", "echo-1", 20000.0, 0.75),
+    ],
+    ids=["T7-haproxy-same-token", "T8-haproxy-new-token", "T9-ceiling", "T2-raised"],
+)
+@pytest.mark.parametrize("above", [True, False], ids=["met", "missed"])
+def test_issue_25_targets(
+    target: str, ours: str, theirs: str, rps: float, threshold: float, above: bool
+) -> None:
+    mine = rps * threshold * (1.01 if above else 0.99)
+    scenarios = [_load(theirs, rps, "peer"), _load(ours, mine, "proxy")]
+    (t,) = [
+        t
+        for t in compute_targets(scenarios)
+        if t["target"] == target and t["kind"] == "ratio"
+    ]
+    assert (t["numerator"], t["denominator"]) == (ours, theirs)
+    assert (t["threshold"], t["met"], t["informational"]) == (threshold, above, False)
+
+
+def test_t8_is_not_judged_when_the_proxy_saw_old_tokens() -> None:
+    scenarios = [
+        _load("haproxy-cold", 10000.0, "peer"),
+        _load("proxy-cold-2", 7000.0, "proxy", cold_fraction=0.9),
+    ]
+    t = _target(compute_targets(scenarios), "proxy, a new token every request")
+    assert t["met"] is None
+    assert "90.0% of the requests carried a new token" in t["invalid"]
+
+
+@pytest.fixture
+def front_ctx(tmp_path: Path) -> Iterator[Any]:
+    """A harness context with the check tokens, and the nginx upstream running."""
+    if nginx.missing() is not None or haproxy.missing() is not None:
+        pytest.skip("needs nginx and haproxy (Debian packages nginx haproxy)")
+    ctx = make_ctx(Settings.make(True, None, None), tmp_path / "out")
+    try:
+        prepare_checks(ctx)
+        with nginx_upstream(ctx) as up:
+            yield ctx, up
+    finally:
+        shutil.rmtree(ctx.work, ignore_errors=True)
+
+
+def test_haproxy_peer_refuses_every_bad_token(front_ctx: Any) -> None:
+    """The peer's own check passes, and every cause was tried against it."""
+    ctx, up = front_ctx
+    with haproxy_peer(ctx, up.url, 2) as peer:
+        causes = check_front(ctx, peer)
+        pid = peer.proc.pid
+    assert set(causes) == {*ctx.refusable, "no token"}
+    assert {"bad signature", "expired", "wrong audience", "alg none"} <= set(causes)
+    assert peer.proc.popen.poll() is not None, f"haproxy {pid} still runs"
+
+
+def test_a_peer_that_skips_the_signature_is_not_measured(
+    front_ctx: Any, tmp_path: Path
+) -> None:
+    """HAProxy without its ``jwt_verify`` line would report inflated figures:
+    the readiness check refuses it, naming what it let through.
+    """
+    ctx, up = front_ctx
+    with haproxy_peer(ctx, up.url, 1) as peer:
+        conf = ctx.work / "haproxy" / "haproxy.cfg"
+        text = conf.read_text()
+    lines = [ln for ln in text.splitlines() if "jwt_verify" not in ln]
+    assert len(lines) == len(text.splitlines()) - 1
+    port = free_port()
+    old_port = peer.url.rsplit(":", 1)[1]
+    broken = tmp_path / "broken.cfg"
+    broken.write_text("\n".join(lines).replace(f":{old_port} ", f":{port} ") + "\n")
+    binary = haproxy.haproxy_binary()
+    assert binary is not None
+    proc = start("haproxy-broken", haproxy.argv(binary, broken), tmp_path)
+    try:
+        wait_http(f"https://127.0.0.1:{port}/healthz", proc, timeout=20, status=401)
+        svc = type(peer)("broken", f"https://127.0.0.1:{port}", proc)
+        with pytest.raises(RuntimeError, match="does not refuse") as err:
+            check_front(ctx, svc)
+    finally:
+        proc.stop(timeout=5)
+    message = str(err.value)
+    assert "'bad signature': 200" in message
+    assert "'signed by another key': 200" in message
+    assert "expired" not in message
+
+
+def test_nginx_ceiling_forwards_the_credential_and_checks_nothing(
+    front_ctx: Any,
+) -> None:
+    ctx, up = front_ctx
+    with nginx_ceiling(ctx, up.url, 2) as ceiling:
+        assert check_front(ctx, ceiling, authenticates=False) == []
+        with pytest.raises(RuntimeError, match="a valid token got 200"):
+            check_front(ctx, ceiling)
 
 
 def test_cel_benchmark_quick_report(tmp_path: Path) -> None:
