@@ -173,6 +173,7 @@ async def test_two_workers_share_the_port(issuer: FakeIssuer, tmp_path: Path) ->
         # Keys can load before the listener is up: wait for both.
         await proc.await_log("serving", count=2, timeout=20)
         ctx = client_ssl(tmp_path)
+        accepted = 0
         for _ in range(60):
             # A new connection each time, so the kernel can pick either process.
             async with (
@@ -187,11 +188,23 @@ async def test_two_workers_share_the_port(issuer: FakeIssuer, tmp_path: Path) ->
                     await asyncio.sleep(0.05)
                     continue
                 assert parse_review(await r.text()).status.authenticated is True
-        answered = [
-            e["pid"]
-            for e in proc.logs()
-            if e.get("event") == "token review" and e.get("result") == "ok"
-        ]
+                accepted += 1
+
+        def answered_so_far() -> list[int]:
+            return [
+                e["pid"]
+                for e in proc.logs()
+                if e.get("event") == "token review" and e.get("result") == "ok"
+            ]
+
+        # Each worker's log writer thread writes a few milliseconds after the
+        # answer went out: wait (bounded) for every accepted review's line.
+        for _ in range(100):
+            answered = answered_so_far()
+            if len(answered) >= accepted:
+                break
+            await asyncio.sleep(0.05)
+        assert len(answered) == accepted
         pids = set(answered)
         assert len(pids) == 2, f"answers came from {pids}"
         assert proc.pid not in pids, "the parent only supervises"
