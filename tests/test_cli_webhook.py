@@ -19,10 +19,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakes.issuer import FakeIssuer
-from tests.hardening_harness import wait_until
 from tests.keygen import claims_for, jwks, new_key, sign
 from tests.proc import ROOT, Proc
-from tests.webhook_harness import parse_review, review_body
+from tests.support.running_gate import wait_until
+from tests.support.running_webhook import parse_review, review_body
 
 
 def free_port() -> int:

@@ -25,7 +25,7 @@ from tests.helpers import DictResolver, auth_config, authenticator_config
 from tests.hostile import ALGS, AUDIENCE, Case, corpus
 from tests.keygen import jwks, new_key
 from tests.proc import ROOT
-from tests.webhook_harness import (
+from tests.support.running_webhook import (
     issuer_auth_config,
     review_body,
     running_webhook,

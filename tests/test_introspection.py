@@ -40,7 +40,7 @@ from proxy.metrics import Metrics
 from tests.fakes.apiserver_harness import WHOAMI, run_proxy
 from tests.fakes.issuer import FakeIssuer
 from tests.keygen import new_key, sign
-from tests.webhook_harness import review_body, running_webhook
+from tests.support.running_webhook import review_body, running_webhook
 
 CLIENT_ID = "gate-introspector"
 SECRET = "s3cr:et+/="  # characters that client_secret_basic must form-encode

@@ -15,9 +15,9 @@ from proxy.metrics import Metrics, clear_multiprocess_dir, null_tally
 from tests.fakes.issuer import FakeIssuer
 from tests.helpers import ISSUER, DictResolver, auth_config, authenticator_config
 from tests.keygen import claims_for, new_key, sign
+from tests.support.running_webhook import issuer_auth_config, wait_ready
 from tests.test_authn import sample
 from tests.test_rotation import engine_for
-from tests.webhook_harness import issuer_auth_config, wait_ready
 
 OK = {"result": "ok", "reason": "ok"}
 

@@ -53,9 +53,9 @@ from tests.fakes.apiserver_harness import upstream_kubeconfig
 from tests.fakes.issuer import FakeIssuer
 from tests.keygen import claims_for, new_key, sign
 from tests.proc import Proc
+from tests.support.running_webhook import review_body
 from tests.test_cli_webhook import client_ssl, free_port, webhook_args
 from tests.test_deploy import DEPLOY, DOCS, find, one, render
-from tests.webhook_harness import review_body
 
 COMPONENT = DEPLOY / "components" / "monitoring"
 RULES = COMPONENT / "prometheusrule.yaml"

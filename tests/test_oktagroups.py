@@ -48,8 +48,8 @@ from tests.fakes.okta import FakeOkta, serve_okta
 from tests.helpers import ISSUER, DictResolver
 from tests.keygen import claims_for, new_key, sign
 from tests.proc import Proc
+from tests.support.running_webhook import parse_review, review_body, running_webhook
 from tests.test_cli_webhook import client_ssl, free_port, webhook_args
-from tests.webhook_harness import parse_review, review_body, running_webhook
 
 KEY = new_key("RS256")
 CLIENT_ID = "kubernetes"

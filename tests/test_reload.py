@@ -26,8 +26,8 @@ from proxy.upstream import Upstream, UpstreamSettings
 from proxy.watch import FileWatcher
 from tests.fakes.issuer import FakeIssuer
 from tests.proc import Proc
+from tests.support.running_webhook import parse_review, review_body
 from tests.test_cli_webhook import free_port
-from tests.webhook_harness import parse_review, review_body
 
 
 def _write(path: Path, data: bytes) -> None:

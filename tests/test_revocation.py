@@ -58,8 +58,8 @@ from tests.fakes.issuer import FakeIssuer
 from tests.helpers import ISSUER, DictResolver, auth_config, authenticator_config
 from tests.keygen import claims_for, new_key, sign
 from tests.proc import ROOT, Proc
+from tests.support.running_webhook import parse_review, review_body
 from tests.test_cli_webhook import free_port, webhook_args
-from tests.webhook_harness import parse_review, review_body
 
 NS = "kube-oidc-gate"
 T0 = 1_800_000_000.0  # 2027-01-15T08:00:00Z
@@ -869,7 +869,7 @@ async def test_readyz_before_the_first_list_and_while_broken(
     from aiohttp import web
 
     from proxy.app import probe_app, start_engine, start_revocation_watch
-    from tests.webhook_harness import issuer_auth_config
+    from tests.support.running_webhook import issuer_auth_config
 
     async with serve_apiserver(trustme.CA()) as fake:
         fake.revocations.installed = False

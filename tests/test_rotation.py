@@ -12,7 +12,7 @@ from proxy.app import Engine, probe_app, start_engine
 from proxy.config import KeySetSettings
 from proxy.metrics import Metrics
 from tests.fakes.issuer import FakeIssuer
-from tests.webhook_harness import issuer_auth_config, wait_ready
+from tests.support.running_webhook import issuer_auth_config, wait_ready
 
 
 async def engine_for(issuer: FakeIssuer, **keyset: float) -> Engine:

@@ -21,7 +21,7 @@ from proxy.config import AdmissionSettings
 from proxy.webhook import WebhookSettings
 from tests.fakes.issuer import FakeIssuer
 from tests.keygen import claims_for, new_key, sign
-from tests.webhook_harness import (
+from tests.support.running_webhook import (
     RunningWebhook,
     issuer_auth_config,
     parse_review,
@@ -699,3 +699,15 @@ async def test_a_near_miss_issuer_is_explained_and_a_stranger_is_logged_with_its
         == 'token: iss "https://elsewhere.test" is not a configured issuer'
     )
     assert all(stranger not in str(f) for f in lines)
+
+
+async def test_webhook_refuses_lone_surrogate_token_with_400(tmp_path: Path) -> None:
+    config = issuer_auth_config("https://127.0.0.1:1/never", None)
+    async with running_webhook(config, tmp_path) as webhook:
+        body = (
+            '{"apiVersion":"authentication.k8s.io/v1","kind":"TokenReview",'
+            '"spec":{"token":"e30.e30.\\ud800"}}'
+        )
+        status, text, _ = await webhook.post(body)
+        assert status == 400, text
+        assert json.loads(text)["kind"] == "Status"

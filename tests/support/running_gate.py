@@ -1,4 +1,4 @@
-"""The production serving path, in-process, for the hardening tests.
+"""The production serving path, in-process, for tests that need the shipped listener.
 
 ``running_gate`` starts what ``kube-oidc-gate webhook`` or ``kube-oidc-gate
 proxy`` starts (``start_engine``, ``webhook_app``/``proxy_app``, ``probe_app``,
@@ -66,6 +66,7 @@ __all__ = [
     "Gate",
     "gate_config",
     "metric",
+    "normal_request",
     "running_gate",
     "secrets_of",
     "wait_until",
@@ -339,3 +340,17 @@ async def running_gate(
         if fake is not None:
             await fake.stop()
         await engine.close()
+
+
+async def normal_request(gate: Gate) -> None:
+    """One ordinary review or proxied GET, answered correctly within 10 s."""
+    async with asyncio.timeout(10):
+        if gate.mode == "webhook":
+            status, answer = await gate.review(gate.token())
+            assert status == 200
+            assert answer["status"]["authenticated"] is True
+        else:
+            status, _ = await gate.get(
+                headers={"Authorization": f"Bearer {gate.token()}"}
+            )
+            assert status == 200
