@@ -49,6 +49,7 @@ from tests.fakes.apiserver_harness import (
     run_proxy,
     upstream_kubeconfig,
 )
+from tests.fakes.apiserver_impersonation import Rule
 from tests.fakes.apiserver_raw import serve_raw_upgrade
 from tests.fakes.issuer import FakeIssuer
 from tests.helpers import ISSUER
@@ -655,10 +656,15 @@ async def test_passthrough_forwards_foreign_tokens_unchanged(
     ) as stack:
         foreign = sign(new_key(), claims_for("https://other.test", sub="carol"))
         stack.fake.user_tokens[foreign] = {"username": "carol", "groups": ["team"]}
+        # As kube-apiserver would, the fake applies the forwarded
+        # Impersonate-User only if carol may impersonate (she may, here).
+        stack.fake.user_impersonation_rules["carol"] = (
+            Rule(api_groups=("",), resources=("users",), verbs=("impersonate",)),
+        )
         headers = {"Authorization": f"Bearer {foreign}", "Impersonate-User": "dave"}
         code, body = await whoami(stack, headers)
         assert code == 201
-        assert body["status"]["userInfo"]["username"] == "carol"
+        assert body["status"]["userInfo"]["username"] == "dave"
         (seen,) = stack.fake.requests
         assert seen.headers.getall("Authorization") == [f"Bearer {foreign}"]
         assert seen.headers.getall("Impersonate-User") == ["dave"]
@@ -1684,7 +1690,9 @@ async def gate(corpus_issuer: FakeIssuer, tmp_path: Path) -> AsyncIterator[Gate]
     # Every refusal's own access line is what these tests read: none is
     # left out for the log limit (tested in test_proxy_listener).
     settings = ProxySettings(refusal_log_limit=0)
-    async with running_gate(tmp_path, "proxy", corpus_issuer, proxy_settings=settings) as g:
+    async with running_gate(
+        tmp_path, "proxy", corpus_issuer, proxy_settings=settings
+    ) as g:
         corpus_issuer.reset_counts()
         yield g
 

@@ -56,6 +56,7 @@ from proxy.upstream import Upstream, UpstreamSettings
 from proxy.webhook import WebhookSettings
 from tests.fakes.apiserver import FakeAPIServer, status
 from tests.fakes.apiserver_harness import PODS, upstream_kubeconfig
+from tests.fakes.apiserver_impersonation import PROXY_OVERLAY_RULES
 from tests.fakes.issuer import FakeIssuer
 from tests.hostile import ALGS, AUDIENCE
 from tests.keygen import SigningKey
@@ -260,6 +261,9 @@ async def running_gate(
         if mode == "proxy":
             fake = FakeAPIServer(ca)
             fake.app.middlewares.insert(0, faults.middleware)
+            if not (proxy_settings or ProxySettings()).allow_client_impersonation:
+                # Deployed without the client-impersonation component.
+                fake.impersonation_rules = PROXY_OVERLAY_RULES
             await fake.start()
             kubeconfig = upstream_kubeconfig(
                 tmp_path / "upstream.kubeconfig",
