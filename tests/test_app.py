@@ -86,6 +86,7 @@ def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sleeps", "computes"])
 async def test_the_slow_callback_check_still_sees_a_blocking_callback(
     kind: str,
@@ -122,6 +123,7 @@ async def test_the_slow_callback_check_still_sees_a_blocking_callback(
     assert "block" in slow.blocking[0]
 
 
+@pytest.mark.slow
 async def test_nothing_blocks_the_event_loop(
     issuer: FakeIssuer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

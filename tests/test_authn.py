@@ -75,6 +75,7 @@ async def test_routes_by_issuer(key: SigningKey) -> None:
     assert user.username == f"{OTHER}#00u1alice"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "iss",
     [
@@ -101,6 +102,7 @@ async def test_token_of_no_configured_issuer_is_not_mine(
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("iss", "words"),
     [
@@ -283,6 +285,7 @@ async def _not_ours(auth: Authenticator, n: int) -> None:
         assert await auth.authenticate(token) is None
 
 
+@pytest.mark.slow
 async def test_new_tokens_take_turns_behind_remembered_users_during_a_flood(
     key: SigningKey,
 ) -> None:
@@ -298,6 +301,7 @@ async def test_new_tokens_take_turns_behind_remembered_users_during_a_flood(
     assert sample(metrics, waits, outcome="waited") - before == 5
 
 
+@pytest.mark.slow
 async def test_a_wave_of_logins_keeps_its_pace_beside_remembered_users(
     key: SigningKey,
 ) -> None:
@@ -310,6 +314,7 @@ async def test_a_wave_of_logins_keeps_its_pace_beside_remembered_users(
     )
 
 
+@pytest.mark.slow
 async def test_replayed_refusals_do_not_hold_back_new_tokens(key: SigningKey) -> None:
     auth, _, metrics = make(key)
     bad = sign(new_key("RS256"), claims_for(ISSUER))
@@ -325,6 +330,7 @@ async def test_replayed_refusals_do_not_hold_back_new_tokens(key: SigningKey) ->
     )
 
 
+@pytest.mark.slow
 async def test_a_full_turn_queue_refuses_for_now_and_remembers_nothing(
     key: SigningKey,
 ) -> None:
@@ -352,6 +358,7 @@ async def test_a_full_turn_queue_refuses_for_now_and_remembers_nothing(
     assert await auth.authenticate(third) is not None
 
 
+@pytest.mark.slow
 async def test_forget_subject_drops_cached_verdicts(key: SigningKey) -> None:
     """Okta's group.user_membership.remove (issue 22): the next review verifies again."""
     auth, resolver, _ = make(key)
@@ -388,6 +395,7 @@ def _refused_tokens() -> dict[str, str]:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("replayed", [False, True], ids=["first", "replayed"])
 @pytest.mark.parametrize("kind", list(_refused_tokens()), ids=list(_refused_tokens()))
 async def test_cached_refusal_pins_no_caller_frame(kind: str, replayed: bool) -> None:
@@ -425,6 +433,7 @@ async def test_engine_refuses_lone_surrogates_with_a_typed_error() -> None:
         await authn.authenticate("e30.e30.\udcff")
 
 
+@pytest.mark.slow
 async def test_replayed_invalid_tokens_are_validated_once_each(
     issuer: FakeIssuer, tmp_path: Path
 ) -> None:

@@ -60,6 +60,7 @@ def proxy_args(
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.kubectl
 async def test_kubectl_through_the_real_proxy_command(
     issuer: FakeIssuer, apiserver: FakeAPIServer, tmp_path: Path
@@ -112,6 +113,7 @@ async def test_kubectl_through_the_real_proxy_command(
     assert all(token not in line for line in proc.stderr)
 
 
+@pytest.mark.slow
 @pytest.mark.kubectl
 async def test_proxy_refuses_a_bad_upstream_config(
     issuer: FakeIssuer, tmp_path: Path
@@ -126,6 +128,7 @@ async def test_proxy_refuses_a_bad_upstream_config(
     )
 
 
+@pytest.mark.slow
 @pytest.mark.kubectl
 async def test_passthrough_with_a_client_certificate_upstream_refuses_to_start(
     issuer: FakeIssuer, apiserver: FakeAPIServer, tmp_path: Path
@@ -224,6 +227,7 @@ async def _failed_at(
     return loop.time()
 
 
+@pytest.mark.slow
 async def test_sigterm_drains_the_proxy_within_the_grace_period(
     issuer: FakeIssuer, late_apiserver: FakeAPIServer, tmp_path: Path
 ) -> None:

@@ -270,6 +270,7 @@ FORBIDDEN: list[tuple[str, tuple[Rule, ...], list[tuple[str, str]], str, str]] =
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("rules", "headers", "message", "kind"),
     [f[1:] for f in FORBIDDEN],
@@ -331,6 +332,7 @@ MALFORMED: list[tuple[str, list[tuple[str, str]]]] = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "headers", [m[1] for m in MALFORMED], ids=[m[0] for m in MALFORMED]
 )
@@ -349,6 +351,7 @@ async def test_a_malformed_impersonation_set_is_400(
 # Through the proxy: a refusal of the API server reaches the client as it is
 
 
+@pytest.mark.slow
 async def test_the_proxy_relays_the_api_servers_impersonation_refusal(
     tmp_path: Path, ca: trustme.CA
 ) -> None:
@@ -364,6 +367,7 @@ async def test_the_proxy_relays_the_api_servers_impersonation_refusal(
         assert "cannot impersonate resource" in body["message"]
 
 
+@pytest.mark.slow
 async def test_client_impersonation_through_the_proxy_is_checked_by_both(
     tmp_path: Path, ca: trustme.CA
 ) -> None:

@@ -81,6 +81,7 @@ def offline_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
+@pytest.mark.slow
 def test_check_token_names_every_reason(offline_files: Path) -> None:
     # One interpreter for the whole corpus: the CLI's main() in a loop, so the
     # cost is the checks, not 60 interpreter start-ups.
@@ -139,6 +140,7 @@ async def issuer() -> AsyncIterator[FakeIssuer]:
         await fake.stop()
 
 
+@pytest.mark.slow
 async def test_webhook_refuses_the_corpus_without_fetching(
     issuer: FakeIssuer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

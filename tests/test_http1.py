@@ -420,6 +420,7 @@ async def test_slow_clients_are_cut_off(sent: bytes, expect_408: bool) -> None:
         writer.close()
 
 
+@pytest.mark.slow
 async def test_an_idle_keep_alive_connection_is_closed_after_the_head_timeout() -> None:
     limits = Limits(max_body_bytes=1024, head_timeout=0.3, body_timeout=5)
     async with serving(limits) as (server, _recorder, port):
@@ -452,6 +453,7 @@ async def test_drain_finishes_in_flight_answers_and_closes_idle_connections() ->
         busy_writer.close()
 
 
+@pytest.mark.slow
 async def test_drain_cancels_what_outlives_the_grace_period() -> None:
     async with serving() as (server, recorder, port):
         reader, writer = await _open(port)
@@ -464,6 +466,7 @@ async def test_drain_cancels_what_outlives_the_grace_period() -> None:
         writer.close()
 
 
+@pytest.mark.slow
 async def test_a_client_that_does_not_read_stops_being_read() -> None:
     """Pipelined requests from a client that never reads its answers stay bounded."""
     limits = Limits(max_body_bytes=1024, head_timeout=5, body_timeout=5)
@@ -537,6 +540,7 @@ ON_UVLOOP = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("test", ON_UVLOOP, ids=[t.__name__[5:] for t in ON_UVLOOP])
 def test_on_uvloop(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
     uvloop.run(asyncio.wait_for(test(), 30))
@@ -566,6 +570,7 @@ async def closed_without_answer(reader: asyncio.StreamReader) -> bytes:
 # Many connections, slow clients
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["webhook", "proxy"])
 async def test_hundreds_of_idle_tls_connections_do_not_starve_a_request(
     issuer: FakeIssuer, tmp_path: Path, mode: Any
@@ -600,6 +605,7 @@ SLOW_CLIENTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("tls", "chunks"),
     [c[1:] for c in SLOW_CLIENTS],
@@ -663,6 +669,7 @@ OVERSIZED: list[tuple[str, Any, int]] = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("make", "code"),
     [c[1:] for c in OVERSIZED],

@@ -179,6 +179,7 @@ def test_escape_extra_key(key: str, expected: str) -> None:
 # The happy path: what reaches the API server
 
 
+@pytest.mark.slow
 async def test_whoami_shows_mapped_identity_and_client_credentials_stay_behind(
     stack: Stack,
 ) -> None:
@@ -230,6 +231,7 @@ async def test_hop_by_hop_and_spoofable_headers_are_stripped(stack: Stack) -> No
     assert seen.headers.getall("X-Forwarded-For") == ["127.0.0.1"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("trusted", "expected"),
     [
@@ -251,12 +253,14 @@ async def test_x_forwarded_for_only_from_trusted_proxies(
         assert stack.fake.requests[0].headers.getall("X-Forwarded-For") == [expected]
 
 
+@pytest.mark.slow
 async def test_bearer_scheme_is_case_insensitive(stack: Stack) -> None:
     code, body = await whoami(stack, {"Authorization": f"bEaReR {stack.token()}"})
     assert code == 201
     assert body["status"]["userInfo"]["username"] == "oidc:alice"
 
 
+@pytest.mark.slow
 async def test_upstream_status_and_headers_are_relayed(stack: Stack) -> None:
     async with stack.client.get(
         stack.url + PODS + "/missing", headers=stack.bearer()
@@ -364,6 +368,7 @@ REFUSALS: list[tuple[str, Any, int, str]] = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("make_headers", "code", "reason"),
     [r[1:] for r in REFUSALS],
@@ -379,6 +384,7 @@ async def test_refusals_answer_status_and_send_nothing_upstream(
     assert stack.fake.requests == []
 
 
+@pytest.mark.slow
 async def test_two_authorization_headers_are_refused(stack: Stack) -> None:
     token = stack.token()
     headers = [
@@ -390,6 +396,7 @@ async def test_two_authorization_headers_are_refused(stack: Stack) -> None:
     assert stack.fake.requests == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("groups", "allowed", "code"),
     [
@@ -419,6 +426,7 @@ async def test_reserved_identities_are_refused_unless_listed(
             assert stack.fake.requests == []
 
 
+@pytest.mark.slow
 async def test_reserved_username_is_refused(tmp_path: Path, ca: trustme.CA) -> None:
     async with run_proxy(
         tmp_path, ca, claim_mappings=mappings(user_prefix="")
@@ -437,6 +445,7 @@ class _Unready:
         raise self.error
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "error",
     [
@@ -566,6 +575,7 @@ SAR_CASES: list[
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("headers", "rules", "code", "checks"),
     [c[1:] for c in SAR_CASES],
@@ -594,6 +604,7 @@ async def test_impersonation_checks_like_kube_apiserver(
                 assert forwarded.getall(name) == [value]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("headers", "code"),
     [
@@ -630,6 +641,7 @@ async def test_malformed_impersonation_requests(
         assert stack.fake.requests == []
 
 
+@pytest.mark.slow
 async def test_repeated_impersonate_user_is_refused(
     tmp_path: Path, ca: trustme.CA
 ) -> None:
@@ -648,6 +660,7 @@ async def test_repeated_impersonate_user_is_refused(
 # Token passthrough
 
 
+@pytest.mark.slow
 async def test_passthrough_forwards_foreign_tokens_unchanged(
     tmp_path: Path, ca: trustme.CA
 ) -> None:
@@ -687,6 +700,7 @@ async def test_without_passthrough_foreign_tokens_are_401(stack: Stack) -> None:
 # Upstream failures
 
 
+@pytest.mark.slow
 async def test_upstream_down_is_503_status(stack: Stack) -> None:
     await stack.fake.stop()
     async with stack.client.get(stack.url + PODS, headers=stack.bearer()) as r:
@@ -702,6 +716,7 @@ async def test_upstream_down_is_503_status(stack: Stack) -> None:
     )
 
 
+@pytest.mark.slow
 async def test_upstream_too_slow_is_504_status(tmp_path: Path, ca: trustme.CA) -> None:
     async with run_proxy(
         tmp_path, ca, settings=ProxySettings(request_timeout=0.3)
@@ -714,6 +729,7 @@ async def test_upstream_too_slow_is_504_status(tmp_path: Path, ca: trustme.CA) -
         assert body["reason"] == "Timeout"
 
 
+@pytest.mark.slow
 async def test_upstream_refusing_the_proxy_credential_is_relayed(stack: Stack) -> None:
     stack.fake.proxy_tokens = {"another-token"}
     code, body = await whoami(stack, stack.bearer())
@@ -725,6 +741,7 @@ async def test_upstream_refusing_the_proxy_credential_is_relayed(stack: Stack) -
 # Streaming
 
 
+@pytest.mark.slow
 async def test_request_body_is_streamed(stack: Stack) -> None:
     digest = hashlib.sha256()
     block = bytes(range(256)) * 256
@@ -744,6 +761,7 @@ async def test_request_body_is_streamed(stack: Stack) -> None:
     assert answer == {"bytes": 128 * len(block), "sha256": digest.hexdigest()}
 
 
+@pytest.mark.slow
 async def test_watch_events_arrive_while_streaming_and_disconnect_cancels(
     tmp_path: Path, ca: trustme.CA
 ) -> None:
@@ -777,6 +795,7 @@ async def _watch_and_leave(stack: Stack) -> None:
     assert metric(stack.metrics, f"{duration}_count", handler="proxy") == 1
 
 
+@pytest.mark.slow
 async def test_long_running_requests_have_no_total_timeout(
     tmp_path: Path, ca: trustme.CA
 ) -> None:
@@ -795,6 +814,7 @@ async def test_long_running_requests_have_no_total_timeout(
         assert line == b"after the request timeout\n"
 
 
+@pytest.mark.slow
 async def test_idle_stream_is_ended(tmp_path: Path, ca: trustme.CA) -> None:
     async with run_proxy(
         tmp_path, ca, settings=ProxySettings(stream_idle_timeout=0.3)
@@ -809,6 +829,7 @@ async def test_idle_stream_is_ended(tmp_path: Path, ca: trustme.CA) -> None:
         await asyncio.wait_for(stack.fake.log_closed.wait(), 5)
 
 
+@pytest.mark.slow
 async def test_upstream_dying_mid_stream_cuts_the_client(stack: Stack) -> None:
     async with stack.client.get(
         stack.url + PODS + "/p/log", params={"follow": "true"}, headers=stack.bearer()
@@ -835,6 +856,7 @@ def _reset_peak_rss() -> int | None:
         return None
 
 
+@pytest.mark.slow
 async def test_large_response_is_relayed_with_flat_memory(
     tmp_path: Path, ca: trustme.CA
 ) -> None:
@@ -875,6 +897,7 @@ def _bearer_protocol(token: str) -> str:
     return "base64url.bearer.authorization.k8s.io." + encoded
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "token_in", ["header", "subprotocol"], ids=["header", "subprotocol"]
 )
@@ -913,6 +936,7 @@ async def test_exec_over_websocket_v5(stack: Stack, token_in: str) -> None:
     assert token not in json.dumps(list(seen.items()))
 
 
+@pytest.mark.slow
 async def test_websocket_upgrade_refused_without_token(stack: Stack) -> None:
     with pytest.raises(aiohttp.WSServerHandshakeError) as info:
         await stack.client.ws_connect(
@@ -922,6 +946,7 @@ async def test_websocket_upgrade_refused_without_token(stack: Stack) -> None:
     assert stack.fake.requests == []
 
 
+@pytest.mark.slow
 async def test_port_forward_over_websocket_carries_bytes_both_ways(
     stack: Stack,
 ) -> None:
@@ -945,6 +970,7 @@ async def test_port_forward_over_websocket_carries_bytes_both_ways(
         assert got == {0: b"PING ONE", 2: b"PING TWO"}
 
 
+@pytest.mark.slow
 async def test_exec_upgrade_refused_upstream_is_relayed(stack: Stack) -> None:
     stack.fake.proxy_tokens = set()
     with pytest.raises(aiohttp.WSServerHandshakeError) as info:
@@ -973,6 +999,7 @@ async def _raw_upgrade(
     return reader, writer, response
 
 
+@pytest.mark.slow
 async def test_raw_upgrade_with_client_impersonation_is_refused(
     tmp_path: Path, ca: trustme.CA
 ) -> None:
@@ -997,6 +1024,7 @@ async def test_raw_upgrade_with_client_impersonation_is_refused(
             assert raw.heads == []
 
 
+@pytest.mark.slow
 async def test_raw_spdy_bytes_flow_both_ways(tmp_path: Path, ca: trustme.CA) -> None:
     async with serve_raw_upgrade(ca) as raw:
         config = upstream_kubeconfig(
@@ -1036,6 +1064,7 @@ async def test_raw_spdy_bytes_flow_both_ways(tmp_path: Path, ca: trustme.CA) -> 
             assert sent["Upgrade"] == "SPDY/3.1"
 
 
+@pytest.mark.slow
 async def test_raw_upgrade_refused_upstream_is_relayed(
     tmp_path: Path, ca: trustme.CA
 ) -> None:
@@ -1063,6 +1092,7 @@ async def test_raw_upgrade_refused_upstream_is_relayed(
 # Access log
 
 
+@pytest.mark.slow
 async def test_access_log_has_one_line_per_request_and_no_token(
     stack: Stack, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1098,6 +1128,7 @@ async def test_access_log_has_one_line_per_request_and_no_token(
         assert "Bearer bad" not in text
 
 
+@pytest.mark.slow
 async def test_long_running_requests_are_logged_at_start_and_end(
     stack: Stack, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1133,6 +1164,7 @@ def test_settings_defaults_are_fail_closed() -> None:
     assert settings.max_impersonation_values > 0
 
 
+@pytest.mark.slow
 async def test_client_leaving_a_tunnel_closes_the_upstream_side(
     tmp_path: Path, ca: trustme.CA
 ) -> None:
@@ -1165,6 +1197,7 @@ async def test_client_leaving_a_tunnel_closes_the_upstream_side(
                     await asyncio.sleep(0.02)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "case",
     [
@@ -1210,6 +1243,7 @@ async def test_websocket_token_refusals(stack: Stack, case: str) -> None:
     assert stack.fake.requests == []
 
 
+@pytest.mark.slow
 async def test_oversized_request_headers_are_431(
     tmp_path: Path, ca: trustme.CA
 ) -> None:
@@ -1229,6 +1263,7 @@ async def test_oversized_request_headers_are_431(
 # Identity headers are computed once per cached user, never shared across users
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "groups",
     [("devs",), ("system:masters",)],
@@ -1260,6 +1295,7 @@ async def test_identity_headers_follow_each_user_across_repeated_tokens(
             assert seen == [alice_seen, bob_seen, alice_seen, bob_seen, alice_seen]
 
 
+@pytest.mark.slow
 def test_a_blank_anywhere_in_a_token_is_found_as_re_finds_it() -> None:
     """The token check's fast scan agrees with ``re``'s ``\\s`` on every code point."""
     blanks = frozenset(chr(c) for c in range(0x110000) if re.fullmatch(r"\s", chr(c)))
@@ -1272,6 +1308,7 @@ def test_a_blank_anywhere_in_a_token_is_found_as_re_finds_it() -> None:
     assert not _has_blank("")
 
 
+@pytest.mark.slow
 async def test_a_near_miss_issuer_is_401_with_its_reason_and_both_values(
     tmp_path: Path, ca: trustme.CA, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1289,6 +1326,7 @@ async def test_a_near_miss_issuer_is_401_with_its_reason_and_both_values(
     assert token not in str(line)
 
 
+@pytest.mark.slow
 async def test_passthrough_still_forwards_a_near_miss_issuer(
     tmp_path: Path, ca: trustme.CA
 ) -> None:
@@ -1312,6 +1350,7 @@ def _b64std(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+@pytest.mark.slow
 async def test_refused_proxy_requests_are_not_kept_alive(
     tmp_path: Path, ca: trustme.CA
 ) -> None:
@@ -1352,6 +1391,7 @@ async def _raw_request(url: str, ca: trustme.CA, head: bytes) -> bytes:
         writer.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "token",
     [b"abc\xff.def.ghi", b"\xed\xa0\x80.a.b", b"e30.e30.\xc3"],
@@ -1397,6 +1437,7 @@ async def _whoami(stack: Stack, headers: dict[str, str]) -> tuple[int, dict[str,
         return r.status, await r.json(content_type=None)
 
 
+@pytest.mark.slow
 async def test_requested_extra_key_arrives_as_authorised(
     tmp_path: Path, ca: trustme.CA
 ) -> None:
@@ -1425,6 +1466,7 @@ async def test_requested_extra_key_arrives_as_authorised(
         assert body["status"]["userInfo"]["extra"] == {"Example.com/scopes": ["read"]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("username", "resource"),
     [
@@ -1466,6 +1508,7 @@ async def test_service_account_impersonation_is_checked_as_kube_apiserver_would(
 # Request-header authentication names never reach the API server
 
 
+@pytest.mark.slow
 async def test_x_remote_uid_is_not_forwarded(tmp_path: Path, ca: trustme.CA) -> None:
     async with run_proxy(tmp_path, ca) as stack:
         code, _ = await _whoami(stack, {"X-Remote-Uid": "0", "x-remote-uid": "1"})
@@ -1478,6 +1521,7 @@ async def test_x_remote_uid_is_not_forwarded(tmp_path: Path, ca: trustme.CA) -> 
 # Token passthrough must not ride the proxy's client certificate
 
 
+@pytest.mark.slow
 async def test_passthrough_never_goes_out_with_the_proxys_client_certificate(
     tmp_path: Path, ca: trustme.CA
 ) -> None:
@@ -1562,6 +1606,7 @@ STREAMS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(STREAMS), ids=["watch", "log-follow", "exec"])
 async def test_client_vanishing_mid_stream_leaves_nothing_behind(
     issuer: FakeIssuer, tmp_path: Path, kind: str
@@ -1646,6 +1691,7 @@ async def _smuggle_passthrough(gate: Gate, token: str) -> None:
         assert r.status == 200
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "send",
     [_smuggle_exec, _smuggle_h2c, _smuggle_passthrough],
@@ -1725,6 +1771,7 @@ def assert_status_401(text: str) -> None:
     assert body["reason"] == "Unauthorized"
 
 
+@pytest.mark.slow
 async def test_corpus_is_refused_with_its_reason_and_nothing_reaches_upstream(
     gate: Gate, corpus_issuer: FakeIssuer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1810,6 +1857,7 @@ PLACEMENTS: list[tuple[str, Placement, bool]] = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("make", "accepted"),
     [p[1:] for p in PLACEMENTS],

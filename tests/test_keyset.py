@@ -201,6 +201,7 @@ async def test_tls_without_the_ca_is_refused(
         assert fake.counts["jwks"] == 0
 
 
+@pytest.mark.slow
 async def test_discovery_url_override_is_used_exactly(
     session: aiohttp.ClientSession,
 ) -> None:
@@ -218,6 +219,7 @@ async def test_discovery_url_override_is_used_exactly(
         assert fake.counts == {"discovery": 1, "jwks": 1}
 
 
+@pytest.mark.slow
 async def test_issuer_url_trailing_slash_is_stripped_once(
     session: aiohttp.ClientSession,
 ) -> None:
@@ -284,6 +286,7 @@ DISCOVERY_REFUSALS: list[tuple[str, Arrange, list[str]]] = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("arrange", "fragments"),
     [case[1:] for case in DISCOVERY_REFUSALS],
@@ -389,6 +392,7 @@ JWKS_REFUSALS: list[tuple[str, Arrange, str]] = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("arrange", "fragment"),
     [case[1:] for case in JWKS_REFUSALS],
@@ -592,6 +596,7 @@ OUTAGES: list[tuple[str, Outage, str, int | None]] = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("outage", "fragment", "status"),
     [case[1:] for case in OUTAGES],
@@ -790,6 +795,7 @@ def _random_kid_token(issuer_url: str) -> str:
     )
 
 
+@pytest.mark.slow
 async def test_random_kid_flood_costs_the_issuer_one_fetch(
     issuer: FakeIssuer, tmp_path: Path
 ) -> None:
@@ -916,6 +922,7 @@ async def _accepted(gate: Gate, token: str) -> bool:
     return bool(answer["status"]["authenticated"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("when", ["at-start", "later"])
 @pytest.mark.parametrize(
     ("breaks", "fixes", "says"),
@@ -977,6 +984,7 @@ async def _probe_clean(gate: Gate) -> bool:
     return status == 200 and "warning" not in text
 
 
+@pytest.mark.slow
 async def test_key_set_without_the_needed_key(
     issuer: FakeIssuer, tmp_path: Path
 ) -> None:

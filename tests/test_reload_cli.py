@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
+import pytest
 import trustme
 from aiohttp import WSMsgType
 from cryptography import x509
@@ -87,6 +88,7 @@ def _serving(tmp_path: Path) -> tuple[trustme.CA, list[str]]:
     return ca, flags
 
 
+@pytest.mark.slow
 async def test_two_proxy_workers_follow_the_kubelets_service_account_rotation(
     issuer: FakeIssuer, tmp_path: Path
 ) -> None:
@@ -206,6 +208,7 @@ async def test_two_proxy_workers_follow_the_kubelets_service_account_rotation(
     assert all(t < 3.0 for t in timings.values()), timings
 
 
+@pytest.mark.slow
 async def test_watches_and_tunnels_in_flight_finish_on_the_old_api_server(
     issuer: FakeIssuer, tmp_path: Path
 ) -> None:
@@ -417,6 +420,7 @@ def _unverified() -> ssl.SSLContext:
     return ctx
 
 
+@pytest.mark.slow
 async def test_two_workers_renew_the_generated_cert_dir_pair(
     issuer: FakeIssuer, tmp_path: Path
 ) -> None:
@@ -561,6 +565,7 @@ async def test_two_workers_renew_the_generated_cert_dir_pair(
     assert all(t < 3.0 for t in timings.values()), timings
 
 
+@pytest.mark.slow
 def test_the_new_flags_refuse_what_cannot_work(tmp_path: Path) -> None:
     """``--cert-dir-validity`` too short to renew in time, and
     ``--service-account-dir`` beside ``--kubeconfig``: named at start."""
@@ -584,6 +589,7 @@ def test_the_new_flags_refuse_what_cannot_work(tmp_path: Path) -> None:
     assert not (tmp_path / "certs").exists()
 
 
+@pytest.mark.slow
 def test_the_generated_pair_is_renewed_by_one_writer(tmp_path: Path) -> None:
     """``SelfSigned`` on its own: reused while fresh, renewed (a new key) once
     a third is left, and of two processes due at once only one writes."""
@@ -679,6 +685,7 @@ async def _username(session: aiohttp.ClientSession, url: str, token: str) -> str
     return str(answer["status"]["user"]["username"])
 
 
+@pytest.mark.slow
 async def test_a_broken_config_file_changes_nothing_and_fails_the_next_start(
     issuer: FakeIssuer, tmp_path: Path
 ) -> None:

@@ -48,6 +48,7 @@ async def test_withdrawn_key_purges_cached_acceptances(issuer: FakeIssuer) -> No
         await engine.close()
 
 
+@pytest.mark.slow
 async def test_unknown_kid_refetch_replans_the_background_refresh(
     issuer: FakeIssuer,
 ) -> None:
@@ -70,6 +71,7 @@ async def test_unknown_kid_refetch_replans_the_background_refresh(
         await engine.close()
 
 
+@pytest.mark.slow
 async def test_outage_keeps_keys_and_readyz_says_so(issuer: FakeIssuer) -> None:
     engine = await engine_for(
         issuer, max_refresh_interval=0.3, default_refresh_interval=0.3

@@ -289,6 +289,7 @@ def _project_token(sa_dir: Path, token: str, generation: int) -> None:
         (sa_dir / "token").symlink_to("..data/token")
 
 
+@pytest.mark.slow
 async def test_in_cluster_token_rotation_reaches_the_api_server(
     tmp_path: Path, ca: trustme.CA
 ) -> None:
@@ -362,6 +363,7 @@ async def test_empty_token_file_keeps_the_last_token(
         assert upstream.auth_headers() == {"Authorization": "Bearer sa-2"}
 
 
+@pytest.mark.slow
 async def test_kubeconfig_exec_plugin_credential_is_refreshed(
     tmp_path: Path, ca: trustme.CA
 ) -> None:
@@ -573,6 +575,7 @@ async def test_non_101_answers_are_read(
     )  # no framing, no credential: the caller decides which one
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("answer", "code"),
     [
@@ -788,6 +791,7 @@ async def _exec(gate: Gate, token: str) -> int:
     return 101
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("no_system_dns")
 @pytest.mark.parametrize(
     ("breaks", "fixes", "code", "label"),
