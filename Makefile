@@ -36,6 +36,11 @@ type: install
 test: install
 	$(BIN)/pytest -q --durations=15
 
+## The unit and property tests, under a minute: everything not marked `slow`
+## (no subprocess, kubectl, npm provider or image build; see tests/conftest.py).
+test-fast: install
+	$(BIN)/pytest -q -p no:cacheprovider -m "not slow"
+
 ## The wheel the image ships: the hot-path modules compiled with mypyc (see
 ## pyproject.toml). It is built in a copy of the working tree, so no compiled
 ## module is ever left beside the sources to shadow an edit; the copy, with

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import gc
 import json
+import random
 import time
+import weakref
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -12,9 +17,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy import errors
 from proxy.authn import Authenticator
 from proxy.config import AdmissionSettings
+from proxy.errors import MalformedToken, TokenError
 from proxy.metrics import Metrics
+from tests.fakes.issuer import FakeIssuer
 from tests.helpers import ISSUER, DictResolver, auth_config, authenticator_config
 from tests.keygen import SigningKey, claims_for, new_key, sign, sign_bytes
+from tests.support.running_gate import (
+    running_gate,
+)
 
 OTHER = "https://login.other.test"
 
@@ -65,6 +75,7 @@ async def test_routes_by_issuer(key: SigningKey) -> None:
     assert user.username == f"{OTHER}#00u1alice"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "iss",
     [
@@ -91,6 +102,7 @@ async def test_token_of_no_configured_issuer_is_not_mine(
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("iss", "words"),
     [
@@ -273,6 +285,7 @@ async def _not_ours(auth: Authenticator, n: int) -> None:
         assert await auth.authenticate(token) is None
 
 
+@pytest.mark.slow
 async def test_new_tokens_take_turns_behind_remembered_users_during_a_flood(
     key: SigningKey,
 ) -> None:
@@ -288,6 +301,7 @@ async def test_new_tokens_take_turns_behind_remembered_users_during_a_flood(
     assert sample(metrics, waits, outcome="waited") - before == 5
 
 
+@pytest.mark.slow
 async def test_a_wave_of_logins_keeps_its_pace_beside_remembered_users(
     key: SigningKey,
 ) -> None:
@@ -300,6 +314,7 @@ async def test_a_wave_of_logins_keeps_its_pace_beside_remembered_users(
     )
 
 
+@pytest.mark.slow
 async def test_replayed_refusals_do_not_hold_back_new_tokens(key: SigningKey) -> None:
     auth, _, metrics = make(key)
     bad = sign(new_key("RS256"), claims_for(ISSUER))
@@ -315,6 +330,7 @@ async def test_replayed_refusals_do_not_hold_back_new_tokens(key: SigningKey) ->
     )
 
 
+@pytest.mark.slow
 async def test_a_full_turn_queue_refuses_for_now_and_remembers_nothing(
     key: SigningKey,
 ) -> None:
@@ -342,6 +358,7 @@ async def test_a_full_turn_queue_refuses_for_now_and_remembers_nothing(
     assert await auth.authenticate(third) is not None
 
 
+@pytest.mark.slow
 async def test_forget_subject_drops_cached_verdicts(key: SigningKey) -> None:
     """Okta's group.user_membership.remove (issue 22): the next review verifies again."""
     auth, resolver, _ = make(key)
@@ -353,3 +370,92 @@ async def test_forget_subject_drops_cached_verdicts(key: SigningKey) -> None:
     assert len(auth.cache) == 0
     await auth.authenticate(token)
     assert resolver.lookups == 2
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+# --------------------------------------------------------------------------
+# A remembered refusal must not keep the refused request alive
+
+
+class _Marker:
+    """Something the caller's frame holds, standing for its request and body."""
+
+
+def _refused_tokens() -> dict[str, str]:
+    key = new_key("RS256")
+    header, payload, _ = sign(key, claims_for(ISSUER, sub="a")).split(".")
+    return {
+        "payload-not-json": f"{header}.{_b64(b'{not json' + b'x' * 4000)}.AAAA",
+        "payload-not-utf8": f"{header}.{_b64(bytes([0xFF]) * 4000)}.AAAA",
+        "bad-signature": f"{header}.{payload}.{_b64(b'x' * 256)}",
+        "two-parts": "a.b",
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("replayed", [False, True], ids=["first", "replayed"])
+@pytest.mark.parametrize("kind", list(_refused_tokens()), ids=list(_refused_tokens()))
+async def test_cached_refusal_pins_no_caller_frame(kind: str, replayed: bool) -> None:
+    token = _refused_tokens()[kind]
+    key = new_key("RS256")
+    authn = Authenticator(
+        auth_config(authenticator_config()), {ISSUER: DictResolver(key)}
+    )
+    if replayed:
+        with pytest.raises(TokenError):
+            await authn.authenticate(token)
+
+    async def caller() -> weakref.ref[_Marker]:
+        pinned = _Marker()
+        with pytest.raises(TokenError):
+            await authn.authenticate(token)
+        return weakref.ref(pinned)
+
+    ref = await caller()
+    gc.collect()
+    assert ref() is None, "the cached refusal keeps the caller's frame alive"
+    hit = authn.cache.get(authn.cache.key(token))
+    assert hit is not None
+    assert hit.error is not None
+    assert hit.error.__traceback__ is None
+    assert hit.error.__cause__ is None
+    assert hit.error.__context__ is None
+
+
+async def test_engine_refuses_lone_surrogates_with_a_typed_error() -> None:
+    authn = Authenticator(
+        auth_config(authenticator_config()), {ISSUER: DictResolver(new_key("RS256"))}
+    )
+    with pytest.raises(MalformedToken):
+        await authn.authenticate("e30.e30.\udcff")
+
+
+@pytest.mark.slow
+async def test_replayed_invalid_tokens_are_validated_once_each(
+    issuer: FakeIssuer, tmp_path: Path
+) -> None:
+    attacker = new_key("RS256", kid=issuer.keys[0].kid)
+    distinct = [
+        sign(attacker, claims_for(issuer.url, groups=["devs"], jti=f"forged-{i}"))
+        for i in range(20)
+    ]
+    async with running_gate(tmp_path, "webhook", issuer) as gate:
+        count = "kube_oidc_gate_validation_duration_seconds_count"
+        before = gate.value(count, result="rejected")
+
+        async def one(token: str) -> None:
+            status, answer = await gate.review(token)
+            assert status == 200
+            assert answer["status"]["authenticated"] is False
+            assert answer["status"]["error"].startswith("bad_signature:")
+
+        await asyncio.gather(*(one(t) for t in distinct))
+        replays = distinct * 9
+        random.shuffle(replays)
+        await asyncio.wait_for(asyncio.gather(*(one(t) for t in replays)), 30)
+        assert gate.value(count, result="rejected") - before == len(distinct)
+        hits = gate.value("kube_oidc_gate_token_cache_requests_total", outcome="hit")
+        assert hits >= len(replays)

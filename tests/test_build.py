@@ -16,6 +16,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 import proxy
 from proxy import tokens
 
@@ -29,6 +31,7 @@ def test_this_process_runs_the_expected_build() -> None:
     assert tokens.__file__.endswith(".so") is EXPECT_COMPILED
 
 
+@pytest.mark.slow
 def test_a_started_service_process_runs_the_same_build(tmp_path: Path) -> None:
     # From a directory outside the tree, as the tests start the service.
     done = subprocess.run(
@@ -74,6 +77,7 @@ def _except_names_of_several_types(source: str) -> list[str]:
     return found
 
 
+@pytest.mark.slow
 def test_compiled_modules_never_rebind_an_except_name_to_another_type() -> None:
     modules = _compiled_modules()
     assert len(modules) >= 10

@@ -1226,6 +1226,7 @@ RANDOM_CLAIMS = st.dictionaries(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, database=None)
 @given(claims=RANDOM_CLAIMS)
 def test_random_claims_give_a_value_or_an_expression_error(
@@ -1244,6 +1245,7 @@ def test_random_claims_give_a_value_or_an_expression_error(
         assert "\n" not in message
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None, database=None)
 @given(claims=RANDOM_CLAIMS)
 def test_the_claims_round_trip_unchanged(claims: dict[str, Any]) -> None:

@@ -33,6 +33,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_kubeconfig_webhook_and_user(tmp_path: Path) -> None:
     ca = trustme.CA()
     ca_file = tmp_path / "ca.crt"
@@ -76,6 +77,7 @@ def test_kubeconfig_webhook_and_user(tmp_path: Path) -> None:
     assert bad.stderr.startswith("error: ")
 
 
+@pytest.mark.slow
 def test_apiserver_flags_round_trip() -> None:
     flags = cli(
         "apiserver-flags", "--oidc-issuer-url", ISS, "--oidc-client-id", "0oa1example",
@@ -132,6 +134,7 @@ def test_kubeconfig_help_explains_every_flag_and_its_default(kind: str) -> None:
             assert text.startswith("Required."), flag
 
 
+@pytest.mark.slow
 def test_kubeconfig_user_help_through_the_command() -> None:
     done = cli("kubeconfig", "user", "--help")
     assert done.returncode == 0, done.stderr
@@ -146,6 +149,7 @@ def test_kubeconfig_user_help_through_the_command() -> None:
         assert expected in text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("issuer", "expected"),
     [
@@ -170,6 +174,7 @@ def test_kubeconfig_user_refuses_an_unusable_issuer(issuer: str, expected: str) 
     assert expected in line
 
 
+@pytest.mark.slow
 def test_kubeconfig_user_allows_a_loopback_http_issuer_and_a_real_slash() -> None:
     loopback = cli(
         "kubeconfig", "user", "--server", "https://gate.example.com",
@@ -184,6 +189,7 @@ def test_kubeconfig_user_allows_a_loopback_http_issuer_and_a_real_slash() -> Non
     assert auth0.returncode == 0, auth0.stderr
 
 
+@pytest.mark.slow
 def test_kubeconfig_proxy_rbac_then_kubeconfig(tmp_path: Path) -> None:
     rbac = cli("kubeconfig", "proxy", "--print-rbac")
     assert rbac.returncode == 0, rbac.stderr
@@ -207,6 +213,7 @@ def test_kubeconfig_proxy_rbac_then_kubeconfig(tmp_path: Path) -> None:
     assert doc["users"][0]["user"]["token"] == token_file.read_text().strip()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "expected"),
     [

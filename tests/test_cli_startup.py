@@ -114,6 +114,7 @@ PORT_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("mode", "listener", "workers"),
     PORT_CASES,
@@ -138,6 +139,7 @@ def test_a_port_in_use_is_one_line_naming_the_address_and_flag(
     ]
 
 
+@pytest.mark.slow
 def test_a_port_held_by_another_gates_workers_is_not_shared(tmp_path: Path) -> None:
     """Workers bind with SO_REUSEPORT, which would let a second gate join the
     first one's port without a word; the start-up check refuses it."""
@@ -155,6 +157,7 @@ def test_a_port_held_by_another_gates_workers_is_not_shared(tmp_path: Path) -> N
     assert lines[0].startswith(f"error: listen: {HOST}:{port} (--bind-address/")
 
 
+@pytest.mark.slow
 def test_the_secure_and_probe_listeners_cannot_share_a_port(tmp_path: Path) -> None:
     port = free_port()
     args = serve_args("webhook", tmp_path, port=port, probe_port=port)
@@ -166,6 +169,7 @@ def test_the_secure_and_probe_listeners_cannot_share_a_port(tmp_path: Path) -> N
     ]
 
 
+@pytest.mark.slow
 def test_a_worker_that_cannot_start_is_reported_once_by_the_parent(
     tmp_path: Path,
 ) -> None:
@@ -306,6 +310,7 @@ CONFIG_CASES: list[tuple[str, list[str]]] = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("case", "needles"), CONFIG_CASES, ids=[c for c, _ in CONFIG_CASES]
 )
@@ -324,6 +329,7 @@ def test_a_configuration_error_names_the_flag_and_what_to_do(
         at = found + len(text)
 
 
+@pytest.mark.slow
 def test_a_missing_client_id_does_not_hide_the_other_problems(tmp_path: Path) -> None:
     code, lines = run_cli(
         "proxy",
@@ -354,6 +360,7 @@ def test_a_missing_client_id_does_not_hide_the_other_problems(tmp_path: Path) ->
 # An upstream credential far more powerful than impersonation needs
 
 
+@pytest.mark.slow
 async def test_a_system_masters_certificate_is_warned_about_at_start(
     issuer: FakeIssuer, tmp_path: Path
 ) -> None:

@@ -19,10 +19,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakes.issuer import FakeIssuer
-from tests.hardening_harness import wait_until
 from tests.keygen import claims_for, jwks, new_key, sign
 from tests.proc import ROOT, Proc
-from tests.webhook_harness import parse_review, review_body
+from tests.support.running_gate import wait_until
+from tests.support.running_webhook import parse_review, review_body
 
 
 def free_port() -> int:
@@ -58,6 +58,7 @@ def client_ssl(tmp_path: Path) -> ssl.SSLContext:
     )
 
 
+@pytest.mark.slow
 async def test_dev_mode_end_to_end(tmp_path: Path) -> None:
     port = free_port()
     with Proc(
@@ -100,6 +101,7 @@ async def test_dev_mode_end_to_end(tmp_path: Path) -> None:
         assert proc.stop() == 0
 
 
+@pytest.mark.slow
 def test_dev_issuer_cannot_be_mixed_with_a_real_issuer(tmp_path: Path) -> None:
     with Proc(
         "webhook",
@@ -113,6 +115,7 @@ def test_dev_issuer_cannot_be_mixed_with_a_real_issuer(tmp_path: Path) -> None:
     assert "mutually exclusive" in "".join(proc.stderr)
 
 
+@pytest.mark.slow
 async def test_refusals_past_the_limit_are_counted_not_logged(
     issuer: FakeIssuer, tmp_path: Path
 ) -> None:
@@ -150,6 +153,7 @@ async def test_refusals_past_the_limit_are_counted_not_logged(
     assert all(forged not in line and good not in line for line in proc.stderr)
 
 
+@pytest.mark.slow
 def test_a_negative_refusal_log_limit_is_refused(
     issuer: FakeIssuer, tmp_path: Path
 ) -> None:
@@ -160,6 +164,7 @@ def test_a_negative_refusal_log_limit_is_refused(
     assert "--refusal-log-limit must be >= 0, got -1" in "".join(proc.stderr)
 
 
+@pytest.mark.slow
 async def test_two_workers_share_the_port(issuer: FakeIssuer, tmp_path: Path) -> None:
     port, probe_port = free_port(), free_port()
     token = issuer.token(groups=["naxslabs-admins"])
@@ -235,6 +240,7 @@ def _earlier_run_counted(directory: Path, accepted: int) -> None:
     )
 
 
+@pytest.mark.slow
 async def test_a_given_metrics_dir_starts_without_an_earlier_runs_counts(
     issuer: FakeIssuer, tmp_path: Path
 ) -> None:
@@ -274,6 +280,7 @@ async def test_a_given_metrics_dir_starts_without_an_earlier_runs_counts(
     assert (shared / "README").read_text(encoding="utf-8") == "not ours"
 
 
+@pytest.mark.slow
 def test_a_metrics_dir_that_is_not_a_directory_stops_the_start(
     tmp_path: Path,
 ) -> None:
@@ -308,6 +315,7 @@ async def _scraped_ok_reviews(probe_port: int, want: float) -> float:
     return counted
 
 
+@pytest.mark.slow
 async def test_sigterm_lets_in_flight_reviews_finish(
     issuer: FakeIssuer, tmp_path: Path
 ) -> None:
@@ -397,6 +405,7 @@ AUTH = ["--oidc-issuer-url", ISS, "--oidc-client-id", "kubernetes", "--oidc-grou
         "--oidc-signing-algs", "ES256"]  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("case", "code", "expect"),
     [
@@ -441,6 +450,7 @@ def test_check_token_offline(
     assert token not in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_check_token_warns_when_the_groups_claim_is_missing(
     offline: dict[str, str],
 ) -> None:
@@ -459,6 +469,7 @@ def test_check_token_warns_when_the_groups_claim_is_missing(
     assert "warning:" not in present.stdout
 
 
+@pytest.mark.slow
 def test_check_token_logs_only_warnings_as_text(offline: dict[str, str]) -> None:
     """A person at a terminal: the verdict on stdout, nothing routine on stderr."""
     result = run_cli(
@@ -474,6 +485,7 @@ def test_check_token_logs_only_warnings_as_text(offline: dict[str, str]) -> None
     assert result.stderr == ""
 
 
+@pytest.mark.slow
 def test_check_token_reads_stdin(offline: dict[str, str]) -> None:
     token = Path(offline["good"]).read_text()
     result = run_cli(
@@ -489,6 +501,7 @@ def test_check_token_reads_stdin(offline: dict[str, str]) -> None:
     assert '"naxslabs-admins"' in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -526,6 +539,7 @@ def test_usage_and_config_errors_exit_2(args: list[str], message: str) -> None:
     assert message in result.stderr
 
 
+@pytest.mark.slow
 async def test_check_token_online_names_both_issuer_urls(issuer: FakeIssuer) -> None:
     issuer.wrong_issuer = "https://other.example.test/oauth2/default"
     token = issuer.token()
@@ -545,6 +559,7 @@ async def test_check_token_online_names_both_issuer_urls(issuer: FakeIssuer) -> 
     assert "https://other.example.test/oauth2/default" in text
 
 
+@pytest.mark.slow
 async def test_sigterm_under_load_loses_no_answered_review(
     issuer: FakeIssuer, tmp_path: Path
 ) -> None:

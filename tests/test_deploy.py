@@ -218,6 +218,7 @@ def test_every_kustomization_under_deploy_is_rendered() -> None:
     assert roots == covered
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_renders_distinct_named_objects(
     rendered: dict[str, Objects], variant: str
@@ -258,6 +259,7 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("no_network")
 @pytest.mark.parametrize("k8s", K8S_VERSIONS)
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -279,6 +281,7 @@ def test_objects_validate_against_kubernetes_schemas(
     assert bool(crds) == variant.endswith("cert-manager")
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("no_network")
 @pytest.mark.parametrize(
     ("path", "value"),
@@ -302,6 +305,7 @@ def test_schema_validation_catches_mistakes(
         kubernetes_validate.validate(deployment, K8S_VERSIONS[-1], strict=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["proxy+cert-manager", "webhook+cert-manager"])
 def test_cert_manager_objects_fit_together(
     rendered: dict[str, Objects], variant: str
@@ -348,6 +352,7 @@ def unknown_flags(mode: str, args: list[str]) -> list[str]:
     return [a for a in flag_values(args) if a not in known]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", OVERLAYS)
 def test_container_args_are_flags_of_the_mode(
     rendered: dict[str, Objects], variant: str, capsys: pytest.CaptureFixture[str]
@@ -369,6 +374,7 @@ def test_container_args_are_flags_of_the_mode(
     assert ns.command == mode
 
 
+@pytest.mark.slow
 def test_base_args_are_common_to_both_modes(rendered: dict[str, Objects]) -> None:
     args = container(rendered["base"])["args"]
     assert not [a for a in args if not a.startswith("--")], "the overlay adds the mode"
@@ -389,6 +395,7 @@ def test_flag_check_reports_unknown_flags(args: list[str], unknown: list[str]) -
     assert unknown_flags("proxy", args) == unknown
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", OVERLAYS)
 def test_ports_agree_with_flags(rendered: dict[str, Objects], variant: str) -> None:
     objects = rendered[variant]
@@ -441,6 +448,7 @@ def authentication_config_text(objects: Objects) -> str:
     return str(data[Path(path).name])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", OVERLAYS)
 def test_mounted_files_are_the_ones_the_flags_name(
     rendered: dict[str, Objects], variant: str
@@ -449,6 +457,7 @@ def test_mounted_files_are_the_ones_the_flags_name(
     assert tls_secret_name(rendered[variant]) == "kube-oidc-gate-tls"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", OVERLAYS)
 def test_image_tag_is_the_package_version(
     rendered: dict[str, Objects], variant: str
@@ -467,6 +476,7 @@ def auth_config(objects: Objects) -> AuthConfig:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", OVERLAYS)
 def test_authentication_config_parses_and_maps_okta_tokens(
     rendered: dict[str, Objects], variant: str
@@ -488,6 +498,7 @@ def test_authentication_config_parses_and_maps_okta_tokens(
     assert "example.com/amr" not in map_claims(authenticator, bare).extra
 
 
+@pytest.mark.slow
 def test_authentication_config_refuses_system_groups(
     rendered: dict[str, Objects],
 ) -> None:
@@ -497,6 +508,7 @@ def test_authentication_config_refuses_system_groups(
         map_claims(authenticator, claims)
 
 
+@pytest.mark.slow
 def test_example_binding_is_for_the_mapped_group(rendered: dict[str, Objects]) -> None:
     binding = one(rendered["examples"], "ClusterRoleBinding")
     (subject,) = binding["subjects"]
@@ -544,6 +556,7 @@ def pod_service_account(objects: Objects) -> tuple[str, str]:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", PROXIES)
 def test_proxy_may_impersonate_exactly_what_the_config_maps(
     rendered: dict[str, Objects], variant: str
@@ -565,6 +578,7 @@ def test_proxy_may_impersonate_exactly_what_the_config_maps(
     assert pod["automountServiceAccountToken"] is True
 
 
+@pytest.mark.slow
 def test_print_rbac_is_the_proxy_overlays_rbac(rendered: dict[str, Objects]) -> None:
     """``kubeconfig proxy --print-rbac`` (for a proxy outside the cluster) gives
     the service account exactly the rights the overlay gives it in the cluster."""
@@ -580,6 +594,7 @@ def test_print_rbac_is_the_proxy_overlays_rbac(rendered: dict[str, Objects]) -> 
     assert generated == shipped
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", PROXIES)
 def test_subjectaccessreviews_only_with_client_impersonation(
     rendered: dict[str, Objects], variant: str
@@ -631,6 +646,7 @@ def test_audit_component_mounts_the_policy_it_names(
     assert options.log_path == "-"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", WEBHOOKS)
 def test_webhook_gets_no_api_credentials(
     rendered: dict[str, Objects], variant: str
@@ -676,6 +692,7 @@ def role_rules(objects: Objects, role: str) -> set[tuple[str, str, str]]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["webhook+revocation", "proxy+revocation"])
 def test_revocation_component_fits_the_code(
     rendered: dict[str, Objects], variant: str
@@ -734,6 +751,7 @@ def test_revocation_component_fits_the_code(
 # Pod hardening and availability
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", OVERLAYS)
 def test_pod_is_hardened(rendered: dict[str, Objects], variant: str) -> None:
     pod = one(rendered[variant], "Deployment")["spec"]["template"]["spec"]
@@ -750,6 +768,7 @@ def test_pod_is_hardened(rendered: dict[str, Objects], variant: str) -> None:
         assert set(c["resources"][kind]) == {"cpu", "memory"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", OVERLAYS)
 def test_availability_objects_select_the_pods(
     rendered: dict[str, Objects], variant: str
@@ -786,6 +805,7 @@ def test_availability_objects_select_the_pods(
 # Services
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", PROXIES)
 def test_proxy_service_is_a_load_balancer(
     rendered: dict[str, Objects], variant: str
@@ -807,6 +827,7 @@ def _commented_manifest(path: Path, first_line: str) -> dict[str, Any]:
     return loaded
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("no_network")
 def test_commented_ingress_example_is_valid(rendered: dict[str, Objects]) -> None:
     ingress = _commented_manifest(
@@ -862,6 +883,7 @@ def test_apiserver_steps_give_the_flags_the_webhook_kubeconfig_names(
     assert f"  - {flag[2:]}={given}" in text  # k3s / RKE2 config.yaml
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", WEBHOOKS)
 def test_webhook_kubeconfig_points_at_the_service(
     rendered: dict[str, Objects], variant: str

@@ -124,6 +124,7 @@ async def test_every_start_makes_a_new_key(session: aiohttp.ClientSession) -> No
 # -- minting -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("send", "want_groups", "want_email", "want_lifetime"),
     [
@@ -193,6 +194,7 @@ async def test_token_endpoint_mints_a_verifiable_id_token(
     assert jwt.get_unverified_header(body["id_token"])["alg"] == "RS256"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("send", "field"),
     [
@@ -253,6 +255,7 @@ async def test_token_endpoint_is_post_only(
         assert resp.status == 405
 
 
+@pytest.mark.slow
 async def test_mint_and_demo_token_verify_against_the_served_keys(
     dev: DevIssuer, session: aiohttp.ClientSession
 ) -> None:
@@ -275,6 +278,7 @@ async def test_mint_uses_the_injected_clock(session: aiohttp.ClientSession) -> N
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("lifetime", "ok"),
     [
@@ -346,6 +350,7 @@ def test_refuses_bad_ports(port: Any) -> None:
         DevIssuer(port=port)
 
 
+@pytest.mark.slow
 async def test_start_warns_loudly_and_minting_never_logs_the_token(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -479,6 +484,7 @@ async def run(argv: list[str]) -> tuple[int, bytes]:
     return proc.returncode, out
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs the curl binary")
 async def test_printed_commands_run_as_printed(
     dev: DevIssuer,

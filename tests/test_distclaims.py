@@ -296,6 +296,7 @@ REFUSED: list[tuple[str, str, dict[str, Any], str, str]] = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("path", "answer", "reason", "message"),
     [c[1:] for c in REFUSED],

@@ -25,7 +25,7 @@ from tests.helpers import DictResolver, auth_config, authenticator_config
 from tests.hostile import ALGS, AUDIENCE, Case, corpus
 from tests.keygen import jwks, new_key
 from tests.proc import ROOT
-from tests.webhook_harness import (
+from tests.support.running_webhook import (
     issuer_auth_config,
     review_body,
     running_webhook,
@@ -81,6 +81,7 @@ def offline_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
+@pytest.mark.slow
 def test_check_token_names_every_reason(offline_files: Path) -> None:
     # One interpreter for the whole corpus: the CLI's main() in a loop, so the
     # cost is the checks, not 60 interpreter start-ups.
@@ -139,6 +140,7 @@ async def issuer() -> AsyncIterator[FakeIssuer]:
         await fake.stop()
 
 
+@pytest.mark.slow
 async def test_webhook_refuses_the_corpus_without_fetching(
     issuer: FakeIssuer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

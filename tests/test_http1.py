@@ -1,13 +1,21 @@
-"""The webhook's HTTP/1.1 server, on raw loopback sockets: what it accepts and refuses."""
+"""The HTTP/1.1 server of both front ends, on raw loopback sockets: what it accepts
+and refuses; and hostile clients (many idle connections, slowloris, oversized
+headers) against the real listeners that ``serve()`` starts, webhook and proxy.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import json
+import logging
+import secrets
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +25,12 @@ import uvloop
 from proxy.http1 import Answer, Limits, Request, Route, Server
 from proxy.kube import status_body
 from proxy.log import REQUEST_ID
+from tests.fakes.issuer import FakeIssuer
+from tests.support.running_gate import (
+    PODS,
+    normal_request,
+    running_gate,
+)
 
 
 class _Recorder:
@@ -406,6 +420,7 @@ async def test_slow_clients_are_cut_off(sent: bytes, expect_408: bool) -> None:
         writer.close()
 
 
+@pytest.mark.slow
 async def test_an_idle_keep_alive_connection_is_closed_after_the_head_timeout() -> None:
     limits = Limits(max_body_bytes=1024, head_timeout=0.3, body_timeout=5)
     async with serving(limits) as (server, _recorder, port):
@@ -438,6 +453,7 @@ async def test_drain_finishes_in_flight_answers_and_closes_idle_connections() ->
         busy_writer.close()
 
 
+@pytest.mark.slow
 async def test_drain_cancels_what_outlives_the_grace_period() -> None:
     async with serving() as (server, recorder, port):
         reader, writer = await _open(port)
@@ -450,6 +466,7 @@ async def test_drain_cancels_what_outlives_the_grace_period() -> None:
         writer.close()
 
 
+@pytest.mark.slow
 async def test_a_client_that_does_not_read_stops_being_read() -> None:
     """Pipelined requests from a client that never reads its answers stay bounded."""
     limits = Limits(max_body_bytes=1024, head_timeout=5, body_timeout=5)
@@ -523,6 +540,7 @@ ON_UVLOOP = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("test", ON_UVLOOP, ids=[t.__name__[5:] for t in ON_UVLOOP])
 def test_on_uvloop(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
     uvloop.run(asyncio.wait_for(test(), 30))
@@ -534,3 +552,160 @@ def test_tls_on_uvloop() -> None:
             test_tls_listener_serves_and_the_handler_error_is_a_500(None), 30
         )
     )
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+async def closed_without_answer(reader: asyncio.StreamReader) -> bytes:
+    """What the server sent before closing (bounded: 5 s)."""
+    try:
+        return await asyncio.wait_for(reader.read(), 5)
+    except (ConnectionError, ssl.SSLError):
+        return b""
+
+
+# --------------------------------------------------------------------------
+# Many connections, slow clients
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["webhook", "proxy"])
+async def test_hundreds_of_idle_tls_connections_do_not_starve_a_request(
+    issuer: FakeIssuer, tmp_path: Path, mode: Any
+) -> None:
+    async with running_gate(
+        tmp_path, mode, issuer, serve_settings={"idle_timeout": 30.0}
+    ) as gate:
+        opened = await asyncio.wait_for(
+            asyncio.gather(*(gate.open_tls() for _ in range(300))), 30
+        )
+        try:
+            await normal_request(gate)
+            # Still held open by the server (no request yet, deadline far away).
+            reader, _ = opened[0]
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(reader.read(1), 0.2)
+        finally:
+            for _, writer in opened:
+                writer.transport.abort()
+
+
+SLOW_CLIENTS = [
+    ("tcp-without-tls-handshake", False, []),
+    ("tls-without-request", True, []),
+    ("partial-request-line", True, [b"GET /api/v1/na"]),
+    (
+        "header-trickle",
+        True,
+        [b"GET /api/v1/namespaces/default/pods HTTP/1.1\r\nHost: x\r\n"]
+        + [b"X-Slow: 1\r\n"] * 25,
+    ),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("tls", "chunks"),
+    [c[1:] for c in SLOW_CLIENTS],
+    ids=[c[0] for c in SLOW_CLIENTS],
+)
+async def test_slowloris_on_the_proxy_is_cut_off(
+    issuer: FakeIssuer, tmp_path: Path, tls: bool, chunks: list[bytes]
+) -> None:
+    async with running_gate(
+        tmp_path, "proxy", issuer, serve_settings={"idle_timeout": 0.5}
+    ) as gate:
+        assert gate.fake is not None
+        host, port = gate.host_port
+        if tls:
+            reader, writer = await gate.open_tls()
+        else:
+            reader, writer = await asyncio.open_connection(host, port)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for chunk in chunks:
+            if reader.at_eof():
+                break
+            with contextlib.suppress(ConnectionError, OSError):
+                writer.write(chunk)
+                await writer.drain()
+            await asyncio.sleep(0.1)
+        assert await closed_without_answer(reader) == b""
+        assert loop.time() - started < 4.0, "closed by the first-request deadline"
+        writer.transport.abort()
+        assert gate.fake.requests == []
+        await normal_request(gate)
+
+
+# --------------------------------------------------------------------------
+# Oversized headers
+
+
+def _oversized_jwt(marker: str) -> str:
+    header = _b64(json.dumps({"alg": "RS256", "kid": marker}).encode())
+    return f"{header}.{_b64(b'x' * 30_000)}.{_b64(b'sig')}"
+
+
+#: (name, headers made from a unique marker, status). A valid bearer token is
+#: added unless the case brings its own ``Authorization``. Every one is the
+#: listener's 431 (RFC 6585): a field over ``max_field_bytes`` (20 KiB), more
+#: fields than it takes, or a head over its total.
+OVERSIZED: list[tuple[str, Any, int]] = [
+    ("one-huge-value", lambda m: [("X-Big", m + "v" * 30_000)], 431),
+    ("one-huge-name", lambda m: [("X-" + m + "n" * 30_000, "v")], 431),
+    ("too-many-headers", lambda m: [(f"X-{m}-{i}", "v") for i in range(5000)], 431),
+    (
+        "many-large-headers-over-the-total",
+        lambda m: [(f"X-{m}-{i}", "v" * 7000) for i in range(40)],
+        431,
+    ),
+    (
+        "authorization-over-the-field-limit",
+        lambda m: [("Authorization", f"Bearer {_oversized_jwt(m)}")],
+        431,
+    ),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("make", "code"),
+    [c[1:] for c in OVERSIZED],
+    ids=[c[0] for c in OVERSIZED],
+)
+async def test_oversized_headers_are_refused_before_anything_goes_upstream(
+    issuer: FakeIssuer,
+    tmp_path: Path,
+    make: Any,
+    code: int,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    marker = "m" + secrets.token_hex(12)
+    async with running_gate(tmp_path, "proxy", issuer) as gate:
+        assert gate.fake is not None
+        headers = make(marker)
+        if all(name != "Authorization" for name, _ in headers):
+            headers.append(("Authorization", f"Bearer {gate.token()}"))
+        async with gate.client.get(gate.url + PODS, headers=headers) as r:
+            assert r.status == code
+            body = await r.text()
+            assert marker not in body, "the answer quotes the refused header"
+            assert (await r.json())["kind"] == "Status"
+        assert gate.fake.requests == []
+        await normal_request(gate)
+    trace = "\n".join(
+        f"{rec.getMessage()} {vars(rec)} {rec.exc_text or ''}" for rec in caplog.records
+    )
+    assert marker not in trace, "the refused header's bytes reached a log line"
+    if code == 431:
+        refused = [
+            r
+            for r in caplog.records
+            if r.getMessage() == "request refused by the http parser"
+        ]
+        assert refused
+        assert all(r.levelno == logging.INFO for r in refused)
+        assert all(r.exc_info is None for r in refused)

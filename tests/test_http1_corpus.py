@@ -356,6 +356,7 @@ def _stripped(fields: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(name, value.strip(" \t")) for name, value in fields]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("limits", [WHOLE, STREAMED], ids=["whole", "streamed"])
 @pytest.mark.parametrize(
     ("raw", "verdict"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]

@@ -646,6 +646,7 @@ async def _answer_backpressure(tls: bool = False) -> None:
             assert body[i * PIECE : (i + 1) * PIECE] == bytes([i]) * PIECE
 
 
+@pytest.mark.slow
 async def test_a_stream_waits_for_a_client_that_does_not_read() -> None:
     await _answer_backpressure()
 
@@ -1118,6 +1119,7 @@ async def _request_backpressure(tls: bool = False) -> None:
         assert echo.errors == []
 
 
+@pytest.mark.slow
 async def test_a_streamed_body_nobody_reads_stops_being_read() -> None:
     await _request_backpressure()
 
@@ -1145,6 +1147,7 @@ async def _stalled_body(tls: bool = False) -> None:
         await _eventually(lambda: not server.connections, "the connection is gone")
 
 
+@pytest.mark.slow
 async def test_a_streamed_body_that_stalls_is_cut() -> None:
     await _stalled_body()
 
@@ -1370,6 +1373,7 @@ async def test_a_refusal_behind_a_slow_request_is_answered_in_its_place() -> Non
     await _refusal_behind_a_slow_request()
 
 
+@pytest.mark.slow
 async def test_a_parse_error_behind_a_slow_request_is_answered_in_its_place() -> None:
     echo = _Echo(delay=0.2)
     async with (
@@ -1494,6 +1498,7 @@ async def _unterminated_head(case: str, tls: bool = False) -> None:
         assert echo.seen == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", [u[0] for u in UNTERMINATED])
 async def test_an_unterminated_head_over_the_limit_is_431(case: str) -> None:
     await _unterminated_head(case)
@@ -1551,6 +1556,7 @@ SCENARIOS: list[tuple[str, Scenario, tuple[Any, ...]]] = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
 @pytest.mark.parametrize(
     ("scenario", "args"), [s[1:] for s in SCENARIOS], ids=[s[0] for s in SCENARIOS]
@@ -1559,6 +1565,7 @@ def test_on_uvloop(scenario: Scenario, args: tuple[Any, ...], tls: bool) -> None
     uvloop.run(asyncio.wait_for(scenario(*args, tls=tls), 30))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("scenario", "args"), [s[1:] for s in SCENARIOS], ids=[s[0] for s in SCENARIOS]
 )

@@ -6,21 +6,26 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import hashlib
 import ipaddress
 import json
 import logging
 import re
+import secrets
+import ssl
 import struct
 import tracemalloc
-from collections.abc import AsyncIterator
+import urllib.parse
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 import trustme
-from aiohttp import WSMsgType
+import yaml
+from aiohttp import WSMsgType, web
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.errors import KeysUnavailable, Overloaded, TokenError
@@ -40,13 +45,24 @@ from tests.fakes.apiserver_harness import (
     PROXY_TOKEN,
     WHOAMI,
     Stack,
+    client_ssl,
     mappings,
     run_proxy,
     upstream_kubeconfig,
 )
+from tests.fakes.apiserver_impersonation import Rule
 from tests.fakes.apiserver_raw import serve_raw_upgrade
+from tests.fakes.issuer import FakeIssuer
 from tests.helpers import ISSUER
+from tests.hostile import corpus
 from tests.keygen import claims_for, new_key, sign
+from tests.support.running_gate import (
+    Gate,
+    normal_request,
+    running_gate,
+    secrets_of,
+    wait_until,
+)
 
 SAR = "/apis/authorization.k8s.io/v1/subjectaccessreviews"
 
@@ -164,6 +180,7 @@ def test_escape_extra_key(key: str, expected: str) -> None:
 # The happy path: what reaches the API server
 
 
+@pytest.mark.slow
 async def test_whoami_shows_mapped_identity_and_client_credentials_stay_behind(
     stack: Stack,
 ) -> None:
@@ -215,6 +232,7 @@ async def test_hop_by_hop_and_spoofable_headers_are_stripped(stack: Stack) -> No
     assert seen.headers.getall("X-Forwarded-For") == ["127.0.0.1"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("trusted", "expected"),
     [
@@ -236,12 +254,14 @@ async def test_x_forwarded_for_only_from_trusted_proxies(
         assert stack.fake.requests[0].headers.getall("X-Forwarded-For") == [expected]
 
 
+@pytest.mark.slow
 async def test_bearer_scheme_is_case_insensitive(stack: Stack) -> None:
     code, body = await whoami(stack, {"Authorization": f"bEaReR {stack.token()}"})
     assert code == 201
     assert body["status"]["userInfo"]["username"] == "oidc:alice"
 
 
+@pytest.mark.slow
 async def test_upstream_status_and_headers_are_relayed(stack: Stack) -> None:
     async with stack.client.get(
         stack.url + PODS + "/missing", headers=stack.bearer()
@@ -349,6 +369,7 @@ REFUSALS: list[tuple[str, Any, int, str]] = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("make_headers", "code", "reason"),
     [r[1:] for r in REFUSALS],
@@ -364,6 +385,7 @@ async def test_refusals_answer_status_and_send_nothing_upstream(
     assert stack.fake.requests == []
 
 
+@pytest.mark.slow
 async def test_two_authorization_headers_are_refused(stack: Stack) -> None:
     token = stack.token()
     headers = [
@@ -375,6 +397,7 @@ async def test_two_authorization_headers_are_refused(stack: Stack) -> None:
     assert stack.fake.requests == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("groups", "allowed", "code"),
     [
@@ -404,6 +427,7 @@ async def test_reserved_identities_are_refused_unless_listed(
             assert stack.fake.requests == []
 
 
+@pytest.mark.slow
 async def test_reserved_username_is_refused(tmp_path: Path, ca: trustme.CA) -> None:
     async with run_proxy(
         tmp_path, ca, claim_mappings=mappings(user_prefix="")
@@ -422,6 +446,7 @@ class _Unready:
         raise self.error
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "error",
     [
@@ -646,6 +671,7 @@ SAR_CASES: list[
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("headers", "rules", "code", "checks"),
     [c[1:] for c in SAR_CASES],
@@ -674,6 +700,7 @@ async def test_impersonation_checks_like_kube_apiserver(
                 assert forwarded.getall(name) == [value]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("headers", "code"),
     [
@@ -710,6 +737,7 @@ async def test_malformed_impersonation_requests(
         assert stack.fake.requests == []
 
 
+@pytest.mark.slow
 async def test_repeated_impersonate_user_is_refused(
     tmp_path: Path, ca: trustme.CA
 ) -> None:
@@ -728,6 +756,7 @@ async def test_repeated_impersonate_user_is_refused(
 # Token passthrough
 
 
+@pytest.mark.slow
 async def test_passthrough_forwards_foreign_tokens_unchanged(
     tmp_path: Path, ca: trustme.CA
 ) -> None:
@@ -736,10 +765,15 @@ async def test_passthrough_forwards_foreign_tokens_unchanged(
     ) as stack:
         foreign = sign(new_key(), claims_for("https://other.test", sub="carol"))
         stack.fake.user_tokens[foreign] = {"username": "carol", "groups": ["team"]}
+        # As kube-apiserver would, the fake applies the forwarded
+        # Impersonate-User only if carol may impersonate (she may, here).
+        stack.fake.user_impersonation_rules["carol"] = (
+            Rule(api_groups=("",), resources=("users",), verbs=("impersonate",)),
+        )
         headers = {"Authorization": f"Bearer {foreign}", "Impersonate-User": "dave"}
         code, body = await whoami(stack, headers)
         assert code == 201
-        assert body["status"]["userInfo"]["username"] == "carol"
+        assert body["status"]["userInfo"]["username"] == "dave"
         (seen,) = stack.fake.requests
         assert seen.headers.getall("Authorization") == [f"Bearer {foreign}"]
         assert seen.headers.getall("Impersonate-User") == ["dave"]
@@ -762,6 +796,7 @@ async def test_without_passthrough_foreign_tokens_are_401(stack: Stack) -> None:
 # Upstream failures
 
 
+@pytest.mark.slow
 async def test_upstream_down_is_503_status(stack: Stack) -> None:
     await stack.fake.stop()
     async with stack.client.get(stack.url + PODS, headers=stack.bearer()) as r:
@@ -777,6 +812,7 @@ async def test_upstream_down_is_503_status(stack: Stack) -> None:
     )
 
 
+@pytest.mark.slow
 async def test_upstream_too_slow_is_504_status(tmp_path: Path, ca: trustme.CA) -> None:
     async with run_proxy(
         tmp_path, ca, settings=ProxySettings(request_timeout=0.3)
@@ -789,6 +825,7 @@ async def test_upstream_too_slow_is_504_status(tmp_path: Path, ca: trustme.CA) -
         assert body["reason"] == "Timeout"
 
 
+@pytest.mark.slow
 async def test_upstream_refusing_the_proxy_credential_is_relayed(stack: Stack) -> None:
     stack.fake.proxy_tokens = {"another-token"}
     code, body = await whoami(stack, stack.bearer())
@@ -800,6 +837,7 @@ async def test_upstream_refusing_the_proxy_credential_is_relayed(stack: Stack) -
 # Streaming
 
 
+@pytest.mark.slow
 async def test_request_body_is_streamed(stack: Stack) -> None:
     digest = hashlib.sha256()
     block = bytes(range(256)) * 256
@@ -819,6 +857,7 @@ async def test_request_body_is_streamed(stack: Stack) -> None:
     assert answer == {"bytes": 128 * len(block), "sha256": digest.hexdigest()}
 
 
+@pytest.mark.slow
 async def test_watch_events_arrive_while_streaming_and_disconnect_cancels(
     tmp_path: Path, ca: trustme.CA
 ) -> None:
@@ -852,6 +891,7 @@ async def _watch_and_leave(stack: Stack) -> None:
     assert metric(stack.metrics, f"{duration}_count", handler="proxy") == 1
 
 
+@pytest.mark.slow
 async def test_long_running_requests_have_no_total_timeout(
     tmp_path: Path, ca: trustme.CA
 ) -> None:
@@ -870,6 +910,7 @@ async def test_long_running_requests_have_no_total_timeout(
         assert line == b"after the request timeout\n"
 
 
+@pytest.mark.slow
 async def test_idle_stream_is_ended(tmp_path: Path, ca: trustme.CA) -> None:
     async with run_proxy(
         tmp_path, ca, settings=ProxySettings(stream_idle_timeout=0.3)
@@ -884,6 +925,7 @@ async def test_idle_stream_is_ended(tmp_path: Path, ca: trustme.CA) -> None:
         await asyncio.wait_for(stack.fake.log_closed.wait(), 5)
 
 
+@pytest.mark.slow
 async def test_upstream_dying_mid_stream_cuts_the_client(stack: Stack) -> None:
     async with stack.client.get(
         stack.url + PODS + "/p/log", params={"follow": "true"}, headers=stack.bearer()
@@ -910,6 +952,7 @@ def _reset_peak_rss() -> int | None:
         return None
 
 
+@pytest.mark.slow
 async def test_large_response_is_relayed_with_flat_memory(
     tmp_path: Path, ca: trustme.CA
 ) -> None:
@@ -950,6 +993,7 @@ def _bearer_protocol(token: str) -> str:
     return "base64url.bearer.authorization.k8s.io." + encoded
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "token_in", ["header", "subprotocol"], ids=["header", "subprotocol"]
 )
@@ -988,6 +1032,7 @@ async def test_exec_over_websocket_v5(stack: Stack, token_in: str) -> None:
     assert token not in json.dumps(list(seen.items()))
 
 
+@pytest.mark.slow
 async def test_websocket_upgrade_refused_without_token(stack: Stack) -> None:
     with pytest.raises(aiohttp.WSServerHandshakeError) as info:
         await stack.client.ws_connect(
@@ -997,6 +1042,7 @@ async def test_websocket_upgrade_refused_without_token(stack: Stack) -> None:
     assert stack.fake.requests == []
 
 
+@pytest.mark.slow
 async def test_port_forward_over_websocket_carries_bytes_both_ways(
     stack: Stack,
 ) -> None:
@@ -1020,6 +1066,7 @@ async def test_port_forward_over_websocket_carries_bytes_both_ways(
         assert got == {0: b"PING ONE", 2: b"PING TWO"}
 
 
+@pytest.mark.slow
 async def test_exec_upgrade_refused_upstream_is_relayed(stack: Stack) -> None:
     stack.fake.proxy_tokens = set()
     with pytest.raises(aiohttp.WSServerHandshakeError) as info:
@@ -1048,6 +1095,7 @@ async def _raw_upgrade(
     return reader, writer, response
 
 
+@pytest.mark.slow
 async def test_raw_upgrade_with_client_impersonation_is_refused(
     tmp_path: Path, ca: trustme.CA
 ) -> None:
@@ -1072,6 +1120,7 @@ async def test_raw_upgrade_with_client_impersonation_is_refused(
             assert raw.heads == []
 
 
+@pytest.mark.slow
 async def test_raw_spdy_bytes_flow_both_ways(tmp_path: Path, ca: trustme.CA) -> None:
     async with serve_raw_upgrade(ca) as raw:
         config = upstream_kubeconfig(
@@ -1111,6 +1160,7 @@ async def test_raw_spdy_bytes_flow_both_ways(tmp_path: Path, ca: trustme.CA) -> 
             assert sent["Upgrade"] == "SPDY/3.1"
 
 
+@pytest.mark.slow
 async def test_raw_upgrade_refused_upstream_is_relayed(
     tmp_path: Path, ca: trustme.CA
 ) -> None:
@@ -1138,6 +1188,7 @@ async def test_raw_upgrade_refused_upstream_is_relayed(
 # Access log
 
 
+@pytest.mark.slow
 async def test_access_log_has_one_line_per_request_and_no_token(
     stack: Stack, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1173,6 +1224,7 @@ async def test_access_log_has_one_line_per_request_and_no_token(
         assert "Bearer bad" not in text
 
 
+@pytest.mark.slow
 async def test_long_running_requests_are_logged_at_start_and_end(
     stack: Stack, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1208,6 +1260,7 @@ def test_settings_defaults_are_fail_closed() -> None:
     assert settings.max_impersonation_values > 0
 
 
+@pytest.mark.slow
 async def test_client_leaving_a_tunnel_closes_the_upstream_side(
     tmp_path: Path, ca: trustme.CA
 ) -> None:
@@ -1240,6 +1293,7 @@ async def test_client_leaving_a_tunnel_closes_the_upstream_side(
                     await asyncio.sleep(0.02)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "case",
     [
@@ -1285,6 +1339,7 @@ async def test_websocket_token_refusals(stack: Stack, case: str) -> None:
     assert stack.fake.requests == []
 
 
+@pytest.mark.slow
 async def test_oversized_request_headers_are_431(
     tmp_path: Path, ca: trustme.CA
 ) -> None:
@@ -1304,6 +1359,7 @@ async def test_oversized_request_headers_are_431(
 # Identity headers are computed once per cached user, never shared across users
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "groups",
     [("devs",), ("system:masters",)],
@@ -1335,6 +1391,7 @@ async def test_identity_headers_follow_each_user_across_repeated_tokens(
             assert seen == [alice_seen, bob_seen, alice_seen, bob_seen, alice_seen]
 
 
+@pytest.mark.slow
 def test_a_blank_anywhere_in_a_token_is_found_as_re_finds_it() -> None:
     """The token check's fast scan agrees with ``re``'s ``\\s`` on every code point."""
     blanks = frozenset(chr(c) for c in range(0x110000) if re.fullmatch(r"\s", chr(c)))
@@ -1347,6 +1404,7 @@ def test_a_blank_anywhere_in_a_token_is_found_as_re_finds_it() -> None:
     assert not _has_blank("")
 
 
+@pytest.mark.slow
 async def test_a_near_miss_issuer_is_401_with_its_reason_and_both_values(
     tmp_path: Path, ca: trustme.CA, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1364,6 +1422,7 @@ async def test_a_near_miss_issuer_is_401_with_its_reason_and_both_values(
     assert token not in str(line)
 
 
+@pytest.mark.slow
 async def test_passthrough_still_forwards_a_near_miss_issuer(
     tmp_path: Path, ca: trustme.CA
 ) -> None:
@@ -1381,3 +1440,551 @@ async def test_passthrough_still_forwards_a_near_miss_issuer(
             assert code == 201
             assert body["status"]["userInfo"]["username"] == "carol"
         assert [r.bearer for r in stack.fake.requests] == [near, near]
+
+
+def _b64std(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@pytest.mark.slow
+async def test_refused_proxy_requests_are_not_kept_alive(
+    tmp_path: Path, ca: trustme.CA
+) -> None:
+    mark = f"review-{id(tmp_path)}"
+    async with run_proxy(tmp_path, ca) as stack:
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=client_ssl(ca), force_close=True)
+        ) as client:
+            for i in range(5):
+                headers = {"Authorization": f"Bearer bad.token.{i}", "X-Mark": mark}
+                async with client.get(stack.url + "/api", headers=headers) as r:
+                    assert r.status == 401
+        await asyncio.sleep(0.05)
+        gc.collect()
+        alive = [
+            o
+            for o in gc.get_objects()
+            if isinstance(o, web.BaseRequest) and o.headers.get("X-Mark") == mark
+        ]
+        assert alive == []
+        assert stack.fake.requests == []
+
+
+# --------------------------------------------------------------------------
+# A token that is not valid text is a refusal, not a crash
+
+
+async def _raw_request(url: str, ca: trustme.CA, head: bytes) -> bytes:
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    host, port = url.removeprefix("https://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port), ssl=ctx)
+    try:
+        writer.write(head)
+        async with asyncio.timeout(5):
+            return await reader.readuntil(b"\r\n\r\n")
+    finally:
+        writer.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "token",
+    [b"abc\xff.def.ghi", b"\xed\xa0\x80.a.b", b"e30.e30.\xc3"],
+    ids=["latin-1-byte", "encoded-surrogate", "truncated-utf8"],
+)
+async def test_non_utf8_token_on_the_proxy_is_401(
+    tmp_path: Path,
+    ca: trustme.CA,
+    token: bytes,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with run_proxy(tmp_path, ca) as stack:
+        head = await _raw_request(
+            stack.url,
+            ca,
+            b"GET /api HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + token
+            + b"\r\nConnection: close\r\n\r\n",
+        )
+        assert head.startswith(b"HTTP/1.1 401 "), head[:40]
+        assert stack.fake.requests == []
+        assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+# --------------------------------------------------------------------------
+# Client impersonation: what is authorised is what the API server applies
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["Scopes", "example.com/Team", "ünï/X", "a b%c", "scopes"],
+    ids=["capital", "capital-path", "utf8-capital", "space-percent", "lower"],
+)
+def test_escaped_extra_key_reads_back_as_kube_apiserver_decodes_it(key: str) -> None:
+    # kube-apiserver: strings.ToLower(name), then url.PathUnescape.
+    assert urllib.parse.unquote(escape_extra_key(key).lower()) == key
+
+
+async def _whoami(stack: Stack, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    async with stack.client.post(
+        stack.url + WHOAMI, headers={**stack.bearer(), **headers}, json={}
+    ) as r:
+        return r.status, await r.json(content_type=None)
+
+
+@pytest.mark.slow
+async def test_requested_extra_key_arrives_as_authorised(
+    tmp_path: Path, ca: trustme.CA
+) -> None:
+    settings = ProxySettings(allow_client_impersonation=True)
+    async with run_proxy(tmp_path, ca, settings=settings) as stack:
+        stack.fake.sar_rules |= {
+            ("oidc:alice", "users", "bob"),
+            ("oidc:alice", "userextras/Example.com/scopes", "read"),
+        }
+        # kube-apiserver lower-cases the header name before decoding it, so
+        # only the encoded capital (%45) is part of the key.
+        code, body = await _whoami(
+            stack,
+            {
+                "Impersonate-User": "bob",
+                "Impersonate-Extra-%45xample.com%2fScopes": "read",
+            },
+        )
+        assert code == 201, body
+        (extra_check,) = [
+            r["spec"]["resourceAttributes"]
+            for r in stack.fake.sar_reviews
+            if r["spec"]["resourceAttributes"]["resource"] == "userextras"
+        ]
+        assert extra_check["subresource"] == "Example.com/scopes"
+        extra = body["status"]["userInfo"]["extra"]
+        # Plus who asked (issue 24), which the client did not send.
+        assert extra.pop("kube-oidc-gate.io/original-user")
+        assert extra == {"Example.com/scopes": ["read"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("username", "resource"),
+    [
+        ("system:serviceaccount:team:builder", "serviceaccounts"),
+        ("system:serviceaccount:team:build.er-1", "serviceaccounts"),
+        ("system:serviceaccount:Team:builder", "users"),
+        ("system:serviceaccount:team:Builder", "users"),
+        ("system:serviceaccount:team:build_er", "users"),
+        ("system:serviceaccount:-team:builder", "users"),
+        (f"system:serviceaccount:{'n' * 64}:builder", "users"),
+        (f"system:serviceaccount:team:{'b' * 254}", "users"),
+        ("system:serviceaccount:team:a:b", "users"),
+    ],
+    ids=[
+        "valid",
+        "valid-subdomain-name",
+        "namespace-not-a-label",
+        "name-not-a-subdomain",
+        "underscore-in-name",
+        "namespace-leading-dash",
+        "namespace-too-long",
+        "name-too-long",
+        "three-parts",
+    ],
+)
+async def test_service_account_impersonation_is_checked_as_kube_apiserver_would(
+    tmp_path: Path, ca: trustme.CA, username: str, resource: str
+) -> None:
+    settings = ProxySettings(allow_client_impersonation=True)
+    async with run_proxy(tmp_path, ca, settings=settings) as stack:
+        code, _ = await _whoami(stack, {"Impersonate-User": username})
+        assert code == 403
+        (review,) = stack.fake.sar_reviews
+        assert review["spec"]["resourceAttributes"]["resource"] == resource
+        assert [r.path for r in stack.fake.requests if r.path != SAR] == []
+
+
+# --------------------------------------------------------------------------
+# Request-header authentication names never reach the API server
+
+
+@pytest.mark.slow
+async def test_x_remote_uid_is_not_forwarded(tmp_path: Path, ca: trustme.CA) -> None:
+    async with run_proxy(tmp_path, ca) as stack:
+        code, _ = await _whoami(stack, {"X-Remote-Uid": "0", "x-remote-uid": "1"})
+        assert code == 201
+        (seen,) = stack.fake.requests
+        assert "X-Remote-Uid" not in seen.headers
+
+
+# --------------------------------------------------------------------------
+# Token passthrough must not ride the proxy's client certificate
+
+
+@pytest.mark.slow
+async def test_passthrough_never_goes_out_with_the_proxys_client_certificate(
+    tmp_path: Path, ca: trustme.CA
+) -> None:
+    # kube-apiserver authenticates a client certificate before any bearer
+    # token, so a passthrough request on the proxy's mTLS connection would run
+    # as the proxy, with the client's Impersonate-* headers.
+    client_ca = trustme.CA()
+    cert = client_ca.issue_cert("kube-oidc-gate-proxy")
+    foreign = sign(new_key("RS256"), claims_for("https://elsewhere.example.test"))
+    settings = ProxySettings(token_passthrough=True, request_timeout=5)
+    async with serve_raw_upgrade(ca, token=None, client_ca=client_ca) as raw:
+        config = tmp_path / "mtls.kubeconfig"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [
+                        {
+                            "name": "c",
+                            "cluster": {
+                                "server": raw.url,
+                                "certificate-authority-data": _b64std(
+                                    ca.cert_pem.bytes()
+                                ),
+                            },
+                        }
+                    ],
+                    "users": [
+                        {
+                            "name": "u",
+                            "user": {
+                                "client-certificate-data": _b64std(
+                                    cert.cert_chain_pems[0].bytes()
+                                ),
+                                "client-key-data": _b64std(
+                                    cert.private_key_pem.bytes()
+                                ),
+                            },
+                        }
+                    ],
+                    "contexts": [
+                        {"name": "c", "context": {"cluster": "c", "user": "u"}}
+                    ],
+                    "current-context": "c",
+                }
+            )
+        )
+        upstream = Upstream(UpstreamSettings(kubeconfig=str(config)))
+        async with run_proxy(
+            tmp_path, ca, settings=settings, upstream=upstream
+        ) as stack:
+            headers = {
+                "Authorization": f"Bearer {foreign}",
+                "Impersonate-User": "admin",
+                "Impersonate-Group": "system:masters",
+            }
+            async with stack.client.get(stack.url + "/api", headers=headers) as r:
+                assert r.status == 401
+            head = await _raw_request(
+                stack.url,
+                ca,
+                f"POST /api/v1/namespaces/default/pods/p/portforward HTTP/1.1\r\n"
+                f"Host: x\r\nAuthorization: Bearer {foreign}\r\n"
+                "Connection: Upgrade\r\nUpgrade: SPDY/3.1\r\n\r\n".encode(),
+            )
+            assert head.startswith(b"HTTP/1.1 401 "), head[:40]
+        assert raw.heads == []
+
+
+# --------------------------------------------------------------------------
+# Clients that vanish mid-stream
+
+
+STREAMS = {
+    "watch": f"GET {PODS}?watch=1 HTTP/1.1\r\n",
+    "log": f"GET {PODS}/p/log?follow=true HTTP/1.1\r\n",
+    "exec": f"GET {PODS}/p/exec?command=cat&stdin=true&stdout=true HTTP/1.1\r\n"
+    "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+    f"Sec-WebSocket-Key: {base64.b64encode(secrets.token_bytes(16)).decode()}\r\n"
+    "Sec-WebSocket-Protocol: v5.channel.k8s.io\r\n",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(STREAMS), ids=["watch", "log-follow", "exec"])
+async def test_client_vanishing_mid_stream_leaves_nothing_behind(
+    issuer: FakeIssuer, tmp_path: Path, kind: str
+) -> None:
+    async with running_gate(tmp_path, "proxy", issuer) as gate:
+        assert gate.fake is not None
+        token = gate.token()
+        await normal_request(gate)  # warm the pool, the cache and the metrics
+        gauge = "kube_oidc_gate_inflight_streams"
+        baseline = len(asyncio.all_tasks())
+        reader, writer = await gate.open_tls()
+        head = (
+            STREAMS[kind] + f"Host: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\r\n"
+        )
+        writer.write(head.encode())
+        answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert answer.startswith(
+            b"HTTP/1.1 101 " if kind == "exec" else b"HTTP/1.1 200 "
+        )
+        if kind != "exec":
+            await asyncio.wait_for(reader.readuntil(b"\n"), 5)  # a chunk has arrived
+        await wait_until(lambda: gate.value(gauge, kind=kind) == 1, what="stream open")
+        assert len(asyncio.all_tasks()) > baseline
+        writer.transport.abort()
+        await wait_until(lambda: gate.value(gauge, kind=kind) == 0, what="gauge at 0")
+        await wait_until(
+            lambda: len(asyncio.all_tasks()) <= baseline,
+            what="proxy and upstream handlers finished",
+        )
+        await normal_request(gate)
+
+
+# --------------------------------------------------------------------------
+# Headers that must not reach the API server (the GET path in impersonation
+# mode is covered by test_impersonate; these are the other paths)
+
+SMUGGLED = {
+    "X-Remote-User": "admin",
+    "X-Remote-Group": "system:masters",
+    "X-Remote-Extra-Scopes": "all",
+    "Proxy-Authorization": "Basic YWRtaW46YWRtaW4=",
+    "Keep-Alive": "timeout=5",
+    "TE": "trailers",
+    "Trailer": "X-Late",
+    "Proxy-Connection": "keep-alive",
+}
+
+
+async def _smuggle_exec(gate: Gate, token: str) -> None:
+    ws = await gate.client.ws_connect(
+        gate.url + PODS + "/p/exec?command=cat&stdin=true",
+        protocols=["v5.channel.k8s.io"],
+        headers={**SMUGGLED, "Authorization": f"Bearer {token}"},
+    )
+    await ws.close()
+
+
+async def _smuggle_h2c(gate: Gate, token: str) -> None:
+    headers = {
+        **SMUGGLED,
+        "Authorization": f"Bearer {token}",
+        "X-Nominated": "dropped because Connection names it",
+        "Connection": "Upgrade, HTTP2-Settings, X-Nominated",
+        "Upgrade": "h2c",
+        "HTTP2-Settings": "AAMAAABkAARAAAAAAAIAAAAA",
+    }
+    async with gate.client.get(gate.url + PODS, headers=headers) as r:
+        assert r.status == 200
+
+
+async def _smuggle_passthrough(gate: Gate, token: str) -> None:
+    foreign = sign(new_key(), claims_for("https://other.test"))
+    assert gate.fake is not None
+    gate.fake.user_tokens[foreign] = {"username": "carol", "groups": []}
+    headers = {
+        **SMUGGLED,
+        "Authorization": f"Bearer {foreign}",
+        "X-Nominated": "dropped because Connection names it",
+        "Connection": "X-Nominated",
+    }
+    async with gate.client.get(gate.url + PODS, headers=headers) as r:
+        assert r.status == 200
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "send",
+    [_smuggle_exec, _smuggle_h2c, _smuggle_passthrough],
+    ids=["websocket-exec", "h2c-upgrade-attempt", "token-passthrough"],
+)
+async def test_spoofable_and_hop_by_hop_headers_never_reach_upstream(
+    issuer: FakeIssuer, tmp_path: Path, send: Any
+) -> None:
+    async with running_gate(
+        tmp_path, "proxy", issuer, proxy_settings=ProxySettings(token_passthrough=True)
+    ) as gate:
+        assert gate.fake is not None
+        await send(gate, gate.token())
+        (seen,) = gate.fake.requests
+        for name in (*SMUGGLED, "X-Nominated", "HTTP2-Settings"):
+            assert name not in seen.headers, name
+        if send is _smuggle_h2c:
+            assert "Upgrade" not in seen.headers
+            assert "upgrade" not in seen.headers.get("Connection", "").lower()
+        if send is _smuggle_passthrough:
+            assert "Impersonate-User" not in seen.headers
+        else:
+            assert seen.headers["Impersonate-User"] == "oidc:00u1alice"
+            assert seen.headers.getall("Authorization") == ["Bearer proxy-sa-token-1"]
+
+
+KEY = new_key("RS256")
+
+
+@pytest.fixture
+async def corpus_issuer() -> AsyncIterator[FakeIssuer]:
+    fake = FakeIssuer(KEY)
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        await fake.stop()
+
+
+@pytest.fixture
+async def gate(corpus_issuer: FakeIssuer, tmp_path: Path) -> AsyncIterator[Gate]:
+    # Every refusal's own access line is what these tests read: none is
+    # left out for the log limit (tested in test_proxy_listener).
+    settings = ProxySettings(refusal_log_limit=0)
+    async with running_gate(
+        tmp_path, "proxy", corpus_issuer, proxy_settings=settings
+    ) as g:
+        corpus_issuer.reset_counts()
+        yield g
+
+
+def logged(caplog: pytest.LogCaptureFixture) -> str:
+    """Everything the records say: message, fields, exception text."""
+    out = []
+    for record in caplog.records:
+        out.append(record.getMessage())
+        out.append(json.dumps(vars(record), default=str))
+    return "\n".join(out)
+
+
+def refusal_details(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """Why the proxy refused: the access line of each refused request says,
+    as a reason code for a refused token, else in its detail.
+    """
+    return [
+        str(vars(r).get("reason") or vars(r).get("detail"))
+        for r in caplog.records
+        if r.name == "proxy.access" and "detail" in vars(r)
+    ]
+
+
+def assert_status_401(text: str) -> None:
+    body = json.loads(text)
+    assert body["kind"] == "Status"
+    assert body["status"] == "Failure"
+    assert body["code"] == 401
+    assert body["reason"] == "Unauthorized"
+
+
+@pytest.mark.slow
+async def test_corpus_is_refused_with_its_reason_and_nothing_reaches_upstream(
+    gate: Gate, corpus_issuer: FakeIssuer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    assert gate.fake is not None
+    unknown_kids = 0
+    for case in corpus(corpus_issuer.url, KEY):
+        caplog.clear()
+        before = len(gate.fake.requests)
+        try:
+            status, text = await gate.get(
+                headers={"Authorization": f"Bearer {case.token}"}
+            )
+        except aiohttp.ClientConnectionError:
+            # The server may close while a 1 MB header is still being sent.
+            status, text = 0, ""
+        reached = gate.fake.requests[before:]
+        if case.reason == "ok":
+            assert status == 200, (case.name, text)
+            assert [r.path for r in reached] == [PODS], case.name
+            assert reached[0].headers["Impersonate-User"].startswith("oidc:")
+            continue
+        assert reached == [], case.name
+        if len(case.token) > 20 * 1024:
+            # Beyond the listener's field limit: 431 before any handler (or
+            # the connection cut while the client was still sending).
+            assert status in (0, 431), case.name
+        else:
+            assert status == 401, (case.name, text)
+            assert_status_401(text)
+            expected = (
+                "token of no configured issuer"
+                if case.reason == "not_mine"
+                else case.reason
+            )
+            assert refusal_details(caplog) == [expected], case.name
+        pieces = secrets_of(case.token)
+        trace = logged(caplog)
+        for piece in pieces:
+            assert piece not in text, case.name
+            assert piece not in trace, case.name
+        unknown_kids += case.reason == "unknown_kid"
+    assert unknown_kids >= 3
+    assert corpus_issuer.counts["jwks"] <= 1, "unknown kids cost one fetch per cooldown"
+    assert corpus_issuer.counts["discovery"] <= 1
+
+
+def _basic(token: str) -> str:
+    return "Basic " + base64.b64encode(f"alice:{token}".encode()).decode()
+
+
+Placement = Callable[[str], tuple[list[tuple[str, str]], dict[str, str]]]
+
+#: (name, headers and query made from a valid token, accepted?)
+PLACEMENTS: list[tuple[str, Placement, bool]] = [
+    ("bearer-lower-case", lambda t: ([("Authorization", f"bearer {t}")], {}), True),
+    ("bearer-upper-case", lambda t: ([("Authorization", f"BEARER {t}")], {}), True),
+    ("two-spaces", lambda t: ([("Authorization", f"Bearer  {t}")], {}), False),
+    ("tab-separator", lambda t: ([("Authorization", f"Bearer\t{t}")], {}), False),
+    ("space-then-tab", lambda t: ([("Authorization", f"Bearer \t{t}")], {}), False),
+    ("trailing-word", lambda t: ([("Authorization", f"Bearer {t} x")], {}), False),
+    ("bearer-empty", lambda t: ([("Authorization", "Bearer ")], {}), False),
+    ("bearer-alone", lambda t: ([("Authorization", "Bearer")], {}), False),
+    ("no-scheme", lambda t: ([("Authorization", t)], {}), False),
+    (
+        "two-authorization-headers",
+        lambda t: ([("Authorization", f"Bearer {t}")] * 2, {}),
+        False,
+    ),
+    (
+        "valid-then-garbage-header",
+        lambda t: ([("Authorization", f"Bearer {t}"), ("Authorization", "x")], {}),
+        False,
+    ),
+    ("query-parameter", lambda t: ([], {"access_token": t}), False),
+    ("basic-auth-password", lambda t: ([("Authorization", _basic(t))], {}), False),
+    (
+        "proxy-authorization",
+        lambda t: ([("Proxy-Authorization", f"Bearer {t}")], {}),
+        False,
+    ),
+    ("x-auth-token", lambda t: ([("X-Auth-Token", t)], {}), False),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("make", "accepted"),
+    [p[1:] for p in PLACEMENTS],
+    ids=[p[0] for p in PLACEMENTS],
+)
+async def test_token_placement(
+    gate: Gate,
+    make: Placement,
+    accepted: bool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    assert gate.fake is not None
+    token = gate.token()
+    headers, query = make(token)
+    async with gate.client.get(gate.url + PODS, headers=headers, params=query) as r:
+        status, text = r.status, await r.text()
+    if accepted:
+        assert status == 200, text
+        (seen,) = gate.fake.requests
+        assert seen.headers["Impersonate-User"] == "oidc:00u1alice"
+        assert seen.headers.getall("Authorization") == ["Bearer proxy-sa-token-1"]
+    else:
+        assert status == 401, text
+        assert_status_401(text)
+        assert gate.fake.requests == []
+    trace = logged(caplog)
+    for piece in secrets_of(token):
+        assert piece not in trace
+        assert piece not in text
+        assert all(piece not in str(r.headers) for r in gate.fake.requests)

@@ -40,7 +40,7 @@ from proxy.metrics import Metrics
 from tests.fakes.apiserver_harness import WHOAMI, run_proxy
 from tests.fakes.issuer import FakeIssuer
 from tests.keygen import new_key, sign
-from tests.webhook_harness import review_body, running_webhook
+from tests.support.running_webhook import review_body, running_webhook
 
 CLIENT_ID = "gate-introspector"
 SECRET = "s3cr:et+/="  # characters that client_secret_basic must form-encode
@@ -105,6 +105,7 @@ def token(idp: FakeIssuer, **claims: Any) -> str:
 # --- through the engine -------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_active_token_is_accepted_with_client_secret_basic(
     idp: FakeIssuer,
 ) -> None:
@@ -116,6 +117,7 @@ async def test_active_token_is_accepted_with_client_secret_basic(
     assert idp.introspected == ["id_token"]
 
 
+@pytest.mark.slow
 async def test_revoked_token_is_refused_within_the_ttl(idp: FakeIssuer) -> None:
     """The acceptance is cached (success TTL 300 s), yet the revocation is
     seen once the introspection answer is older than its TTL.
@@ -159,6 +161,7 @@ async def test_revoked_token_is_refused_within_the_ttl(idp: FakeIssuer) -> None:
         ) >= 1  # fmt: skip
 
 
+@pytest.mark.slow
 async def test_a_token_refused_anyway_never_reaches_the_idp(idp: FakeIssuer) -> None:
     stranger = new_key("RS256")
     async with engine(config_for(idp)) as eng:
@@ -176,6 +179,7 @@ async def test_a_token_refused_anyway_never_reaches_the_idp(idp: FakeIssuer) -> 
     assert idp.counts["introspect"] == 1
 
 
+@pytest.mark.slow
 async def test_single_flight_per_token(idp: FakeIssuer) -> None:
     idp.introspection_delay = 0.2
     async with engine(config_for(idp)) as eng:
@@ -199,6 +203,7 @@ FAILURES = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("state", "needle"), [c[1:] for c in FAILURES], ids=[c[0] for c in FAILURES]
 )
@@ -218,6 +223,7 @@ async def test_deny_policy_refuses_as_temporary(
     assert SECRET not in str(excinfo.value)
 
 
+@pytest.mark.slow
 async def test_allow_cached_uses_the_last_answer_within_the_staleness(
     idp: FakeIssuer,
 ) -> None:
@@ -279,6 +285,7 @@ async def test_explicit_endpoint_overrides_discovery(idp: FakeIssuer) -> None:
 # --- both front ends and check-token ------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_webhook_refuses_a_revoked_token_and_answers_503_when_down(
     idp: FakeIssuer, tmp_path: Path
 ) -> None:
@@ -300,6 +307,7 @@ async def test_webhook_refuses_a_revoked_token_and_answers_503_when_down(
         ) == 1  # fmt: skip
 
 
+@pytest.mark.slow
 async def test_proxy_refuses_a_revoked_token(idp: FakeIssuer, tmp_path: Path) -> None:
     async with (
         engine(config_for(idp, cache_ttl=0.3)) as eng,

@@ -114,6 +114,7 @@ ACCEPTED: list[tuple[str, Callable[[], Jwk], str, str | None, type[object]]] = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("make", "kty", "crv", "key_type"),
     [case[1:] for case in ACCEPTED],

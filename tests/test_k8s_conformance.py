@@ -232,6 +232,7 @@ def expected(case: dict[str, Any], form: str) -> dict[str, Any]:
     return dict(case["want"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("case", "form"), list(_params()))
 async def test_kubernetes_token_case(
     case: dict[str, Any], form: str, server: ClaimServer, tmp_path: Path

@@ -1,26 +1,38 @@
-"""proxy.keyset against a real fake issuer on 127.0.0.1 (http and TLS)."""
+"""proxy.keyset against a real fake issuer on 127.0.0.1 (http and TLS); and, behind
+the real webhook, the issuer failing: the answers while it lasts, ``/readyz``,
+the metrics and recovery without a restart.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
+import random
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 import trustme
 
-from proxy.config import IssuerConfig, KeySetSettings
+from proxy.config import CacheSettings, IssuerConfig, KeySetSettings
 from proxy.errors import DiscoveryError, KeySetError, KeysUnavailable
 from proxy.jwk import parse_jwks
 from proxy.keyset import IssuerKeySet, KeySets, StaticKeySet
 from proxy.log import issuer_hash
 from proxy.metrics import Metrics
 from tests.fakes.issuer import FakeIssuer, loopback_session, serve_issuer
-from tests.keygen import jwks, new_key
+from tests.keygen import claims_for, jwks, new_key
+from tests.support.running_gate import (
+    Gate,
+    gate_config,
+    running_gate,
+    wait_until,
+)
 
 #: One key for the default fake issuer: RSA generation is the slow part of setup.
 KEY = new_key("RS256")
@@ -189,6 +201,7 @@ async def test_tls_without_the_ca_is_refused(
         assert fake.counts["jwks"] == 0
 
 
+@pytest.mark.slow
 async def test_discovery_url_override_is_used_exactly(
     session: aiohttp.ClientSession,
 ) -> None:
@@ -206,6 +219,7 @@ async def test_discovery_url_override_is_used_exactly(
         assert fake.counts == {"discovery": 1, "jwks": 1}
 
 
+@pytest.mark.slow
 async def test_issuer_url_trailing_slash_is_stripped_once(
     session: aiohttp.ClientSession,
 ) -> None:
@@ -272,6 +286,7 @@ DISCOVERY_REFUSALS: list[tuple[str, Arrange, list[str]]] = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("arrange", "fragments"),
     [case[1:] for case in DISCOVERY_REFUSALS],
@@ -377,6 +392,7 @@ JWKS_REFUSALS: list[tuple[str, Arrange, str]] = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("arrange", "fragment"),
     [case[1:] for case in JWKS_REFUSALS],
@@ -580,6 +596,7 @@ OUTAGES: list[tuple[str, Outage, str, int | None]] = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("outage", "fragment", "status"),
     [case[1:] for case in OUTAGES],
@@ -756,3 +773,242 @@ async def test_skipped_keys_are_logged_once_per_change(
     assert len(skipped) == 1
     assert 'kid "hmac"' in skipped[0].reason  # type: ignore[attr-defined]
     assert ks.key_count == 1
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+# --------------------------------------------------------------------------
+# Floods at the webhook
+
+
+def _random_kid_token(issuer_url: str) -> str:
+    header = {"alg": "RS256", "kid": secrets.token_urlsafe(12)}
+    claims = claims_for(issuer_url, groups=["devs"])
+    return ".".join(
+        [
+            _b64(json.dumps(header).encode()),
+            _b64(json.dumps(claims).encode()),
+            _b64(secrets.token_bytes(256)),
+        ]
+    )
+
+
+@pytest.mark.slow
+async def test_random_kid_flood_costs_the_issuer_one_fetch(
+    issuer: FakeIssuer, tmp_path: Path
+) -> None:
+    async with running_gate(tmp_path, "webhook", issuer) as gate:
+        issuer.reset_counts()
+        flood = [_random_kid_token(issuer.url) for _ in range(500)]
+        valid = [gate.token(jti=f"j{i}") for i in range(20)]
+        requests = [(t, False) for t in flood] + [(t, True) for t in valid]
+        random.shuffle(requests)
+
+        async def one(token: str, ok: bool) -> None:
+            status, answer = await gate.review(token)
+            assert status == 200
+            assert answer["status"]["authenticated"] is ok
+            if not ok:
+                assert answer["status"]["error"].startswith("unknown_kid:")
+
+        await asyncio.wait_for(asyncio.gather(*(one(t, ok) for t, ok in requests)), 30)
+        assert issuer.counts["jwks"] <= 1
+        assert issuer.counts["discovery"] <= 1
+        assert (
+            gate.value(
+                "kube_oidc_gate_authentications_total",
+                result="rejected",
+                reason="unknown_kid",
+            )
+            == 500
+        )
+        assert (
+            gate.value("kube_oidc_gate_authentications_total", result="ok", reason="ok")
+            == 20
+        )
+
+
+#: Short lifetimes so an outage shows up, and ends, within a few fetch cycles.
+KEYSET = KeySetSettings(
+    retry_min=0.05,
+    retry_max=0.1,
+    fetch_timeout=0.3,
+    min_refresh_interval=0.1,
+    default_refresh_interval=0.2,
+    max_refresh_interval=0.2,
+    unknown_kid_cooldown=0.1,
+    unknown_kid_ttl=0.1,
+)
+CACHE = CacheSettings(failure_ttl=0.1)
+
+
+# --------------------------------------------------------------------------
+# The issuer
+
+Action = Callable[[FakeIssuer], Awaitable[None]]
+
+
+async def _stop(i: FakeIssuer) -> None:
+    await i.stop()
+
+
+async def _start(i: FakeIssuer) -> None:
+    await i.start()
+
+
+def _issuer_set(**attrs: Any) -> Action:
+    async def apply(i: FakeIssuer) -> None:
+        for name, value in attrs.items():
+            setattr(i, name, value)
+
+    return apply
+
+
+#: (name, break, fix, what /readyz says while broken)
+ISSUER_FAILURES: list[tuple[str, Action, Action, str]] = [
+    ("down", _stop, _start, "failed"),
+    (
+        "answers-503",
+        _issuer_set(status=503),
+        _issuer_set(status=200),
+        "answered http 503",
+    ),
+    (
+        "slow-beyond-timeout",
+        _issuer_set(delay=1.0),
+        _issuer_set(delay=0.0),
+        "timed out",
+    ),
+    (
+        "garbage-jwks",
+        _issuer_set(jwks_body=b"<html>oops"),
+        _issuer_set(jwks_body=None),
+        "not valid JSON",
+    ),
+    (
+        "oversized-jwks",
+        _issuer_set(jwks_body=b" " * (600 * 1024)),
+        _issuer_set(jwks_body=None),
+        "over the limit",
+    ),
+    (
+        "issuer-value-changed",
+        _issuer_set(wrong_issuer="https://127.0.0.1/another"),
+        _issuer_set(wrong_issuer=None),
+        "names issuer",
+    ),
+]
+
+
+def _fetch_errors(gate: Gate) -> float:
+    return gate.value(
+        "kube_oidc_gate_jwks_fetches_total",
+        issuer_hash=issuer_hash(gate.issuer.url),
+        result="error",
+    )
+
+
+def _ready_gauge(gate: Gate) -> float:
+    return gate.value(
+        "kube_oidc_gate_issuer_ready", issuer_hash=issuer_hash(gate.issuer.url)
+    )
+
+
+async def _accepted(gate: Gate, token: str) -> bool:
+    status, answer = await gate.review(token)
+    assert status == 200, answer
+    return bool(answer["status"]["authenticated"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["at-start", "later"])
+@pytest.mark.parametrize(
+    ("breaks", "fixes", "says"),
+    [f[1:] for f in ISSUER_FAILURES],
+    ids=[f[0] for f in ISSUER_FAILURES],
+)
+async def test_issuer_failure_answer_readiness_metrics_and_recovery(
+    issuer: FakeIssuer,
+    tmp_path: Path,
+    breaks: Action,
+    fixes: Action,
+    says: str,
+    when: str,
+) -> None:
+    config = gate_config(issuer.url, keyset=KEYSET, cache=CACHE)
+    if when == "at-start":
+        await breaks(issuer)
+    async with running_gate(
+        tmp_path, "webhook", issuer, config=config, ready=when == "later"
+    ) as gate:
+        if when == "later":
+            await breaks(issuer)
+        await wait_until(lambda: _fetch_errors(gate) >= 2, what="failed fetches")
+        status, text = await gate.probe()
+        if when == "at-start":
+            # Never loaded: "try again", never a refusal the API server caches.
+            async with gate.client.post(
+                gate.url + "/authenticate",
+                json={
+                    "apiVersion": "authentication.k8s.io/v1",
+                    "kind": "TokenReview",
+                    "spec": {"token": gate.token()},
+                },
+            ) as r:
+                assert r.status == 503
+                assert r.headers["Retry-After"]
+                assert (await r.json())["kind"] == "Status"
+            assert status == 503
+            assert "keys not loaded" in text
+            assert _ready_gauge(gate) == 0
+        else:
+            # Loaded once: the last good keys keep verifying fresh tokens.
+            assert await _accepted(gate, gate.token(jti="during-the-outage"))
+            assert status == 200
+            assert "warning" in text
+            assert _ready_gauge(gate) == 1
+        assert says in text, text
+
+        await fixes(issuer)
+        await wait_until(
+            lambda: _probe_clean(gate), timeout=5, what="/readyz clean again"
+        )
+        assert _ready_gauge(gate) == 1
+        assert await _accepted(gate, gate.token(jti="after-recovery"))
+
+
+async def _probe_clean(gate: Gate) -> bool:
+    status, text = await gate.probe()
+    return status == 200 and "warning" not in text
+
+
+@pytest.mark.slow
+async def test_key_set_without_the_needed_key(
+    issuer: FakeIssuer, tmp_path: Path
+) -> None:
+    config = gate_config(issuer.url, keyset=KEYSET, cache=CACHE)
+    old = issuer.keys[0]
+    async with running_gate(tmp_path, "webhook", issuer, config=config) as gate:
+        token = gate.token(old)
+        assert await _accepted(gate, token)
+        issuer.publish(new_key("RS256"))  # the key that signed it is withdrawn
+        await gate.engine.keysets.get(issuer.url).refresh(force=True)
+        status, answer = await gate.review(token)
+        assert status == 200
+        assert answer["status"]["authenticated"] is False
+        assert answer["status"]["error"].startswith("unknown_kid:")
+        assert (await gate.probe())[0] == 200, "the issuer is healthy"
+        assert (
+            gate.value(
+                "kube_oidc_gate_authentications_total",
+                result="rejected",
+                reason="unknown_kid",
+            )
+            >= 1
+        )
+        issuer.add_key(old)  # published again: accepted again, no restart
+        await wait_until(
+            lambda: _accepted(gate, token), timeout=5, what="accepted again"
+        )

@@ -473,6 +473,7 @@ def expected_args(client_id: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_kubernetes_loader_runs_the_exec_credential(
     files: Files, tmp_path: Path
 ) -> None:

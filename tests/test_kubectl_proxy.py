@@ -115,12 +115,14 @@ async def test_whoami_shows_the_mapped_user_and_groups(kube: Kube) -> None:
         assert seen.headers["Impersonate-User"] == "oidc:alice"
 
 
+@pytest.mark.slow
 async def test_get_pods(kube: Kube) -> None:
     code, out, err = await kube.run("get", "pods")
     assert code == 0, err
     assert out.split() == ["NAME", "STATUS", "p", "Running"]
 
 
+@pytest.mark.slow
 async def test_get_pods_watch_receives_events_while_streaming(kube: Kube) -> None:
     proc = await kube.start("get", "pods", "--watch", "-o", "name")
     try:
@@ -297,6 +299,7 @@ async def test_cp_streams_a_tar_into_the_pod_over_exec(
         )
 
 
+@pytest.mark.slow
 async def test_apply_of_a_5_mb_object_streams_through(
     kube: Kube, tmp_path: Path
 ) -> None:

@@ -87,6 +87,7 @@ LINES = 50_000
 LIMIT = 1 << 20
 
 
+@pytest.mark.slow
 async def test_a_full_pipe_never_stalls_the_loop_and_drops_are_reported(
     stuck_pipe: tuple[int, int],
 ) -> None:
@@ -172,6 +173,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.mark.slow
 async def test_the_webhook_answers_every_review_while_its_log_pipe_is_full(
     tmp_path: Path, stuck_pipe: tuple[int, int]
 ) -> None:

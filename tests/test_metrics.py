@@ -15,9 +15,9 @@ from proxy.metrics import Metrics, clear_multiprocess_dir, null_tally
 from tests.fakes.issuer import FakeIssuer
 from tests.helpers import ISSUER, DictResolver, auth_config, authenticator_config
 from tests.keygen import claims_for, new_key, sign
+from tests.support.running_webhook import issuer_auth_config, wait_ready
 from tests.test_authn import sample
 from tests.test_rotation import engine_for
-from tests.webhook_harness import issuer_auth_config, wait_ready
 
 OK = {"result": "ok", "reason": "ok"}
 
@@ -53,6 +53,7 @@ def test_a_null_tally_counts_into_nothing() -> None:
     assert tally.count == 0
 
 
+@pytest.mark.slow
 async def test_the_authenticators_counts_and_cache_size_are_in_every_render() -> None:
     key = new_key("RS256")
     metrics = Metrics()
@@ -78,6 +79,7 @@ async def test_the_authenticators_counts_and_cache_size_are_in_every_render() ->
     assert sample(metrics, "kube_oidc_gate_token_cache_entries") == 0
 
 
+@pytest.mark.slow
 async def test_a_serving_engine_flushes_without_a_scrape_and_at_close(
     issuer: FakeIssuer,
 ) -> None:
@@ -101,6 +103,7 @@ async def test_a_serving_engine_flushes_without_a_scrape_and_at_close(
     assert engine.flusher.done()
 
 
+@pytest.mark.slow
 async def test_a_short_flush_interval_is_honoured(issuer: FakeIssuer) -> None:
     engine = await start_engine(
         issuer_auth_config(issuer.url, None), metrics=Metrics(), flush_interval=0.05

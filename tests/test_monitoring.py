@@ -53,9 +53,9 @@ from tests.fakes.apiserver_harness import upstream_kubeconfig
 from tests.fakes.issuer import FakeIssuer
 from tests.keygen import claims_for, new_key, sign
 from tests.proc import Proc
+from tests.support.running_webhook import review_body
 from tests.test_cli_webhook import client_ssl, free_port, webhook_args
 from tests.test_deploy import DEPLOY, DOCS, find, one, render
-from tests.webhook_harness import review_body
 
 COMPONENT = DEPLOY / "components" / "monitoring"
 RULES = COMPONENT / "prometheusrule.yaml"
@@ -127,6 +127,7 @@ def promtool(*args: str) -> subprocess.CompletedProcess[str]:
 # The rules, offline: promtool
 
 
+@pytest.mark.slow
 @needs_promtool
 def test_promtool_accepts_the_rules(tmp_path: Path) -> None:
     done = promtool("check", "rules", str(write_rule_file(tmp_path)))
@@ -459,6 +460,7 @@ def unit_tests(rule: dict[str, Any], rule_file: Path) -> dict[str, Any]:
     }
 
 
+@pytest.mark.slow
 @needs_promtool
 @pytest.mark.parametrize("rule", alert_rules(), ids=lambda r: r["alert"])
 def test_alert_fires_when_it_should_and_only_then(
@@ -471,6 +473,7 @@ def test_alert_fires_when_it_should_and_only_then(
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+@pytest.mark.slow
 @needs_promtool
 def test_a_wrong_expectation_fails_promtool(tmp_path: Path) -> None:
     """The unit tests above can fail: expecting silence where it fires does."""
@@ -851,6 +854,7 @@ def monitored(
 VARIANTS = ("proxy", "webhook", "proxy+podmonitor")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_component_objects_pass_their_schemas(
     monitored: dict[str, list[dict[str, Any]]], variant: str
@@ -871,6 +875,7 @@ def test_component_objects_pass_their_schemas(
     assert kinds == expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("kind", "path", "value"),
     [
@@ -904,6 +909,7 @@ def _probe_port(objects: list[dict[str, Any]]) -> tuple[dict[str, Any], int]:
     return pod["metadata"]["labels"], int(port["containerPort"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["proxy", "webhook"])
 def test_service_monitor_reaches_the_probe_port(
     monitored: dict[str, list[dict[str, Any]]], variant: str
@@ -934,6 +940,7 @@ def test_service_monitor_reaches_the_probe_port(
     assert all(p["name"] != "probe" for p in public["spec"]["ports"])
 
 
+@pytest.mark.slow
 def test_pod_monitor_alternative_reaches_the_probe_port(
     monitored: dict[str, list[dict[str, Any]]],
 ) -> None:
@@ -946,6 +953,7 @@ def test_pod_monitor_alternative_reaches_the_probe_port(
     assert not find(objects, "Service", "kube-oidc-gate-metrics")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_rules_and_dashboard_ship_as_they_are_tested(
     monitored: dict[str, list[dict[str, Any]]], variant: str
@@ -1234,6 +1242,7 @@ async def drive_proxy(d: Driver, port: int, apiserver: FakeAPIServer) -> None:
         assert await d.kube(port, d.user) in (502, 503, 504)
 
 
+@pytest.mark.slow
 @needs_prometheus
 async def test_prometheus_evaluates_every_query_and_alert(
     issuer: FakeIssuer, apiserver: FakeAPIServer, tmp_path: Path

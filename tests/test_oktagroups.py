@@ -48,8 +48,8 @@ from tests.fakes.okta import FakeOkta, serve_okta
 from tests.helpers import ISSUER, DictResolver
 from tests.keygen import claims_for, new_key, sign
 from tests.proc import Proc
+from tests.support.running_webhook import parse_review, review_body, running_webhook
 from tests.test_cli_webhook import client_ssl, free_port, webhook_args
-from tests.webhook_harness import parse_review, review_body, running_webhook
 
 KEY = new_key("RS256")
 CLIENT_ID = "kubernetes"
@@ -194,6 +194,7 @@ def test_next_link(values: list[str], want: str | None) -> None:
 MODES = ["ssws", "app-rsa-pem-dpop", "app-ec-jwk", "app-bearer"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 async def test_capped_claim_is_replaced_by_every_group(
     okta: FakeOkta, tmp_path: Path, session: aiohttp.ClientSession, mode: str
@@ -279,6 +280,7 @@ async def test_api_down_fails_closed_unless_cached(
     assert await authn.authenticate(tok) is not None
 
 
+@pytest.mark.slow
 async def test_rate_limit_waits_for_the_reset_within_the_deadline(
     okta: FakeOkta, tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:
@@ -368,6 +370,7 @@ REFUSALS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("mode", "needle"), [c[1:] for c in REFUSALS], ids=[c[0] for c in REFUSALS]
 )
@@ -402,6 +405,7 @@ async def test_offline_refuses_a_capped_claim(okta: FakeOkta, tmp_path: Path) ->
 # --- both front ends and check-token ----------------------------------------------
 
 
+@pytest.mark.slow
 async def test_webhook_gives_every_group_and_503_when_okta_is_down(
     okta: FakeOkta, tls_issuer: FakeIssuer, issuer_ca: trustme.CA, tmp_path: Path
 ) -> None:
@@ -448,6 +452,7 @@ async def test_proxy_impersonates_groups_beyond_the_first_100(
         assert len(groups) == 250
 
 
+@pytest.mark.slow
 async def test_check_token_says_where_each_group_came_from(
     tls_issuer: FakeIssuer, issuer_ca: trustme.CA, tmp_path: Path
 ) -> None:
@@ -536,6 +541,7 @@ def _argv(tmp_path: Path, *extra: str, groups: bool = True) -> list[str]:
     return out + [a.replace("DIR", str(tmp_path)) for a in extra]
 
 
+@pytest.mark.slow
 def test_flags_build_the_okta_settings(tmp_path: Path) -> None:
     from tests.test_config import from_argv
 
@@ -576,6 +582,7 @@ CONFIG_BAD = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("extra", "needle"), [c[1:] for c in CONFIG_BAD], ids=[c[0] for c in CONFIG_BAD]
 )
@@ -594,6 +601,7 @@ def test_issuer_without_groups_mapping_is_refused(tmp_path: Path) -> None:
     assert any("maps no groups" in p for p in flag_problems(argv))
 
 
+@pytest.mark.slow
 def test_file_form_names_the_okta_issuers(tmp_path: Path) -> None:
     from tests.test_config import flag_problems, from_argv
 

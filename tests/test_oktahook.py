@@ -434,6 +434,7 @@ async def test_a_failed_action_and_an_unusable_event_revoke_nobody(
     assert hook.events("user.lifecycle.suspend", "invalid") == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "secret",
     [None, "", "wrong", SECRET[:-1], SECRET + "=", SECRET.lower(), "Basic " + SECRET],
@@ -788,6 +789,7 @@ def test_the_flags_need_each_other(tmp_path: Path) -> None:
     assert "--revocation-namespace" in text
 
 
+@pytest.mark.slow
 async def test_the_cli_serves_the_hook_beside_the_webhook(
     ca: trustme.CA, tmp_path: Path
 ) -> None:

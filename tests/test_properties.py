@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 import jwt
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -61,6 +62,7 @@ json_values = st.recursive(
 )
 
 
+@pytest.mark.slow
 @PROFILE
 @given(st.text(max_size=400))
 def test_random_text_is_refused_with_a_typed_error(token: str) -> None:
@@ -68,6 +70,7 @@ def test_random_text_is_refused_with_a_typed_error(token: str) -> None:
     assert result is None or isinstance(result, TokenError)
 
 
+@pytest.mark.slow
 @PROFILE
 @given(
     st.integers(min_value=0, max_value=len(GOOD) - 1),
@@ -103,6 +106,7 @@ STANDARD_CLAIMS = [
 ]
 
 
+@pytest.mark.slow
 @PROFILE
 @given(
     header=st.dictionaries(
@@ -125,6 +129,7 @@ def test_arbitrary_headers_and_claims_never_escape_the_error_tree(
     assert result is None or isinstance(result, TokenError), result
 
 
+@pytest.mark.slow
 @PROFILE
 @given(claims=st.dictionaries(st.text(max_size=10), json_values, max_size=8))
 def test_validly_signed_arbitrary_claims_map_or_fail_typed(
@@ -137,6 +142,7 @@ def test_validly_signed_arbitrary_claims_map_or_fail_typed(
     assert isinstance(result, UserInfo | TokenError), result
 
 
+@pytest.mark.slow
 @PROFILE
 @given(claims=st.dictionaries(st.sampled_from(STANDARD_CLAIMS), json_values))
 def test_any_value_of_a_standard_claim_maps_or_fails_typed(
@@ -188,6 +194,7 @@ def _mutate(token: str, kind: str, part: int, n: int) -> str:
     return ".".join(parts)
 
 
+@pytest.mark.slow
 @PROFILE
 @given(
     alg=st.sampled_from(FORM_ALGS),
@@ -215,6 +222,7 @@ def test_every_token_has_one_textual_form(
         assert result is None or isinstance(result, TokenError), (kind, result)
 
 
+@pytest.mark.slow
 @PROFILE
 @given(alg=st.sampled_from(FORM_ALGS), indent=st.integers(0, 3), keys=st.booleans())
 def test_other_header_encodings_are_other_tokens_that_verify_on_their_own(

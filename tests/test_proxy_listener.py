@@ -99,6 +99,7 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     raise AssertionError("unbounded chunked body")
 
 
+@pytest.mark.slow
 async def test_pipelined_requests_of_every_kind_are_answered_in_order(
     tmp_path: Path, ca: trustme.CA
 ) -> None:
@@ -146,6 +147,7 @@ async def small_big(tmp_path: Path, ca: trustme.CA) -> AsyncIterator[Stack]:
         yield stack
 
 
+@pytest.mark.slow
 async def test_upstream_dying_mid_list_cuts_the_client(
     small_big: Stack, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -161,6 +163,7 @@ async def test_upstream_dying_mid_list_cuts_the_client(
     assert [(x["status"], x.get("outcome")) for x in lines] == [(200, "upstream_error")]
 
 
+@pytest.mark.slow
 async def test_client_leaving_mid_list_is_logged_and_the_proxy_goes_on(
     small_big: Stack, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -190,6 +193,7 @@ async def test_client_leaving_mid_list_is_logged_and_the_proxy_goes_on(
 # Remembered refusals are answered at once, the same way each time
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "claims",
     [{"exp": 1_000_000}, {"aud": "someone-else"}],
@@ -275,6 +279,7 @@ async def test_replayed_refusals_are_logged_up_to_the_limit_then_counted(
 # Answers without a body
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("answer", "status", "length"),
     [

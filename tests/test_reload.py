@@ -26,8 +26,8 @@ from proxy.upstream import Upstream, UpstreamSettings
 from proxy.watch import FileWatcher
 from tests.fakes.issuer import FakeIssuer
 from tests.proc import Proc
+from tests.support.running_webhook import parse_review, review_body
 from tests.test_cli_webhook import free_port
-from tests.webhook_harness import parse_review, review_body
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -149,6 +149,7 @@ async def test_a_half_written_pair_keeps_the_last_good_one(tmp_path: Path) -> No
         assert await _served_by(port, both) == _ca_name(new_ca)
 
 
+@pytest.mark.slow
 async def test_the_client_ca_is_replaced_not_added_to(tmp_path: Path) -> None:
     server_ca, old_client_ca, new_client_ca = trustme.CA(), trustme.CA(), trustme.CA()
     cert_file, key_file = tmp_path / "tls.crt", tmp_path / "tls.key"
@@ -184,6 +185,7 @@ async def test_the_client_ca_is_replaced_not_added_to(tmp_path: Path) -> None:
         assert await echoes(new_client) is True
 
 
+@pytest.mark.slow
 async def test_two_workers_rotate_the_serving_pair_under_load(
     issuer: FakeIssuer, tmp_path: Path
 ) -> None:
@@ -316,6 +318,7 @@ async def _scrape(probe: str, name: str) -> dict[str, float]:
     return out
 
 
+@pytest.mark.slow
 async def test_two_workers_reload_the_authentication_config_under_load(
     issuer: FakeIssuer, tmp_path: Path
 ) -> None:
@@ -563,6 +566,7 @@ async def _rotating_upstream_load(
     return took
 
 
+@pytest.mark.slow
 async def test_the_upstream_client_certificate_rotates_under_load(
     tmp_path: Path,
 ) -> None:
@@ -592,6 +596,7 @@ async def test_the_upstream_client_certificate_rotates_under_load(
     assert took < 2.5
 
 
+@pytest.mark.slow
 async def test_a_kubeconfig_token_file_is_reread(tmp_path: Path) -> None:
     server_ca = trustme.CA()
     token_file = tmp_path / "token"
@@ -614,6 +619,7 @@ async def test_a_kubeconfig_token_file_is_reread(tmp_path: Path) -> None:
     assert took < 2.5
 
 
+@pytest.mark.slow
 async def test_a_rewritten_kubeconfig_moves_requests_to_the_new_server(
     tmp_path: Path,
 ) -> None:
@@ -700,6 +706,7 @@ def _kubeconfig(url: str, ca: trustme.CA, user: dict[str, str]) -> str:
     })  # fmt: skip
 
 
+@pytest.mark.slow
 async def test_a_new_issuer_ca_is_used_after_a_reload(tls_issuer: FakeIssuer) -> None:
     """``--oidc-ca-file`` / ``certificateAuthority`` rotated: the keys load over it."""
     from dataclasses import replace
@@ -740,6 +747,7 @@ async def test_a_new_issuer_ca_is_used_after_a_reload(tls_issuer: FakeIssuer) ->
     print(f"issuer CA reload (keys fetched over the new CA, then swapped): {took:.2f}s")
 
 
+@pytest.mark.slow
 async def test_two_proxy_workers_reload_pair_config_and_upstream_token_under_load(
     issuer: FakeIssuer, tmp_path: Path
 ) -> None:
@@ -882,6 +890,7 @@ async def _streak(done: Callable[[], Awaitable[bool]], *, within: float = 6) -> 
     return time.monotonic() - changed
 
 
+@pytest.mark.slow
 async def test_two_workers_reload_the_client_ca(
     issuer: FakeIssuer, tmp_path: Path
 ) -> None:
@@ -968,6 +977,7 @@ async def test_two_workers_reload_the_client_ca(
     assert all(t < 3.0 for t in timings.values()), timings
 
 
+@pytest.mark.slow
 async def test_two_proxy_workers_reload_the_upstream_certificate_and_kubeconfig(
     issuer: FakeIssuer, tmp_path: Path
 ) -> None:
@@ -1091,6 +1101,7 @@ async def test_two_proxy_workers_reload_the_upstream_certificate_and_kubeconfig(
     assert all(t < 3.0 for t in timings.values()), timings
 
 
+@pytest.mark.slow
 async def test_two_workers_reload_the_issuer_ca(tmp_path: Path) -> None:
     """``--oidc-ca-file`` through the real CLI with ``--workers 2``: the issuer
     moves to a certificate of another CA and a new signing key; once the CA
@@ -1180,6 +1191,7 @@ async def test_two_workers_reload_the_issuer_ca(tmp_path: Path) -> None:
 # Token passthrough across upstream reloads
 
 
+@pytest.mark.slow
 async def test_passthrough_keeps_the_clients_token_across_upstream_reloads(
     tmp_path: Path,
 ) -> None:

@@ -6,7 +6,8 @@ service-account token as the kubelet rotates it (a projected volume's
 moves to another API server, and the ``--cert-dir`` pair renewed by the
 running process. Every test runs the CLI as a subprocess against fakes on
 127.0.0.1, under load from several clients, and prints the measured time from
-the file change to its effect.
+the file change to its effect. A configuration file that turns invalid
+changes nothing and fails the next start.
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ import datetime as dt
 import json
 import shutil
 import ssl
+import textwrap
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
+import pytest
 import trustme
+from aiohttp import WSMsgType
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -30,9 +34,9 @@ from tests.fakes.apiserver import FakeAPIServer
 from tests.fakes.apiserver_harness import PODS, WHOAMI
 from tests.fakes.issuer import FakeIssuer
 from tests.proc import Proc
+from tests.support.running_webhook import review_body
 from tests.test_cli_webhook import free_port
 from tests.test_reload import _client, _kubeconfig, _write, _write_pair
-from tests.webhook_harness import review_body
 
 
 async def _streak(done: Callable[[], Awaitable[bool]], *, within: float = 6) -> float:
@@ -84,6 +88,7 @@ def _serving(tmp_path: Path) -> tuple[trustme.CA, list[str]]:
     return ca, flags
 
 
+@pytest.mark.slow
 async def test_two_proxy_workers_follow_the_kubelets_service_account_rotation(
     issuer: FakeIssuer, tmp_path: Path
 ) -> None:
@@ -203,6 +208,7 @@ async def test_two_proxy_workers_follow_the_kubelets_service_account_rotation(
     assert all(t < 3.0 for t in timings.values()), timings
 
 
+@pytest.mark.slow
 async def test_watches_and_tunnels_in_flight_finish_on_the_old_api_server(
     issuer: FakeIssuer, tmp_path: Path
 ) -> None:
@@ -211,7 +217,6 @@ async def test_watches_and_tunnels_in_flight_finish_on_the_old_api_server(
     ``--workers 2`` under load. New requests go to the new server; the watch
     keeps delivering the old server's events and the tunnel keeps echoing on
     their old connections until each ends cleanly, from either side."""
-    from aiohttp import WSMsgType
 
     fake_a, fake_b = FakeAPIServer(trustme.CA()), FakeAPIServer(trustme.CA())
     await fake_a.start()
@@ -415,6 +420,7 @@ def _unverified() -> ssl.SSLContext:
     return ctx
 
 
+@pytest.mark.slow
 async def test_two_workers_renew_the_generated_cert_dir_pair(
     issuer: FakeIssuer, tmp_path: Path
 ) -> None:
@@ -562,6 +568,7 @@ async def test_two_workers_renew_the_generated_cert_dir_pair(
     assert all(t < 3.0 for t in timings.values()), timings
 
 
+@pytest.mark.slow
 def test_the_new_flags_refuse_what_cannot_work(tmp_path: Path) -> None:
     """``--cert-dir-validity`` too short to renew in time, and
     ``--service-account-dir`` beside ``--kubeconfig``: named at start."""
@@ -585,6 +592,7 @@ def test_the_new_flags_refuse_what_cannot_work(tmp_path: Path) -> None:
     assert not (tmp_path / "certs").exists()
 
 
+@pytest.mark.slow
 def test_the_generated_pair_is_renewed_by_one_writer(tmp_path: Path) -> None:
     """``SelfSigned`` on its own: reused while fresh, renewed (a new key) once
     a third is left, and of two processes due at once only one writes."""
@@ -620,3 +628,106 @@ def _renew(generated: object) -> bool:
 
     assert isinstance(generated, SelfSigned)
     return generated.renew_if_due()
+
+
+def serving_args(tmp_path: Path, port: int, grace: float) -> list[str]:
+    return [
+        "--bind-address", "127.0.0.1",
+        "--secure-port", str(port),
+        "--probe-bind-address", f"127.0.0.1:{free_port()}",
+        "--cert-dir", str(tmp_path / "certs"),
+        "--shutdown-grace-period", str(grace),
+    ]  # fmt: skip
+
+
+def client_ssl(tmp_path: Path) -> ssl.SSLContext:
+    return ssl.create_default_context(
+        cafile=str(tmp_path / "certs" / "kube-oidc-gate.crt")
+    )
+
+
+# --------------------------------------------------------------------------
+# Configuration is read once
+
+
+def auth_file(issuer_url: str, prefix: str, *, broken_second: bool = False) -> str:
+    text = textwrap.dedent(
+        f"""\
+        apiVersion: apiserver.config.k8s.io/v1
+        kind: AuthenticationConfiguration
+        jwt:
+        - issuer:
+            url: {issuer_url}
+            audiences: [kubernetes]
+          claimMappings:
+            username: {{claim: sub, prefix: "{prefix}"}}
+        """
+    )
+    if broken_second:
+        text += textwrap.dedent(
+            """\
+            - issuer:
+                url: http://idp.example.com
+              claimMappings:
+                username: {claim: sub}
+            """
+        )
+    return text
+
+
+async def _username(session: aiohttp.ClientSession, url: str, token: str) -> str:
+    body = {
+        "apiVersion": "authentication.k8s.io/v1",
+        "kind": "TokenReview",
+        "spec": {"token": token},
+    }
+    async with session.post(url + "/authenticate", json=body) as r:
+        assert r.status == 200
+        answer = await r.json()
+    assert answer["status"]["authenticated"] is True
+    return str(answer["status"]["user"]["username"])
+
+
+@pytest.mark.slow
+async def test_a_broken_config_file_changes_nothing_and_fails_the_next_start(
+    issuer: FakeIssuer, tmp_path: Path
+) -> None:
+    path = tmp_path / "authentication.yaml"
+    path.write_text(auth_file(issuer.url, "loaded:"))
+    port = free_port()
+    args = ["webhook", "--authentication-config", str(path)]
+    args += serving_args(tmp_path, port, 2)
+    url = f"https://127.0.0.1:{port}"
+    token = issuer.token()
+    with Proc(*args) as proc:
+        await proc.await_log("jwks keys loaded", timeout=20)
+        # Keys can load before the listener is up: wait for both.
+        await proc.await_log("serving", timeout=20)
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=client_ssl(tmp_path))
+        ) as s:
+            assert await _username(s, url, token) == "loaded:00u1alice"
+            # Half valid: a new prefix for the first issuer, a broken second one.
+            # The live reload (issue 21) refuses the whole file, never half.
+            path.write_text(auth_file(issuer.url, "changed:", broken_second=True))
+            await proc.await_log(
+                "authentication config not reloaded, the last good one serves",
+                timeout=5,
+            )
+            for _ in range(5):
+                assert await _username(s, url, token) == "loaded:00u1alice"
+        assert not any(
+            e.get("event") == "authentication config reloaded" for e in proc.logs()
+        )
+        assert proc.stop() == 0
+    with Proc(*args) as restarted:
+        rc = await asyncio.to_thread(restarted.popen.wait, 20)
+    err = "".join(restarted.stderr)
+    assert rc == 2
+    assert err.startswith("error: 3 problems:\n"), err
+    for field in (
+        "jwt[1].issuer.url",
+        "jwt[1].issuer.audiences",
+        "jwt[1].claimMappings.username.prefix",
+    ):
+        assert field in err, field

@@ -58,8 +58,8 @@ from tests.fakes.issuer import FakeIssuer
 from tests.helpers import ISSUER, DictResolver, auth_config, authenticator_config
 from tests.keygen import claims_for, new_key, sign
 from tests.proc import ROOT, Proc
+from tests.support.running_webhook import parse_review, review_body
 from tests.test_cli_webhook import free_port, webhook_args
-from tests.webhook_harness import parse_review, review_body
 
 NS = "kube-oidc-gate"
 T0 = 1_800_000_000.0  # 2027-01-15T08:00:00Z
@@ -359,6 +359,7 @@ async def watching(
             await upstream.close()
 
 
+@pytest.mark.slow
 async def test_list_add_modify_delete_and_bookmarks(tmp_path: Path) -> None:
     def two(fake: FakeAPIServer) -> None:
         fake.revocations.put(NS, obj("r1"))
@@ -392,6 +393,7 @@ async def test_list_add_modify_delete_and_bookmarks(tmp_path: Path) -> None:
         assert w.watcher.restarts == {"unreachable": 1}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["status", "event"])
 async def test_410_gone_lists_again(tmp_path: Path, how: str) -> None:
     settings = replace(FAST, watch_timeout=1)  # the API server ends each watch
@@ -416,6 +418,7 @@ async def test_410_gone_lists_again(tmp_path: Path, how: str) -> None:
         assert w.watcher.readiness() == ([], [])
 
 
+@pytest.mark.slow
 async def test_a_broken_watch_is_resumed_with_backoff_and_readiness_says_so(
     tmp_path: Path,
 ) -> None:
@@ -458,6 +461,7 @@ async def test_not_ready_before_the_first_list(tmp_path: Path) -> None:
         assert w.watcher.readiness() == ([], [])
 
 
+@pytest.mark.slow
 async def test_a_silent_watch_is_restarted(tmp_path: Path) -> None:
     async with watching(tmp_path, settings=replace(FAST, idle_timeout=0.3)) as w:
         await until(lambda: w.watcher.restarts.get("idle", 0) >= 1, timeout=3)
@@ -481,6 +485,7 @@ async def test_a_malformed_object_is_ignored_and_the_watch_goes_on(
     assert [r.__dict__["revocation"] for r in logged] == ["bad"]
 
 
+@pytest.mark.slow
 async def test_expired_objects_are_deleted_and_races_are_fine(tmp_path: Path) -> None:
     past = format_time(time.time() - 60)
     settings = replace(FAST, expiry_interval=0.2)
@@ -587,6 +592,7 @@ REVOKE_ERRORS = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow
 async def test_revoke_cli_creates_one_object_and_says_what_is_wrong(
     tmp_path: Path,
 ) -> None:
@@ -645,6 +651,7 @@ async def check_token(*args: str) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
+@pytest.mark.slow
 async def test_check_token_says_which_revocation_refuses_a_token(
     issuer: FakeIssuer, tmp_path: Path
 ) -> None:
@@ -760,6 +767,7 @@ async def _reasons(probe: str) -> dict[str, float]:
     return out
 
 
+@pytest.mark.slow
 async def test_two_replicas_refuse_a_revoked_user_within_seconds(
     issuer: FakeIssuer, tmp_path: Path
 ) -> None:
@@ -861,6 +869,7 @@ async def test_two_replicas_refuse_a_revoked_user_within_seconds(
 # --- readiness through /readyz, and the flags ----------------------------------------
 
 
+@pytest.mark.slow
 async def test_readyz_before_the_first_list_and_while_broken(
     issuer: FakeIssuer, tmp_path: Path
 ) -> None:
@@ -869,7 +878,7 @@ async def test_readyz_before_the_first_list_and_while_broken(
     from aiohttp import web
 
     from proxy.app import probe_app, start_engine, start_revocation_watch
-    from tests.webhook_harness import issuer_auth_config
+    from tests.support.running_webhook import issuer_auth_config
 
     async with serve_apiserver(trustme.CA()) as fake:
         fake.revocations.installed = False

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 import trustme
 
 from proxy.log import fingerprint
@@ -130,6 +131,7 @@ async def converge(
     return timings
 
 
+@pytest.mark.slow
 async def test_an_okta_deactivation_is_refused_on_every_replica_and_worker(
     issuer: FakeIssuer, tmp_path: Path
 ) -> None:

@@ -12,7 +12,7 @@ from proxy.app import Engine, probe_app, start_engine
 from proxy.config import KeySetSettings
 from proxy.metrics import Metrics
 from tests.fakes.issuer import FakeIssuer
-from tests.webhook_harness import issuer_auth_config, wait_ready
+from tests.support.running_webhook import issuer_auth_config, wait_ready
 
 
 async def engine_for(issuer: FakeIssuer, **keyset: float) -> Engine:
@@ -48,6 +48,7 @@ async def test_withdrawn_key_purges_cached_acceptances(issuer: FakeIssuer) -> No
         await engine.close()
 
 
+@pytest.mark.slow
 async def test_unknown_kid_refetch_replans_the_background_refresh(
     issuer: FakeIssuer,
 ) -> None:
@@ -70,6 +71,7 @@ async def test_unknown_kid_refetch_replans_the_background_refresh(
         await engine.close()
 
 
+@pytest.mark.slow
 async def test_outage_keeps_keys_and_readyz_says_so(issuer: FakeIssuer) -> None:
     engine = await engine_for(
         issuer, max_refresh_interval=0.3, default_refresh_interval=0.3

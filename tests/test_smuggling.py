@@ -802,6 +802,7 @@ async def run_proxy_vectors(
     return problems
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("credential", ["token", "client-cert"])
 @pytest.mark.parametrize("group", sorted(GROUPS))
 async def test_the_proxy_forwards_exactly_what_llhttp_sees(
@@ -816,6 +817,7 @@ async def test_the_proxy_forwards_exactly_what_llhttp_sees(
     assert problems == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group", sorted(GROUPS))
 async def test_the_webhook_answers_no_more_than_llhttp_sees(
     ca: trustme.CA, group: str
@@ -863,6 +865,7 @@ def _token(key: SigningKey, sub: str) -> str:
 # Targeted proofs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("credential", ["token", "client-cert"])
 async def test_two_users_on_one_pooled_connection_never_get_each_others_answers(
     tmp_path: Path, ca: trustme.CA, client_ca: trustme.CA, credential: str
@@ -900,6 +903,7 @@ async def test_two_users_on_one_pooled_connection_never_get_each_others_answers(
         assert not got.target.startswith("/api/v1/secrets")
 
 
+@pytest.mark.slow
 async def test_connection_content_length_reaches_upstream_as_one_request_with_its_length(
     tmp_path: Path, ca: trustme.CA, client_ca: trustme.CA
 ) -> None:
@@ -944,6 +948,7 @@ def _upgraded(raw: bytes) -> bool:
     return False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "answer",
     [

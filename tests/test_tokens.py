@@ -67,6 +67,7 @@ ALG_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("alg", "bits"), ALG_CASES, ids=[f"{a}-{b}" for a, b in ALG_CASES]
 )
@@ -163,6 +164,7 @@ async def test_jwk_alg_member_pins_the_algorithm() -> None:
 # --- headers that try to bring their own key ------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["jku", "x5u", "jwk", "x5c"])
 async def test_key_bearing_headers_are_ignored(rsa_key: SigningKey, name: str) -> None:
     attacker = new_key("RS256", kid=rsa_key.kid)

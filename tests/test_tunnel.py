@@ -221,6 +221,7 @@ async def test_idle_tunnel_is_closed() -> None:
         await asyncio.wait_for(echo.closed.wait(), 5)
 
 
+@pytest.mark.slow
 async def test_activity_keeps_a_tunnel_open_past_the_idle_limit() -> None:
     async with echo_server() as echo, tunnel_app(echo, idle=0.3) as server:
         reader, writer, _ = await open_tunnel(server.port, "SPDY/3.1")

@@ -1,5 +1,6 @@
 """How the proxy reaches the API server: kubernetes loaders, TLS, credential
-rotation, and the one client (the pool) for ordinary requests and upgrades.
+rotation, the one client (the pool) for ordinary requests and upgrades, and
+the API server failing behind the real proxy (status, readiness, metrics).
 """
 
 from __future__ import annotations
@@ -7,18 +8,23 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ipaddress
 import json
 import logging
 import os
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import trustme
 import yaml
+from aiohttp.abc import AbstractResolver, ResolveResult
 
 from proxy.errors import ConfigError, UpstreamError
+from proxy.impersonate import ProxySettings
 from proxy.upstream import Upstream, UpstreamSettings
 from tests.fakes.apiserver import FakeAPIServer, serve_apiserver
 from tests.fakes.apiserver_harness import (
@@ -28,6 +34,8 @@ from tests.fakes.apiserver_harness import (
     upstream_kubeconfig,
 )
 from tests.fakes.apiserver_raw import serve_raw_upgrade
+from tests.fakes.issuer import FakeIssuer
+from tests.support.running_gate import PODS, Gate, running_gate
 
 
 @pytest.fixture(scope="module")
@@ -281,6 +289,7 @@ def _project_token(sa_dir: Path, token: str, generation: int) -> None:
         (sa_dir / "token").symlink_to("..data/token")
 
 
+@pytest.mark.slow
 async def test_in_cluster_token_rotation_reaches_the_api_server(
     tmp_path: Path, ca: trustme.CA
 ) -> None:
@@ -354,6 +363,7 @@ async def test_empty_token_file_keeps_the_last_token(
         assert upstream.auth_headers() == {"Authorization": "Bearer sa-2"}
 
 
+@pytest.mark.slow
 async def test_kubeconfig_exec_plugin_credential_is_refreshed(
     tmp_path: Path, ca: trustme.CA
 ) -> None:
@@ -565,6 +575,7 @@ async def test_non_101_answers_are_read(
     )  # no framing, no credential: the caller decides which one
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("answer", "code"),
     [
@@ -668,3 +679,159 @@ async def test_an_unexpected_101_to_an_ordinary_request_is_502(
             await up.fetch("GET", "/x", headers=[], connect_timeout=5, head_timeout=5)
         assert info.value.status == 502
         assert up.pool.open_connections == 0
+
+
+# --------------------------------------------------------------------------
+# The API server behind the proxy
+
+
+class SwitchResolver(AbstractResolver):
+    """Names resolve to ``answer`` (an IP literal), or fail like NXDOMAIN."""
+
+    def __init__(self) -> None:
+        self.answer: str | None = None
+        self.asked: list[str] = []
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        self.asked.append(host)
+        if self.answer is None:
+            raise OSError(socket.EAI_NONAME, f"test resolver: {host} does not exist")
+        return [
+            ResolveResult(
+                hostname=host,
+                host=self.answer,
+                port=port,
+                family=socket.AF_INET,
+                proto=0,
+                flags=socket.AI_NUMERICHOST,
+            )
+        ]
+
+    async def close(self) -> None:
+        return None
+
+
+@pytest.fixture
+def no_system_dns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if anything asks the system resolver about a name."""
+    real = socket.getaddrinfo
+
+    def guarded(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(host, bytes):
+            host = host.decode()
+        if host is not None:
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise AssertionError(f"system DNS lookup of {host!r}") from None
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", guarded)
+
+
+Step = Callable[[Gate, SwitchResolver], Awaitable[None]]
+
+
+def _faults(**attrs: Any) -> Step:
+    async def apply(gate: Gate, _: SwitchResolver) -> None:
+        for name, value in attrs.items():
+            setattr(gate.faults, name, value)
+
+    return apply
+
+
+def _fake(method: str, **attrs: Any) -> Step:
+    async def apply(gate: Gate, _: SwitchResolver) -> None:
+        assert gate.fake is not None
+        for name, value in attrs.items():
+            setattr(gate.fake, name, value)
+        if method:
+            await getattr(gate.fake, method)()
+
+    return apply
+
+
+def _dns(answer: str | None) -> Step:
+    async def apply(_: Gate, resolver: SwitchResolver) -> None:
+        resolver.answer = answer
+
+    return apply
+
+
+#: (name, break, fix, proxy status, upstream_requests label)
+UPSTREAM_FAILURES: list[tuple[str, Step, Step, int, str]] = [
+    ("down", _fake("stop"), _fake("start"), 503, "unavailable"),
+    ("slow", _fake("", delay=3.0), _fake("", delay=0.0), 504, "timeout"),
+    ("resets-connections", _faults(reset=True), _faults(reset=False), 502, "error"),
+    ("answers-500", _faults(status=500), _faults(status=None), 500, "500"),
+    ("answers-503", _faults(status=503), _faults(status=None), 503, "503"),
+    ("dns-failure", _dns(None), _dns("127.0.0.1"), 503, "unavailable"),
+]
+
+
+async def _get(gate: Gate, token: str) -> tuple[int, dict[str, Any]]:
+    async with gate.client.get(
+        gate.url + PODS, headers={"Authorization": f"Bearer {token}"}
+    ) as r:
+        return r.status, await r.json(content_type=None)
+
+
+async def _exec(gate: Gate, token: str) -> int:
+    try:
+        ws = await gate.client.ws_connect(
+            gate.url + PODS + "/p/exec?command=cat&stdin=true",
+            protocols=["v5.channel.k8s.io"],
+            headers={"Authorization": f"Bearer {token}"},
+        )
+    except aiohttp.WSServerHandshakeError as err:
+        return err.status
+    await ws.close()
+    return 101
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("no_system_dns")
+@pytest.mark.parametrize(
+    ("breaks", "fixes", "code", "label"),
+    [f[1:] for f in UPSTREAM_FAILURES],
+    ids=[f[0] for f in UPSTREAM_FAILURES],
+)
+async def test_upstream_failure_status_readiness_metrics_and_recovery(
+    issuer: FakeIssuer,
+    tmp_path: Path,
+    breaks: Step,
+    fixes: Step,
+    code: int,
+    label: str,
+) -> None:
+    resolver = SwitchResolver()
+    async with running_gate(
+        tmp_path,
+        "proxy",
+        issuer,
+        proxy_settings=ProxySettings(request_timeout=0.5, connect_timeout=0.5),
+        # A name only the injected resolver knows; no query leaves the process.
+        upstream_server="https://kube-api.hardening.invalid:{port}",
+        upstream_tls_server_name="localhost",
+        upstream_resolver=resolver,
+    ) as gate:
+        resolver.answer = "127.0.0.1"
+        await breaks(gate, resolver)
+        token = gate.token()
+        status, body = await _get(gate, token)
+        assert status == code, body
+        assert body["kind"] == "Status"
+        assert body["code"] == code
+        assert await _exec(gate, token) == code
+        assert gate.value("kube_oidc_gate_upstream_requests_total", code=label) == 2
+        assert (await gate.probe())[0] == 200, "an API server outage is not ours"
+        assert set(resolver.asked) <= {"kube-api.hardening.invalid"}
+
+        await fixes(gate, resolver)
+        status, body = await _get(gate, token)
+        assert status == 200, body
+        assert body["kind"] == "PodList"
+        assert await _exec(gate, token) == 101
+    assert "kube-api.hardening.invalid" in resolver.asked

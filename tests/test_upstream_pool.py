@@ -548,6 +548,7 @@ async def test_retry_is_only_once_and_never_on_a_fresh_connection() -> None:
 # Bound, expiry, close
 
 
+@pytest.mark.slow
 async def test_pool_bound_is_respected() -> None:
     async with serving(script=[SLOW] * 4) as server, pool_for(server, limit=2) as pool:
         results = await asyncio.gather(*(get(pool) for _ in range(6)))
@@ -826,6 +827,7 @@ WIRE_CASES: list[tuple[str, str, str, list[tuple[str, str]], Any]] = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("method", "path", "headers", "body"),
     [c[1:] for c in WIRE_CASES],
@@ -923,6 +925,7 @@ RESPONSE_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "answer", [c[1] for c in RESPONSE_CASES], ids=[c[0] for c in RESPONSE_CASES]
 )
@@ -961,6 +964,7 @@ async def test_response_reading_matches_aiohttp(tmp_path: Path, answer: bytes) -
 # Through the proxy: a client leaving mid-response costs the connection
 
 
+@pytest.mark.slow
 async def test_client_leaving_mid_response_does_not_pool_the_connection(
     tmp_path: Path, ca: trustme.CA
 ) -> None:
@@ -1004,6 +1008,7 @@ PATHS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "answer",
     [

@@ -21,7 +21,7 @@ from proxy.config import AdmissionSettings
 from proxy.webhook import WebhookSettings
 from tests.fakes.issuer import FakeIssuer
 from tests.keygen import claims_for, new_key, sign
-from tests.webhook_harness import (
+from tests.support.running_webhook import (
     RunningWebhook,
     issuer_auth_config,
     parse_review,
@@ -64,6 +64,7 @@ def metric(running: RunningWebhook, text: str, name: str, **labels: str) -> floa
     return 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", ["v1", "v1beta1"])
 async def test_valid_token_authenticates_in_the_version_received(
     webhook: RunningWebhook, issuer: FakeIssuer, version: str
@@ -82,6 +83,7 @@ async def test_valid_token_authenticates_in_the_version_received(
     assert review.status.error is None
 
 
+@pytest.mark.slow
 async def test_uid_and_extra_are_lists_of_strings(
     webhook: RunningWebhook, issuer: FakeIssuer
 ) -> None:
@@ -91,6 +93,7 @@ async def test_uid_and_extra_are_lists_of_strings(
     }
 
 
+@pytest.mark.slow
 async def test_token_of_another_issuer_is_a_plain_no(webhook: RunningWebhook) -> None:
     stranger = sign(new_key(), claims_for("https://elsewhere.test", "kubernetes"))
     review = await webhook.review(stranger)
@@ -106,6 +109,7 @@ REFUSALS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("claims", "reason"), [r[1:] for r in REFUSALS], ids=[r[0] for r in REFUSALS]
 )
@@ -125,6 +129,7 @@ async def test_token_of_ours_that_fails_says_why(
     assert token not in review.status.error
 
 
+@pytest.mark.slow
 async def test_bad_signature_and_unknown_kid(
     webhook: RunningWebhook, issuer: FakeIssuer
 ) -> None:
@@ -191,6 +196,7 @@ MALFORMED: list[tuple[str, Any, dict[str, str] | None, int, str]] = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("body", "headers", "code", "message"),
     [m[1:] for m in MALFORMED],
@@ -209,6 +215,7 @@ async def test_malformed_reviews_get_400s(
     assert '"kind": "Status"' in text
 
 
+@pytest.mark.slow
 async def test_refused_reviews_are_logged_up_to_the_limit_then_counted(
     issuer: FakeIssuer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -256,11 +263,13 @@ async def test_refused_reviews_are_logged_up_to_the_limit_then_counted(
     assert sum(vars(r).get("result") == "ok" for r in full) == 1
 
 
+@pytest.mark.slow
 async def test_wrong_method(webhook: RunningWebhook) -> None:
     async with webhook.session.get(f"{webhook.url}/authenticate") as resp:
         assert resp.status == 405
 
 
+@pytest.mark.slow
 async def test_audience_aware_answers_intersect(
     issuer: FakeIssuer, tmp_path: Path
 ) -> None:
@@ -320,6 +329,7 @@ async def test_503_until_keys_are_loaded_then_ready(tmp_path: Path) -> None:
         await issuer.stop()
 
 
+@pytest.mark.slow
 async def test_mutual_tls_refuses_clients_without_a_certificate(
     issuer: FakeIssuer, tmp_path: Path
 ) -> None:
@@ -349,6 +359,7 @@ async def test_mutual_tls_refuses_clients_without_a_certificate(
                         await r.read()
 
 
+@pytest.mark.slow
 async def test_tls_floor_is_1_2(webhook: RunningWebhook, tmp_path: Path) -> None:
     # The client cannot offer TLS 1.0/1.1 on this OpenSSL at all, so the floor is
     # asserted on the server context, and both allowed versions are shown to work.
@@ -373,6 +384,7 @@ async def test_tls_floor_is_1_2(webhook: RunningWebhook, tmp_path: Path) -> None
             assert r.status == 405
 
 
+@pytest.mark.slow
 async def test_metrics_follow_the_answers(
     webhook: RunningWebhook, issuer: FakeIssuer
 ) -> None:
@@ -443,6 +455,7 @@ async def _tls_stream(
     )
 
 
+@pytest.mark.slow
 async def test_slow_headers_are_cut_off(issuer: FakeIssuer, tmp_path: Path) -> None:
     async with running_webhook(
         issuer_auth_config(issuer.url, issuer.ca_pem), tmp_path, idle_timeout=0.5
@@ -466,6 +479,7 @@ async def test_slow_headers_are_cut_off(issuer: FakeIssuer, tmp_path: Path) -> N
         writer.close()
 
 
+@pytest.mark.slow
 async def test_slow_body_gets_408(issuer: FakeIssuer, tmp_path: Path) -> None:
     settings = WebhookSettings(body_timeout=0.5)
     async with running_webhook(
@@ -482,6 +496,7 @@ async def test_slow_body_gets_408(issuer: FakeIssuer, tmp_path: Path) -> None:
         writer.close()
 
 
+@pytest.mark.slow
 async def test_idle_keepalive_connection_survives_the_first_request_deadline(
     issuer: FakeIssuer, tmp_path: Path
 ) -> None:
@@ -495,6 +510,7 @@ async def test_idle_keepalive_connection_survives_the_first_request_deadline(
         assert (await wh.review(token)).status.authenticated is True
 
 
+@pytest.mark.slow
 async def test_repeated_and_interleaved_tokens_get_their_own_user(
     webhook: RunningWebhook, issuer: FakeIssuer
 ) -> None:
@@ -606,6 +622,7 @@ async def _reviews_beside_remembered_traffic(
     return reviews, len(answered)
 
 
+@pytest.mark.slow
 async def test_during_a_junk_flood_new_tokens_wait_their_turn_and_all_pass(
     issuer: FakeIssuer, tmp_path: Path
 ) -> None:
@@ -626,6 +643,7 @@ async def test_during_a_junk_flood_new_tokens_wait_their_turn_and_all_pass(
         assert waited > 0
 
 
+@pytest.mark.slow
 async def test_a_wave_of_logins_beside_remembered_users_does_not_wait(
     issuer: FakeIssuer, tmp_path: Path
 ) -> None:
@@ -640,6 +658,7 @@ async def test_a_wave_of_logins_beside_remembered_users_does_not_wait(
         )
 
 
+@pytest.mark.slow
 async def test_a_full_turn_queue_answers_503_and_a_retry_passes(
     issuer: FakeIssuer, tmp_path: Path
 ) -> None:
@@ -667,6 +686,7 @@ async def test_a_full_turn_queue_answers_503_and_a_retry_passes(
             assert (await wh.review(token)).status.authenticated is True
 
 
+@pytest.mark.slow
 async def test_a_near_miss_issuer_is_explained_and_a_stranger_is_logged_with_its_iss(
     issuer: FakeIssuer, webhook: RunningWebhook, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -699,3 +719,15 @@ async def test_a_near_miss_issuer_is_explained_and_a_stranger_is_logged_with_its
         == 'token: iss "https://elsewhere.test" is not a configured issuer'
     )
     assert all(stranger not in str(f) for f in lines)
+
+
+async def test_webhook_refuses_lone_surrogate_token_with_400(tmp_path: Path) -> None:
+    config = issuer_auth_config("https://127.0.0.1:1/never", None)
+    async with running_webhook(config, tmp_path) as webhook:
+        body = (
+            '{"apiVersion":"authentication.k8s.io/v1","kind":"TokenReview",'
+            '"spec":{"token":"e30.e30.\\ud800"}}'
+        )
+        status, text, _ = await webhook.post(body)
+        assert status == 400, text
+        assert json.loads(text)["kind"] == "Status"

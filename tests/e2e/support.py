@@ -23,7 +23,7 @@ from proxy.config import (
 )
 from tests.e2e.harness import CLIENT_ID, OktaProvider
 from tests.e2e.login import login
-from tests.webhook_harness import RunningWebhook, parse_review, review_body
+from tests.support.running_webhook import RunningWebhook, parse_review, review_body
 
 __all__ = [
     "Verdict",

@@ -30,7 +30,7 @@ from tests.e2e.support import (
     wait_until,
 )
 from tests.keygen import new_key
-from tests.webhook_harness import (
+from tests.support.running_webhook import (
     RunningWebhook,
     review_body,
     running_webhook,

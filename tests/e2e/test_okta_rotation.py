@@ -40,7 +40,7 @@ from tests.e2e.support import (
     wait_until,
 )
 from tests.keygen import new_key
-from tests.webhook_harness import running_webhook, wait_ready
+from tests.support.running_webhook import running_webhook, wait_ready
 
 pytestmark = pytest.mark.e2e
 

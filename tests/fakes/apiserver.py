@@ -8,9 +8,16 @@ It checks what a real API server checks on a proxied request:
   (``user_tokens``); anything else is a 401 ``Status``;
 - with the proxy's credential the request must impersonate someone
   (``Impersonate-User``; 403 otherwise, unless ``require_impersonation`` is
-  off); the user it acts for is derived from the ``Impersonate-*`` headers the
-  way kube-apiserver does (``system:authenticated`` added, extra keys
-  lower-cased and percent-decoded);
+  off); every user, group, extra and uid it names must be one the proxy's
+  account may impersonate under ``impersonation_rules`` (RBAC rules; default:
+  what ``deploy/`` grants the gate's ServiceAccount), else a 403 in
+  kube-apiserver's words; a malformed set (a group, extra or uid without a
+  user, two users, two uids) is a 400; the user it acts for is derived the way
+  kube-apiserver does (``system:serviceaccounts`` groups for a service
+  account, ``system:authenticated`` added, extra keys lower-cased and
+  percent-decoded): see ``apiserver_impersonation``. A user token
+  (``user_tokens``) may impersonate only what ``user_impersonation_rules``
+  grants its user (nothing by default);
 - SubjectAccessReviews are only accepted with the proxy's own credential and
   *without* impersonation; the answer comes from ``sar_rules`` (a set of
   ``(requesting user, resource[/subresource], name)``, name ``*`` for any).
@@ -20,7 +27,10 @@ derived user) in ``requests``, so tests can assert what reached it.
 
 Endpoints: discovery (``/api``, ``/apis``, resource lists), ``kubectl auth
 whoami`` (``selfsubjectreviews``), pods list/get/watch (``emit`` pushes watch
-events to every open watch; a ``Table`` is served when asked for), a following
+events to every open watch; a ``Table`` is served when asked for; ``bookmark()``
+sends BOOKMARK events to watches with ``allowWatchBookmarks=true``;
+``gone_next_watch`` and ``compacted_rv`` make a watch ``410 Gone``, as a status
+or as an ERROR event), a following
 pod log (``log_lines`` queue; ``None`` ends it, ``ABORT`` resets the connection), exec over WebSocket with
 ``v5.channel.k8s.io`` framing running ``cat``, port-forward over WebSocket with
 ``v4.channel.k8s.io`` port-forward framing, or kubectl's SPDY/3.1 tunnelled in
@@ -42,7 +52,6 @@ import hashlib
 import json
 import ssl
 import struct
-import urllib.parse
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -53,15 +62,36 @@ from aiohttp import WSMsgType, web
 from aiohttp.typedefs import Handler
 from multidict import CIMultiDict
 
+from tests.fakes.apiserver_impersonation import (
+    DEPLOY_RULES,
+    GATE_SERVICE_ACCOUNT,
+    Refused,
+    Rule,
+    impersonated_user,
+)
 from tests.fakes.apiserver_revocations import RevocationStore, add_revocation_routes
 from tests.fakes.apiserver_spdy import SpdySession
 
-__all__ = ["ABORT", "FakeAPIServer", "Recorded", "serve_apiserver"]
+__all__ = [
+    "ABORT",
+    "PROXY_USERNAME",
+    "FakeAPIServer",
+    "Recorded",
+    "serve_apiserver",
+]
 
 _FAKE_KEY: web.AppKey[FakeAPIServer] = web.AppKey("fake_apiserver")
 _USER_KEY: web.RequestKey[dict[str, Any]] = web.RequestKey("fake_user")
 
 CREATED = "2026-01-01T00:00:00Z"
+#: Who the proxy's credential authenticates as: the ServiceAccount ``deploy/``
+#: binds the impersonation roles to.
+PROXY_USERNAME = "system:serviceaccount:{}:{}".format(*GATE_SERVICE_ACCOUNT)
+PROXY_GROUPS = [
+    "system:serviceaccounts",
+    f"system:serviceaccounts:{GATE_SERVICE_ACCOUNT[0]}",
+    "system:authenticated",
+]
 #: Put on ``log_lines`` to make the log stream die mid-response (connection reset).
 ABORT = "\x00abort"
 
@@ -82,10 +112,13 @@ class Recorded:
 class _Watch:
     queue: asyncio.Queue[dict[str, Any] | None] = field(default_factory=asyncio.Queue)
     table: bool = False
+    bookmarks: bool = False
 
 
-def status(code: int, reason: str, message: str) -> web.Response:
-    body = {
+def status(
+    code: int, reason: str, message: str, details: dict[str, str] | None = None
+) -> web.Response:
+    body: dict[str, Any] = {
         "kind": "Status",
         "apiVersion": "v1",
         "metadata": {},
@@ -94,6 +127,8 @@ def status(code: int, reason: str, message: str) -> web.Response:
         "reason": reason,
         "code": code,
     }
+    if details is not None:
+        body["details"] = details
     return web.json_response(body, status=code)
 
 
@@ -156,12 +191,23 @@ class FakeAPIServer:
         self.proxy_tokens: set[str] = {"proxy-sa-token-1"}
         self.user_tokens: dict[str, dict[str, Any]] = {}
         self.require_impersonation = True
+        #: What the proxy's credential may impersonate, as RBAC rules
+        #: (default: everything ``deploy/`` grants the gate's ServiceAccount).
+        self.impersonation_rules: tuple[Rule, ...] = DEPLOY_RULES
+        #: What the holder of a user token may impersonate (default: no one).
+        self.user_impersonation_rules: dict[str, tuple[Rule, ...]] = {}
         self.sar_rules: set[tuple[str, str, str]] = set()
         self.sar_reviews: list[dict[str, Any]] = []
         self.requests: list[Recorded] = []
         self.pods: dict[str, dict[str, Any]] = {"p": pod("p")}
         self.rv = 10
         self.watches: list[_Watch] = []
+        #: The next pods watch is answered 410 ("status"), or 200 then an
+        #: ERROR event with code 410 ("event"), as for a compacted version.
+        self.gone_next_watch: str | None = None
+        #: A pods watch from a resourceVersion older than this is "too old":
+        #: 200, then an ERROR event with code 410 (etcd compacted it).
+        self.compacted_rv = 0
         self.watch_opened = asyncio.Event()
         self.watch_closed = asyncio.Event()
         self.log_lines: asyncio.Queue[str | None] = asyncio.Queue()
@@ -202,6 +248,22 @@ class FakeAPIServer:
         for watch in self.watches:
             watch.queue.put_nowait({"type": kind, "object": obj})
 
+    def bookmark(self) -> None:
+        """Send a BOOKMARK at the current resourceVersion to every pods watch
+        that asked for them (``allowWatchBookmarks=true``)."""
+        for watch in self.watches:
+            if watch.bookmarks:
+                watch.queue.put_nowait(
+                    {
+                        "type": "BOOKMARK",
+                        "object": {
+                            "kind": "Pod",
+                            "apiVersion": "v1",
+                            "metadata": {"resourceVersion": str(self.rv)},
+                        },
+                    }
+                )
+
     def seen(self, path: str) -> list[Recorded]:
         return [r for r in self.requests if r.path == path]
 
@@ -241,24 +303,8 @@ class FakeAPIServer:
 # Authentication, the way a real API server sees a proxied request
 
 
-def _impersonated(headers: CIMultiDict[str] | Any) -> dict[str, Any] | None:
-    username = headers.get("Impersonate-User")
-    if username is None:
-        return None
-    groups = list(headers.getall("Impersonate-Group", []))
-    if "system:authenticated" not in groups and "system:unauthenticated" not in groups:
-        groups.append("system:authenticated")
-    extra: dict[str, list[str]] = {}
-    for name, value in headers.items():
-        if name.lower().startswith("impersonate-extra-"):
-            key = urllib.parse.unquote(name[len("impersonate-extra-") :].lower())
-            extra.setdefault(key, []).append(value)
-    user: dict[str, Any] = {"username": username, "groups": groups}
-    if headers.get("Impersonate-Uid"):
-        user["uid"] = headers["Impersonate-Uid"]
-    if extra:
-        user["extra"] = extra
-    return user
+def _refused(refused: Refused) -> web.Response:
+    return status(refused.code, refused.reason, refused.message, refused.details)
 
 
 @web.middleware
@@ -282,15 +328,28 @@ async def _authenticate(request: web.Request, handler: Handler) -> web.StreamRes
     # The gate's own resources: its service account reads them as itself.
     own = request.path.startswith("/apis/kube-oidc-gate.io/")
     if bearer in fake.proxy_tokens:
-        user = _impersonated(request.headers)
+        user = impersonated_user(
+            request.headers, PROXY_USERNAME, fake.impersonation_rules
+        )
+        if isinstance(user, Refused):
+            return _refused(user)
         if user is None and fake.require_impersonation and not (sar or own):
             return status(403, "Forbidden", "the proxy may only act for someone")
         if user is not None and sar:
             return status(403, "Forbidden", "reviews are made by the proxy itself")
         if user is None:
-            user = {"username": "system:serviceaccount:gate:proxy", "groups": []}
+            user = {"username": PROXY_USERNAME, "groups": PROXY_GROUPS}
     elif bearer is not None and bearer in fake.user_tokens:
         user = dict(fake.user_tokens[bearer])
+        acting = impersonated_user(
+            request.headers,
+            user["username"],
+            fake.user_impersonation_rules.get(user["username"], ()),
+        )
+        if isinstance(acting, Refused):
+            return _refused(acting)
+        if acting is not None:
+            user = acting
     else:
         return status(401, "Unauthorized", "Unauthorized")
     record.user = user
@@ -445,12 +504,37 @@ async def _pods(request: web.Request) -> web.StreamResponse:
     )
 
 
+def _expired(since: str, floor: int) -> dict[str, Any]:
+    """The ERROR event kube-apiserver sends for a compacted resourceVersion."""
+    return {
+        "type": "ERROR",
+        "object": {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": f"too old resource version: {since} ({floor})",
+            "reason": "Expired",
+            "code": 410,
+        },
+    }
+
+
 async def _watch(request: web.Request, fake: FakeAPIServer) -> web.StreamResponse:
-    watch = _Watch(table=_wants_table(request))
-    if "resourceVersion" not in request.query or request.query["resourceVersion"] in (
-        "",
-        "0",
+    gone, fake.gone_next_watch = fake.gone_next_watch, None
+    if gone == "status":
+        return status(410, "Expired", "too old resource version")
+    watch = _Watch(
+        table=_wants_table(request),
+        bookmarks=request.query.get("allowWatchBookmarks") == "true",
+    )
+    since = request.query.get("resourceVersion", "")
+    if gone == "event" or (
+        since not in ("", "0") and since.isdigit() and int(since) < fake.compacted_rv
     ):
+        watch.queue.put_nowait(_expired(since, fake.compacted_rv))
+        watch.queue.put_nowait(None)
+    elif since in ("", "0"):
         for obj in fake.pods.values():
             watch.queue.put_nowait({"type": "ADDED", "object": obj})
     response = web.StreamResponse(headers={"Content-Type": "application/json"})
@@ -463,7 +547,7 @@ async def _watch(request: web.Request, fake: FakeAPIServer) -> web.StreamRespons
             event = await watch.queue.get()
             if event is None:
                 break
-            if watch.table:
+            if watch.table and event["type"] in ("ADDED", "MODIFIED", "DELETED"):
                 event = {
                     "type": event["type"],
                     "object": _table([event["object"]], str(fake.rv)),

@@ -37,6 +37,7 @@ from proxy.impersonate import ProxySettings, TokenAuthenticator, proxy_server
 from proxy.metrics import Metrics
 from proxy.upstream import Upstream, UpstreamSettings
 from tests.fakes.apiserver import FakeAPIServer, serve_apiserver
+from tests.fakes.apiserver_impersonation import PROXY_OVERLAY_RULES
 from tests.helpers import ISSUER, DictResolver, auth_config, authenticator_config
 from tests.keygen import SigningKey, claims_for, new_key, sign
 
@@ -162,6 +163,9 @@ async def run_proxy(
             metrics=metrics,
         )
     async with serve_apiserver(ca) as fake:
+        if not settings.allow_client_impersonation:
+            # Deployed without the client-impersonation component.
+            fake.impersonation_rules = PROXY_OVERLAY_RULES
         if upstream is None:
             config = upstream_kubeconfig(
                 tmp_path / "upstream.kubeconfig", fake.url, fake.ca_pem

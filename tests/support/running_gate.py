@@ -1,4 +1,4 @@
-"""The production serving path, in-process, for the hardening tests.
+"""The production serving path, in-process, for tests that need the shipped listener.
 
 ``running_gate`` starts what ``kube-oidc-gate webhook`` or ``kube-oidc-gate
 proxy`` starts (``start_engine``, ``webhook_app``/``proxy_app``, ``probe_app``,
@@ -56,6 +56,7 @@ from proxy.upstream import Upstream, UpstreamSettings
 from proxy.webhook import WebhookSettings
 from tests.fakes.apiserver import FakeAPIServer, status
 from tests.fakes.apiserver_harness import PODS, upstream_kubeconfig
+from tests.fakes.apiserver_impersonation import PROXY_OVERLAY_RULES
 from tests.fakes.issuer import FakeIssuer
 from tests.hostile import ALGS, AUDIENCE
 from tests.keygen import SigningKey
@@ -66,6 +67,7 @@ __all__ = [
     "Gate",
     "gate_config",
     "metric",
+    "normal_request",
     "running_gate",
     "secrets_of",
     "wait_until",
@@ -259,6 +261,9 @@ async def running_gate(
         if mode == "proxy":
             fake = FakeAPIServer(ca)
             fake.app.middlewares.insert(0, faults.middleware)
+            if not (proxy_settings or ProxySettings()).allow_client_impersonation:
+                # Deployed without the client-impersonation component.
+                fake.impersonation_rules = PROXY_OVERLAY_RULES
             await fake.start()
             kubeconfig = upstream_kubeconfig(
                 tmp_path / "upstream.kubeconfig",
@@ -339,3 +344,17 @@ async def running_gate(
         if fake is not None:
             await fake.stop()
         await engine.close()
+
+
+async def normal_request(gate: Gate) -> None:
+    """One ordinary review or proxied GET, answered correctly within 10 s."""
+    async with asyncio.timeout(10):
+        if gate.mode == "webhook":
+            status, answer = await gate.review(gate.token())
+            assert status == 200
+            assert answer["status"]["authenticated"] is True
+        else:
+            status, _ = await gate.get(
+                headers={"Authorization": f"Bearer {gate.token()}"}
+            )
+            assert status == 200
