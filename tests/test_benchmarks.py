@@ -339,6 +339,7 @@ def both_upstreams(tmp_path: Path) -> Iterator[tuple[str, str]]:
     assert not (tmp_path / "nginx" / "nginx.pid").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", sorted(NGINX_ROUTES), ids=sorted(NGINX_ROUTES))
 def test_nginx_answers_as_the_aiohttp_upstream(
     both_upstreams: tuple[str, str], path: str
@@ -349,6 +350,7 @@ def test_nginx_answers_as_the_aiohttp_upstream(
     assert status == 200
 
 
+@pytest.mark.slow
 def test_nginx_refuses_other_paths(both_upstreams: tuple[str, str]) -> None:
     _, ngx = both_upstreams
     assert _get(f"{ngx}/big?bytes=10")[0] == 404
@@ -413,6 +415,7 @@ def test_upstream_summary(upstream: dict[str, Any] | None, expected: str) -> Non
     assert upstream_summary({"upstream": upstream}) == expected
 
 
+@pytest.mark.slow
 def test_nginx_serves_an_escaped_body_byte_for_byte(tmp_path: Path) -> None:
     binary = nginx.nginx_binary()
     if binary is None:
@@ -510,6 +513,7 @@ def front_ctx(tmp_path: Path) -> Iterator[Any]:
         shutil.rmtree(ctx.work, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_haproxy_peer_refuses_every_bad_token(front_ctx: Any) -> None:
     """The peer's own check passes, and every cause was tried against it."""
     ctx, up = front_ctx
@@ -521,6 +525,7 @@ def test_haproxy_peer_refuses_every_bad_token(front_ctx: Any) -> None:
     assert peer.proc.popen.poll() is not None, f"haproxy {pid} still runs"
 
 
+@pytest.mark.slow
 def test_a_peer_that_skips_the_signature_is_not_measured(
     front_ctx: Any, tmp_path: Path
 ) -> None:
@@ -553,6 +558,7 @@ def test_a_peer_that_skips_the_signature_is_not_measured(
     assert "expired" not in message
 
 
+@pytest.mark.slow
 def test_nginx_ceiling_forwards_the_credential_and_checks_nothing(
     front_ctx: Any,
 ) -> None:
@@ -563,6 +569,7 @@ def test_nginx_ceiling_forwards_the_credential_and_checks_nothing(
             check_front(ctx, ceiling)
 
 
+@pytest.mark.slow
 def test_cel_benchmark_quick_report(tmp_path: Path) -> None:
     """``benchmarks.cel --quick``: every expression compiles and evaluates, in seconds."""
     baseline = REPO / "benchmarks" / "report" / "cel-celpy.json"
