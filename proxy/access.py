@@ -154,11 +154,8 @@ class Recorder:
         self.auditor = auditor
         self._trusted_proxies = trusted_proxies
         self._limiter = RefusalLimiter(access_log, limit=refusal_log_limit)
-        self._entry = Entry if auditor is None else AuditedEntry
-
-    def entry(self, method: str, path: str, verb: str, kind: str | None) -> Entry:
-        """A new request's record (with audit slots when auditing)."""
-        return self._entry(method, path, verb, kind)
+        #: Makes a new request's record (with audit slots when auditing).
+        self.entry: type[Entry] = Entry if auditor is None else AuditedEntry
 
     def flush(self) -> None:
         """Report the refusals not logged yet (the server is stopping)."""
