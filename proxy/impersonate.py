@@ -377,10 +377,13 @@ class _ProxyHandler:
         status, message, extra = self._refused(err, entry)
         body = _status_body(status, message)
         headers = tuple(extra.items()) if extra else ()
-        # Refused before authentication finished: audited with no user, as
-        # kube-apiserver audits a failed authentication.
-        audited = self._recorder.audit_refusal(entry, request, src, status, body)
-        return http1.Answer(status, body, (*headers, *audited))
+        recorder = self._recorder
+        if recorder.auditor is not None:
+            # Refused before authentication finished: audited with no user,
+            # as kube-apiserver audits a failed authentication.
+            audited = recorder.audit_refusal(entry, request, src, status, body)
+            headers = (*headers, *audited)
+        return http1.Answer(status, body, headers)
 
     def _failed(
         self, entry: Entry, request: http1.Request, src: _Headers
