@@ -479,7 +479,10 @@ async def test_a_streamed_request_body_is_not_recorded_and_says_so(
 class _Broken:
     """An authenticator that fails unexpectedly (a bug, not a refusal)."""
 
-    async def authenticate(self, token: str) -> UserInfo | None:
+    def lookup(self, token: str) -> tuple[bytes, UserInfo | None]:
+        return b"", None
+
+    async def validate(self, token: str, key: bytes) -> UserInfo | None:
         raise RuntimeError("boom")
 
 
