@@ -15,7 +15,7 @@ import trustme
 
 from proxy.cli import build_parser
 from proxy.errors import ConfigError
-from proxy.proxyflags import audit_options_from_args, parse_duration
+from proxy.options.audit import audit_options_from_args, parse_duration
 from tests.fakes.apiserver import FakeAPIServer
 from tests.fakes.apiserver_harness import upstream_kubeconfig
 from tests.fakes.issuer import FakeIssuer

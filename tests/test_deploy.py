@@ -48,7 +48,7 @@ from proxy.errors import TokenError, UserRuleFailed
 from proxy.impersonate import ORIGINAL_USER_EXTRA
 from proxy.kubeconfig import WEBHOOK_APISERVER_FLAGS, proxy_rbac, webhook_kubeconfig
 from proxy.metrics import Metrics
-from proxy.proxyflags import audit_options_from_args
+from proxy.options.audit import audit_options_from_args
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"

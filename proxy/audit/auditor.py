@@ -77,7 +77,7 @@ _AUDIT_ID: Final = re.compile(r"[\x21-\x7e]{1,128}")
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AuditOptions:
-    """The ``--audit-*`` flags, checked (``proxy.proxyflags``); kube-apiserver's
+    """The ``--audit-*`` flags, checked (``proxy.options.audit``); kube-apiserver's
     meanings and defaults.
     """
 
@@ -294,7 +294,7 @@ class AuditContext:
 class Auditor:
     """Decides per request whether and how to audit, and feeds the backends.
 
-    Built once per process (``from_options`` in ``proxy.proxyflags``) and
+    Built once per process (``from_options``, called by ``proxy.cli``) and
     handed to ``proxy.impersonate.proxy_server``; no globals.
     """
 

