@@ -226,7 +226,9 @@ async def test_stdout_that_nobody_reads_never_stalls_the_loop(lag: Lag) -> None:
     await asyncio.sleep(0.2)
     emitted_worst = max(times)
     assert_never_delayed(times)
-    assert lag.worst < 0.1, lag.worst
+    # A stall would be seconds (the pipe stays full); under CI load a busy
+    # loop already lags ~0.1 s now and then.
+    assert lag.worst < 0.5, lag.worst
     dropped = backend.drops.count
     assert dropped > 3000
     assert metric(
@@ -378,7 +380,9 @@ async def test_a_slow_webhook_never_delays_the_caller(
         times += emit_all(backend.emit, 500)
         await asyncio.sleep(0.05)
     assert_never_delayed(times)
-    assert lag.worst < 0.1, lag.worst
+    # A stall would be seconds (the pipe stays full); under CI load a busy
+    # loop already lags ~0.1 s now and then.
+    assert lag.worst < 0.5, lag.worst
     dropped = backend.drops.count
     assert dropped >= 5000 - 1000 - 2 * 100, dropped
     assert (
@@ -419,7 +423,9 @@ async def test_a_down_webhook_never_delays_the_caller(
     await wait_for(lambda: backend.drops.count >= 100, timeout=10)
     times += emit_all(backend.emit, 1000)
     assert_never_delayed(times)
-    assert lag.worst < 0.1, lag.worst
+    # A stall would be seconds (the pipe stays full); under CI load a busy
+    # loop already lags ~0.1 s now and then.
+    assert lag.worst < 0.5, lag.worst
     await backend.close()
     total = metric(
         metrics, "kube_oidc_gate_audit_events_dropped_total", backend="webhook"
