@@ -14,13 +14,10 @@ the verifier):
   A flood of random ``kid`` values therefore costs the issuer one fetch, not
   one per request (PyJWT's client and go-oidc v3 have no such limit).
 
-Fetching (every cycle re-reads discovery, so a changed ``jwks_uri`` is
-followed): ``GET <issuer>/.well-known/openid-configuration`` (or
-``discovery_url``), whose ``issuer`` must equal the configured URL exactly,
-then ``GET jwks_uri``. Only https, except to a loopback host; every request has
-a timeout and a size limit. The JWKS response's ``Cache-Control: max-age``
-(clamped) sets the cache lifetime, as Okta advises; the background task
-refreshes at 80-90 % of it.
+Fetching is ``proxy.jwksfetch`` (discovery, then ``jwks_uri``; every cycle
+re-reads discovery, so a changed ``jwks_uri`` is followed). The JWKS
+response's ``Cache-Control: max-age`` (clamped) sets the cache lifetime; the
+background task refreshes at 80-90 % of it.
 
 Availability over freshness: a failed fetch never drops the last good keys (an
 IdP outage must not log everyone out); it is recorded in ``last_error`` and
@@ -29,28 +26,19 @@ at least once" and is what ``/readyz`` reports. Start-up never fails because an
 issuer is unreachable: the service runs, reports not-ready, and keeps trying.
 
 The discovery document's ``introspection_endpoint`` (RFC 8414) is kept from
-each fetch for ``IntrospectionHttpClient``, the third egress to an issuer: the
-RFC 7662 ``POST`` that ``proxy.introspection`` decides to make, with
-``client_secret_basic``, the issuer's CA bundle, a size limit and no redirects.
-
-``ClaimSourceClient`` is the other egress to an issuer: the ``GET`` of a
-distributed claim's endpoint (``proxy.distclaims`` decides whether to call it
-and verifies the answer), on the same session, with the issuer's CA bundle, a
-timeout, a size limit and no redirects.
+each fetch for ``IntrospectionHttpClient``. That client and
+``ClaimSourceClient``, the other two egresses to an issuer, live in
+``proxy.issuerclients`` and are re-exported here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import hashlib
-import json
 import logging
 import random
-import ssl
 import time
-import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -58,21 +46,20 @@ from typing import Final
 import aiohttp
 
 from proxy.config import (
-    IntrospectionClient,
     IssuerConfig,
     KeySetSettings,
-    is_loopback_host,
-    url_problems,
 )
 from proxy.errors import (
-    ClaimSourceUnavailable,
-    DiscoveryError,
-    IntrospectionUnavailable,
     KeySetError,
     KeysUnavailable,
-    TokenError,
 )
-from proxy.jwk import VerificationKey, parse_jwks
+from proxy.issuerclients import (
+    CLAIM_SOURCE_TIMEOUT,
+    ClaimSourceClient,
+    IntrospectionHttpClient,
+)
+from proxy.jwk import VerificationKey
+from proxy.jwksfetch import Fetched, IssuerFetcher
 from proxy.log import issuer_hash
 from proxy.metrics import Metrics
 
@@ -85,20 +72,15 @@ __all__ = [
     "StaticKeySet",
 ]
 
-#: Whole-request timeout of one distributed-claim fetch: a token review waits
-#: for it, and kube-apiserver's webhook client gives up after 10 s.
-CLAIM_SOURCE_TIMEOUT: Final = 5.0
 
 logger = logging.getLogger(__name__)
 
-_DISCOVERY_PATH: Final = "/.well-known/openid-configuration"
 #: The background refresh runs at this fraction of the cache lifetime (jittered,
 #: so replicas do not fetch in step).
 _REFRESH_FRACTION: Final = (0.8, 0.9)
 #: Bound on remembered unknown kids; beyond it the oldest are forgotten (which
 #: only costs a fetch, still under the cooldown).
 _UNKNOWN_KID_MAX: Final = 10_000
-_CHUNK_BYTES: Final = 64 * 1024
 #: Floor of any background delay, so a zero interval in settings cannot spin.
 _MIN_DELAY: Final = 0.01
 _RANDOM: Final = random.SystemRandom()
@@ -125,55 +107,6 @@ class _KeyIndex:
         return self.by_kid.get(kid, ())
 
 
-def _check_url(url: str, what: str, error: type[KeySetError]) -> None:
-    """https only; plain http only to a loopback host (tests, a local dev IdP)."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        host = parts.hostname
-    except ValueError as err:
-        raise error(f"jwks: {what} {url} is not a valid url: {err}") from err
-    scheme = parts.scheme.lower()
-    if not host or scheme not in ("https", "http"):
-        raise error(f"jwks: {what} {url} is not an absolute https url")
-    if scheme == "http" and not is_loopback_host(host):
-        raise error(
-            f"jwks: {what} {url} must use https "
-            "(plain http is allowed only for a loopback host)"
-        )
-
-
-def _ssl_context(issuer: IssuerConfig) -> ssl.SSLContext | bool:
-    """One context per issuer, made once; ``True`` means aiohttp's system CAs."""
-    if not issuer.certificate_authority:
-        return True
-    try:
-        return ssl.create_default_context(cadata=issuer.certificate_authority)
-    except (ssl.SSLError, ValueError) as err:
-        raise KeySetError(
-            f"jwks: certificate authority of issuer {issuer.url} "
-            f"cannot be loaded: {err}"
-        ) from err
-
-
-def _max_age(cache_control: str) -> float | None:
-    """``max-age`` seconds, or None for no-cache, no-store, absent or invalid."""
-    max_age: float | None = None
-    for directive in cache_control.split(","):
-        name, _, value = directive.strip().partition("=")
-        name = name.strip().lower()
-        if name in ("no-cache", "no-store"):
-            return None
-        if name == "max-age":
-            try:
-                seconds = int(value.strip().strip('"'))
-            except ValueError:
-                return None
-            if seconds < 0:
-                return None
-            max_age = float(seconds)
-    return max_age
-
-
 def _kid_key(kid: str | None) -> bytes:
     """Fixed-size memo key: a remembered kid costs 16 bytes, whatever its length."""
     if kid is None:
@@ -183,14 +116,6 @@ def _kid_key(kid: str | None) -> bytes:
 
 def _clip(text: str | None, limit: int = 64) -> str | None:
     return None if text is None else text[:limit]
-
-
-@dataclass(frozen=True, slots=True)
-class _Fetched:
-    keys: tuple[VerificationKey, ...]
-    skipped: tuple[str, ...]
-    lifetime: float
-    introspection_endpoint: str | None = None
 
 
 class IssuerKeySet:
@@ -213,15 +138,11 @@ class IssuerKeySet:
     ) -> None:
         self._issuer = issuer
         self._settings = settings
-        self._session = session
         self._metrics = metrics
         self._clock = clock
         self._wall_clock = wall_clock
         self._label = issuer_hash(issuer.url)
-        self._discovery_url = (
-            issuer.discovery_url or issuer.url.removesuffix("/") + _DISCOVERY_PATH
-        )
-        self._ssl = _ssl_context(issuer)
+        self._fetcher = IssuerFetcher(issuer, settings, session=session)
         self._index = _KeyIndex.build(())
         #: The discovery document's ``introspection_endpoint`` (last fetch).
         self.introspection_endpoint: str | None = None
@@ -229,7 +150,6 @@ class IssuerKeySet:
         self._closed = False
         self._last_error: str | None = None
         self._last_success: float | None = None
-        self._last_status: int | None = None
         self._expires_at: float | None = None
         self._lifetime = settings.default_refresh_interval
         self._failures = 0
@@ -456,9 +376,8 @@ class IssuerKeySet:
 
     async def _cycle(self) -> KeySetError | None:
         self._fetch_count += 1
-        self._last_status = None
         try:
-            fetched = await self._fetch()
+            fetched = await self._fetcher.fetch()
         except KeySetError as err:
             self._record_failure(err)
             return err
@@ -473,120 +392,9 @@ class IssuerKeySet:
         self._record_success(fetched)
         return None
 
-    async def _fetch(self) -> _Fetched:
-        url = self.url
-        _check_url(url, "issuer url", DiscoveryError)
-        where = self._discovery_url
-        _check_url(where, "discovery url", DiscoveryError)
-        doc, _ = await self._get_json(where, "discovery document", DiscoveryError)
-        if not isinstance(doc, dict):
-            raise DiscoveryError(
-                f"jwks: discovery document at {where} is not a JSON object"
-            )
-        got = doc.get("issuer")
-        if not isinstance(got, str):
-            raise DiscoveryError(
-                f'jwks: discovery document at {where} has no "issuer" string, '
-                f'expected "{url}"'
-            )
-        if got != url:
-            hint = (
-                ", they differ only by a trailing slash"
-                if got.rstrip("/") == url.rstrip("/")
-                else ""
-            )
-            raise DiscoveryError(
-                f'jwks: discovery document at {where} names issuer "{got[:512]}", '
-                f'expected "{url}" (the iss of tokens must equal '
-                f"--oidc-issuer-url / issuer.url exactly{hint})"
-            )
-        jwks_uri = doc.get("jwks_uri")
-        if not isinstance(jwks_uri, str) or not jwks_uri:
-            raise DiscoveryError(
-                f'jwks: discovery document at {where} has no "jwks_uri" string'
-            )
-        _check_url(jwks_uri, "jwks_uri from discovery", DiscoveryError)
-        document, cache_control = await self._get_json(jwks_uri, "key set", KeySetError)
-        keys, skipped = parse_jwks(document, issuer=url)
-        introspection = doc.get("introspection_endpoint")
-        return _Fetched(
-            keys=keys,
-            skipped=skipped,
-            lifetime=self._cache_lifetime(cache_control),
-            introspection_endpoint=introspection
-            if isinstance(introspection, str) and introspection
-            else None,
-        )
-
-    async def _get_json(
-        self, url: str, what: str, error: type[KeySetError]
-    ) -> tuple[object, str]:
-        """The decoded JSON body and the ``Cache-Control`` value of one GET."""
-        limit = self._settings.max_document_bytes
-        timeout = self._settings.fetch_timeout
-        try:
-            async with (
-                asyncio.timeout(timeout),
-                self._session.get(
-                    url,
-                    ssl=self._ssl,
-                    headers={"Accept": "application/json"},
-                    # A redirect could lead off https or off the issuer's host
-                    # before we could check it; issuers publish direct URLs.
-                    allow_redirects=False,
-                ) as resp,
-            ):
-                self._last_status = resp.status
-                if 300 <= resp.status < 400:
-                    raise error(
-                        f"jwks: {what} at {url} answered a redirect (http "
-                        f"{resp.status}) to {resp.headers.get('Location', '?')[:200]}; "
-                        "redirects are not followed: configure the final URL"
-                    )
-                if resp.status != 200:
-                    raise error(
-                        f"jwks: {what} at {url} answered http {resp.status}, "
-                        "expected 200"
-                    )
-                length = resp.content_length
-                if length is not None and length > limit:
-                    raise error(
-                        f"jwks: {what} at {url} is {length} bytes, "
-                        f"over the limit of {limit}"
-                    )
-                body = bytearray()
-                async for chunk in resp.content.iter_chunked(_CHUNK_BYTES):
-                    body += chunk
-                    if len(body) > limit:
-                        raise error(
-                            f"jwks: {what} at {url} is over the limit of {limit} bytes"
-                        )
-                content_type = resp.content_type
-                cache_control = ",".join(resp.headers.getall("Cache-Control", ()))
-        except TimeoutError as err:
-            raise error(
-                f"jwks: {what} fetch from {url} timed out after {timeout:g}s"
-            ) from err
-        except aiohttp.ClientError as err:
-            raise error(f"jwks: {what} fetch from {url} failed: {err}") from err
-        try:
-            return json.loads(body), cache_control
-        except (ValueError, RecursionError) as err:
-            raise error(
-                f"jwks: {what} at {url} is not valid JSON "
-                f"(content type {content_type}): {err}"
-            ) from err
-
-    def _cache_lifetime(self, cache_control: str) -> float:
-        s = self._settings
-        max_age = _max_age(cache_control)
-        if max_age is None:
-            return s.default_refresh_interval
-        return min(max(max_age, s.min_refresh_interval), s.max_refresh_interval)
-
     # -- bookkeeping ---------------------------------------------------------------
 
-    def _record_success(self, fetched: _Fetched) -> None:
+    def _record_success(self, fetched: Fetched) -> None:
         before = {k.thumbprint for k in self._index.keys}
         withdrawn = before - {k.thumbprint for k in fetched.keys}
         self._index = _KeyIndex.build(fetched.keys)
@@ -634,7 +442,7 @@ class IssuerKeySet:
             "jwks refresh failed",
             extra={
                 "issuer": self.url,
-                "status": self._last_status,
+                "status": self._fetcher.last_status,
                 "error": str(err),
                 "keys_kept": len(self._index.keys),
                 "failures": self._failures,
@@ -774,222 +582,3 @@ class StaticKeySet:
     async def refresh_unknown(self, kid: str | None) -> Sequence[VerificationKey]:
         """Same as ``lookup``: a static set cannot learn new keys."""
         return self._index.lookup(kid)
-
-
-class _IssuerContexts:
-    """The TLS context of each issuer, made on first use: both clients below
-    reach URLs on the issuer's origin and trust what its key fetches trust.
-    """
-
-    __slots__ = ("_made",)
-
-    def __init__(self) -> None:
-        self._made: dict[str, ssl.SSLContext | bool] = {}
-
-    def get(
-        self, issuer: IssuerConfig, unavailable: type[TokenError]
-    ) -> ssl.SSLContext | bool:
-        """The context, or ``unavailable`` (a temporary refusal) when the
-        issuer's CA bundle cannot be loaded.
-        """
-        ctx = self._made.get(issuer.url)
-        if ctx is None:
-            try:
-                ctx = _ssl_context(issuer)
-            except KeySetError as err:
-                raise unavailable(str(err), issuer=issuer.url) from err
-            self._made[issuer.url] = ctx
-        return ctx
-
-
-class ClaimSourceClient:
-    """``GET`` a distributed claim's endpoint (``proxy.distclaims.ClaimSourceFetcher``).
-
-    The caller has already applied the egress policy; this adds the bounds:
-    ``timeout`` for the whole request, ``max_bytes`` for the body, no
-    redirect (it could leave the issuer's origin), the issuer's CA bundle,
-    and the source's ``access_token`` as the bearer only when it has one.
-    """
-
-    def __init__(
-        self, session: aiohttp.ClientSession, *, timeout: float = CLAIM_SOURCE_TIMEOUT
-    ) -> None:
-        self._session = session
-        self._timeout = timeout
-        self._ssl = _IssuerContexts()
-
-    def _context(self, issuer: IssuerConfig) -> ssl.SSLContext | bool:
-        return self._ssl.get(issuer, ClaimSourceUnavailable)
-
-    async def fetch(
-        self, endpoint: str, access_token: str, *, issuer: IssuerConfig, max_bytes: int
-    ) -> bytes:
-        """The body of a 2xx answer; ``ClaimSourceUnavailable`` for anything else."""
-        headers = {"Accept": "application/jwt"}
-        if access_token:
-            headers["Authorization"] = f"Bearer {access_token}"
-        where = f"claims: claim source {endpoint[:256]}"
-
-        def fail(detail: str) -> ClaimSourceUnavailable:
-            return ClaimSourceUnavailable(f"{where}: {detail}", issuer=issuer.url)
-
-        try:
-            async with (
-                asyncio.timeout(self._timeout),
-                self._session.get(
-                    endpoint,
-                    ssl=self._context(issuer),
-                    headers=headers,
-                    allow_redirects=False,
-                ) as resp,
-            ):
-                # kube-apiserver takes 200-226 (http.StatusIMUsed) as success.
-                if not 200 <= resp.status <= 226:
-                    raise fail(f"answered http {resp.status}, expected 2xx")
-                length = resp.content_length
-                if length is not None and length > max_bytes:
-                    raise fail(
-                        f"answer is {length} bytes, over the limit of {max_bytes} bytes"
-                    )
-                body = bytearray()
-                async for chunk in resp.content.iter_chunked(_CHUNK_BYTES):
-                    body += chunk
-                    if len(body) > max_bytes:
-                        raise fail(f"answer is over the limit of {max_bytes} bytes")
-        except TimeoutError as err:
-            raise fail(f"no answer within {self._timeout:g}s") from err
-        except aiohttp.ClientError as err:
-            raise fail(f"fetch failed: {type(err).__name__}: {err}") from err
-        return bytes(body)
-
-
-#: Whole-request timeout of one introspection call when none is given.
-INTROSPECTION_TIMEOUT: Final = 5.0
-#: Largest introspection answer read (RFC 7662 answers are small objects).
-_INTROSPECTION_MAX_BYTES: Final = 64 * 1024
-
-
-#: Most bytes of an error answer read for its OAuth ``error`` code.
-_ERROR_BYTES: Final = 4096
-
-
-def _oauth_error(body: bytes) -> str:
-    """`` (error: description)`` of an OAuth error answer, or ``""``."""
-    try:
-        doc = json.loads(body)
-    except (ValueError, RecursionError):
-        return ""
-    if not isinstance(doc, dict) or not isinstance(doc.get("error"), str):
-        return ""
-    text = doc["error"][:64]
-    detail = doc.get("error_description")
-    if isinstance(detail, str) and detail:
-        text += f": {detail[:200]}"
-    return f" ({text})"
-
-
-def _form(value: str) -> str:
-    """RFC 6749 §2.3.1: the client id and secret are form-encoded before Basic."""
-    return urllib.parse.quote_plus(value)
-
-
-class IntrospectionHttpClient:
-    """RFC 7662 ``POST`` to an issuer's introspection endpoint
-    (``proxy.introspection.IntrospectionFetcher``).
-
-    The endpoint is the client's ``endpoint`` if set, else the issuer's
-    discovery document's ``introspection_endpoint`` as last fetched by its
-    ``IssuerKeySet`` (``endpoint_for``). ``client_secret_basic`` client
-    authentication; the token goes in the form body, never in a URL or log.
-    """
-
-    def __init__(
-        self,
-        session: aiohttp.ClientSession,
-        issuers: Iterable[IssuerConfig],
-        endpoint_for: Callable[[str], str | None],
-        *,
-        timeout: float = INTROSPECTION_TIMEOUT,
-    ) -> None:
-        self._session = session
-        self._issuers = {i.url: i for i in issuers}
-        self._endpoint_for = endpoint_for
-        self._timeout = timeout
-        self._ssl = _IssuerContexts()
-
-    def _context(self, issuer: IssuerConfig) -> ssl.SSLContext | bool:
-        return self._ssl.get(issuer, IntrospectionUnavailable)
-
-    async def introspect(
-        self, client: IntrospectionClient, token: str, *, hint: str
-    ) -> tuple[bool, float | None]:
-        """``active`` (and ``exp``, if given) of ``token``;
-        ``IntrospectionUnavailable`` for anything but a 200 JSON object with a
-        boolean ``active``.
-        """
-        issuer = self._issuers[client.issuer]
-        endpoint = client.endpoint or self._endpoint_for(client.issuer)
-
-        def fail(detail: str) -> IntrospectionUnavailable:
-            return IntrospectionUnavailable(
-                f"introspection: {detail}", issuer=client.issuer
-            )
-
-        if endpoint is None:
-            raise fail(
-                f"the discovery document of {client.issuer} has no "
-                '"introspection_endpoint" (or was not fetched yet); give '
-                "introspectionEndpoint in --introspection-config"
-            )
-        problems = url_problems(endpoint, allow_query=True)
-        if problems:
-            raise fail(f"introspection endpoint {endpoint[:256]}: {problems[0]}")
-        basic = base64.b64encode(
-            f"{_form(client.client_id)}:{_form(client.client_secret.reveal())}".encode()
-        ).decode()
-        where = f"endpoint {endpoint[:256]}"
-        try:
-            async with (
-                asyncio.timeout(self._timeout),
-                self._session.post(
-                    endpoint,
-                    data={"token": token, "token_type_hint": hint},
-                    headers={
-                        "Authorization": f"Basic {basic}",
-                        "Accept": "application/json",
-                    },
-                    ssl=self._context(issuer),
-                    allow_redirects=False,
-                ) as resp,
-            ):
-                if resp.status in (401, 403):
-                    raise fail(
-                        f"{where} refused the client (http {resp.status}): check "
-                        "the introspection client id and secret"
-                    )
-                if resp.status != 200:
-                    said = _oauth_error(await resp.content.read(_ERROR_BYTES))
-                    raise fail(
-                        f"{where} answered http {resp.status}{said}, expected 200"
-                    )
-                body = bytearray()
-                async for chunk in resp.content.iter_chunked(_CHUNK_BYTES):
-                    body += chunk
-                    if len(body) > _INTROSPECTION_MAX_BYTES:
-                        raise fail(
-                            f"{where}: answer over {_INTROSPECTION_MAX_BYTES} bytes"
-                        )
-        except TimeoutError as err:
-            raise fail(f"no answer from {where} within {self._timeout:g}s") from err
-        except aiohttp.ClientError as err:
-            raise fail(f"{where}: {type(err).__name__}: {err}") from err
-        try:
-            doc = json.loads(body)
-        except (ValueError, RecursionError):
-            raise fail(f"{where}: answer is not JSON") from None
-        if not isinstance(doc, dict) or not isinstance(doc.get("active"), bool):
-            raise fail(f'{where}: answer has no boolean "active"')
-        exp = doc.get("exp")
-        if isinstance(exp, bool) or not isinstance(exp, int | float):
-            return doc["active"], None
-        return doc["active"], float(exp)

@@ -169,6 +169,19 @@ class Metrics:
         self._histograms: dict[tuple[int, tuple[str, ...]], HistogramTally] = {}
         self._hooks: list[Callable[[], None]] = []
         r = self.registry
+        # Registered area by area, in this order: the order of /metrics.
+        self._engine_metrics(r)
+        self._keys_metrics(r)
+        self._serving_metrics(r)
+        self._reloads_metrics(r)
+        self._audit_metrics(r)
+        self._okta_api_metrics(r)
+        self._introspection_metrics(r)
+        self._revocation_metrics(r)
+        self._okta_hook_metrics(r)
+
+    def _engine_metrics(self, r: CollectorRegistry) -> None:
+        """The authenticator: results, validation time, result cache, new-token queue."""
         self.authentications = Counter(
             "kube_oidc_gate_authentications",
             "Authentication attempts by result (ok, not_mine, rejected, error) "
@@ -202,6 +215,9 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+
+    def _keys_metrics(self, r: CollectorRegistry) -> None:
+        """The issuers' key sets: fetches, their age, the keys held, readiness."""
         self.jwks_fetches = Counter(
             "kube_oidc_gate_jwks_fetches",
             "Discovery and JWKS fetches by issuer hash and result.",
@@ -237,6 +253,9 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemin",
         )
+
+    def _serving_metrics(self, r: CollectorRegistry) -> None:
+        """Both front ends' requests, and the proxy's upstream calls and streams."""
         self.http_requests = Counter(
             "kube_oidc_gate_http_requests",
             "HTTP requests served, by handler and status code.",
@@ -264,6 +283,8 @@ class Metrics:
             multiprocess_mode="livesum",
         )
 
+    def _reloads_metrics(self, r: CollectorRegistry) -> None:
+        """Reloads of the authentication configuration and of the upstream's files."""
         # kube-apiserver's names (apiserver_authentication_config_controller_*)
         # with our prefix, so its dashboards and alerts carry over (issue 21).
         self.config_reloads = Counter(
@@ -293,6 +314,9 @@ class Metrics:
         for status in ("success", "failure"):
             self.config_reloads.labels(status)
             self.upstream_reloads.labels(status)
+
+    def _audit_metrics(self, r: CollectorRegistry) -> None:
+        """Audit events written and lost (issue 24)."""
         # Issue 24: audit events, by backend (log, webhook).
         self.audit_events = Counter(
             "kube_oidc_gate_audit_events",
@@ -309,6 +333,9 @@ class Metrics:
             ["backend"],
             registry=r,
         )
+
+    def _okta_api_metrics(self, r: CollectorRegistry) -> None:
+        """Okta's API, read for groups beyond the token."""
         self.okta_api_requests = Counter(
             "kube_oidc_gate_okta_api_requests",
             "Requests to Okta's API for groups beyond the token, by endpoint "
@@ -337,6 +364,8 @@ class Metrics:
             registry=r,
         )
 
+    def _introspection_metrics(self, r: CollectorRegistry) -> None:
+        """Issuers' introspection endpoints (RFC 7662)."""
         self.introspection_requests = Counter(
             "kube_oidc_gate_introspection_requests",
             "Calls to issuers' introspection endpoints (RFC 7662) by result "
@@ -360,6 +389,8 @@ class Metrics:
             registry=r,
         )
 
+    def _revocation_metrics(self, r: CollectorRegistry) -> None:
+        """The revocation list and its watch."""
         self.revocations = Gauge(
             "kube_oidc_gate_revocations",
             "Revocation objects in force (--revocation-namespace), as this "
@@ -392,6 +423,9 @@ class Metrics:
             ["result"],
             registry=r,
         )
+
+    def _okta_hook_metrics(self, r: CollectorRegistry) -> None:
+        """The Okta event hook listener."""
         self.okta_hook_requests = Counter(
             "kube_oidc_gate_okta_hook_requests",
             "Requests to the Okta event hook listener, by HTTP status code "

@@ -53,28 +53,46 @@ a flood without it cannot spend Okta's budget), the server's head and body
 timeouts, ``GET``/``POST`` on ``HOOK_PATH`` only (404, 405). Nothing a client
 sent is logged but the event uuids, types and Okta user ids of authenticated
 deliveries; the secret never is.
+
+The parts: ``proxy.oktaevents`` reads deliveries and events and defines the
+``Revoker``; ``proxy.oktaqueue`` holds the acknowledged events and their
+workers; this module is the receiver (its listener, the secret, the rate
+limit) and still exports every public name it had before the split.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import hashlib
 import hmac
 import json
 import logging
 import ssl
 import time
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any, Final, Protocol
+from collections.abc import Callable
+from typing import Final
 
 from proxy.config import Secret
 from proxy.http1 import Answer, Limits, Request, Route, Server
 from proxy.log import RefusalLimiter, RequestLog
 from proxy.metrics import Metrics
+from proxy.oktaevents import (
+    DEFAULT_REVOCATION_LIFETIME,
+    FORGETTING_EVENT_TYPES,
+    KNOWN_EVENT_TYPES,
+    REVOKING_EVENT_TYPES,
+    BadDelivery,
+    BadEvent,
+    CallbackRevoker,
+    CreateRevocation,
+    HookSettings,
+    OktaEvent,
+    Revoker,
+    count_event,
+    parse_delivery,
+    parse_event,
+    revocation_name,
+    type_label,
+)
+from proxy.oktaqueue import Job, RevocationQueue
 
 __all__ = [
     "DEFAULT_REVOCATION_LIFETIME",
@@ -98,278 +116,7 @@ _REFUSAL_LOG: Final = RequestLog(__name__)
 #: The one path the hook answers; give Okta ``https://<host>:<port>/okta/events``.
 HOOK_PATH: Final = "/okta/events"
 
-#: Events after which none of the user's earlier tokens may be accepted.
-REVOKING_EVENT_TYPES: Final = frozenset(
-    {
-        "user.lifecycle.deactivate",
-        "user.lifecycle.suspend",
-        "user.session.clear",
-        "user.account.lock",
-        "user.lifecycle.delete.initiated",
-    }
-)
-#: Events after which the user's cached verdicts (their groups) are stale.
-FORGETTING_EVENT_TYPES: Final = frozenset({"group.user_membership.remove"})
-
-#: Event types that get a label of their own in the events metric; any other
-#: is counted as ``other`` (a sender chooses the type: the label set stays
-#: bounded whatever it sends).
-KNOWN_EVENT_TYPES: Final = (
-    REVOKING_EVENT_TYPES
-    | FORGETTING_EVENT_TYPES
-    | frozenset(
-        {
-            "group.user_membership.add",
-            "user.account.unlock",
-            "user.lifecycle.activate",
-            "user.lifecycle.create",
-            "user.lifecycle.reactivate",
-            "user.lifecycle.unsuspend",
-            "user.session.start",
-        }
-    )
-)
-
-#: The delivery's own ``eventType`` (the events inside have theirs).
-_DELIVERY_TYPE: Final = "com.okta.event_hook"
 _CHALLENGE_HEADER: Final = "x-okta-verification-challenge"
-#: Longest event uuid taken (Okta's are 36 characters).
-_MAX_UUID: Final = 128
-#: Longest Okta user id taken (Okta's are 20 characters).
-_MAX_SUBJECT: Final = 256
-
-#: How long a ``Revocation`` made from an event is kept: the longest lifetime of
-#: a token the gate accepts (Okta's ID tokens live one hour, its access tokens
-#: at most a day). Past it, every token issued before the event has expired
-#: anyway, and the gate deletes the object.
-DEFAULT_REVOCATION_LIFETIME: Final = timedelta(hours=24)
-
-
-class Revoker(Protocol):
-    """Where the hook's decisions go (part 2's revocation list, in production)."""
-
-    async def revoke(
-        self, *, subject: str, issued_before: datetime, reason: str, key: str
-    ) -> None:
-        """Refuse ``subject``'s tokens issued before ``issued_before``.
-
-        Idempotent per ``key`` (the Okta event uuid): a replay must not make a
-        second revocation. Raises on failure; the hook retries, then logs.
-        """
-
-    def forget(self, subject: str) -> None:
-        """Drop ``subject``'s cached verdicts (their group membership changed)."""
-
-
-class CreateRevocation(Protocol):
-    """Store one revocation, idempotently by ``name`` (an existing one is success).
-
-    Part 2's ``create_revocation(client, namespace, *, subject, issuer,
-    issued_before, reason, expires_at, name)`` with its first two arguments
-    bound (``functools.partial(create_revocation, client, namespace)``).
-    """
-
-    def __call__(
-        self,
-        *,
-        subject: str,
-        issuer: str | None,
-        issued_before: datetime,
-        reason: str,
-        expires_at: datetime,
-        name: str,
-    ) -> Awaitable[object]:
-        """Create the ``Revocation`` object ``name``, or find it there already."""
-
-
-def revocation_name(key: str) -> str:
-    """The Kubernetes object name for ``key``: the same for every replay.
-
-    A hash, not the uuid itself, so the name is a valid DNS-1123 name whatever
-    the key holds, and of a fixed length.
-    """
-    return "okta-" + hashlib.sha256(key.encode()).hexdigest()[:32]
-
-
-class CallbackRevoker:
-    """The default ``Revoker``: two callables, so any writer can be plugged in.
-
-    ``create`` is a ``CreateRevocation`` (part 2's writer with its client and
-    namespace bound); ``forget`` drops a subject's cached verdicts (the
-    authenticator's ``forget_subject``). The revocation names no issuer by
-    default: an Okta user id is unique in its org and means nothing to other
-    issuers; pass ``issuer`` to restrict it. ``expires_at`` is the event time
-    plus ``lifetime``, the longest lifetime of a token the gate accepts.
-    """
-
-    __slots__ = ("_create", "_forget", "_issuer", "_lifetime")
-
-    def __init__(
-        self,
-        create: CreateRevocation,
-        forget: Callable[[str], None],
-        *,
-        issuer: str | None = None,
-        lifetime: timedelta = DEFAULT_REVOCATION_LIFETIME,
-    ) -> None:
-        self._create = create
-        self._forget = forget
-        self._issuer = issuer
-        self._lifetime = lifetime
-
-    async def revoke(
-        self, *, subject: str, issued_before: datetime, reason: str, key: str
-    ) -> None:
-        """Create the revocation named after ``key`` (``revocation_name``)."""
-        await self._create(
-            subject=subject,
-            issuer=self._issuer,
-            issued_before=issued_before,
-            reason=reason,
-            expires_at=issued_before + self._lifetime,
-            name=revocation_name(key),
-        )
-
-    def forget(self, subject: str) -> None:
-        """Call ``forget``."""
-        self._forget(subject)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class HookSettings:
-    """The hook's bounds (defaults: far above what one Okta org sends)."""
-
-    #: Largest delivery read (413 beyond). Okta's events are 1-3 KiB each.
-    max_body_bytes: int = 1024 * 1024
-    #: Most events in one delivery (413 beyond).
-    max_events: int = 500
-    #: Authenticated requests per second the bucket refills (429 beyond).
-    rate: float = 10.0
-    #: Requests the bucket holds (a burst of Okta's retries).
-    burst: int = 50
-    #: Events waiting for the ``Revoker``; a batch that does not fit gets 503.
-    queue_size: int = 10_000
-    #: Events processed at once.
-    workers: int = 4
-    #: Deadline of one ``Revoker.revoke`` call.
-    revoke_timeout: float = 10.0
-    #: Calls per event before it is logged and counted as failed.
-    attempts: int = 3
-    #: Seconds before the first retry; doubled for each next one.
-    retry_backoff: float = 1.0
-    #: Event uuids remembered to answer replays without a call.
-    seen_size: int = 10_000
-    #: A request head must arrive within this long (also the keep-alive idle).
-    head_timeout: float = 30.0
-    #: A body must arrive within this long of its head (408).
-    body_timeout: float = 5.0
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class OktaEvent:
-    """One event of a delivery, as far as the hook reads it."""
-
-    uuid: str
-    event_type: str
-    published: datetime
-    #: The ids of the event's ``User`` targets.
-    users: tuple[str, ...]
-    #: ``outcome.result`` (``SUCCESS`` when Okta sent none).
-    result: str = "SUCCESS"
-
-
-class _BadDelivery(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class _BadEvent(Exception):
-    """One event the hook cannot act on; the rest of the batch still counts."""
-
-
-def _parse_delivery(body: bytes, *, max_events: int) -> list[Any]:
-    """The ``data.events`` list of a delivery; raises ``_BadDelivery`` (400, 413)."""
-    try:
-        doc = json.loads(body)
-    except (ValueError, RecursionError) as err:
-        raise _BadDelivery(400, "okta hook: body is not valid JSON") from err
-    if not isinstance(doc, dict):
-        raise _BadDelivery(
-            400, "okta hook: body must be a JSON object (an Okta event hook delivery)"
-        )
-    kind = doc.get("eventType", _DELIVERY_TYPE)
-    if kind != _DELIVERY_TYPE:
-        raise _BadDelivery(
-            400,
-            f'okta hook: eventType must be "{_DELIVERY_TYPE}", '
-            f"got {json.dumps(kind)[:80]}",
-        )
-    data = doc.get("data")
-    events = data.get("events") if isinstance(data, dict) else None
-    if not isinstance(events, list):
-        raise _BadDelivery(400, "okta hook: data.events must be a list of events")
-    if len(events) > max_events:
-        raise _BadDelivery(
-            413,
-            f"okta hook: {len(events)} events in one delivery, more than the "
-            f"{max_events} taken",
-        )
-    return events
-
-
-def _text(event: dict[str, Any], field: str, limit: int) -> str:
-    value = event.get(field)
-    if not isinstance(value, str) or not value or len(value) > limit:
-        raise _BadEvent(f'okta hook: event "{field}" must be a non-empty string')
-    return value
-
-
-def _event(raw: object) -> OktaEvent:
-    if not isinstance(raw, dict):
-        raise _BadEvent("okta hook: an event must be a JSON object")
-    uuid = _text(raw, "uuid", _MAX_UUID)
-    event_type = _text(raw, "eventType", 256)
-    published_text = _text(raw, "published", 64)
-    try:
-        published = datetime.fromisoformat(published_text)
-    except ValueError as err:
-        raise _BadEvent(
-            f'okta hook: event "published" is not an ISO 8601 time: '
-            f"{json.dumps(published_text)}"
-        ) from err
-    if published.tzinfo is None:
-        published = published.replace(tzinfo=UTC)
-    targets = raw.get("target")
-    if not isinstance(targets, list):
-        raise _BadEvent('okta hook: event "target" must be a list')
-    users = tuple(
-        dict.fromkeys(
-            t["id"]
-            for t in targets
-            if isinstance(t, dict)
-            and t.get("type") == "User"
-            and isinstance(t.get("id"), str)
-            and 0 < len(t["id"]) <= _MAX_SUBJECT
-        )
-    )
-    if not users:
-        raise _BadEvent('okta hook: event has no "User" target with an "id"')
-    outcome = raw.get("outcome")
-    result = outcome.get("result") if isinstance(outcome, dict) else None
-    return OktaEvent(
-        uuid=uuid,
-        event_type=event_type,
-        published=published,
-        users=users,
-        result=result if isinstance(result, str) else "SUCCESS",
-    )
-
-
-def _type_label(event_type: object) -> str:
-    if isinstance(event_type, str) and event_type in KNOWN_EVENT_TYPES:
-        return event_type
-    return "other"
 
 
 class TokenBucket:
@@ -408,13 +155,6 @@ def _error(
 _ACCEPTED: Final = Answer(200, b"", content_type=None)
 
 
-@dataclass(slots=True)
-class _Job:
-    event: OktaEvent
-    subject: str
-    key: str
-
-
 class OktaHook:
     """The listener, its handler, its queue and its workers (see the module docs)."""
 
@@ -427,15 +167,11 @@ class OktaHook:
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._revoker = revoker
         self._secret = secret.reveal().encode()
         self.settings = settings = settings or HookSettings()
         self._metrics = metrics
         self._bucket = TokenBucket(settings.rate, settings.burst, clock=clock)
-        self._seen: OrderedDict[str, None] = OrderedDict()
-        self._queue: asyncio.Queue[_Job] = asyncio.Queue(settings.queue_size)
-        self._workers: list[asyncio.Task[None]] = []
-        self._busy = 0
+        self._queue = RevocationQueue(revoker, settings, metrics)
         self._limiter = RefusalLimiter(_REFUSAL_LOG, limit=10)
         self.server = Server(
             {HOOK_PATH: Route(self._handle, frozenset({"GET", "POST"}))},
@@ -459,10 +195,7 @@ class OktaHook:
         reuse_port: bool = False,
     ) -> int:
         """Start the workers and listen; return the port bound."""
-        for i in range(self.settings.workers):
-            self._workers.append(
-                asyncio.create_task(self._work(), name=f"okta hook worker {i}")
-            )
+        self._queue.start()
         return await self.server.start(
             host, port, ssl_context=ssl_context, reuse_port=reuse_port
         )
@@ -470,20 +203,7 @@ class OktaHook:
     async def close(self, grace: float) -> None:
         """Stop listening, give queued events ``grace`` seconds, log the rest."""
         await self.server.drain(0)
-        if self._workers and not self._queue.empty():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(grace):
-                    await self._queue.join()
-        for task in self._workers:
-            task.cancel()
-        for task in self._workers:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._workers.clear()
-        while not self._queue.empty():
-            job = self._queue.get_nowait()
-            self._failed(job, "not processed before shutdown", attempts=0)
-        self._set_depth()
+        await self._queue.close(grace)
 
     # -- requests -----------------------------------------------------------
 
@@ -500,7 +220,7 @@ class OktaHook:
             return self._verify(request)
         try:
             return self._deliver(request)
-        except _BadDelivery as bad:
+        except BadDelivery as bad:
             self._refused(bad.status, str(bad))
             return _error(bad.status, str(bad))
 
@@ -525,19 +245,19 @@ class OktaHook:
 
     def _deliver(self, request: Request) -> Answer:
         if request.content_type != "application/json":
-            raise _BadDelivery(
+            raise BadDelivery(
                 415,
                 'okta hook: Content-Type must be "application/json", got '
                 f'"{request.content_type[:64]}"',
             )
-        raw_events = _parse_delivery(request.body, max_events=self.settings.max_events)
-        jobs: list[_Job] = []
+        raw_events = parse_delivery(request.body, max_events=self.settings.max_events)
+        jobs: list[Job] = []
         forgets: list[tuple[OktaEvent, str]] = []
         counts: list[tuple[str, str]] = []
         batch: set[str] = set()
         for raw in raw_events:
             event_type = raw.get("eventType") if isinstance(raw, dict) else None
-            label = _type_label(event_type)
+            label = type_label(event_type)
             if (
                 event_type not in REVOKING_EVENT_TYPES
                 and event_type not in FORGETTING_EVENT_TYPES
@@ -545,8 +265,8 @@ class OktaHook:
                 counts.append((label, "ignored"))
                 continue
             try:
-                event = _event(raw)
-            except _BadEvent as bad:
+                event = parse_event(raw)
+            except BadEvent as bad:
                 counts.append((label, "invalid"))
                 log.warning(
                     "okta hook: event not usable",
@@ -560,7 +280,7 @@ class OktaHook:
                     extra={"uuid": event.uuid, "event_type": label},
                 )
                 continue
-            if event.uuid in self._seen or event.uuid in batch:
+            if self._queue.seen(event.uuid) or event.uuid in batch:
                 counts.append((label, "duplicate"))
                 continue
             batch.add(event.uuid)
@@ -569,153 +289,37 @@ class OktaHook:
                 continue
             several = len(event.users) > 1
             jobs.extend(
-                _Job(
+                Job(
                     event=event,
                     subject=user,
                     key=f"{event.uuid}:{user}" if several else event.uuid,
                 )
                 for user in event.users
             )
-        room = self._queue.maxsize - self._queue.qsize()
+        room = self._queue.room()
         if len(jobs) > room:
             log.error(
                 "okta hook: queue full, delivery refused for Okta to retry",
                 extra={"events": len(jobs), "room": room},
             )
-            raise _BadDelivery(503, "okta hook: too many events waiting; retry")
+            raise BadDelivery(503, "okta hook: too many events waiting; retry")
         # Nothing below can fail the delivery: from here it is acknowledged.
-        for uuid in batch:
-            self._remember(uuid)
-        for job in jobs:
-            self._queue.put_nowait(job)
-        self._set_depth()
+        self._queue.accept(batch, jobs)
         for event, user in forgets:
-            self._forget(event, user)
+            self._queue.forget(event, user)
         for label, outcome in counts:
-            self._count_event(label, outcome)
+            count_event(self._metrics, label, outcome)
         log.info(
             "okta hook: delivery accepted",
             extra={"events": len(raw_events), "queued": len(jobs)},
         )
         return _ACCEPTED
 
-    def _remember(self, uuid: str) -> None:
-        seen = self._seen
-        seen[uuid] = None
-        seen.move_to_end(uuid)
-        while len(seen) > self.settings.seen_size:
-            seen.popitem(last=False)
-
-    def _forget(self, event: OktaEvent, user: str) -> None:
-        label = _type_label(event.event_type)
-        try:
-            self._revoker.forget(user)
-        except Exception as err:  # noqa: BLE001 - counted and logged, never raised to Okta
-            self._seen.pop(event.uuid, None)
-            self._count_event(label, "failed")
-            log.error(
-                "okta hook: cached verdicts not dropped",
-                extra={
-                    "uuid": event.uuid,
-                    "event_type": event.event_type,
-                    "subject": user,
-                    "error": f"{type(err).__name__}: {err}"[:300],
-                },
-            )
-            return
-        self._count_event(label, "forgotten")
-        log.info(
-            "okta hook: cached verdicts dropped",
-            extra={"uuid": event.uuid, "event_type": event.event_type, "subject": user},
-        )
-
-    # -- the queue ----------------------------------------------------------
-
-    async def _work(self) -> None:
-        queue = self._queue
-        while True:
-            job = await queue.get()
-            self._busy += 1
-            try:
-                await self._process(job)
-            except asyncio.CancelledError:
-                self._failed(job, "not processed before shutdown", attempts=0)
-                raise
-            finally:
-                self._busy -= 1
-                queue.task_done()
-                self._set_depth()
-
-    async def _process(self, job: _Job) -> None:
-        settings = self.settings
-        event = job.event
-        reason = f"okta:{event.event_type}"
-        problem = ""
-        for attempt in range(1, settings.attempts + 1):
-            try:
-                async with asyncio.timeout(settings.revoke_timeout):
-                    await self._revoker.revoke(
-                        subject=job.subject,
-                        issued_before=event.published,
-                        reason=reason,
-                        key=job.key,
-                    )
-            except TimeoutError:
-                problem = f"no answer within {settings.revoke_timeout:g}s"
-            except Exception as err:  # noqa: BLE001 - retried, then counted and logged
-                problem = f"{type(err).__name__}: {err}"[:300]
-            else:
-                self._count_event(_type_label(event.event_type), "revoked")
-                log.info(
-                    "okta hook: user revoked",
-                    extra={
-                        "uuid": event.uuid,
-                        "event_type": event.event_type,
-                        "subject": job.subject,
-                        "issued_before": event.published.isoformat(),
-                        "attempts": attempt,
-                    },
-                )
-                return
-            if attempt < settings.attempts:
-                log.warning(
-                    "okta hook: revocation failed, retrying",
-                    extra={"uuid": event.uuid, "attempt": attempt, "error": problem},
-                )
-                await asyncio.sleep(settings.retry_backoff * 2 ** (attempt - 1))
-        self._failed(job, problem, attempts=settings.attempts)
-
-    def _failed(self, job: _Job, problem: str, *, attempts: int) -> None:
-        # Forgotten, so a redelivery (by hand, from Okta's System Log) is taken.
-        self._seen.pop(job.event.uuid, None)
-        self._count_event(_type_label(job.event.event_type), "failed")
-        log.error(
-            "okta hook: revocation not stored",
-            extra={
-                "uuid": job.event.uuid,
-                "event_type": job.event.event_type,
-                "subject": job.subject,
-                "issued_before": job.event.published.isoformat(),
-                "attempts": attempts,
-                "error": problem,
-                "hint": "revoke by hand: kube-oidc-gate revoke --sub SUBJECT "
-                "--before ISSUED_BEFORE",
-            },
-        )
-
     # -- counting -----------------------------------------------------------
 
     def _count_answer(self, _handler: str, code: int, _seconds: float) -> None:
         if self._metrics is not None:
             self._metrics.child(self._metrics.okta_hook_requests, str(code)).inc()
-
-    def _count_event(self, label: str, outcome: str) -> None:
-        if self._metrics is not None:
-            self._metrics.child(self._metrics.okta_hook_events, label, outcome).inc()
-
-    def _set_depth(self) -> None:
-        if self._metrics is not None:
-            self._metrics.okta_hook_queue.set(self._queue.qsize())
 
     def _refused(self, status: int, detail: str) -> None:
         if self._limiter.admit((("status", status),)):
@@ -726,4 +330,4 @@ class OktaHook:
     @property
     def pending(self) -> int:
         """Events queued or being processed now."""
-        return self._queue.qsize() + self._busy
+        return self._queue.pending

@@ -651,7 +651,14 @@ async def test_start_with_issuer_down_becomes_ready_later(
         ks = IssuerKeySet(issuer_for(fake), FAST, session=session, metrics=metrics)
         try:
             await ks.start()  # must not raise nor wait for the issuer
-            await wait_for(lambda: ks.fetch_count >= 3)
+            # A cycle is counted when it starts, its failure when it ends:
+            # wait for the third failure, not only the third start.
+            await wait_for(
+                lambda: (
+                    ks.fetch_count >= 3
+                    and (fetches(metrics, fake.url, "error") or 0) >= 3
+                )
+            )
             assert (ks.ready, ks.last_error is None) == (False, False)
             assert (fetches(metrics, fake.url, "error") or 0) >= 3
             label = issuer_hash(fake.url)
