@@ -20,7 +20,7 @@ of workers the proxy gets; it listens on 127.0.0.1 only and logs nothing.
 A peer that accepted tokens it should refuse would report inflated figures,
 so the harness checks before measuring that it refuses a bad signature, an
 expired token, a wrong audience, a wrong issuer, an ``alg`` other than RS256
-and a missing token (``benchmarks.run.haproxy_peer``).
+and a missing token (``benchmarks.services.haproxy_peer``).
 """
 
 from __future__ import annotations

@@ -23,16 +23,11 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.context import REPO, REVIEW, SMALL_PATH, Settings, make_ctx, prepare
 from benchmarks.drive import Load, finish_wrk, start_wrk
 from benchmarks.procs import stop_all
-from benchmarks.run import (
-    REPO,
-    REVIEW,
-    SMALL_PATH,
-    Settings,
+from benchmarks.services import (
     gate_proxy,
-    make_ctx,
-    prepare,
     shared_upstream,
     start_issuer,
     upstream_server,

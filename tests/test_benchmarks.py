@@ -19,19 +19,17 @@ from typing import Any
 import pytest
 
 from benchmarks import haproxy, nginx
+from benchmarks.context import Settings, make_ctx, prepare_checks
 from benchmarks.procs import Proc, free_port, start, wait_http
-from benchmarks.run import (
+from benchmarks.report import upstream_summary
+from benchmarks.services import (
     NGINX_ROUTES,
-    Settings,
     check_front,
-    compute_targets,
     haproxy_peer,
-    make_ctx,
     nginx_ceiling,
     nginx_upstream,
-    prepare_checks,
-    upstream_summary,
 )
+from benchmarks.targets import SPECIAL, TARGETS, Target, compute_targets
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -295,6 +293,94 @@ def test_flood_fetch_target(fetches: int, allowed: int, met: bool) -> None:
     )
     t = _target(compute_targets([flood]), "JWKS fetches caused by the random-kid flood")
     assert t["met"] is met
+
+
+#: Scenarios a full run reports that --quick leaves out or a target reads.
+FULL_ONLY = ["upstream-direct", "upstream-direct-latency", "webhook-logins-alone-1"]
+
+
+def test_the_table_reads_scenarios_the_harness_reports() -> None:
+    """A misspelt scenario name would leave its target "not measured" forever."""
+    known = {*EXPECTED, *FULL_ONLY, "webhook-logins-beside-cached-1"}
+    for t in TARGETS:
+        assert t.numerator in known, t
+        assert t.denominator in {*known, ""}, t
+        # A ratio has both sides; of the others only the p50 reads a second.
+        is_ratio = t.kind in ("ratio", "cpu_ratio")
+        assert bool(t.denominator) == (is_ratio or t.kind == "p50_added"), t
+
+
+def test_the_table_is_whole() -> None:
+    """Every kind has its evaluator, every target 1-9 a row, every row its own label."""
+    assert {t.kind for t in TARGETS} - {"ratio", "cpu_ratio"} == set(SPECIAL)
+    assert {t.id for t in TARGETS} == {str(n) for n in range(1, 10)}
+    assert len({t.check for t in TARGETS}) == len(TARGETS)
+    for t in TARGETS:
+        if t.kind in ("ratio", "cpu_ratio"):
+            # The label says what the flag says (the console lower-cases it).
+            assert t.informational == ("for information" in t.check), t
+            assert isinstance(t.threshold, float), t
+    assert {t.numerator for t in TARGETS if t.needs_new_tokens} == {
+        "webhook-cold-1",
+        "proxy-cold-2",
+    }
+    assert sum(t.needs_new_tokens for t in TARGETS) == 3
+
+
+def test_one_evaluator_judges_any_table() -> None:
+    """A new target is a row: the evaluator needs no change for it."""
+    row = Target(
+        id="10",
+        check="webhook cold / webhook cached (example)",
+        kind="ratio",
+        numerator="webhook-cold-1",
+        denominator="webhook-cached-1",
+        threshold=0.5,
+        needs_new_tokens=True,
+    )
+    scenarios = [
+        _load("webhook-cached-1", 10000.0),
+        _load("webhook-cold-1", 6000.0, cold_fraction=1.0),
+    ]
+    (t,) = compute_targets(scenarios, (row,))
+    assert (t["target"], t["value"], t["met"], "invalid" in t) == (
+        "10",
+        0.6,
+        True,
+        False,
+    )
+    scenarios[1]["cold_fraction"] = 0.5
+    (t,) = compute_targets(scenarios, (row,))
+    assert (t["value"], t["met"]) == (0.6, None)
+    assert "50.0% of the requests carried a new token" in t["invalid"]
+
+
+@pytest.mark.parametrize(
+    ("growth", "complete", "met"),
+    [(10.0, True, True), (10.0, False, False), (50.0, True, False)],
+    ids=["small", "incomplete", "at-the-bound"],
+)
+def test_stream_target(growth: float, complete: bool, met: bool) -> None:
+    stream = _load(
+        "proxy-stream-rss",
+        0.0,
+        "scale",
+        rss_growth_mb=growth,
+        complete=complete,
+        bytes=1 << 20,
+    )
+    t = _target(compute_targets([stream]), "proxy RSS growth while streaming")
+    assert (t["value"], t["threshold"], t["op"], t["met"]) == (growth, 50, "<", met)
+    assert t["bytes"] == 1 << 20
+
+
+def test_p50_added_target() -> None:
+    direct = _load("upstream-direct-latency", 1.0, "proxy")
+    through = {**_load("proxy-latency-1", 1.0, "proxy"), "latency_ms": {"p50": 1.8}}
+    t = _target(compute_targets([direct, through]), "p50 latency added")
+    assert (t["value"], t["met"], t["kind"]) == (0.8, True, "value")
+    t = _target(compute_targets([through]), "p50 latency added")
+    assert (t["value"], t["threshold"], t["met"]) == (None, 1.0, None)
 
 
 def _get(url: str) -> tuple[int, str, bytes]:
