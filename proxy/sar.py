@@ -84,14 +84,16 @@ class ImpersonationReviewer:
                 async with response:
                     body = await response.read(_MAX_SAR_BODY)
                     status = response.status
-        except TimeoutError as err:
+        except TimeoutError as timed_out:
             raise UpstreamError(
                 "proxy: subjectaccessreview timed out", status=504
-            ) from err
+            ) from timed_out
         if status not in (200, 201):
             raise UpstreamError(f"proxy: subjectaccessreview answered {status}")
         try:
             allowed = json.loads(body)["status"]["allowed"]
-        except (ValueError, KeyError, TypeError) as err:
-            raise UpstreamError("proxy: subjectaccessreview answer unreadable") from err
+        except (ValueError, KeyError, TypeError) as unreadable:
+            raise UpstreamError(
+                "proxy: subjectaccessreview answer unreadable"
+            ) from unreadable
         return allowed is True

@@ -453,16 +453,16 @@ class PooledResponse:
             return b""
         try:
             data = await conn.read_body()
-        except Lost as err:
+        except Lost as lost:
             self.close()
             raise UpstreamError(
                 "upstream: connection lost in the response body", status=502
-            ) from err
-        except Malformed as err:
+            ) from lost
+        except Malformed as malformed:
             self.close()
             raise UpstreamError(
-                f"upstream: malformed response: {err}", status=502
-            ) from err
+                f"upstream: malformed response: {malformed}", status=502
+            ) from malformed
         if not data or (conn.done and not conn.body):
             self._finish()
         return data

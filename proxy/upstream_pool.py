@@ -231,20 +231,22 @@ class ConnectionPool:
                     ssl=self._ssl,
                     server_hostname=self._server_hostname if self._ssl else None,
                 )
-        except TimeoutError as err:
-            self._forget(placeholder)
-            raise UpstreamError("upstream: connect timed out", status=504) from err
-        except ssl.SSLError as err:
+        except TimeoutError as timed_out:
             self._forget(placeholder)
             raise UpstreamError(
-                f"upstream: tls handshake failed: {err.reason}", status=502
-            ) from err
-        except OSError as err:
+                "upstream: connect timed out", status=504
+            ) from timed_out
+        except ssl.SSLError as tls_err:
             self._forget(placeholder)
             raise UpstreamError(
-                f"upstream: cannot connect: {err.strerror or type(err).__name__}",
+                f"upstream: tls handshake failed: {tls_err.reason}", status=502
+            ) from tls_err
+        except OSError as os_err:
+            self._forget(placeholder)
+            raise UpstreamError(
+                f"upstream: cannot connect: {os_err.strerror or type(os_err).__name__}",
                 status=503,
-            ) from err
+            ) from os_err
         except BaseException:
             self._forget(placeholder)
             raise
@@ -469,25 +471,25 @@ class ConnectionPool:
                     return await self._exchange(conn, outgoing)
                 async with asyncio.timeout(head_timeout):
                     return await self._exchange(conn, outgoing)
-            except Lost as err:
+            except Lost as lost:
                 stale = conn.reused and conn.received == 0
                 self._discard(conn, abort=True)
                 if not (stale and retry):
                     raise UpstreamError(
                         "upstream: connection lost before the response", status=502
-                    ) from err
+                    ) from lost
                 retry = False
                 conn = await self._acquire(connect_timeout, fresh=True)
-            except Malformed as err:
+            except Malformed as malformed:
                 self._discard(conn, abort=True)
                 raise UpstreamError(
-                    f"upstream: malformed response: {err}", status=502
-                ) from err
-            except TimeoutError as err:
+                    f"upstream: malformed response: {malformed}", status=502
+                ) from malformed
+            except TimeoutError as timed_out:
                 self._discard(conn, abort=True)
                 raise UpstreamError(
                     "upstream: no response in time", status=504
-                ) from err
+                ) from timed_out
             except BaseException:
                 self._discard(conn, abort=True)
                 raise

@@ -320,19 +320,21 @@ def load_target(
                 client_configuration=cfg,
                 persist_config=False,
             )
-    except ConfigException as err:
-        raise ConfigError(f"upstream: {source}: {err}") from err
-    except OSError as err:
-        raise ConfigError(f"upstream: {source}: cannot read: {err.strerror}") from err
-    except yaml.YAMLError as err:
-        # PyYAML's message quotes the offending line, which may hold a token.
-        mark = getattr(err, "problem_mark", None)
-        where = f" near line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"upstream: {source}: not valid yaml{where}") from err
-    except Exception as err:  # the loaders raise anything on odd input
+    except ConfigException as config_err:
+        raise ConfigError(f"upstream: {source}: {config_err}") from config_err
+    except OSError as os_err:
         raise ConfigError(
-            f"upstream: {source}: unusable ({type(err).__name__})"
-        ) from err
+            f"upstream: {source}: cannot read: {os_err.strerror}"
+        ) from os_err
+    except yaml.YAMLError as yaml_err:
+        # PyYAML's message quotes the offending line, which may hold a token.
+        mark = getattr(yaml_err, "problem_mark", None)
+        where = f" near line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"upstream: {source}: not valid yaml{where}") from yaml_err
+    except Exception as other:  # the loaders raise anything on odd input
+        raise ConfigError(
+            f"upstream: {source}: unusable ({type(other).__name__})"
+        ) from other
     if getattr(cfg, "proxy", None):
         raise ConfigError(f"upstream: {source}: proxy-url is not supported")
     url = URL(str(cfg.host))
