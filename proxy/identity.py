@@ -193,7 +193,9 @@ def classify_target(method: str, target: str) -> tuple[str, str]:
     """``classify_request`` for a raw request target (path and query)."""
     path, _, query = target.partition("?")
     params: dict[str, str] = {}
-    if query:
+    # Only ``watch`` is read: skip the parse (on every proxied request) when
+    # the query cannot name it, even percent-encoded.
+    if query and ("watch" in query or "%" in query):
         for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
             params.setdefault(name, value)
     return classify_request(method, decoded_path(path), params)
