@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import re
 import string
@@ -336,15 +337,21 @@ def check_identity(user: UserInfo, allowed: Sequence[str]) -> None:
         raise Refusal(403, "forbidden: identity not expressible", "unsafe header value")
 
 
-def escape_extra_key(key: str) -> str:
-    """Percent-encode an extra key for a header name so that kube-apiserver
-    (which lower-cases the name, then percent-decodes it) reads back exactly
-    ``key``: client-go's encoding plus upper-case letters, without which a key
-    authorised as ``Scopes`` would arrive as ``scopes``.
-    """
+def _escape_extra_key(key: str) -> str:
     return "".join(
         chr(b) if chr(b) in _HEADER_KEY_SAFE else f"%{b:02X}" for b in key.encode()
     )
+
+
+#: Percent-encode an extra key for a header name so that kube-apiserver
+#: (which lower-cases the name, then percent-decodes it) reads back exactly
+#: the key: client-go's encoding plus upper-case letters, without which a key
+#: authorised as ``Scopes`` would arrive as ``scopes``. Remembered: the keys
+#: are few (the configuration's ``claimMappings.extra`` and ``credential-id``)
+#: and every new token's user has them; encoding one byte at a time cost
+#: ~3 % of a new token's proxied request (a ``--as`` request's keys come from
+#: the client, hence the bound).
+escape_extra_key: Final = functools.lru_cache(maxsize=1024)(_escape_extra_key)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

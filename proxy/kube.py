@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final, Generic, TypeVar
 
+from proxy.jsontext import compact_bytes
+
 __all__ = [
     "STATUS_REASONS",
     "SYSTEM_AUTHENTICATED",
@@ -56,9 +58,6 @@ def status_body(code: int, message: str) -> bytes:
             "code": code,
         }
     ).encode()
-
-
-_ENCODE: Final = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def _empty_extra() -> MappingProxyType[str, tuple[str, ...]]:
@@ -108,7 +107,7 @@ class UserInfo:
         """
         encoded = self._json
         if encoded is None:
-            encoded = _ENCODE(self.to_dict()).encode()
+            encoded = compact_bytes(self.to_dict())
             object.__setattr__(self, "_json", encoded)
         return encoded
 

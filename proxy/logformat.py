@@ -13,14 +13,13 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import itertools
-import json
 import logging
 import os
 import time
 from itertools import islice
 from typing import Any, ClassVar, Final
 
-import orjson
+from proxy.jsontext import compact
 
 __all__ = [
     "REQUEST_ID",
@@ -106,47 +105,8 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in tail if k not in _RESERVED}
 
 
-#: The standard library's encoder, built once (``json.dumps`` with options
-#: would build a new encoder per line): what ``encode_json`` falls back to.
-_encode_std: Final = json.JSONEncoder(default=str, separators=(",", ":")).encode
-
-#: Values orjson would render its own way (a dataclass as an object, a
-#: datetime in RFC 3339, a subclass of str/int/dict/list as its base) go to
-#: ``default``, which sends the whole line to ``_encode_std``.
-_ORJSON_OPTIONS: Final = (
-    orjson.OPT_PASSTHROUGH_DATACLASS
-    | orjson.OPT_PASSTHROUGH_DATETIME
-    | orjson.OPT_PASSTHROUGH_SUBCLASS
-)
-
-
-def _not_plain(value: object) -> object:
-    raise TypeError(type(value).__name__)
-
-
-def encode_json(value: dict[str, Any]) -> str:
-    """One JSON line from a dict, as ``json.dumps(value, default=str)`` renders it.
-
-    Every request and every review writes a line, and the standard library's
-    ``JSONEncoder.encode`` cost ~8 µs for an access line (it builds a C encoder
-    per call), a quarter of a cached review. orjson renders the same line in
-    under 1 µs. It is used only where its text is the standard library's: any
-    value it would render otherwise (see ``_ORJSON_OPTIONS``; an integer beyond
-    64 bits; a key that is not a string) and any line with a character that
-    ``ensure_ascii`` escapes (non-ASCII, DEL) go through ``_encode_std``, so a
-    log line never carries a raw bidi control or U+2028 and stays 7-bit.
-    Deliberate differences, none of which our lines carry: a float below 1e-4
-    is written as a decimal (``0.00001`` for ``1e-05``, the same number); a
-    NaN or infinity is ``null`` (the standard library writes ``NaN``, which is
-    not JSON); a plain ``Enum`` member is its value, not ``str()`` of it.
-    """
-    try:
-        out = orjson.dumps(value, default=_not_plain, option=_ORJSON_OPTIONS)
-    except TypeError:
-        return _encode_std(value)
-    if not out.isascii() or b"\x7f" in out:
-        return _encode_std(value)
-    return out.decode("ascii")
+#: One JSON line from a dict (see ``proxy.jsontext``).
+encode_json: Final = compact
 
 
 class JSONFormatter(logging.Formatter):

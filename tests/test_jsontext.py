@@ -1,4 +1,4 @@
-"""``encode_json``: orjson's speed, the standard library's text.
+"""``proxy.jsontext``: orjson's speed, the standard library's text.
 
 The oracle is ``json.JSONEncoder(default=str, separators=(",", ":"))``, what
 every log line was rendered with before. Where the two may differ on purpose
@@ -15,12 +15,15 @@ import enum
 import json
 import math
 import uuid
+from types import MappingProxyType
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.logformat import encode_json
+from proxy.jsontext import compact as encode_json
+from proxy.jsontext import compact_bytes
+from proxy.kube import UserInfo
 
 _ORACLE = json.JSONEncoder(default=str, separators=(",", ":")).encode
 
@@ -120,3 +123,22 @@ def test_the_deliberate_differences() -> None:
     # The oracle writes NaN and Infinity, which no JSON parser must accept.
     assert encode_json({"a": math.nan, "b": -math.inf}) == '{"a":null,"b":null}'
     assert encode_json({"colour": _Colour.RED}) == '{"colour":"red"}'
+
+
+def test_bytes_are_the_text_encoded() -> None:
+    for value in ({"username": "alice", "groups": ["a", "b"]}, {"user": "é"}):
+        assert compact_bytes(value) == encode_json(value).encode("ascii")
+
+
+def test_a_users_json_is_the_standard_librarys() -> None:
+    """The result cache and the webhook's answer carry this encoding."""
+    user = UserInfo(
+        username="oidc:alice",
+        uid="42",
+        groups=("dev", "ops"),
+        extra=MappingProxyType(
+            {"authentication.kubernetes.io/credential-id": ("JTI=x",)}
+        ),
+    )
+    assert user.to_json() == _ORACLE(user.to_dict()).encode()
+    assert UserInfo.from_json(user.to_json()) == user
