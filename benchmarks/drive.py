@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.procs import cpu_seconds
+from benchmarks.procs import cpu_seconds, cpu_ticks, steal_share
 
 __all__ = ["LUA", "Load", "run_wrk", "wrk_path"]
 
@@ -110,7 +110,9 @@ def finish_wrk(popen: subprocess.Popen[str], load: Load) -> dict[str, Any]:
 def run_wrk(load: Load, measured_pids: Sequence[int] = ()) -> dict[str, Any]:
     """Run wrk once; with ``measured_pids``, also report their CPU per request."""
     before = cpu_seconds(measured_pids)
+    machine = cpu_ticks()
     result = finish_wrk(start_wrk(load), load)
+    result["cpu_steal_share"] = steal_share(machine, cpu_ticks())
     if measured_pids and result["requests"]:
         used = cpu_seconds(measured_pids) - before
         result["server_cpu_s"] = round(used, 3)

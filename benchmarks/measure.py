@@ -72,6 +72,8 @@ def load_fields(result: dict[str, Any], load: Load) -> dict[str, Any]:
     }
     if "server_cpu_us_per_request" in result:
         out["server_cpu_us_per_request"] = result["server_cpu_us_per_request"]
+    if result.get("cpu_steal_share") is not None:
+        out["cpu_steal_share"] = result["cpu_steal_share"]
     if result.get("checked"):
         out["checked"] = result["checked"]
         out["accepted"] = result["accepted"]
@@ -200,6 +202,9 @@ def _median_fields(
     fields = load_fields(median, load)
     if len(done) > 1:
         fields["rounds_rps"] = [round(r["rps"], 1) for r in done]
+        # The hypervisor's share of each round (see procs.cpu_ticks): a round
+        # far off the others with a high share was slowed by the machine.
+        fields["rounds_steal_share"] = [r.get("cpu_steal_share") for r in done]
         fields["requests_all_rounds"] = sum(r["requests"] for r in done)
     if run.counts is not None:
         hit, miss = hits_misses

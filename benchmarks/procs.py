@@ -69,6 +69,34 @@ def cpu_seconds(pids: Sequence[int]) -> float:
     return total / _CLK_TCK
 
 
+def cpu_ticks(stat: str = "/proc/stat") -> tuple[int, int]:
+    """The whole machine's (steal, total) CPU ticks so far.
+
+    Steal is time the hypervisor gave this VM's virtual CPUs to someone else:
+    on a shared VM it comes and goes within minutes, and while it is high
+    every figure of a run is slower, so each run records its share.
+    """
+    try:
+        with open(stat) as f:
+            first = f.readline().split()
+    except OSError:
+        return 0, 0
+    # cpu user nice system idle iowait irq softirq steal guest guest_nice;
+    # guest time is already counted in user and nice.
+    ticks = [int(v) for v in first[1:9]]
+    if first[:1] != ["cpu"] or len(ticks) < 8:
+        return 0, 0
+    return ticks[7], sum(ticks)
+
+
+def steal_share(before: tuple[int, int], after: tuple[int, int]) -> float | None:
+    """The share of the machine's CPU time stolen between two ``cpu_ticks``."""
+    total = after[1] - before[1]
+    if total <= 0:
+        return None
+    return round((after[0] - before[0]) / total, 3)
+
+
 def rss_bytes(pids: Sequence[int]) -> int:
     """Resident set size of these processes, summed."""
     total = 0

@@ -20,7 +20,7 @@ import pytest
 
 from benchmarks import haproxy, nginx
 from benchmarks.context import Settings, make_ctx, prepare_checks
-from benchmarks.procs import Proc, free_port, start, wait_http
+from benchmarks.procs import Proc, cpu_ticks, free_port, start, steal_share, wait_http
 from benchmarks.report import upstream_summary
 from benchmarks.services import (
     NGINX_ROUTES,
@@ -129,6 +129,7 @@ def test_quick_report_scenarios(quick_report: tuple[dict[str, Any], Path]) -> No
             assert s["rps"] > 0, s
             assert set(s["latency_ms"]) >= {"p50", "p90", "p99"}
             assert s["socket_errors"] == 0, s
+            assert 0.0 <= s["cpu_steal_share"] <= 1.0, s
     upstream = report["upstream"]
     if nginx.missing() is None:
         assert upstream["shared"].startswith("nginx "), upstream
@@ -202,6 +203,23 @@ def _load(
 def _target(targets: list[dict[str, Any]], check_prefix: str) -> dict[str, Any]:
     (found,) = [t for t in targets if t["check"].startswith(check_prefix)]
     return found
+
+
+def test_steal_is_the_hypervisors_share_of_the_machine(tmp_path: Path) -> None:
+    """/proc/stat's first line: user nice system idle iowait irq softirq steal."""
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 50 800 0 0 0 50 7 0\ncpu0 1 2 3\n")
+    before = cpu_ticks(str(stat))
+    assert before == (50, 1000)  # guest time is inside user already
+    stat.write_text("cpu  300 0 100 1100 0 0 0 500 9 0\n")
+    assert steal_share(before, cpu_ticks(str(stat))) == 0.45  # 450 of 1,000 ticks
+    assert steal_share(before, before) is None
+    assert cpu_ticks(str(tmp_path / "absent")) == (0, 0)
+    stat.write_text("intr 1 2 3\n")
+    assert cpu_ticks(str(stat)) == (0, 0)
+    real = cpu_ticks()
+    assert 0 <= real[0] <= real[1]
+    assert real[1] > 0
 
 
 @pytest.mark.parametrize(
