@@ -4,12 +4,21 @@
     .venv/bin/python -m benchmarks.profile webhook-cold --seconds 6
     .venv/bin/python -m benchmarks.profile proxy-cached
 
+    .venv/bin/python -m benchmarks.profile proxy-cached --perf   # compiled code
+
 The same services as ``benchmarks.run`` (local issuer, upstream, TLS), one
 worker, 64 connections. py-spy samples the worker (``--rate`` per second,
 each sample briefly pauses it) and this prints the share of
 samples per function, self and inclusive, and writes the raw collapsed stacks
 (flamegraph input) next to the report. Shares are of the samples taken while
 the worker ran Python or C code called from Python; idle time is not sampled.
+
+py-spy sees Python frames only, so the modules mypyc compiled (the request
+path of the build the image ships) are invisible to it. ``--perf`` samples
+with Linux ``perf`` and DWARF call graphs instead: every frame is native
+there (the interpreter's, OpenSSL's, the kernel's, and each compiled
+function as ``CPyDef_<module>___<function>``), and the summary gives the
+share of samples per library and the inclusive share per compiled function.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import re
 import shutil
 import subprocess
 import sys
@@ -76,6 +86,77 @@ def summarize(collapsed: Path, top: int = 30) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: A generator's symbol ends in ``_gen`` (a function) or ``_<Class>_gen`` (a
+#: method), then mypyc's helper suffix.
+_GENERATOR = re.compile(
+    r"(?:_(_?[A-Z][A-Za-z0-9]*))?_gen(?:_+mypyc_generator_helper_+)?$"
+)
+
+
+def _perf_name(symbol: str) -> str:
+    """``module.Class.method`` for a compiled function's symbol, else ``symbol``.
+
+    mypyc names them ``CPyDef_<module>___<Class>___<method>`` or
+    ``CPyDef_<module>___<function>``; a coroutine's body is
+    ``CPyDef_<module>___<function>[_<Class>]_gen_____mypyc_generator_helper__``.
+    """
+    for prefix in ("CPyDef_", "CPyPy_"):
+        if symbol.startswith(prefix):
+            rest = symbol[len(prefix) :]
+            break
+    else:
+        return symbol
+    module, sep, tail = rest.partition("___")
+    if not sep or not tail:
+        return symbol
+    generator = _GENERATOR.search(tail)
+    if generator is not None:
+        tail = tail[: generator.start()]
+        if generator.group(1):
+            # ``_serve__ProxyHandler``: the name, ``_``, then the class.
+            return f"{module}.{generator.group(1)}.{tail}"
+    if "___" in tail:
+        cls, _, method = tail.partition("___")
+        return f"{module}.{cls}.{method}"
+    return f"{module}.{tail}"
+
+
+def _library(frame: str) -> str:
+    return frame.rpartition(" (")[2].rstrip(")").rsplit("/", 1)[-1]
+
+
+def summarize_perf(script: str, top: int = 40) -> str:
+    """Shares per library (self) and per compiled function (inclusive) from
+    ``perf script`` output: one block per sample, leaf frame first.
+    """
+    libraries: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    for block in script.split("\n\n"):
+        frames = [
+            line.split(None, 1)[1]
+            for line in block.splitlines()
+            if line.startswith(("\t", " ")) and len(line.split(None, 1)) == 2
+        ]
+        if not frames:
+            continue
+        total += 1
+        # An inlined frame names no library: the one it was inlined into does.
+        leaf = next((f for f in frames if _library(f) != "inlined"), frames[0])
+        libraries[_library(leaf)] += 1
+        names = {_perf_name(f.split("+0x")[0].split(" (")[0]) for f in frames}
+        for name in names:
+            if "." in name and not name.startswith(("CPy", "[")):
+                inclusive[name] += 1
+    if not total:
+        return "no samples\n"
+    lines = [f"samples: {total}", "", "self, by library:"]
+    lines += [f"  {100 * v / total:5.1f}%  {k}" for k, v in libraries.most_common(15)]
+    lines += ["", "inclusive, by compiled function:"]
+    lines += [f"  {100 * v / total:5.1f}%  {k}" for k, v in inclusive.most_common(top)]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Start the target, load it, sample it, print the summary."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profile")
@@ -89,9 +170,20 @@ def main(argv: list[str] | None = None) -> int:
         help="Sample C frames too (py-spy --native): time in OpenSSL, uvloop or "
         "a system call is then credited to it, not to the Python line calling it.",
     )
+    parser.add_argument(
+        "--perf",
+        action="store_true",
+        help="Sample with Linux perf and DWARF call graphs instead of py-spy: "
+        "sees the mypyc-compiled functions (run it in build/compiled).",
+    )
     ns = parser.parse_args(argv)
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    if not Path(spy).exists():
+    if ns.perf:
+        spy = shutil.which("perf") or ""
+        if not spy:
+            print("error: perf is not installed (Debian: linux-perf)", file=sys.stderr)
+            return 2
+    elif not Path(spy).exists():
         print("error: py-spy is not installed (pip install py-spy)", file=sys.stderr)
         return 2
     seconds = min(max(ns.seconds, 1.0), 60.0)
@@ -122,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                     ns.rate,
                     raw,
                     native=ns.native,
+                    perf=ns.perf,
                 )
         else:
             tokens = {
@@ -144,11 +237,12 @@ def main(argv: list[str] | None = None) -> int:
                     ns.rate,
                     raw,
                     native=ns.native,
+                    perf=ns.perf,
                 )
     finally:
         stop_all()
         shutil.rmtree(ctx.work, ignore_errors=True)
-    text = summarize(raw)
+    text = summarize_perf(raw.read_text()) if ns.perf else summarize(raw)
     (raw.with_suffix(".summary.txt")).write_text(text)
     print(text)
     print(f"raw stacks: {raw}")
@@ -166,11 +260,15 @@ def _sample(
     raw: Path,
     *,
     native: bool = False,
+    perf: bool = False,
 ) -> None:
     load = Load(url=url, duration=seconds + 2, mode=mode, tokens=tokens)
     wrk = start_wrk(load)
     try:
         time.sleep(1.0)
+        if perf:
+            _perf_record(spy, pid, seconds, raw)
+            return
         subprocess.run(
             [
                 spy,
@@ -194,6 +292,39 @@ def _sample(
     finally:
         result = finish_wrk(wrk, load)
     print(f"{result['rps']:,.0f} req/s under the sampler", flush=True)
+
+
+def _perf_record(perf: str, pid: int, seconds: float, raw: Path) -> None:
+    """``perf record`` of ``pid`` for ``seconds``, its ``perf script`` into ``raw``."""
+    data = raw.with_suffix(".perf")
+    subprocess.run(
+        [
+            perf,
+            "record",
+            "--freq",
+            "499",
+            "--call-graph",
+            "dwarf,16384",
+            "--pid",
+            str(pid),
+            "--output",
+            str(data),
+            "--",
+            "sleep",
+            str(int(seconds)),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=seconds + 60,
+    )
+    with raw.open("w") as out:
+        subprocess.run(
+            [perf, "script", "--input", str(data)],
+            check=True,
+            stdout=out,
+            stderr=subprocess.DEVNULL,
+            timeout=600,
+        )
 
 
 if __name__ == "__main__":
