@@ -144,9 +144,10 @@ def summarize_perf(script: str, top: int = 40) -> str:
         # An inlined frame names no library: the one it was inlined into does.
         leaf = next((f for f in frames if _library(f) != "inlined"), frames[0])
         libraries[_library(leaf)] += 1
-        names = {_perf_name(f.split("+0x")[0].split(" (")[0]) for f in frames}
+        symbols = {f.split("+0x")[0].split(" (")[0] for f in frames}
+        names = {_perf_name(s) for s in symbols if s.startswith(("CPyDef_", "CPyPy_"))}
         for name in names:
-            if "." in name and not name.startswith(("CPy", "[")):
+            if not name.startswith("CPy"):
                 inclusive[name] += 1
     if not total:
         return "no samples\n"
