@@ -62,6 +62,15 @@ def compact(value: dict[str, Any]) -> str:
 
 
 def compact_bytes(value: dict[str, Any]) -> bytes:
-    """``compact`` as ASCII bytes, without a decode and encode on the way."""
+    """``compact`` as ASCII bytes, sized to their length.
+
+    orjson's own ``bytes`` keep the whole buffer it wrote into (4 KiB for a
+    user of 60 bytes), and these are kept: each accepted token's user is
+    stored in the result cache by its JSON. The benchmark's cache of 75,000
+    entries grew from 492 to 5,837 bytes per entry with orjson's object, so
+    the text is copied into an object of its own size (~0.1 µs).
+    """
     out = _fast(value)
-    return _encode_std(value).encode("ascii") if out is None else out
+    if out is None:
+        return _encode_std(value).encode("ascii")
+    return memoryview(out).tobytes()

@@ -14,6 +14,7 @@ import decimal
 import enum
 import json
 import math
+import tracemalloc
 import uuid
 from types import MappingProxyType
 from typing import Any
@@ -128,6 +129,24 @@ def test_the_deliberate_differences() -> None:
 def test_bytes_are_the_text_encoded() -> None:
     for value in ({"username": "alice", "groups": ["a", "b"]}, {"user": "é"}):
         assert compact_bytes(value) == encode_json(value).encode("ascii")
+
+
+def test_kept_bytes_hold_no_more_than_their_text() -> None:
+    """Each cached acceptance keeps its user's JSON: orjson's own object would
+    keep its 4 KiB buffer with it (the result cache grew twelvefold).
+    """
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        kept = [
+            compact_bytes({"username": f"oidc:{i}", "groups": ["a"]})
+            for i in range(2000)
+        ]
+        per_object = (tracemalloc.get_traced_memory()[0] - before) / len(kept)
+    finally:
+        tracemalloc.stop()
+    assert len(kept[0]) < 50
+    assert per_object < 200, per_object
 
 
 def test_a_users_json_is_the_standard_librarys() -> None:
