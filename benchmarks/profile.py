@@ -178,14 +178,16 @@ def main(argv: list[str] | None = None) -> int:
         "sees the mypyc-compiled functions (run it in build/compiled).",
     )
     ns = parser.parse_args(argv)
-    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if ns.perf:
-        spy = shutil.which("perf") or ""
-        if not spy:
-            print("error: perf is not installed (Debian: linux-perf)", file=sys.stderr)
-            return 2
-    elif not Path(spy).exists():
-        print("error: py-spy is not installed (pip install py-spy)", file=sys.stderr)
+        sampler = shutil.which("perf") or ""
+        missing = "perf is not installed (Debian: linux-perf)"
+    else:
+        sampler = shutil.which("py-spy") or str(
+            Path(sys.executable).with_name("py-spy")
+        )
+        missing = "py-spy is not installed (pip install py-spy)"
+    if not sampler or not Path(sampler).exists():
+        print(f"error: {missing}", file=sys.stderr)
         return 2
     seconds = min(max(ns.seconds, 1.0), 60.0)
     # A new token for every request of one worker (at most ~5,000/s here);
@@ -206,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             }.get(ns.target, ctx.files["one"])
             with webhook(ctx, 1, "webhook-profile") as svc:
                 _sample(
-                    spy,
+                    sampler,
                     svc.proc.pid,
                     f"{svc.url}{REVIEW}",
                     "review",
@@ -229,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                 gate_proxy(ctx, up.url, 1, "proxy-profile") as px,
             ):
                 _sample(
-                    spy,
+                    sampler,
                     px.proc.pid,
                     f"{px.url}{SMALL_PATH}",
                     "bearer",
@@ -251,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _sample(
-    spy: str,
+    sampler: str,
     pid: int,
     url: str,
     mode: str,
@@ -268,11 +270,11 @@ def _sample(
     try:
         time.sleep(1.0)
         if perf:
-            _perf_record(spy, pid, seconds, raw)
+            _perf_record(sampler, pid, seconds, raw)
             return
         subprocess.run(
             [
-                spy,
+                sampler,
                 "record",
                 "--pid",
                 str(pid),

@@ -26,7 +26,6 @@ __all__ = [
     "JSONFormatter",
     "Process",
     "TextFormatter",
-    "encode_json",
     "fingerprint",
     "issuer_hash",
     "new_request_id",
@@ -105,10 +104,6 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in tail if k not in _RESERVED}
 
 
-#: One JSON line from a dict (see ``proxy.jsontext``).
-encode_json: Final = compact
-
-
 class JSONFormatter(logging.Formatter):
     """Render a record as one JSON object per line (time, level, logger, event).
 
@@ -138,7 +133,7 @@ class JSONFormatter(logging.Formatter):
         out.update(_fields(record))
         if record.exc_info and record.exc_info[0] is not None:
             out["exception"] = self.formatException(record.exc_info)
-        return encode_json(out)
+        return compact(out)
 
     def head(
         self, created: float, level: str, logger: str, event: str

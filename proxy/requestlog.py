@@ -16,7 +16,8 @@ from typing import Any, Final, Protocol
 
 from mypy_extensions import mypyc_attr
 
-from proxy.logformat import REQUEST_ID, JSONFormatter, encode_json
+from proxy.jsontext import compact
+from proxy.logformat import REQUEST_ID, JSONFormatter
 from proxy.logwriter import LoopBatchingHandler
 
 __all__ = ["Cause", "EventLog", "RefusalLimiter", "RequestLog", "live_limiters"]
@@ -54,7 +55,7 @@ class RequestLog:
         assert isinstance(formatter, JSONFormatter)
         out = formatter.head(time.time(), "info", logger.name, event)
         out.update(fields)
-        handler.queue_line(encode_json(out))
+        handler.queue_line(compact(out))
 
     def _direct(self) -> LoopBatchingHandler | None:
         """The handler to queue on directly, if nothing else would see the record."""
