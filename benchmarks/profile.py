@@ -320,14 +320,19 @@ def _perf_record(perf: str, pid: int, seconds: float, raw: Path) -> None:
         capture_output=True,
         timeout=seconds + 60,
     )
-    with raw.open("w") as out:
-        subprocess.run(
-            [perf, "script", "--input", str(data)],
-            check=True,
-            stdout=out,
-            stderr=subprocess.DEVNULL,
-            timeout=600,
-        )
+    try:
+        with raw.open("w") as out:
+            subprocess.run(
+                [perf, "script", "--input", str(data)],
+                check=True,
+                stdout=out,
+                stderr=subprocess.DEVNULL,
+                timeout=600,
+            )
+    finally:
+        # DWARF unwinding stores a copy of the sampled stack with each sample,
+        # and a stack may hold a token's bytes: only the symbols are kept.
+        data.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
