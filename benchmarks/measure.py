@@ -24,6 +24,7 @@ __all__ = [
     "load_fields",
     "measure",
     "measure_interleaved",
+    "median_fields",
     "record",
     "skip",
 ]
@@ -194,10 +195,8 @@ def _rounds(
     return results, hits_misses
 
 
-def _median_fields(
-    run: Run, load: Load, done: list[dict[str, Any]], hits_misses: list[float]
-) -> dict[str, Any]:
-    """The median round by throughput, with every round's rps and the cold fraction."""
+def median_fields(done: list[dict[str, Any]], load: Load) -> dict[str, Any]:
+    """The median round by throughput as the report's fields, with every round's rps."""
     median = sorted(done, key=lambda r: r["rps"])[len(done) // 2]
     fields = load_fields(median, load)
     if len(done) > 1:
@@ -206,6 +205,14 @@ def _median_fields(
         # far off the others with a high share was slowed by the machine.
         fields["rounds_steal_share"] = [r.get("cpu_steal_share") for r in done]
         fields["requests_all_rounds"] = sum(r["requests"] for r in done)
+    return fields
+
+
+def _median_fields(
+    run: Run, load: Load, done: list[dict[str, Any]], hits_misses: list[float]
+) -> dict[str, Any]:
+    """``median_fields``, and the cold fraction when the run counts its cache."""
+    fields = median_fields(done, load)
     if run.counts is not None:
         hit, miss = hits_misses
         fields["cold_fraction"] = round(miss / (hit + miss), 4) if hit + miss else None

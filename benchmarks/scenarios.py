@@ -12,10 +12,11 @@ import gc
 import time
 import tracemalloc
 from collections.abc import Callable
+from typing import Any
 
 from benchmarks.context import REVIEW, Ctx
 from benchmarks.drive import Load, finish_wrk, run_wrk, start_wrk
-from benchmarks.measure import load_fields, measure, record
+from benchmarks.measure import load_fields, measure, median_fields, record
 from benchmarks.proxy_scenarios import group_proxy
 from benchmarks.services import cache_counts, echo_server, webhook
 
@@ -174,7 +175,15 @@ def _sleep_until(when: float) -> None:
 
 
 def group_flood(ctx: Ctx) -> None:
-    """A flood of random-kid tokens beside valid traffic: issuer fetches and goodput."""
+    """A flood of random-kid tokens beside valid traffic: issuer fetches and goodput.
+
+    The valid load runs alone, then beside the flood, in ``rounds`` such
+    pairs; each entry is its median round. One pair alone would compare two
+    moments of a shared machine: its speed moves by a third from one load run
+    to the next with no steal recorded (``webhook-cached-1``'s rounds spanned
+    11,300-17,000 req/s in one run), and a single pair put target 6 anywhere
+    from 0.62 to 0.90.
+    """
     s = ctx.settings
     valid_conns = max(2, s.connections * 3 // 4)
     flood_conns = max(1, s.connections - valid_conns)
@@ -188,6 +197,13 @@ def group_flood(ctx: Ctx) -> None:
             tokens=ctx.files["one"],
             check="review",
         )
+        flood = Load(
+            url=url,
+            duration=s.duration,
+            connections=flood_conns,
+            threads=1,
+            tokens=ctx.files["random-kid"],
+        )
         if s.warmup:
             run_wrk(
                 Load(
@@ -198,37 +214,36 @@ def group_flood(ctx: Ctx) -> None:
                     tokens=ctx.files["one"],
                 )
             )
-        undisturbed = run_wrk(alone, svc.proc.pids())
-        record(
-            ctx,
-            "webhook-valid-undisturbed-1",
-            "resilience",
-            f"webhook, 1 worker, valid cached token on {valid_conns} connections, alone",
-            **load_fields(undisturbed, alone),
-        )
+        undisturbed: list[dict[str, Any]] = []
+        valid: list[dict[str, Any]] = []
+        flooded: list[dict[str, Any]] = []
         before = ctx.issuer_call("/admin/stats")
-        flood = Load(
-            url=url,
-            duration=s.duration,
-            connections=flood_conns,
-            threads=1,
-            tokens=ctx.files["random-kid"],
-        )
         started = time.monotonic()
-        fw = start_wrk(flood)
-        valid = run_wrk(alone, svc.proc.pids())
-        flooded = finish_wrk(fw, flood)
+        for _ in range(s.rounds):
+            undisturbed.append(run_wrk(alone, svc.proc.pids()))
+            fw = start_wrk(flood)
+            valid.append(run_wrk(alone, svc.proc.pids()))
+            flooded.append(finish_wrk(fw, flood))
         elapsed = time.monotonic() - started
         after = ctx.issuer_call("/admin/stats")
+    record(
+        ctx,
+        "webhook-valid-undisturbed-1",
+        "resilience",
+        f"webhook, 1 worker, valid cached token on {valid_conns} connections, alone",
+        **median_fields(undisturbed, alone),
+    )
     fetches = after["jwks_http"] - before["jwks_http"]
     allowed = 1 + int(elapsed // s.cooldown)
+    flood_rps = sorted(r["rps"] for r in flooded)
     record(
         ctx,
         "webhook-valid-under-flood-1",
         "resilience",
         f"the same valid load while {flood_conns} more connections send random-kid tokens",
-        **load_fields(valid, alone),
-        flood_rps=round(flooded["rps"], 1),
+        **median_fields(valid, alone),
+        flood_rps=round(flood_rps[len(flood_rps) // 2], 1),
+        rounds_flood_rps=[round(r["rps"], 1) for r in flooded],
         flood_connections=flood_conns,
         jwks_fetches=fetches,
         jwks_fetches_allowed=allowed,

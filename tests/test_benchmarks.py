@@ -20,6 +20,8 @@ import pytest
 
 from benchmarks import haproxy, nginx
 from benchmarks.context import Settings, make_ctx, prepare_checks
+from benchmarks.drive import Load
+from benchmarks.measure import median_fields
 from benchmarks.procs import Proc, cpu_ticks, free_port, start, steal_share, wait_http
 from benchmarks.report import upstream_summary
 from benchmarks.services import (
@@ -222,6 +224,36 @@ def test_steal_is_the_hypervisors_share_of_the_machine(tmp_path: Path) -> None:
     real = cpu_ticks()
     assert 0 <= real[0] <= real[1]
     assert real[1] > 0
+
+
+def _wrk_result(rps: float, steal: float | None) -> dict[str, Any]:
+    latency = {k: 1000.0 for k in ("p50", "p90", "p99", "p999", "mean", "max")}
+    return {
+        "rps": rps,
+        "requests": int(rps * 5),
+        "duration_us": 5_000_000,
+        "latency_us": latency,
+        "non2xx": 0,
+        "socket_errors": 0,
+        "server_cpu_us_per_request": 1e6 / rps,
+        "cpu_steal_share": steal,
+    }
+
+
+def test_median_fields_report_the_median_round_and_every_round() -> None:
+    """The flood's and every interleaved scenario's entry: the median round's own figures."""
+    load = Load(url="https://127.0.0.1:1/", duration=5, tokens=Path("t"))
+    done = [_wrk_result(900.0, 0.2), _wrk_result(1000.0, 0.0), _wrk_result(400.0, None)]
+    fields = median_fields(done, load)
+    assert fields["rps"] == 900.0
+    assert fields["server_cpu_us_per_request"] == 1e6 / 900.0
+    assert fields["cpu_steal_share"] == 0.2
+    assert fields["rounds_rps"] == [900.0, 1000.0, 400.0]
+    assert fields["rounds_steal_share"] == [0.2, 0.0, None]
+    assert fields["requests_all_rounds"] == 4500 + 5000 + 2000
+    single = median_fields(done[1:2], load)
+    assert single["rps"] == 1000.0
+    assert "rounds_rps" not in single
 
 
 @pytest.mark.parametrize(
