@@ -31,7 +31,7 @@ lint: install
 	$(BIN)/lint-imports
 
 type: install
-	$(BIN)/mypy --strict proxy tests
+	$(BIN)/mypy --strict proxy tests benchmarks
 
 test: install
 	$(BIN)/pytest -q --durations=15
