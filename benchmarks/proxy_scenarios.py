@@ -121,64 +121,69 @@ def group_proxy(ctx: Ctx) -> None:
 
 def _upstream_direct(ctx: Ctx, up: Service) -> None:
     """The upstream alone, throughput and latency (no front end, no authentication)."""
-    s = ctx.settings
-    measure(
+    _throughput_and_latency(
         ctx,
         up,
-        "upstream-direct",
         "proxy",
-        UPSTREAM_DIRECT["upstream-direct"],
+        UPSTREAM_DIRECT,
+        "upstream-direct",
+        "upstream-direct-latency",
+        rounds=1,
+        upstream=up.label,
+    )
+
+
+def _throughput_and_latency(
+    ctx: Ctx,
+    svc: Service,
+    group: str,
+    texts: dict[str, str],
+    throughput: str,
+    latency: str,
+    *,
+    rounds: int,
+    **extra: Any,
+) -> None:
+    """A small ``GET`` with the same token: ``rounds`` of full load, then 1 connection."""
+    measure(
+        ctx,
+        svc,
+        throughput,
+        group,
+        texts[throughput],
         path=SMALL_PATH,
         tokens=ctx.files["one"],
         mode="bearer",
         check="status",
-        upstream=up.label,
+        rounds=rounds,
+        **extra,
     )
     measure(
         ctx,
-        up,
-        "upstream-direct-latency",
-        "proxy",
-        UPSTREAM_DIRECT["upstream-direct-latency"],
+        svc,
+        latency,
+        group,
+        texts[latency],
         path=SMALL_PATH,
         tokens=ctx.files["one"],
         mode="bearer",
         connections=1,
         threads=1,
-        duration=s.latency_duration,
-        upstream=up.label,
+        duration=ctx.settings.latency_duration,
+        **extra,
     )
 
 
 def _peer_scenarios(ctx: Ctx, up: Service, peer: Service) -> None:
     """Apache + mod_auth_openidc: cached and latency (its 401s are in ``_replays``)."""
-    s = ctx.settings
-    desc = APACHE
-    measure(
+    _throughput_and_latency(
         ctx,
         peer,
+        "peer",
+        APACHE,
         "apache-cached",
-        "peer",
-        desc["apache-cached"],
-        path=SMALL_PATH,
-        tokens=ctx.files["one"],
-        mode="bearer",
-        check="status",
-        rounds=s.rounds,
-        upstream=up.label,
-    )
-    measure(
-        ctx,
-        peer,
         "apache-latency",
-        "peer",
-        desc["apache-latency"],
-        path=SMALL_PATH,
-        tokens=ctx.files["one"],
-        mode="bearer",
-        connections=1,
-        threads=1,
-        duration=s.latency_duration,
+        rounds=ctx.settings.rounds,
         upstream=up.label,
     )
 
@@ -218,32 +223,14 @@ def _proxy_scenarios(ctx: Ctx, up: Service, aio: Service, peer: Service | None) 
     s = ctx.settings
     desc = PROXY
     with gate_proxy(ctx, up.url, 1, "proxy-1") as px:
-        measure(
+        _throughput_and_latency(
             ctx,
             px,
+            g,
+            desc,
             "proxy-cached-1",
-            g,
-            desc["proxy-cached-1"],
-            path=SMALL_PATH,
-            tokens=ctx.files["one"],
-            mode="bearer",
-            check="status",
-            rounds=s.rounds,
-            workers=1,
-            upstream=up.label,
-        )
-        measure(
-            ctx,
-            px,
             "proxy-latency-1",
-            g,
-            desc["proxy-latency-1"],
-            path=SMALL_PATH,
-            tokens=ctx.files["one"],
-            mode="bearer",
-            connections=1,
-            threads=1,
-            duration=s.latency_duration,
+            rounds=s.rounds,
             workers=1,
             upstream=up.label,
         )

@@ -8,6 +8,7 @@ peers, is in ``proxy_scenarios.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import time
 import tracemalloc
@@ -205,15 +206,7 @@ def group_flood(ctx: Ctx) -> None:
             tokens=ctx.files["random-kid"],
         )
         if s.warmup:
-            run_wrk(
-                Load(
-                    url=url,
-                    duration=s.warmup,
-                    connections=valid_conns,
-                    threads=1,
-                    tokens=ctx.files["one"],
-                )
-            )
+            run_wrk(dataclasses.replace(alone, duration=s.warmup, check=None))
         undisturbed: list[dict[str, Any]] = []
         valid: list[dict[str, Any]] = []
         flooded: list[dict[str, Any]] = []
@@ -235,14 +228,13 @@ def group_flood(ctx: Ctx) -> None:
     )
     fetches = after["jwks_http"] - before["jwks_http"]
     allowed = 1 + int(elapsed // s.cooldown)
-    flood_rps = sorted(r["rps"] for r in flooded)
     record(
         ctx,
         "webhook-valid-under-flood-1",
         "resilience",
         f"the same valid load while {flood_conns} more connections send random-kid tokens",
         **median_fields(valid, alone),
-        flood_rps=round(flood_rps[len(flood_rps) // 2], 1),
+        flood_rps=median_fields(flooded, flood)["rps"],
         rounds_flood_rps=[round(r["rps"], 1) for r in flooded],
         flood_connections=flood_conns,
         jwks_fetches=fetches,
